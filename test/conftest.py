@@ -1,0 +1,59 @@
+"""Test-wide setup.
+
+DDS must stay on loopback and runs must not cross-talk: before anything can import rclpy we pin
+``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and pick a per-run ``ROS_DOMAIN_ID`` (derived from the
+pid, inside the valid 0..101 range for Fast DDS on Linux). Subprocesses started by tests inherit
+both through ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TEST_DATA = REPO / "test" / "data"
+COCO_SAMPLE = TEST_DATA / "coco-panoptic-sample"
+
+
+def pytest_configure(config):
+    try:
+        import torch
+
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    except ImportError:
+        pass
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> pathlib.Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def coco_sample() -> pathlib.Path:
+    return COCO_SAMPLE
