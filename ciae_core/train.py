@@ -175,10 +175,13 @@ class OutputConfig:
 @dataclass
 class TrainConfig:
     """A complete training run. ``model`` holds ``CIAEConfig`` fields (its ``categories`` come from
-    the training data). ``device``: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+    the training data). ``backbone_weights``: optional LOCAL file with ImageNet weights for the
+    backbone (torchvision layout; nothing is downloaded), used when training starts (a resumed run
+    takes all weights from its checkpoint). ``device``: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
     ``deterministic`` asks torch for deterministic algorithms (slower on CUDA)."""
 
     model: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -861,7 +864,8 @@ def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, optimi
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(model_cfg: dict[str, Any], categories: list, seed: int) -> torch.nn.Module:
+def build_model(model_cfg: dict[str, Any], categories: list, seed: int,
+                backbone_weights: str | None = None) -> torch.nn.Module:
     """``CIAE`` with the ``model:`` section's fields and the data's categories, initialised from ``seed``
     (so every DDP rank starts from the same weights and memory embeddings)."""
     from ciae_core.model import CIAE, CIAEConfig
@@ -870,7 +874,7 @@ def build_model(model_cfg: dict[str, Any], categories: list, seed: int) -> torch
         torch.manual_seed(seed)
         try:
             config = CIAEConfig(categories=list(categories), **model_cfg)
-            return CIAE.from_config(config)
+            return CIAE.from_config(config, backbone_weights=backbone_weights)
         except (TypeError, ValueError) as e:
             raise TrainConfigError(f"invalid model section: {e}") from None
 
@@ -899,26 +903,35 @@ def build_optimizer(model: torch.nn.Module, solver: SolverConfig, lr: float) -> 
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(solver.betas))
 
 
-def build_dataset(ds: DatasetConfig, inp: InputConfig, train: bool):
-    """The dataset of one split (see ``DatasetConfig``); returns ``(dataset, categories)``."""
+def build_dataset(ds: DatasetConfig, inp: InputConfig, train: bool, categories: list | None = None):
+    """The dataset of one split (see ``DatasetConfig``) with its transforms; returns ``(dataset, categories)``.
+
+    Training: jittered shorter-side resize + flip (``InputConfig``); evaluation: shorter side
+    ``min_size_test``. ``categories`` imposes a category order (the validation set uses the
+    training set's).
+    """
     from ciae_core import data as data_mod
 
-    sizes = dict(min_size=inp.min_size_train if train else [inp.min_size_test],
-                 max_size=inp.max_size_train if train else inp.max_size_test,
-                 size_sampling=inp.sampling if train else "choice",
-                 hflip=inp.hflip and train)
+    if train:
+        transforms = data_mod.build_transforms(True, list(inp.min_size_train), inp.max_size_train,
+                                               0.5 if inp.hflip else 0.0, inp.sampling)
+    else:
+        transforms = data_mod.build_transforms(False, [inp.min_size_test], inp.max_size_test)
     try:
         if ds.kind == "coco":
-            dataset = data_mod.CocoPanopticDataset(ds.image_dir, ds.panoptic_json, ds.panoptic_dir, **sizes)
+            dataset = data_mod.CocoPanopticDataset(ds.image_dir, ds.panoptic_dir, ds.panoptic_json,
+                                                   transforms=transforms, categories=categories)
         else:
-            dataset = data_mod.SyntheticPanopticDataset(num_images=ds.num_images, height=ds.height, width=ds.width,
-                                                        seed=ds.seed, render_kwargs=dict(ds.synth), **sizes)
-    except data_mod.DataError as e:
+            dataset = data_mod.SyntheticPanopticDataset(ds.num_images, ds.height, ds.width, ds.seed,
+                                                        transforms=transforms, **ds.synth)
+    except data_mod.DatasetError as e:
         raise TrainError(str(e)) from None
+    except TypeError as e:
+        raise TrainConfigError(f"config section 'data.*.synth': {e}") from None
+    cats = list(dataset.categories)
     if ds.max_images > 0 and ds.max_images < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(ds.max_images))
-    categories = dataset.dataset.categories if isinstance(dataset, torch.utils.data.Subset) else dataset.categories
-    return dataset, list(categories)
+    return dataset, cats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1060,11 +1073,12 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
     train_set, categories = build_dataset(cfg.data.train, cfg.data.input, train=True)
     val_set = None
     if cfg.data.val is not None and cfg.eval.period >= 0:
-        val_set, val_categories = build_dataset(cfg.data.val, cfg.data.input, train=False)
+        val_set, val_categories = build_dataset(cfg.data.val, cfg.data.input, train=False,
+                                                categories=categories if cfg.data.val.kind == "coco" else None)
         if [c.id for c in val_categories] != [c.id for c in categories]:
             raise TrainError("data.val has different categories than data.train")
 
-    model = build_model(cfg.model, categories, cfg.seed).to(device)
+    model = build_model(cfg.model, categories, cfg.seed, None if resume else cfg.backbone_weights).to(device)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     lr = scaled_learning_rate(s.base_lr, s.reference_batch, s.ims_per_batch)
@@ -1097,7 +1111,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
                               start=start_iter * s.ims_per_batch)
     loader = torch.utils.data.DataLoader(
         SeededDataset(train_set), batch_size=per_rank, sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=data_mod.collate, pin_memory=device.type == "cuda",
+        collate_fn=data_mod.collate_panoptic, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=2 if cfg.data.num_workers > 0 else None)
 
     tb = _TensorBoard(out / "tensorboard" if (ctx.is_main and cfg.output.tensorboard) else None)
@@ -1121,14 +1135,14 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
                                       s.warmup_iters, s.warmup_factor)
             for g in optimizer.param_groups:
                 g["lr"] = cur_lr
-            batch = next(data_iter)
-            images = batch.images.to(device, non_blocking=True)
+            images, targets, image_sizes = next(data_iter)
+            images = images.to(device, non_blocking=True)
             if s.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            targets = _move_targets(batch.targets, device)
-            _set_progress(model, iteration, s.max_iter)
+            targets = _move_targets(targets, device)
+            model.set_schedule(iteration, s.max_iter)
             with _autocast(device, s.amp):
-                loss_dict = ddp_model(images, targets, batch.image_sizes)
+                loss_dict = ddp_model(images, targets, image_sizes)
             loss = sum(v.float() for v in loss_dict.values())
             if not torch.isfinite(loss):
                 raise TrainError(f"loss is {loss.item()} at iteration {iteration} "
@@ -1207,13 +1221,6 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
             bar.close()
         del data_iter
     return TrainResult(iteration=iteration, metrics=metrics, best_pq=best_pq, out_dir=out, model=model)
-
-
-def _set_progress(model: torch.nn.Module, iteration: int, max_iter: int) -> None:
-    """Tell the model where training stands (the memory momentum of Eq. 13 depends on t/T)."""
-    fn = getattr(model, "set_training_progress", None)
-    if fn is not None:
-        fn(iteration, max_iter)
 
 
 # ---------------------------------------------------------------------------------------------
