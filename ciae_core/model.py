@@ -1,0 +1,680 @@
+"""CIAE network (paper §IV-A, Fig. 3): backbone + FPN, FCOS-style proposal head, embedding branch.
+
+``CIAE`` extends the one-stage detector FCOS with a pixel-embedding branch that predicts a
+category- and instance-aware pixel embedding (CIAE). Panoptic segmentation is obtained by comparing
+every pixel embedding with query embeddings (stuff memory embeddings and one query per detected
+instance), see :mod:`ciae_core.fusion`.
+
+Layout (stride = input pixels per feature pixel)::
+
+    images (N,3,H,W) 0..255 RGB ─ normalise (ImageNet mean/std) ─ pad to 32
+      backbone C2..C5 ─ FPN P2..P5 (+P6, P7 from P5 as in FCOS)
+      P3..P7 ─ ProposalHead ─ cls_logits (T), box_regression (ltrb), centerness, box embedding (D)
+      P2..P5 ─ EmbeddingBranch (Panoptic-FPN upsample-and-sum, CoordConv on P5) ─ conv ─ P'
+      box embeddings of P3..P7 ─ upsample to stride 4, sum ─ conv ─ P''
+      P = L2norm(up4(P' + P''))    (Eq. 1)
+
+Configuration is by constructor arguments; ``CIAEConfig`` records all of them (plus the category
+list) so a checkpoint can rebuild the model (:mod:`ciae_core.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision import models as tvm
+from torchvision.ops import DeformConv2d, FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from ciae_core.structures import CategoryInfo
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
+_RESNET_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
+                    "resnet50": (256, 512, 1024, 2048), "resnet101": (256, 512, 1024, 2048)}
+# mobilenet_v3_large ``features`` indices whose outputs have stride 4, 8, 16, 32.
+_MOBILENET_TAPS = (3, 6, 12, 16)
+_MOBILENET_CHANNELS = (24, 40, 112, 960)
+
+
+class ModelConfigError(ValueError):
+    """Invalid model configuration (one-line message)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class CIAEConfig:
+    """Everything needed to rebuild a :class:`CIAE` (saved in checkpoints as JSON).
+
+    categories: training order, all thing classes first (training ids ``0..T-1``), then stuff.
+    Architecture: ``backbone`` (one of ``BACKBONES``), ``backbone_norm`` ("frozen_bn" for
+    ImageNet-initialised backbones as in the paper, "gn"/"bn" when training from scratch),
+    ``trainable_backbone_layers`` (0..5, torchvision convention; 3 = layer2..layer4 train),
+    ``dcn_stages`` (ResNet stages 2..5 whose 3x3 convs become deformable, paper's R101-DCN row
+    uses (3, 4, 5)), ``fpn_channels``, ``head_channels``/``tower_depth`` of the proposal head,
+    ``embed_dim`` D (paper 32), ``embed_branch_channels`` (Panoptic FPN: 128),
+    ``use_coordconv``/``use_box_embedding`` (Table VI ablation switches), ``embedding_stride``
+    (1: ``forward_raw`` returns P at input resolution as in the paper; 4: returns
+    L2norm(P'+P'') at stride 4 and fusion upsamples the similarities, much cheaper on CPU).
+    Loss and target arguments are forwarded to :class:`ciae_core.losses.CIAECriterion`; the
+    inference thresholds are the defaults of :meth:`CIAE.postprocess`.
+    """
+
+    categories: list[CategoryInfo]
+    backbone: str = "resnet50"
+    backbone_norm: str = "frozen_bn"
+    trainable_backbone_layers: int = 3
+    dcn_stages: tuple[int, ...] = ()
+    fpn_channels: int = 256
+    head_channels: int = 256
+    tower_depth: int = 4
+    embed_dim: int = 32
+    embed_branch_channels: int = 128
+    use_coordconv: bool = True
+    use_box_embedding: bool = True
+    embedding_stride: int = 1
+    fpn_strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
+    # targets and losses (ciae_core.losses.CIAECriterion)
+    sizes_of_interest: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)
+    center_sampling_radius: float = 0.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    iou_loss: str = "giou"
+    margin: float = 0.15
+    top_k: int = 5
+    iae_weight: float = 2.0
+    thing_pixel_weight: float = 5.0
+    box_expand: float = 1.5
+    merge_things_in_cae: bool = True
+    include_positive_term: bool = True
+    loss_pixel_samples: int = 16384
+    memory_momentum_scale: float = 1e-4
+    # inference (CIAE.postprocess / ciae_core.fusion)
+    score_threshold: float = 0.05
+    pre_nms_topk: int = 1000
+    nms_threshold: float = 0.6
+    detections_per_img: int = 100
+    instance_score_threshold: float = 0.3
+    min_stuff_area: int = 4096
+    stuff_area_reference: int = 640 * 480
+    min_visible_fraction: float = 0.2
+    min_instance_area: int = 16
+    outside_box_value: float = 0.0
+
+    def __post_init__(self):
+        self.categories = [c if isinstance(c, CategoryInfo) else CategoryInfo.from_dict(c) for c in self.categories]
+        for name in ("dcn_stages", "fpn_strides", "pixel_mean", "pixel_std", "sizes_of_interest"):
+            setattr(self, name, tuple(getattr(self, name)))
+        self.validate()
+
+    @property
+    def num_things(self) -> int:
+        return sum(1 for c in self.categories if c.isthing)
+
+    @property
+    def num_stuff(self) -> int:
+        return len(self.categories) - self.num_things
+
+    def validate(self) -> None:
+        if not self.categories:
+            raise ModelConfigError("CIAEConfig.categories is empty; give at least one thing class")
+        flags = [c.isthing for c in self.categories]
+        if flags != sorted(flags, reverse=True):
+            raise ModelConfigError("CIAEConfig.categories must list all thing classes first, then stuff")
+        if self.num_things == 0:
+            raise ModelConfigError("CIAEConfig.categories has no thing class; the detector needs at least one")
+        if len({c.id for c in self.categories}) != len(self.categories):
+            raise ModelConfigError("CIAEConfig.categories has duplicate category ids")
+        if self.backbone not in BACKBONES:
+            raise ModelConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.backbone_norm not in ("frozen_bn", "gn", "bn"):
+            raise ModelConfigError(f"backbone_norm must be 'frozen_bn', 'gn' or 'bn', got {self.backbone_norm!r}")
+        if not 0 <= self.trainable_backbone_layers <= 5:
+            raise ModelConfigError("trainable_backbone_layers must be in 0..5")
+        if any(s not in (2, 3, 4, 5) for s in self.dcn_stages):
+            raise ModelConfigError(f"dcn_stages must be ResNet stages in 2..5, got {self.dcn_stages}")
+        if self.dcn_stages and not self.backbone.startswith("resnet"):
+            raise ModelConfigError("dcn_stages needs a ResNet backbone")
+        if len(self.fpn_strides) != 5 or len(self.sizes_of_interest) != 4:
+            raise ModelConfigError("fpn_strides needs 5 entries (P3..P7) and sizes_of_interest 4 boundaries")
+        if self.embedding_stride not in (1, 4):
+            raise ModelConfigError(f"embedding_stride must be 1 or 4, got {self.embedding_stride}")
+        if self.embed_dim < 2 or self.tower_depth < 0 or self.fpn_channels < 8:
+            raise ModelConfigError("embed_dim >= 2, tower_depth >= 0 and fpn_channels >= 8 are required")
+        if self.iou_loss not in ("iou", "giou"):
+            raise ModelConfigError(f"iou_loss must be 'iou' or 'giou', got {self.iou_loss!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "categories":
+                v = [c.to_dict() for c in v]
+            elif isinstance(v, tuple):
+                v = list(v)
+            d[f.name] = v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CIAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ModelConfigError(f"unknown CIAEConfig field(s): {', '.join(unknown)}")
+        if "categories" not in d:
+            raise ModelConfigError("CIAEConfig needs 'categories'")
+        kw = dict(d)
+        kw["categories"] = [CategoryInfo.from_dict(c) if isinstance(c, dict) else c for c in d["categories"]]
+        if kw.get("sizes_of_interest") is not None:
+            kw["sizes_of_interest"] = tuple(float(v) for v in kw["sizes_of_interest"])
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= ``max_groups`` that divides ``channels``."""
+    g = math.gcd(channels, max_groups)
+    return nn.GroupNorm(g, channels)
+
+
+class Scale(nn.Module):
+    """Learnable scalar (FCOS per-level regression scale)."""
+
+    def __init__(self, init: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class DeformableConv3x3(DeformConv2d):
+    """3x3 deformable conv (DCNv1) with its own zero-initialised offset predictor.
+
+    Subclasses ``DeformConv2d`` so that its ``weight`` has the same state-dict key as the plain
+    conv it replaces (ImageNet weights load into it); the offsets start at zero, i.e. the layer
+    starts as the plain convolution.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__(conv.in_channels, conv.out_channels, 3, stride=conv.stride, padding=conv.padding,
+                         dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+        self.offset = nn.Conv2d(conv.in_channels, 18, 3, stride=conv.stride, padding=conv.padding,
+                                dilation=conv.dilation)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x, self.offset(x))
+
+
+def add_coords(x: Tensor) -> Tensor:
+    """CoordConv input: append normalised x and y coordinate channels in [-1, 1] (paper ref. [48]).
+
+    x: ``(N, C, H, W)`` → ``(N, C + 2, H, W)``. Built with ``arange`` so it traces to ONNX.
+    """
+    n, _, h, w = x.shape
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w * 2 - 1
+    ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h * 2 - 1
+    gx = xs.view(1, 1, 1, w).expand(n, 1, h, w)
+    gy = ys.view(1, 1, h, 1).expand(n, 1, h, w)
+    return torch.cat([x, gx, gy], dim=1)
+
+
+class ConvGNReLU(nn.Module):
+    """3x3 conv (optionally CoordConv) → GroupNorm → ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, coord: bool = False):
+        super().__init__()
+        self.coord = coord
+        self.conv = nn.Conv2d(in_ch + (2 if coord else 0), out_ch, 3, padding=1, bias=False)
+        self.norm = group_norm(out_ch)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.coord:
+            x = add_coords(x)
+        return F.relu(self.norm(self.conv(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# backbone + FPN
+
+
+def _norm_layer(kind: str):
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d
+    if kind == "bn":
+        return nn.BatchNorm2d
+    return lambda c: group_norm(c)
+
+
+class BackboneFPN(nn.Module):
+    """torchvision backbone (no weights downloaded) + FPN with P2..P5 and P6/P7 from P5 (FCOS).
+
+    forward(x ``(N,3,H,W)`` normalised, H and W multiples of 32) → OrderedDict
+    ``p2..p7`` of ``(N, fpn_channels, H/s, W/s)`` for s = 4, 8, 16, 32, 64, 128 (P6/P7 rounded up).
+    """
+
+    def __init__(self, name: str, norm: str, trainable_layers: int, dcn_stages: tuple[int, ...], fpn_channels: int):
+        super().__init__()
+        self.name = name
+        norm_layer = _norm_layer(norm)
+        if name.startswith("resnet"):
+            net = getattr(tvm, name)(weights=None, norm_layer=norm_layer)
+            del net.fc, net.avgpool
+            for stage in dcn_stages:
+                layer = getattr(net, f"layer{stage - 1}")
+                for block in layer:
+                    block.conv2 = DeformableConv3x3(block.conv2)
+            self.body = net
+            in_channels = _RESNET_CHANNELS[name]
+            stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+        else:
+            from functools import partial
+
+            if norm == "frozen_bn":
+                nl = partial(FrozenBatchNorm2d, eps=1e-3)
+            elif norm == "bn":
+                nl = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
+            else:
+                nl = norm_layer
+            net = tvm.mobilenet_v3_large(weights=None, norm_layer=nl)
+            self.body = net.features
+            in_channels = _MOBILENET_CHANNELS
+            n = len(self.body)
+            stages = [[str(i) for i in range(0, 2)], [str(i) for i in range(2, 4)],
+                      [str(i) for i in range(4, 7)], [str(i) for i in range(7, 13)],
+                      [str(i) for i in range(13, n)]]
+        # torchvision convention: the last ``trainable_layers`` of the 5 stages train.
+        frozen = stages[: 5 - trainable_layers]
+        for group in frozen:
+            for mod_name in group:
+                for p in self.body.get_submodule(mod_name).parameters():
+                    p.requires_grad_(False)
+        self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels,
+                                         extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
+
+    def _body_features(self, x: Tensor) -> list[Tensor]:
+        if self.name.startswith("resnet"):
+            b = self.body
+            x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+            c2 = b.layer1(x)
+            c3 = b.layer2(c2)
+            c4 = b.layer3(c3)
+            c5 = b.layer4(c4)
+            return [c2, c3, c4, c5]
+        outs = []
+        for i, m in enumerate(self.body):
+            x = m(x)
+            if i in _MOBILENET_TAPS:
+                outs.append(x)
+        return outs
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        c = self._body_features(x)
+        feats = self.fpn(OrderedDict((f"p{i + 2}", t) for i, t in enumerate(c)))
+        return OrderedDict(zip(("p2", "p3", "p4", "p5", "p6", "p7"), feats.values()))
+
+
+def load_backbone_weights(backbone: BackboneFPN, path: str) -> None:
+    """Load ImageNet (torchvision layout) backbone weights from a LOCAL file into ``backbone.body``.
+
+    Accepts ``.safetensors`` or a ``torch.save`` state dict (read with ``weights_only=True``).
+    Classifier keys (``fc.*``, ``classifier.*``) are ignored; deformable offset convs keep their
+    zero init. Raises :class:`ModelConfigError` on a missing file or mismatching keys/shapes.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise ModelConfigError(f"backbone weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
+        raise ModelConfigError(f"cannot read backbone weights {path}: {type(e).__name__}: {e}") from None
+    own = backbone.body.state_dict()
+    mapped = {}
+    for k, v in state.items():
+        k2 = k[len("features."):] if (k.startswith("features.") and k not in own) else k
+        if k2.startswith(("fc.", "classifier.")):
+            continue
+        mapped[k2] = v
+    bad = [k for k, v in mapped.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in mapped if k not in own]
+    missing = [k for k in own if k not in mapped and ".offset." not in k and not k.endswith("num_batches_tracked")]
+    if bad or unexpected or missing:
+        raise ModelConfigError(
+            f"backbone weights {path} do not fit {backbone.name}: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(bad)} shape-mismatched keys (e.g. {(missing + unexpected + bad)[:3]})")
+    backbone.body.load_state_dict(mapped, strict=False)
+    logger.info("loaded %d backbone tensors from %s", len(mapped), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# heads
+
+
+class ProposalHead(nn.Module):
+    """Shared FCOS head over P3..P7 with the CIAE box-embedding output (§IV-A, Fig. 3).
+
+    Classification tower → box classification (T logits). Regression tower → centerness (1),
+    box regression (4: l, t, r, b) and the box embedding (D channels, not supervised directly).
+    Box regression decodes as ``stride * exp(scale_l * x)`` (original FCOS, per-level learnable
+    scale; exp keeps every location's gradient alive, unlike a ReLU).
+
+    forward(features: list of ``(N, C, h_l, w_l)``) → four lists (per level) of
+    ``(N, T, h, w)``, ``(N, 4, h, w)`` distances in input pixels, ``(N, 1, h, w)``, ``(N, D, h, w)``.
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, embed_dim: int, strides, tower_depth: int = 4,
+                 prior_prob: float = 0.01):
+        super().__init__()
+        self.strides = tuple(strides)
+
+        def tower():
+            layers: list[nn.Module] = []
+            c = in_channels
+            for _ in range(tower_depth):
+                layers += [nn.Conv2d(c, channels, 3, padding=1), group_norm(channels), nn.ReLU()]
+                c = channels
+            return nn.Sequential(*layers), c
+
+        self.cls_tower, c_cls = tower()
+        self.reg_tower, c_reg = tower()
+        self.cls_logits = nn.Conv2d(c_cls, num_classes, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(c_reg, 4, 3, padding=1)
+        self.centerness = nn.Conv2d(c_reg, 1, 3, padding=1)
+        self.box_embedding = nn.Conv2d(c_reg, embed_dim, 3, padding=1)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, features: list[Tensor]):
+        cls, reg, ctr, emb = [], [], [], []
+        for i, x in enumerate(features):
+            c = self.cls_tower(x)
+            r = self.reg_tower(x)
+            cls.append(self.cls_logits(c))
+            reg.append(torch.exp(self.scales[i](self.bbox_pred(r)).clamp(max=12.0)) * self.strides[i])
+            ctr.append(self.centerness(r))
+            emb.append(self.box_embedding(r))
+        return cls, reg, ctr, emb
+
+
+class EmbeddingBranch(nn.Module):
+    """Pixel-embedding branch (§IV-A): Panoptic-FPN aggregation of P2..P5 → P', box embeddings → P''.
+
+    P_l (stride 2^l) passes through max(1, l-2) blocks of 3x3 conv + GN + ReLU, each but P2's
+    followed by 2x bilinear up-sampling, so all four reach stride 4; they are summed and a 1x1
+    conv predicts P' (D channels). The P5 path uses CoordConv (``use_coordconv``). P'' is a 3x3
+    conv over the sum of the box embeddings of P3..P7 bilinearly up-sampled to stride 4
+    (``use_box_embedding``; off → P = f(P'), Table VI).
+
+    forward(p2..p5, box_embeddings) → pre-normalisation embedding ``P' + P''`` ``(N, D, H/4, W/4)``.
+    """
+
+    def __init__(self, in_channels: int, channels: int, embed_dim: int, use_coordconv: bool = True,
+                 use_box_embedding: bool = True):
+        super().__init__()
+        self.use_box_embedding = use_box_embedding
+        self.scale_heads = nn.ModuleList()
+        for level in range(4):  # P2..P5
+            n_blocks = max(1, level)
+            blocks = []
+            for b in range(n_blocks):
+                blocks.append(ConvGNReLU(in_channels if b == 0 else channels, channels,
+                                         coord=use_coordconv and level == 3))
+            self.scale_heads.append(nn.ModuleList(blocks))
+        self.predictor = nn.Conv2d(channels, embed_dim, 1)
+        nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.predictor.bias)
+        if use_box_embedding:
+            self.box_fuse = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
+            nn.init.normal_(self.box_fuse.weight, std=0.01)
+            nn.init.zeros_(self.box_fuse.bias)
+
+    def forward(self, pyramid: list[Tensor], box_embeddings: list[Tensor]) -> Tensor:
+        size = pyramid[0].shape[-2:]
+        out = None
+        for level, (x, blocks) in enumerate(zip(pyramid, self.scale_heads)):
+            for block in blocks:
+                x = block(x)
+                if level > 0:
+                    x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            out = x if out is None else out + x
+        p1 = self.predictor(out)  # P'
+        if not self.use_box_embedding:
+            return p1
+        acc = None
+        for e in box_embeddings:
+            e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+            acc = e if acc is None else acc + e
+        return p1 + self.box_fuse(acc)  # P' + P''
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+def compute_points(sizes: list[tuple[Any, Any]], strides, device, dtype=torch.float32) -> Tensor:
+    """FCOS locations ``(A, 2)`` (x, y in input pixels): ``k * stride + stride // 2`` per level."""
+    pts = []
+    for (h, w), s in zip(sizes, strides):
+        xs = torch.arange(w, device=device, dtype=dtype) * s + s // 2
+        ys = torch.arange(h, device=device, dtype=dtype) * s + s // 2
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        pts.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
+    return torch.cat(pts, dim=0)
+
+
+class CIAE(nn.Module):
+    """Category- and instance-aware pixel embedding network for panoptic segmentation.
+
+    Construct with the :class:`CIAEConfig` fields as keyword arguments, or
+    ``CIAE.from_config(cfg)``. ``backbone_weights``: optional LOCAL path to ImageNet weights in
+    torchvision layout (not recorded in the config; checkpoints carry all weights).
+
+    Buffers: ``memory (T+S, D)`` category-aware memory embeddings (§III-C), unit rows, random
+    normal init, updated in training forward by Eq. 13–14 (see :meth:`set_schedule`).
+
+    ``forward(images, targets=None, image_sizes=None)``: in training mode returns the loss dict
+    of Eq. 15 (``loss_cls``, ``loss_ctr``, ``loss_reg``, ``loss_cae``, ``loss_iae``; ``loss_iae``
+    already carries alpha of Eq. 12, so the total loss is the plain sum); in eval mode returns
+    :meth:`inference`.
+    """
+
+    size_divisibility = 32
+
+    def __init__(self, categories, backbone_weights: str | None = None, **kwargs):
+        super().__init__()
+        cfg = CIAEConfig(categories=list(categories), **kwargs)
+        self._config = cfg
+        self.num_things = cfg.num_things
+        self.num_stuff = cfg.num_stuff
+        self.embed_dim = cfg.embed_dim
+        self.embedding_stride = cfg.embedding_stride
+        self.strides = cfg.fpn_strides
+        self.backbone = BackboneFPN(cfg.backbone, cfg.backbone_norm, cfg.trainable_backbone_layers, cfg.dcn_stages,
+                                    cfg.fpn_channels)
+        if backbone_weights:
+            load_backbone_weights(self.backbone, backbone_weights)
+        self.head = ProposalHead(cfg.fpn_channels, cfg.head_channels, cfg.num_things, cfg.embed_dim, cfg.fpn_strides,
+                                 cfg.tower_depth)
+        self.embedding_branch = EmbeddingBranch(cfg.fpn_channels, cfg.embed_branch_channels, cfg.embed_dim,
+                                                cfg.use_coordconv, cfg.use_box_embedding)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        from ciae_core.losses import CIAECriterion, init_memory_embeddings
+
+        self.register_buffer("memory", init_memory_embeddings(cfg.num_things, cfg.num_stuff, cfg.embed_dim,
+                                                              cfg.merge_things_in_cae))
+        self.criterion = CIAECriterion(
+            num_things=cfg.num_things, num_stuff=cfg.num_stuff, strides=cfg.fpn_strides,
+            sizes_of_interest=cfg.sizes_of_interest, center_sampling_radius=cfg.center_sampling_radius,
+            focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, iou_loss=cfg.iou_loss, margin=cfg.margin,
+            top_k=cfg.top_k, iae_weight=cfg.iae_weight, thing_pixel_weight=cfg.thing_pixel_weight,
+            box_expand=cfg.box_expand, merge_things_in_cae=cfg.merge_things_in_cae,
+            include_positive_term=cfg.include_positive_term, pixel_samples=cfg.loss_pixel_samples,
+            memory_momentum_scale=cfg.memory_momentum_scale)
+
+    # -- configuration -----------------------------------------------------------------------
+    @property
+    def config(self) -> CIAEConfig:
+        return dataclasses.replace(self._config)
+
+    @property
+    def categories(self) -> list[CategoryInfo]:
+        return list(self._config.categories)
+
+    @classmethod
+    def from_config(cls, cfg: CIAEConfig, backbone_weights: str | None = None) -> "CIAE":
+        d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return cls(backbone_weights=backbone_weights, **d)
+
+    def set_schedule(self, iteration: int, total_iterations: int) -> None:
+        """Tell the memory update (Eq. 13) the current iteration t and the total T (call each step)."""
+        self.criterion.set_schedule(iteration, total_iterations)
+
+    # -- network -------------------------------------------------------------------------------
+    def _pad(self, images: Tensor) -> Tensor:
+        h, w = images.shape[-2:]
+        d = self.size_divisibility
+        return F.pad(images, (0, (d - w % d) % d, 0, (d - h % d) % d))
+
+    def _forward_features(self, images: Tensor) -> dict[str, Any]:
+        """Run the network; returns per-level head outputs and the stride-4 pre-norm embedding."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ModelConfigError(f"CIAE expects images (N, 3, H, W), got shape {tuple(images.shape)}")
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        x = self._pad(x)
+        feats = self.backbone(x)
+        levels = [feats[k] for k in ("p3", "p4", "p5", "p6", "p7")]
+        cls, reg, ctr, box_emb = self.head(levels)
+        pre = self.embedding_branch([feats[k] for k in ("p2", "p3", "p4", "p5")], box_emb)
+        return {"cls": cls, "reg": reg, "ctr": ctr, "pre": pre, "padded_size": x.shape[-2:]}
+
+    @staticmethod
+    def _flatten(levels: list[Tensor]) -> Tensor:
+        """list of ``(N, C, h, w)`` → ``(N, sum h*w, C)``."""
+        n, c = levels[0].shape[:2]
+        return torch.cat([t.permute(0, 2, 3, 1).reshape(n, -1, c) for t in levels], dim=1)
+
+    def _upsampled_embedding(self, pre: Tensor, size) -> Tensor:
+        """4x bilinear up-sampling of the stride-4 map, cropped to ``size`` (before Eq. 1)."""
+        up = F.interpolate(pre, scale_factor=4.0, mode="bilinear", align_corners=False)
+        return up[:, :, : size[0], : size[1]]
+
+    def forward_raw(self, images: Tensor) -> dict[str, Tensor]:
+        """Export boundary: raw network outputs, no data-dependent control flow.
+
+        images: ``(N, 3, H, W)`` float RGB 0..255 (any H, W; padded to 32 inside).
+        Returns ``cls_logits (N, A, T)``, ``box_regression (N, A, 4)`` ltrb in input pixels,
+        ``centerness (N, A)`` logits, ``points (A, 2)`` xy in input pixels, ``embedding``
+        ``(N, D, H, W)`` = P = L2norm(up4(P' + P'')) (Eq. 1) — or ``(N, D, ceil(H/4), ceil(W/4))``
+        = L2norm(P' + P'') when ``embedding_stride == 4`` — and ``memory (T+S, D)``.
+        """
+        out = self._forward_features(images)
+        sizes = [t.shape[-2:] for t in out["cls"]]
+        points = compute_points(sizes, self.strides, images.device)
+        pre = out["pre"]
+        if self.embedding_stride == 1:
+            emb = self._upsampled_embedding(pre, images.shape[-2:])
+        else:
+            h, w = images.shape[-2:]
+            emb = pre[:, :, : (h + 3) // 4, : (w + 3) // 4]
+        return {
+            "cls_logits": self._flatten(out["cls"]),
+            "box_regression": self._flatten(out["reg"]),
+            "centerness": self._flatten(out["ctr"]).squeeze(-1),
+            "points": points,
+            "embedding": F.normalize(emb, dim=1),
+            "memory": self.memory.clone(),
+        }
+
+    # -- training / inference ------------------------------------------------------------------
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None,
+                image_sizes: list[tuple[int, int]] | None = None):
+        if not self.training:
+            if image_sizes is None:
+                image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
+            return self.inference(images, image_sizes)
+        if targets is None:
+            raise ModelConfigError("CIAE in training mode needs targets; call model.eval() for inference")
+        if len(targets) != images.shape[0]:
+            raise ModelConfigError(f"got {images.shape[0]} images but {len(targets)} target dicts")
+        out = self._forward_features(images)
+        sizes = [t.shape[-2:] for t in out["cls"]]
+        points = compute_points(sizes, self.strides, images.device)
+        pre_full = self._upsampled_embedding(out["pre"], images.shape[-2:])
+        losses, class_sums = self.criterion(
+            cls_logits=self._flatten(out["cls"]), box_regression=self._flatten(out["reg"]),
+            centerness=self._flatten(out["ctr"]).squeeze(-1), points=points,
+            level_sizes=[int(h) * int(w) for h, w in sizes], embedding_pre=pre_full,
+            memory=self.memory, targets=targets, image_sizes=image_sizes)
+        self.criterion.update_memory(self.memory, class_sums)
+        return losses
+
+    @torch.no_grad()
+    def postprocess(self, raw: dict[str, Tensor], image_sizes: list[tuple[int, int]], **thresholds) -> list[dict[str, Tensor]]:
+        """Proposals + fusion (§IV-C, Eq. 16) on the outputs of :meth:`forward_raw`.
+
+        Thresholds default to the config values; accepted keywords: ``score_threshold``,
+        ``pre_nms_topk``, ``nms_threshold``, ``detections_per_img``, ``instance_score_threshold``,
+        ``min_stuff_area``, ``stuff_area_reference``, ``min_visible_fraction``,
+        ``min_instance_area``, ``outside_box_value``, ``return_confidence``.
+        Returns one dict per image, see :func:`ciae_core.fusion.panoptic_from_raw`.
+        """
+        from ciae_core.fusion import panoptic_from_raw
+
+        cfg = self._config
+        kw = dict(score_threshold=cfg.score_threshold, pre_nms_topk=cfg.pre_nms_topk,
+                  nms_threshold=cfg.nms_threshold, detections_per_img=cfg.detections_per_img,
+                  instance_score_threshold=cfg.instance_score_threshold, min_stuff_area=cfg.min_stuff_area,
+                  stuff_area_reference=cfg.stuff_area_reference, min_visible_fraction=cfg.min_visible_fraction,
+                  min_instance_area=cfg.min_instance_area, outside_box_value=cfg.outside_box_value,
+                  return_confidence=False)
+        unknown = set(thresholds) - set(kw)
+        if unknown:
+            raise ModelConfigError(f"unknown postprocess argument(s): {', '.join(sorted(unknown))}")
+        kw.update(thresholds)
+        return panoptic_from_raw(raw, image_sizes, num_things=self.num_things, embedding_stride=self.embedding_stride,
+                                 **kw)
+
+    @torch.no_grad()
+    def inference(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None, **thresholds):
+        """``postprocess(forward_raw(images), image_sizes)``."""
+        if image_sizes is None:
+            image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        return self.postprocess(self.forward_raw(images), image_sizes, **thresholds)
