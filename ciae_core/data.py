@@ -23,7 +23,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -404,8 +404,16 @@ class SyntheticPanopticDataset(_PanopticSource):
 # Batching
 # --------------------------------------------------------------------------------------------
 
-def collate_panoptic(batch: Sequence[tuple[torch.Tensor, dict]], size_divisibility: int = 32):
-    """Batch items → ``(images, targets, image_sizes)`` (docs/DESIGN.md "Training batch").
+class PanopticBatch(NamedTuple):
+    """A collated batch; unpacks as ``images, targets, image_sizes`` or use the attributes."""
+
+    images: torch.Tensor
+    targets: list[dict]
+    image_sizes: list[tuple[int, int]]
+
+
+def collate_panoptic(batch: Sequence[tuple[torch.Tensor, dict]], size_divisibility: int = 32) -> PanopticBatch:
+    """Batch items → ``PanopticBatch(images, targets, image_sizes)`` (docs/DESIGN.md "Training batch").
 
     ``images``: float32 ``(N, 3, Hp, Wp)`` RGB 0..255, zero-padded bottom/right so that ``Hp, Wp``
     are the batch maxima rounded up to ``size_divisibility``; ``targets[i]["masks"]`` padded with
@@ -426,7 +434,7 @@ def collate_panoptic(batch: Sequence[tuple[torch.Tensor, dict]], size_divisibili
         padded[:, :h, :w] = masks
         tgt["masks"] = padded
         targets.append(tgt)
-    return images, targets, [(h, w) for h, w in zip(hs, ws)]
+    return PanopticBatch(images, targets, [(h, w) for h, w in zip(hs, ws)])
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -439,7 +447,7 @@ def _seed_worker(worker_id: int) -> None:
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 2, shuffle: bool = True,
                  distributed: bool = False, seed: int = 0, drop_last: bool | None = None,
                  pin_memory: bool | None = None, size_divisibility: int = 32) -> DataLoader:
-    """DataLoader over ``dataset`` yielding ``(images, targets, image_sizes)``.
+    """DataLoader over ``dataset`` yielding :class:`PanopticBatch` ``(images, targets, image_sizes)``.
 
     ``batch_size`` is per process. ``distributed=True`` uses a :class:`DistributedSampler`
     (rank/world size from the initialised process group); call ``loader.sampler.set_epoch(epoch)``
