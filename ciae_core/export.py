@@ -1,0 +1,226 @@
+"""ONNX export of ``CIAE.forward_raw`` (``ciae-export``) and reading exported files back.
+
+The graph is the export boundary of docs/DESIGN.md (``do_postprocess=False``): everything up to
+the raw network outputs, no data-dependent control flow. Proposal selection and the Eq. 16 fusion
+are *not* in the graph: they need ``nonzero``/NMS with data-dependent sizes and a per-image loop,
+which do not export cleanly; the onnxruntime engine of :mod:`ciae_core.predictor` runs the same
+torch code (:func:`ciae_core.fusion.panoptic_from_raw`) on the graph's outputs instead.
+
+Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
+
+* input ``images``: float32 ``(N, 3, H, W)``, RGB 0..255, H and W multiples of 32 (the predictor
+  pads; the graph also pads internally, so any size works). Normalisation is inside the graph.
+* outputs (float32), with A = number of FCOS locations of P3..P7, T thing classes, S stuff
+  classes, D embedding dims:
+  ``cls_logits (N, A, T)``, ``box_regression (N, A, 4)`` ltrb input pixels, ``centerness (N, A)``,
+  ``points (A, 2)`` xy input pixels, ``embedding (N, D, H, W)`` (``(N, D, H/4, W/4)`` for models
+  with ``embedding_stride == 4``), ``memory (T+S, D)``.
+* shapes: ``--dynamic`` makes N, H and W symbolic (``batch``, ``height``, ``width``) and A, the
+  embedding size follow; ``--size HxW`` (default 640x640) fixes them (what TensorRT likes best).
+* ``metadata_props``: ``ciae_config`` (the :class:`~ciae_core.model.CIAEConfig` JSON: categories,
+  thresholds, embedding stride), ``ciae_format`` (``ciae-onnx/1``), ``ciae_version``,
+  ``ciae_outputs`` (output names in order), ``ciae_input_size`` (``HxW`` or ``dynamic``) and
+  ``ciae_source_sha256`` (hash of the checkpoint it came from, used by the predictor's cache).
+
+Decision: we use the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): it
+exports this graph with dynamic batch/height/width in about a second and the result matches
+torch to ~1e-5; the dynamo exporter specialised the batch dimension of this model (torch 2.14).
+The exported file is checked with ``onnx.checker`` and written atomically (tmp + rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import sys
+import warnings
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+OPSET_RANGE = (13, 20)
+FORMAT = "ciae-onnx/1"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("cls_logits", "box_regression", "centerness", "points", "embedding", "memory")
+
+
+class ExportError(RuntimeError):
+    """Export or ONNX-file problem (one line naming the file and what is wrong)."""
+
+
+class RawOutputs(torch.nn.Module):
+    """``CIAE.forward_raw`` as a module returning a tuple in ``OUTPUT_NAMES`` order."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        raw = self.model.forward_raw(images)
+        return tuple(raw[k] for k in OUTPUT_NAMES)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"640x480"`` (H x W) → ``(640, 480)``; both multiples of 32."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ExportError(f"--size must look like 640x640 (HxW), got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise ExportError(f"--size {text}: height and width must be positive multiples of 32")
+    return h, w
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_model(model: torch.nn.Module, path: str | os.PathLike, size: tuple[int, int] = (640, 640),
+                 dynamic: bool = False, batch_size: int = 1, opset: int = DEFAULT_OPSET,
+                 extra_metadata: dict[str, str] | None = None) -> str:
+    """Export ``model.forward_raw`` (a :class:`~ciae_core.model.CIAE`) to ONNX at ``path``.
+
+    ``size``/``batch_size`` give the traced example (and the fixed shape unless ``dynamic``).
+    The model config goes into ``metadata_props`` (module docstring). Runs ``onnx.checker``.
+    Returns the path written. Raises :class:`ExportError`.
+    """
+    import onnx
+
+    from ciae_core import __version__
+
+    if not OPSET_RANGE[0] <= int(opset) <= OPSET_RANGE[1]:
+        raise ExportError(f"opset {opset} is not supported; use {OPSET_RANGE[0]}..{OPSET_RANGE[1]}")
+    path = pathlib.Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"output file must end in .onnx: {path}")
+    h, w = size
+    model = model.eval().to("cpu")
+    example = torch.zeros(batch_size, 3, h, w)
+    example[:, :, : h // 2] = 128.0
+    dyn = None
+    if dynamic:
+        dyn = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+               "cls_logits": {0: "batch", 1: "locations"}, "box_regression": {0: "batch", 1: "locations"},
+               "centerness": {0: "batch", 1: "locations"}, "points": {0: "locations"},
+               "embedding": {0: "batch", 2: "embedding_height", 3: "embedding_width"}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(RawOutputs(model), (example,), str(tmp), dynamo=False, opset_version=int(opset),
+                              input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dyn,
+                              do_constant_folding=True)
+        proto = onnx.load(str(tmp))
+        meta = {"ciae_config": json.dumps(model.config.to_dict(), sort_keys=True), "ciae_format": FORMAT,
+                "ciae_version": __version__, "ciae_outputs": ",".join(OUTPUT_NAMES),
+                "ciae_input_size": "dynamic" if dynamic else f"{h}x{w}"}
+        meta.update(extra_metadata or {})
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=str(v))
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - report any exporter failure in one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"exporting to {path} failed: {type(e).__name__}: {msg}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    logger.info("exported %s (opset %d, %s)", path, opset, "dynamic" if dynamic else f"{h}x{w}")
+    return str(path)
+
+
+def export_checkpoint(weights: str | os.PathLike, path: str | os.PathLike, **kwargs) -> str:
+    """Load a ``.safetensors`` checkpoint and :func:`export_model` it; records its sha256."""
+    from ciae_core.checkpoint import CheckpointError, load_model
+
+    try:
+        model = load_model(weights, device="cpu")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    extra = dict(kwargs.pop("extra_metadata", None) or {})
+    extra["ciae_source_sha256"] = file_sha256(str(weights))
+    extra["ciae_source_name"] = pathlib.Path(weights).name
+    return export_model(model, path, extra_metadata=extra, **kwargs)
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """``metadata_props`` of an ONNX file (graph weights not loaded). :class:`ExportError` if the
+    file is missing, truncated or not ONNX."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ExportError(f"{path} is empty (truncated ONNX file)")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{path} is corrupt, truncated or not an ONNX file: {msg}") from None
+    if not proto.graph.node:
+        raise ExportError(f"{path} is corrupt, truncated or not an ONNX file: it has no graph")
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_onnx_config(path: str | os.PathLike):
+    """The :class:`~ciae_core.model.CIAEConfig` stored in a ``ciae-export`` file."""
+    from ciae_core.model import CIAEConfig, ModelConfigError
+
+    meta = read_onnx_metadata(path)
+    if "ciae_config" not in meta:
+        raise ExportError(f"{path} has no 'ciae_config' metadata: not written by ciae-export (re-export the model)")
+    try:
+        return CIAEConfig.from_dict(json.loads(meta["ciae_config"]))
+    except (json.JSONDecodeError, ModelConfigError, TypeError, KeyError, ValueError) as e:
+        raise ExportError(f"{path} has an invalid 'ciae_config' metadata entry: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ciae-export", description="Export a CIAE checkpoint's forward_raw to ONNX "
+                                "(network outputs; selection and fusion run in ciae_core.fusion).")
+    p.add_argument("--weights", required=True, help=".safetensors checkpoint")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--size", default="640x640", help="fixed input HxW, multiples of 32 (default 640x640)")
+    shape.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    p.add_argument("--batch-size", type=int, default=1, help="fixed batch size (ignored with --dynamic)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.batch_size < 1:
+            raise ExportError("--batch-size must be >= 1")
+        size = parse_size(args.size)
+        out = export_checkpoint(args.weights, args.out, size=size, dynamic=args.dynamic,
+                                batch_size=args.batch_size, opset=args.opset)
+    except ExportError as e:
+        print(f"ciae-export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"ciae-export: wrote {out} (opset {args.opset}, {'dynamic' if args.dynamic else args.size}, "
+          f"{os.path.getsize(out) / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

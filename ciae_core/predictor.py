@@ -1,0 +1,837 @@
+"""ROS-free inference: ``Predictor`` (torch and onnxruntime engines), letterbox maths, ``ciae-predict``.
+
+Pipeline of one call (docs/DESIGN.md, "Data flow")::
+
+    HxWx3 uint8 (RGB or BGR) ─ letterbox: shorter side → input_size, longer side ≤ max_size,
+      zero (black) pad bottom/right to a multiple of ``stride`` (32), the training batch format
+    → engine.forward_raw  (torch: CIAE.forward_raw; onnxruntime: the exported graph of it)
+    → ciae_core.fusion.panoptic_from_raw  (proposal selection + Eq. 16 fusion, same torch code
+      for both engines, on the GPU when device="cuda")
+    → map back to the input resolution, recompute areas/boxes → one device→host copy
+    → PanopticResult per image
+
+Decisions (all constructor arguments):
+
+* **Resize geometry** is the one of :func:`ciae_core.data.shortest_edge_size` used in training:
+  ``scale = input_size / min(h, w)``, reduced to ``max_size / max(h, w)`` if the long side would
+  exceed ``max_size``; resized size ``round(h * scale), round(w * scale)``. Images whose shorter
+  side is below ``min_image_side`` (default 8 px) or whose resized shorter side would fall below
+  ``stride`` are rejected with :class:`PredictorError` (a 1-pixel-high strip has no usable
+  receptive field). Image interpolation matches training: area averaging when both sides shrink
+  (cv2 INTER_AREA on CPU, antialiased bilinear on CUDA), bilinear otherwise.
+* **Map back**: fusion runs at the *resized* resolution (where the network saw the image); the id
+  map (and the optional confidence) is mapped to the input resolution with pixel-centre
+  nearest-neighbour sampling (source index ``floor((i + 0.5) * resized / input)``, the geometry
+  of :func:`ciae_core.data.resize_id_map`). Areas and boxes are then recomputed from the mapped
+  id map, so ``segment.area`` equals the segment's pixel count in ``result.id_map``; segments
+  that vanish in the mapping (sub-pixel slivers when up-/down-scaling) are dropped. Fusing at the
+  input resolution instead would cost ``1/scale^2`` more similarity work for no new information.
+* **Thresholds** are in network-input pixels (``min_stuff_area`` is interpreted by the fusion
+  relative to ``stuff_area_reference``); defaults come from the model config
+  (:class:`ciae_core.model.CIAEConfig`); :meth:`Predictor.update` changes them between calls.
+* **Input size**: default 640 for ResNet-50/101 models and 320 for the small backbones
+  (resnet18/34, mobilenet_v3_large); the valid range is [512, 800] for the large backbones (the
+  paper's operating points) and [192, 800] for the small ones; ``input_size_range`` overrides it.
+* **Batches**: a list of N images of any sizes runs as one forward pass, each image letterboxed on
+  its own and padded to the largest padded size in the batch. GroupNorm statistics in the heads
+  see the extra padding, so a batched result can differ very slightly from the single-image one.
+* **CUDA path** (torch engine): channels_last, cudnn.benchmark, optional fp16/bf16 autocast (the
+  raw outputs are cast back to fp32 before fusion), uint8 upload from a pinned staging buffer with
+  an async copy, resize/normalise on the GPU, fusion and map-back on the GPU, then one
+  device→host copy of all final id maps (plus one for the small segment table). Optional
+  ``torch.compile(forward_raw, dynamic=True)`` (``compile=True``).
+* **onnxruntime engine**: ``weights`` may be a ``.onnx`` written by ``ciae-export`` (its
+  metadata carries the model config) or a ``.safetensors`` checkpoint, which is exported on the fly
+  (dynamic batch/height/width) to ``<onnx_cache_dir>/<stem>-<sha256[:16]>-opset<N>.onnx``;
+  ``onnx_cache_dir`` defaults to ``$CIAE_CACHE_DIR/onnx`` or ``~/.cache/ciae/onnx``. The cached
+  file is reused while the checkpoint's hash matches. Providers: TensorRT → CUDA → CPU (the ones
+  this onnxruntime build offers) for device="cuda", CPU for device="cpu"; ``trt_cache_dir`` and
+  ``trt_fp16`` configure TensorRT; full graph optimisation; thread counts settable.
+
+Timings (``predictor.timings``, milliseconds of the last call): ``preprocess``, ``forward``,
+``postprocess`` (proposal selection + fusion), ``map_back`` (resize to input resolution +
+segment table) and ``to_host``; their sum is the call's total. On CUDA they are measured with
+CUDA events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ciae_core.structures import CategoryInfo, PanopticResult, Segment
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_NAMES = ("score_threshold", "pre_nms_topk", "nms_threshold", "detections_per_img",
+                   "instance_score_threshold", "min_stuff_area", "stuff_area_reference", "min_visible_fraction",
+                   "min_instance_area", "outside_box_value")
+_UNIT_INTERVAL = ("score_threshold", "nms_threshold", "instance_score_threshold", "min_visible_fraction")
+# accepted alternative spellings (the ROS node's parameter names)
+THRESHOLD_ALIASES = {"stuff_area_min": "min_stuff_area"}
+_POSITIVE_INT = ("pre_nms_topk", "detections_per_img", "stuff_area_reference")
+_NON_NEGATIVE_INT = ("min_stuff_area", "min_instance_area")
+SMALL_BACKBONES = ("resnet18", "resnet34", "mobilenet_v3_large")
+ENGINES = ("torch", "onnxruntime")
+PRECISIONS = ("fp32", "fp16", "bf16")
+MIN_IMAGE_SIDE = 8
+RAW_OUTPUT_NAMES = ("cls_logits", "box_regression", "centerness", "points", "embedding", "memory")
+
+
+class PredictorError(RuntimeError):
+    """User-facing inference problem (one line: what is wrong and what to do)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# letterbox maths
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Geometry of one image through the predictor.
+
+    ``(height, width)``: input image; ``(resized_height, resized_width)``: what the network sees
+    (and the resolution of fusion); ``(padded_height, padded_width)``: multiple of the stride.
+    """
+
+    height: int
+    width: int
+    resized_height: int
+    resized_width: int
+    padded_height: int
+    padded_width: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Per-axis scale ``(sy, sx)`` input → resized."""
+        return self.resized_height / self.height, self.resized_width / self.width
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        return self.resized_height, self.resized_width
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.resized_height, self.resized_width) == (self.height, self.width)
+
+
+def letterbox(height: int, width: int, input_size: int, max_size: int, stride: int = 32,
+              min_image_side: int = MIN_IMAGE_SIDE) -> Letterbox:
+    """Shorter side → ``input_size``, longer side capped at ``max_size``, padded to ``stride``.
+
+    Same rounding as :func:`ciae_core.data.shortest_edge_size` (training). Raises
+    :class:`PredictorError` for images with a side below ``min_image_side`` or whose resized
+    shorter side would be below ``stride`` (extreme aspect ratios).
+    """
+    height, width = int(height), int(width)
+    if min(height, width) < min_image_side:
+        raise PredictorError(f"image of {height}x{width} pixels is too small; both sides must be at least "
+                             f"{min_image_side} pixels")
+    scale = input_size / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    rh, rw = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+    if min(rh, rw) < stride:
+        raise PredictorError(f"image of {height}x{width} pixels has an aspect ratio too extreme for max_size={max_size}: "
+                             f"it would be resized to {rh}x{rw}, below the {stride}-pixel stride; crop it or raise max_size")
+    ph, pw = int(math.ceil(rh / stride) * stride), int(math.ceil(rw / stride) * stride)
+    return Letterbox(height, width, rh, rw, ph, pw)
+
+
+def nearest_source_index(out_len: int, in_len: int, device=None) -> torch.Tensor:
+    """Pixel-centre nearest-neighbour: source index of each of ``out_len`` output pixels when a
+    length-``in_len`` axis is resampled, ``floor((i + 0.5) * in_len / out_len)`` in exact integers."""
+    i = torch.arange(out_len, device=device, dtype=torch.int64)
+    return torch.clamp(((2 * i + 1) * in_len) // (2 * out_len), max=in_len - 1)
+
+
+def resize_nearest(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resample of a ``(h, w)`` map (any dtype) to ``size = (H, W)``."""
+    h, w = t.shape[-2:]
+    if (h, w) == tuple(size):
+        return t
+    ys = nearest_source_index(size[0], h, t.device)
+    xs = nearest_source_index(size[1], w, t.device)
+    return t.index_select(-2, ys).index_select(-1, xs)
+
+
+def segment_table(id_map: torch.Tensor, max_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Areas and tight boxes of the non-zero ids of ``id_map`` ``(H, W)`` (values in ``0..max_id``).
+
+    Returns ``ids (K,)`` int64 present ids in increasing order, ``areas (K,)`` int64 pixel
+    counts and ``boxes (K, 4)`` int64 ``x, y, w, h``. Runs on the map's device (scatter reductions,
+    no sort), so on CUDA only the tiny table has to be copied to the host.
+    """
+    h, w = id_map.shape
+    flat = id_map.reshape(-1).long()
+    n = int(max_id) + 1
+    areas = torch.bincount(flat, minlength=n)[:n]
+    idx = torch.arange(flat.numel(), device=flat.device)
+    xs, ys = idx % w, idx // w
+    big = torch.full((n,), max(h, w), dtype=torch.int64, device=flat.device)
+    neg = torch.full((n,), -1, dtype=torch.int64, device=flat.device)
+    x0 = big.scatter_reduce(0, flat, xs, "amin")
+    x1 = neg.scatter_reduce(0, flat, xs, "amax")
+    y0 = big.clone().scatter_reduce(0, flat, ys, "amin")
+    y1 = neg.clone().scatter_reduce(0, flat, ys, "amax")
+    ids = torch.nonzero(areas[1:] > 0).squeeze(1) + 1
+    boxes = torch.stack([x0[ids], y0[ids], x1[ids] - x0[ids] + 1, y1[ids] - y0[ids] + 1], dim=1)
+    return ids, areas[ids], boxes
+
+
+def validate_image(image: Any, index: int = 0) -> np.ndarray:
+    """Check one input image: numpy ``uint8`` ``(H, W, 3)``; returns it (C-contiguous)."""
+    where = f"image {index}"
+    if not isinstance(image, np.ndarray):
+        raise PredictorError(f"{where}: expected a numpy uint8 array of shape (H, W, 3), got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise PredictorError(f"{where}: expected dtype uint8 (0..255 pixels), got {image.dtype}; convert with "
+                             f"np.clip(img, 0, 255).astype(np.uint8)")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise PredictorError(f"{where}: expected shape (H, W, 3), got {image.shape}; convert grey/RGBA images to 3 channels")
+    return np.ascontiguousarray(image)
+
+
+# ----------------------------------------------------------------------------------------------
+# input-size policy
+
+
+def default_input_size(backbone: str) -> int:
+    """640 for ResNet-50/101 models (between the paper's 512 and 800 points), 320 for small ones."""
+    return 320 if backbone in SMALL_BACKBONES else 640
+
+
+def input_size_range(backbone: str) -> tuple[int, int]:
+    """Valid shorter-side sizes: the paper's [512, 800] for large backbones, [192, 800] for small."""
+    return (192, 800) if backbone in SMALL_BACKBONES else (512, 800)
+
+
+# ----------------------------------------------------------------------------------------------
+# engines
+
+
+class _TorchEngine:
+    """``CIAE.forward_raw`` in eager PyTorch (optionally compiled), fp32 outputs."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool,
+                 compile: bool):
+        self.model = model.eval().to(device)
+        self.device = device
+        self.precision = precision
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self._fn = self.model.forward_raw
+        if compile:
+            self._fn = torch.compile(self.model.forward_raw, dynamic=True)
+        self.providers: list[str] = []
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        with torch.inference_mode():
+            if dtype is None:
+                raw = self._fn(images)
+            else:
+                with torch.autocast(self.device.type, dtype=dtype):
+                    raw = self._fn(images)
+        return {k: v.float() for k, v in raw.items()}
+
+
+def select_providers(device: str, available: Sequence[str], providers: Sequence[str] | None = None,
+                     trt_cache_dir: str | None = None, trt_fp16: bool = False,
+                     device_id: int = 0) -> list[tuple[str, dict]]:
+    """onnxruntime execution providers with options, in priority order.
+
+    device="cuda": TensorRT → CUDA → CPU (those in ``available``); device="cpu": CPU only.
+    ``providers`` (short names "tensorrt", "cuda", "cpu" or full provider names) restricts and
+    orders the choice; asking for one this build lacks raises :class:`PredictorError`.
+    """
+    full = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+    if providers is None:
+        wanted = ["tensorrt", "cuda", "cpu"] if device == "cuda" else ["cpu"]
+        chosen = [full[p] for p in wanted if full[p] in available]
+    else:
+        chosen = []
+        for p in providers:
+            name = full.get(str(p).lower(), str(p))
+            if name not in available:
+                raise PredictorError(f"onnxruntime provider {p!r} is not available in this onnxruntime build "
+                                     f"(available: {', '.join(available)})")
+            if device == "cpu" and name != "CPUExecutionProvider":
+                raise PredictorError(f"onnxruntime provider {p!r} needs device='cuda'")
+            chosen.append(name)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    out = []
+    for name in chosen:
+        opts: dict = {}
+        if name == "TensorrtExecutionProvider":
+            opts = {"device_id": device_id, "trt_fp16_enable": bool(trt_fp16)}
+            if trt_cache_dir:
+                opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache_dir),
+                            trt_timing_cache_enable=True, trt_timing_cache_path=str(trt_cache_dir))
+        elif name == "CUDAExecutionProvider":
+            opts = {"device_id": device_id}
+        out.append((name, opts))
+    return out
+
+
+class _OrtEngine:
+    """An onnxruntime session over an exported ``forward_raw`` graph; returns torch tensors.
+
+    On CUDA the input is bound straight from the torch tensor and the outputs are written into
+    torch tensors (IO binding; output shapes are learnt on the first run of each input shape),
+    so nothing goes through the host.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str, device: torch.device, providers: Sequence[str] | None = None,
+                 trt_cache_dir: str | None = None, trt_fp16: bool = False, intra_op_threads: int | None = None,
+                 inter_op_threads: int | None = None):
+        import onnxruntime as ort
+
+        from ciae_core.export import ExportError, read_onnx_config
+
+        try:
+            self.config = read_onnx_config(path)
+        except ExportError as e:
+            raise PredictorError(str(e)) from None
+        self.device = device
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            opts.intra_op_num_threads = int(intra_op_threads)
+        if inter_op_threads:
+            opts.inter_op_num_threads = int(inter_op_threads)
+        opts.log_severity_level = 3
+        if trt_cache_dir:
+            os.makedirs(trt_cache_dir, exist_ok=True)
+        chosen = select_providers(device.type, ort.get_available_providers(), providers, trt_cache_dir, trt_fp16,
+                                  device.index or 0)
+        try:
+            self.session = ort.InferenceSession(path, sess_options=opts, providers=[n for n, _ in chosen],
+                                                provider_options=[o for _, o in chosen])
+        except Exception as e:  # noqa: BLE001 - any session failure is a bad/unsupported file
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PredictorError(f"onnxruntime cannot load {path}: {msg}") from None
+        self.providers = self.session.get_providers()
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != ["images"] or sorted(outputs) != sorted(RAW_OUTPUT_NAMES):
+            raise PredictorError(f"{path} is not a ciae forward_raw export: inputs {inputs}, outputs {outputs} "
+                                 f"(expected ['images'] and {list(RAW_OUTPUT_NAMES)}); re-export with ciae-export")
+        self.output_names = outputs
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        t = self.config.num_things
+        d = self.config.embed_dim
+        mem = shapes["memory"]
+        cls_t = shapes["cls_logits"][-1]
+        if (isinstance(cls_t, int) and cls_t != t) or (all(isinstance(v, int) for v in mem)
+                                                       and tuple(mem) != (len(self.config.categories), d)):
+            raise PredictorError(f"{path}: graph outputs (cls_logits {shapes['cls_logits']}, memory {mem}) do not match "
+                                 f"its metadata config ({t} thing classes, {len(self.config.categories)} categories, "
+                                 f"embed_dim {d}); re-export with ciae-export")
+        self._on_cuda = device.type == "cuda" and self.providers[0] != "CPUExecutionProvider"
+        self._out_shapes: dict[tuple, list] = {}
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.float().contiguous()
+        if not self._on_cuda:
+            outs = self.session.run(self.output_names, {"images": images.cpu().numpy()})
+            return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.output_names, outs)}
+        torch.cuda.current_stream(self.device).synchronize()
+        dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        binding = self.session.io_binding()
+        binding.bind_input("images", "cuda", dev_id, np.float32, list(images.shape), images.data_ptr())
+        key = tuple(images.shape)
+        shapes = self._out_shapes.get(key)
+        if shapes is None:
+            for name in self.output_names:
+                binding.bind_output(name, "cuda", dev_id)
+            self.session.run_with_iobinding(binding)
+            vals = binding.copy_outputs_to_cpu()
+            self._out_shapes[key] = [v.shape for v in vals]
+            return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.output_names, vals)}
+        result = {}
+        for name, shape in zip(self.output_names, shapes):
+            t = torch.empty(shape, dtype=torch.float32, device=self.device)
+            binding.bind_output(name, "cuda", dev_id, np.float32, list(shape), t.data_ptr())
+            result[name] = t
+        self.session.run_with_iobinding(binding)
+        return result
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+
+
+class _StageClock:
+    """Stage timestamps: CUDA events on a GPU (no extra syncs), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((name, ev))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def durations_ms(self) -> dict[str, float]:
+        """Call after the last mark (and, on CUDA, after a synchronise)."""
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[name] = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the predictor
+
+
+def _file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def default_onnx_cache_dir() -> pathlib.Path:
+    """``$CIAE_CACHE_DIR/onnx`` or ``~/.cache/ciae/onnx``."""
+    base = os.environ.get("CIAE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ciae")
+    return pathlib.Path(base) / "onnx"
+
+
+class Predictor:
+    """Panoptic segmentation of HxWx3 uint8 images with a CIAE model (see the module docstring).
+
+    Args:
+        weights: ``.safetensors`` checkpoint (``ciae_core.checkpoint.save_model``) or, for
+            ``engine="onnxruntime"``, a ``.onnx`` from ``ciae-export``.
+        engine: "torch" or "onnxruntime".
+        device: "cpu", "cuda" or "cuda:N".
+        input_size: shorter side fed to the network (None: :func:`default_input_size`).
+        max_size: cap on the longer side after resizing.
+        precision: "fp32", "fp16" (CUDA only) or "bf16" (torch engine autocast).
+        channels_last / cudnn_benchmark: None → on for CUDA.
+        compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine).
+        input_size_range: ``(lo, hi)`` valid shorter sides (None: :func:`input_size_range`).
+        providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime.
+        onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime.
+        **thresholds: any of ``THRESHOLD_NAMES`` (defaults: the model config).
+    """
+
+    def __init__(self, weights: str | os.PathLike, engine: str = "torch", device: str = "cpu",
+                 input_size: int | None = None, max_size: int = 1333, stride: int = 32, precision: str = "fp32",
+                 channels_last: bool | None = None, cudnn_benchmark: bool | None = None, compile: bool = False,
+                 input_size_range: tuple[int, int] | None = None, min_image_side: int = MIN_IMAGE_SIDE,
+                 providers: Sequence[str] | None = None, trt_cache_dir: str | None = None, trt_fp16: bool = False,
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None, **thresholds):
+        if engine not in ENGINES:
+            raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if precision not in PRECISIONS:
+            raise PredictorError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.device = self._resolve_device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise PredictorError("precision='fp16' needs device='cuda'; use 'fp32' or 'bf16' on the CPU")
+        if precision != "fp32" and engine != "torch":
+            raise PredictorError(f"precision={precision!r} applies to the torch engine; for onnxruntime use "
+                                 f"trt_fp16=True (TensorRT) or precision='fp32'")
+        weights = os.fspath(weights)
+        if not os.path.exists(weights):
+            raise PredictorError(f"weights file not found: {weights}")
+        if os.path.isdir(weights):
+            cand = os.path.join(weights, "model.safetensors")
+            if not os.path.isfile(cand):
+                raise PredictorError(f"weights path {weights} is a directory without model.safetensors")
+            weights = cand
+        self.weights = weights
+        self.engine_name = engine
+        self.precision = precision
+        self.stride = int(stride)
+        self.min_image_side = int(min_image_side)
+        self.max_size = int(max_size)
+        is_onnx = weights.endswith(".onnx")
+        if engine == "torch":
+            if is_onnx:
+                raise PredictorError(f"{weights} is an ONNX file; use engine='onnxruntime' or a .safetensors checkpoint")
+            model = self._load_torch_model(weights)
+            self.config = model.config
+            cuda = self.device.type == "cuda"
+            if cudnn_benchmark if cudnn_benchmark is not None else cuda:
+                torch.backends.cudnn.benchmark = True
+            self._engine = _TorchEngine(model, self.device, precision,
+                                        channels_last if channels_last is not None else cuda, compile)
+        else:
+            onnx_path = weights if is_onnx else self._onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
+            self.onnx_path = onnx_path
+            self._engine = _OrtEngine(onnx_path, self.device, providers, trt_cache_dir, trt_fp16,
+                                      intra_op_threads, inter_op_threads)
+            self.config = self._engine.config
+        self.categories: list[CategoryInfo] = list(self.config.categories)
+        self.num_things = self.config.num_things
+        self.input_size_range = tuple(input_size_range) if input_size_range else input_size_range_for(self.config)
+        self.input_size = self._check_input_size(input_size if input_size is not None
+                                                 else default_input_size(self.config.backbone))
+        self.thresholds = {k: getattr(self.config, k) for k in THRESHOLD_NAMES}
+        self.update(**thresholds)
+        self.timings: dict[str, float] = {}
+        self._pinned: list[torch.Tensor] = []
+        self.model_name = pathlib.Path(weights).stem
+        logger.info("Predictor: %s engine=%s device=%s providers=%s input_size=%d", weights, engine, self.device,
+                    self._engine.providers, self.input_size)
+
+    # -- construction helpers -------------------------------------------------------------------
+    @staticmethod
+    def _resolve_device(device: str) -> torch.device:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise PredictorError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise PredictorError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise PredictorError("device='cuda' requested but no CUDA GPU is available; use device='cpu'")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise PredictorError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+
+    def _load_torch_model(self, weights: str):
+        from ciae_core.checkpoint import CheckpointError, load_model
+
+        try:
+            return load_model(weights, device="cpu")
+        except CheckpointError as e:
+            raise PredictorError(str(e)) from None
+
+    def _onnx_for_checkpoint(self, weights: str, cache_dir, opset: int | None) -> str:
+        from ciae_core.export import DEFAULT_OPSET, ExportError, export_checkpoint, read_onnx_metadata
+
+        opset = int(opset or DEFAULT_OPSET)
+        digest = _file_sha256(weights)
+        cache = pathlib.Path(cache_dir) if cache_dir else default_onnx_cache_dir()
+        path = cache / f"{pathlib.Path(weights).stem}-{digest[:16]}-opset{opset}.onnx"
+        if path.is_file():
+            try:
+                if read_onnx_metadata(str(path)).get("ciae_source_sha256") == digest:
+                    logger.info("reusing cached ONNX export %s", path)
+                    return str(path)
+            except ExportError:
+                logger.warning("cached ONNX export %s is unreadable; exporting again", path)
+        logger.info("exporting %s to %s for onnxruntime (first use)", weights, path)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            export_checkpoint(weights, str(path), dynamic=True, opset=opset)
+        except ExportError as e:
+            raise PredictorError(str(e)) from None
+        except OSError as e:
+            raise PredictorError(f"cannot write the ONNX cache {path}: {e.strerror}; set onnx_cache_dir") from None
+        return str(path)
+
+    def _check_input_size(self, size) -> int:
+        lo, hi = self.input_size_range
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not lo <= int(size) <= hi:
+            raise PredictorError(f"input_size must be an integer in [{lo}, {hi}] for this {self.config.backbone} model, "
+                                 f"got {size!r} (input_size_range overrides the range)")
+        if int(size) > self.max_size:
+            raise PredictorError(f"input_size {size} exceeds max_size {self.max_size}")
+        return int(size)
+
+    # -- public properties ---------------------------------------------------------------------
+    @property
+    def engine(self) -> str:
+        return self.engine_name
+
+    @property
+    def providers(self) -> list[str]:
+        """onnxruntime providers in use (empty for the torch engine)."""
+        return list(self._engine.providers)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """Model and runtime description (for logs, diagnostics and the ROS node)."""
+        from ciae_core import __version__
+
+        return {"name": self.model_name, "weights": self.weights, "backbone": self.config.backbone,
+                "num_things": self.config.num_things, "num_stuff": self.config.num_stuff,
+                "embed_dim": self.config.embed_dim, "engine": self.engine_name, "device": str(self.device),
+                "precision": self.precision, "providers": self.providers, "input_size": self.input_size,
+                "max_size": self.max_size, "ciae_version": __version__}
+
+    def update(self, input_size: int | None = None, **thresholds) -> None:
+        """Change thresholds (names in ``THRESHOLD_NAMES`` or ``THRESHOLD_ALIASES``) and/or
+        ``input_size`` for later calls. Values are checked; on an error nothing changes."""
+        thresholds = {THRESHOLD_ALIASES.get(k, k): v for k, v in thresholds.items()}
+        unknown = sorted(set(thresholds) - set(THRESHOLD_NAMES))
+        if unknown:
+            raise PredictorError(f"unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(THRESHOLD_NAMES)}")
+        new = dict(self.thresholds)
+        for k, v in thresholds.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+                raise PredictorError(f"{k} must be a finite number, got {v!r}")
+            if k in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
+                raise PredictorError(f"{k} must be in [0, 1], got {v}")
+            if k in _POSITIVE_INT and (int(v) != v or v < 1):
+                raise PredictorError(f"{k} must be a positive integer, got {v}")
+            if k in _NON_NEGATIVE_INT and (int(v) != v or v < 0):
+                raise PredictorError(f"{k} must be a non-negative integer, got {v}")
+            new[k] = int(v) if k in _POSITIVE_INT + _NON_NEGATIVE_INT else float(v)
+        if input_size is not None:
+            self.input_size = self._check_input_size(input_size)
+        self.thresholds = new
+
+    # -- stages ----------------------------------------------------------------------------------
+    def _pinned_buffer(self, i: int, numel: int) -> torch.Tensor:
+        while len(self._pinned) <= i:
+            self._pinned.append(torch.empty(0, dtype=torch.uint8))
+        if self._pinned[i].numel() < numel:
+            self._pinned[i] = torch.empty(numel, dtype=torch.uint8, pin_memory=True)
+        return self._pinned[i][:numel]
+
+    def preprocess(self, images: Sequence[np.ndarray], color: str = "rgb") -> tuple[torch.Tensor, list[Letterbox]]:
+        """Letterbox a list of validated images into one float32 RGB 0..255 batch ``(N, 3, Hp, Wp)``."""
+        boxes = [letterbox(im.shape[0], im.shape[1], self.input_size, self.max_size, self.stride, self.min_image_side)
+                 for im in images]
+        hp, wp = max(b.padded_height for b in boxes), max(b.padded_width for b in boxes)
+        batch = torch.zeros((len(images), 3, hp, wp), dtype=torch.float32, device=self.device)
+        bgr = color == "bgr"
+        for i, (im, lb) in enumerate(zip(images, boxes)):
+            shrink = lb.resized_height < lb.height and lb.resized_width < lb.width
+            rh, rw = lb.resized_size
+            if self.device.type == "cpu":
+                import cv2
+
+                if not lb.is_identity:
+                    im = cv2.resize(im, (rw, rh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+                t = torch.from_numpy(im).permute(2, 0, 1)
+                batch[i, :, :rh, :rw] = t.flip(0) if bgr else t
+            else:
+                buf = self._pinned_buffer(i, im.size)
+                buf.view(im.shape).copy_(torch.from_numpy(im))
+                x = buf.view(im.shape).to(self.device, non_blocking=True).permute(2, 0, 1).float()
+                if bgr:
+                    x = x.flip(0)
+                if not lb.is_identity:
+                    x = F.interpolate(x[None], size=(rh, rw), mode="bilinear", align_corners=False,
+                                      antialias=shrink)[0]
+                batch[i, :, :rh, :rw] = x
+        return batch, boxes
+
+    def forward_raw(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the engine on a preprocessed batch; fp32 raw outputs on ``self.device``."""
+        return self._engine(batch)
+
+    def postprocess(self, raw: dict[str, torch.Tensor], boxes: Sequence[Letterbox],
+                    return_confidence: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Proposal selection + fusion at the resized resolution (``ciae_core.fusion``)."""
+        from ciae_core.fusion import panoptic_from_raw
+
+        with torch.inference_mode():
+            return panoptic_from_raw(raw, [b.resized_size for b in boxes], num_things=self.num_things,
+                                     embedding_stride=self.config.embedding_stride,
+                                     return_confidence=return_confidence, **self.thresholds)
+
+    # -- call -----------------------------------------------------------------------------------
+    def __call__(self, images, color: str = "rgb", return_confidence: bool = False):
+        """Segment one image (→ ``PanopticResult``) or a list of images (→ list, same order)."""
+        if color not in ("rgb", "bgr"):
+            raise PredictorError(f"color must be 'rgb' or 'bgr', got {color!r}")
+        single = not isinstance(images, (list, tuple))
+        batch_in = [images] if single else list(images)
+        if not batch_in:
+            return []
+        batch_in = [validate_image(im, i) for i, im in enumerate(batch_in)]
+        clock = _StageClock(self.device)
+        clock.mark("start")
+        batch, boxes = self.preprocess(batch_in, color)
+        clock.mark("preprocess")
+        raw = self.forward_raw(batch)
+        clock.mark("forward")
+        outs = self.postprocess(raw, boxes, return_confidence)
+        clock.mark("postprocess")
+        maps, confs, tables, lut = [], [], [], []
+        with torch.inference_mode():
+            for out, lb in zip(outs, boxes):
+                id_map = resize_nearest(out["id_map"], (lb.height, lb.width)).to(torch.int32)
+                ids = out["ids"].long()
+                max_id = int(ids.max()) if ids.numel() else 0
+                seg_ids, areas, bxs = segment_table(id_map, max_id)
+                pos = torch.zeros(max_id + 1, dtype=torch.int64, device=id_map.device)
+                pos[ids] = torch.arange(ids.numel(), device=id_map.device)
+                k = pos[seg_ids]
+                table = torch.cat([seg_ids[:, None].double(), out["labels"].long()[k][:, None].double(),
+                                   out["scores"].double()[k][:, None], areas[:, None].double(), bxs.double()], dim=1)
+                maps.append(id_map.reshape(-1))
+                tables.append(table)
+                if return_confidence:
+                    conf = out.get("confidence")
+                    if conf is None:
+                        raise PredictorError("this fusion returned no confidence map")
+                    confs.append(resize_nearest(conf.float(), (lb.height, lb.width)).reshape(-1))
+        clock.mark("map_back")
+        host_maps, host_tables, host_confs = self._to_host(maps, tables, confs)
+        clock.mark("to_host")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.timings = clock.durations_ms()
+        results = []
+        off_m = off_c = 0
+        for i, lb in enumerate(boxes):
+            n = lb.height * lb.width
+            id_map = host_maps[off_m:off_m + n].reshape(lb.height, lb.width)
+            off_m += n
+            conf = None
+            if return_confidence:
+                conf = host_confs[off_c:off_c + n].reshape(lb.height, lb.width)
+                off_c += n
+            results.append(PanopticResult(id_map=id_map, segments=self._segments(host_tables[i]), confidence=conf))
+        return results[0] if single else results
+
+    def _to_host(self, maps, tables, confs):
+        """One device→host copy for all id maps (and one for the tables, one for confidences)."""
+        def copy(ts):
+            if not ts:
+                return None
+            dev = torch.cat(ts) if len(ts) > 1 else ts[0]
+            if self.device.type == "cpu":
+                return dev.numpy()
+            host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
+            host.copy_(dev, non_blocking=True)
+            return host.numpy()
+
+        sizes = [t.shape[0] for t in tables]
+        flat_tables = copy([t.reshape(-1) for t in tables])
+        out_tables, off = [], 0
+        for s in sizes:
+            out_tables.append(flat_tables[off:off + s * 8].reshape(s, 8))
+            off += s * 8
+        return copy(maps), out_tables, copy(confs)
+
+    def _segments(self, table: np.ndarray) -> list[Segment]:
+        segs = []
+        for seg_id, label, score, area, x, y, w, h in table.tolist():
+            cat = self.categories[int(label)]
+            segs.append(Segment(id=int(seg_id), category_id=cat.id, label=cat.name, isthing=cat.isthing,
+                                score=float(score), area=int(area), bbox=(int(x), int(y), int(w), int(h))))
+        return segs
+
+
+def input_size_range_for(config) -> tuple[int, int]:
+    """:func:`input_size_range` of a model config."""
+    return input_size_range(config.backbone)
+
+
+# ----------------------------------------------------------------------------------------------
+# ciae-predict
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _list_images(path: str) -> list[pathlib.Path]:
+    p = pathlib.Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise PredictorError(f"--images {path}: no such file or directory")
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise PredictorError(f"--images {path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def _build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ciae-predict", description="Panoptic segmentation of an image folder; writes "
+                                "COCO-panoptic PNGs + predictions.json (scorable with ciae-eval or panopticapi).")
+    p.add_argument("--weights", required=True, help=".safetensors checkpoint or .onnx export")
+    p.add_argument("--images", required=True, help="image file or directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--engine", default="torch", choices=ENGINES)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--score-threshold", type=float, default=None)
+    p.add_argument("--nms-threshold", type=float, default=None)
+    p.add_argument("--instance-score-threshold", type=float, default=None)
+    p.add_argument("--min-stuff-area", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime intra-op threads")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.batch_size < 1:
+        print("ciae-predict: error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        import cv2
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        thr = {k: v for k, v in (("score_threshold", args.score_threshold), ("nms_threshold", args.nms_threshold),
+                                 ("instance_score_threshold", args.instance_score_threshold),
+                                 ("min_stuff_area", args.min_stuff_area)) if v is not None}
+        predictor = Predictor(args.weights, engine=args.engine, device=args.device, input_size=args.input_size,
+                              max_size=args.max_size, precision=args.precision, intra_op_threads=args.threads, **thr)
+        files = _list_images(args.images)
+        results, names, total_ms = [], [], 0.0
+        for start in range(0, len(files), args.batch_size):
+            chunk = files[start:start + args.batch_size]
+            imgs = []
+            for f in chunk:
+                im = cv2.imread(str(f), cv2.IMREAD_COLOR)
+                if im is None:
+                    raise PredictorError(f"cannot decode image {f}")
+                imgs.append(im)
+            results.extend(predictor(imgs, color="bgr"))
+            names.extend(f.name for f in chunk)
+            total_ms += sum(predictor.timings.values())
+        from ciae_core.evaluation import EvaluationError, write_coco_panoptic
+
+        triples = [(n, int(pathlib.Path(n).stem) if pathlib.Path(n).stem.isdigit() else pathlib.Path(n).stem, r)
+                   for n, r in zip(names, results)]
+        try:
+            json_path = write_coco_panoptic(args.out, triples, predictor.categories)
+        except EvaluationError as e:
+            raise PredictorError(str(e)) from None
+    except PredictorError as e:
+        print(f"ciae-predict: error: {e}", file=sys.stderr)
+        return 1
+    print(f"ciae-predict: {len(results)} image(s), {total_ms / max(1, len(results)):.1f} ms/image "
+          f"({predictor.engine} on {predictor.device}); wrote {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
