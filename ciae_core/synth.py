@@ -232,66 +232,74 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: int) 
     return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
-def _stuff_textures(rng: np.random.Generator, height: int, width: int, shift: float) -> np.ndarray:
-    """(3, H, W, 3) float32: full-image texture of sky, wall, ground."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    xx = xx + np.float32(shift)
-    out = np.empty((3, height, width, 3), dtype=np.float32)
+def _stuff_image(rng: np.random.Generator, stuff: np.ndarray, shift: float) -> np.ndarray:
+    """(H, W, 3) float32 RGB of the stuff regions (``stuff``: 0 sky, 1 wall, 2 ground)."""
+    height, width = stuff.shape
+    n_sky, n_wall, n_ground = (_smooth_noise(rng, height, width, cell)[..., None] for cell in (24, 16, 12))
     # Sky: vertical gradient, faint clouds.
-    t = (yy / max(1, height - 1))[..., None]
-    sky_top, sky_bot = np.array([95, 150, 230], np.float32), np.array([185, 210, 245], np.float32)
-    out[0] = sky_top * (1 - t) + sky_bot * t + 12 * _smooth_noise(rng, height, width, 24)[..., None]
-    # Wall: grey bricks with dark mortar lines (staggered every other course).
-    bh, bw = 10.0, 22.0
-    course = np.floor(yy / bh)
-    mortar = ((yy % bh) < 1.5) | (((xx + (course % 2) * bw / 2) % bw) < 1.5)
-    wall = np.array([150, 145, 140], np.float32) + 10 * _smooth_noise(rng, height, width, 16)[..., None]
-    out[1] = np.where(mortar[..., None], wall * 0.55, wall)
-    # Ground: green with blotches and fine grass noise.
-    g = np.array([75, 135, 50], np.float32)
-    out[2] = g * (1 + 0.25 * _smooth_noise(rng, height, width, 12))[..., None]
-    return out
+    t = (np.arange(height, dtype=np.float32) / max(1, height - 1))[:, None, None]
+    sky = np.float32([95, 150, 230]) * (1 - t) + np.float32([185, 210, 245]) * t + 12 * n_sky
+    # Wall: grey bricks (10 x 22 px) with dark mortar lines, staggered every other course.
+    rows = np.arange(height)
+    cols = np.floor(np.arange(width) + shift).astype(np.int64)
+    col_mortar = np.stack([(cols % 22) < 2, ((cols + 11) % 22) < 2])  # (2, W): even / odd course
+    mortar = ((rows % 10) < 2)[:, None] | col_mortar[(rows // 10) % 2]
+    wall = (np.float32([150, 145, 140]) + 10 * n_wall) * np.where(mortar, np.float32(0.55), np.float32(1))[..., None]
+    # Ground: green with blotches.
+    ground = np.float32([75, 135, 50]) * (1 + np.float32(0.25) * n_ground)
+    s = stuff[..., None]
+    return np.where(s == 0, sky, np.where(s == 1, wall, ground))
 
 
 def _texture_image(rng: np.random.Generator, thing_map: np.ndarray, instances: Sequence[Instance],
                    stuff: np.ndarray, shift: float, noise_std: float) -> np.ndarray:
-    """RGB uint8 image of the scene given its final thing id map and stuff index map."""
+    """RGB uint8 image of the scene given its final thing id map and stuff index map.
+
+    Thing textures are evaluated on the thing pixels only (1-D per-pixel arrays via lookup tables
+    indexed by the id map): colour x shading (light from the top left, darker rim) x class pattern
+    (box stripes, ring checks, disc rings, plain triangle), and a dark 1-px outline on the inner
+    side of every instance boundary, also between touching instances of the same class: the
+    visual cue that separates them.
+    """
     height, width = thing_map.shape
-    tex = _stuff_textures(rng, height, width, shift)
-    img = np.take_along_axis(tex, stuff[None, :, :, None].astype(np.int64), axis=0)[0]
+    img = _stuff_image(rng, stuff, shift)
     if instances:
-        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-        lut = lambda vals: np.asarray([0.0] + list(vals), dtype=np.float32)[thing_map]  # noqa: E731
-        color = np.asarray([(0, 0, 0)] + [i.color for i in instances], dtype=np.float32)[thing_map]
-        cx, cy = lut(i.cx for i in instances), lut(i.cy for i in instances)
+        flat = thing_map.ravel()
+        idx = np.flatnonzero(flat)
+        k = flat[idx]
+        yy = (idx // width).astype(np.float32)
+        xx = (idx % width).astype(np.float32)
+
+        def lut(values):
+            return np.asarray([0.0] + list(values), dtype=np.float32)[k]
+
+        color = np.asarray([(0, 0, 0)] + [i.color for i in instances], dtype=np.float32)[k]
         size = lut(i.size for i in instances)
-        size[thing_map == 0] = 1.0
+        dx, dy = (xx - lut(i.cx for i in instances)) / size, (yy - lut(i.cy for i in instances)) / size
         ang, phase = lut(i.angle for i in instances), lut(i.texture for i in instances)
-        shape = np.asarray([-1] + [i.shape for i in instances], dtype=np.int32)[thing_map]
-        dx, dy = (xx - cx) / size, (yy - cy) / size
-        # Shading: brighter towards a light from the top left, darker at the rim.
-        shade = 1.0 + 0.35 * (-dx - dy) - 0.5 * np.clip(np.hypot(dx, dy) - 0.3, 0, None)
-        u = dx * np.cos(ang) + dy * np.sin(ang)
-        v = -dx * np.sin(ang) + dy * np.cos(ang)
+        shape = np.asarray([-1] + [i.shape for i in instances], dtype=np.int32)[k]
+        rad = np.hypot(dx, dy)
+        shade = 1.0 + 0.35 * (-dx - dy) - 0.5 * np.clip(rad - 0.3, 0, None)
+        ca, sa = np.cos(ang), np.sin(ang)
+        u, v = dx * ca + dy * sa, -dx * sa + dy * ca
         pattern = np.ones_like(shade)
-        pattern = np.where(shape == SHAPES.index("box"), 1.0 + 0.18 * np.sign(np.sin(2 * np.pi * (u * 4 + phase))), pattern)
-        pattern = np.where(shape == SHAPES.index("ring"),
-                           1.0 + 0.15 * np.sign(np.sin(2 * np.pi * u * 5) * np.sin(2 * np.pi * v * 5)), pattern)
-        pattern = np.where(shape == SHAPES.index("disc"), 1.0 + 0.12 * np.cos(2 * np.pi * (np.hypot(dx, dy) * 3 + phase)),
-                           pattern)
-        thing_rgb = color * (shade * pattern)[..., None]
-        # Dark outline on the inner side of every instance boundary (also between touching instances
-        # of the same class): the visual cue that separates them.
+        sel = shape == SHAPES.index("box")
+        pattern[sel] = 1.0 + 0.18 * np.sign(np.sin(2 * np.pi * (u[sel] * 4 + phase[sel])))
+        sel = shape == SHAPES.index("ring")
+        pattern[sel] = 1.0 + 0.15 * np.sign(np.sin(2 * np.pi * u[sel] * 5) * np.sin(2 * np.pi * v[sel] * 5))
+        sel = shape == SHAPES.index("disc")
+        pattern[sel] = 1.0 + 0.12 * np.cos(2 * np.pi * (rad[sel] * 3 + phase[sel]))
         edge = np.zeros_like(thing_map, dtype=bool)
         edge[:-1, :] |= thing_map[:-1, :] != thing_map[1:, :]
         edge[1:, :] |= thing_map[1:, :] != thing_map[:-1, :]
         edge[:, :-1] |= thing_map[:, :-1] != thing_map[:, 1:]
         edge[:, 1:] |= thing_map[:, 1:] != thing_map[:, :-1]
-        thing_rgb = np.where(edge[..., None], thing_rgb * 0.45, thing_rgb)
-        img = np.where((thing_map > 0)[..., None], thing_rgb, img)
+        factor = shade * pattern * np.where(edge.ravel()[idx], np.float32(0.45), np.float32(1.0))
+        img.reshape(-1, 3)[idx] = color * factor[:, None]
     if noise_std > 0:
-        img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise_std)
-    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+        img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise_std)
+    np.clip(img, 0, 255, out=img)
+    return np.rint(img).astype(np.uint8)
 
 
 def _compose(rng: np.random.Generator, layout: StuffLayout, instances: Sequence[Instance], height: int, width: int,
