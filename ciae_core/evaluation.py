@@ -539,7 +539,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-dir", help="with --weights: image directory (default DATA/images)")
     p.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--input-size", type=int, default=640, help="with --weights: shorter side fed to the model")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="with --weights: shorter side fed to the model (default: the model's)")
     p.add_argument("--max-images", type=int, default=0, help="with --weights: evaluate only the first N (0 = all)")
     p.add_argument("--pred-out", help="with --weights: also write the predictions (COCO panoptic) here")
     p.add_argument("--num-workers", type=int, default=0, help="processes for file evaluation")

@@ -288,3 +288,30 @@ def test_id_to_rgb_matches_reader(tmp_path):
     ids = np.array([[0, 1, 300], [70000, 5, 2 ** 24 - 1]], np.int32)
     cv2.imwrite(str(tmp_path / "x.png"), id_to_rgb(ids)[..., ::-1])
     assert np.array_equal(read_panoptic_png(str(tmp_path / "x.png")), ids)
+
+
+def test_cli_weights_path_agrees_with_file_evaluation(tmp_path, capsys):
+    """ciae-eval --weights runs the Predictor in memory; its written predictions evaluated from
+    files must give the same per-class numbers."""
+    from ciae_core.checkpoint import save_model
+    from ciae_core.model import CIAE
+    from ciae_core.synth import SYNTH_CATEGORIES, write_dataset
+
+    torch.manual_seed(0)
+    model = CIAE(categories=SYNTH_CATEGORIES, backbone="resnet18", backbone_norm="gn", fpn_channels=16,
+                 head_channels=16, tower_depth=1, embed_dim=8, embed_branch_channels=16, embedding_stride=4)
+    save_model(str(tmp_path / "m.safetensors"), model)
+    write_dataset(str(tmp_path / "val"), 1, 192, 192, seed=9)
+    args = ["--weights", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "val"), "--input-size", "192"]
+    assert main(args + ["--pred-out", str(tmp_path / "pred"), "--json-out", str(tmp_path / "mem.json")]) == 0
+    assert main(["--gt-json", str(tmp_path / "val" / "panoptic.json"), "--gt-dir", str(tmp_path / "val" / "panoptic"),
+                 "--pred-json", str(tmp_path / "pred" / "panoptic.json"), "--pred-dir", str(tmp_path / "pred" / "panoptic"),
+                 "--json-out", str(tmp_path / "files.json")]) == 0
+    mem, files = json.load(open(tmp_path / "mem.json")), json.load(open(tmp_path / "files.json"))
+    assert mem["per_class"] == files["per_class"] and mem["All"] == files["All"]
+    # Ground-truth segments are all counted (TP + FN = number of GT segments).
+    gt = json.load(open(tmp_path / "val" / "panoptic.json"))
+    assert sum(r["tp"] + r["fn"] for r in mem["per_class"].values()) == sum(
+        len(a["segments_info"]) for a in gt["annotations"])
+    assert main(args[:2] + ["--data", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
