@@ -3,8 +3,9 @@
 A thin layer over :class:`ciae_core.predictor.Predictor`:
 
 * **Input**: ``sensor_msgs/Image`` on ``image`` (remappable; ``main`` adds the default remap
-  ``image:=/camera/image_raw``), or ``sensor_msgs/CompressedImage`` on ``<image>/compressed``
-  with ``input_transport: compressed``; several cameras with ``image_topics: [...]`` (one model,
+  ``image:=camera/image_raw``: ``/camera/image_raw`` in the root namespace, ``/<ns>/camera/image_raw``
+  in namespace ``<ns>``), or ``sensor_msgs/CompressedImage`` on ``<image>/compressed`` with
+  ``input_transport: compressed``; several cameras with ``image_topics: [...]`` (one model,
   batched forward, outputs under each camera's namespace: ``/cam1/image_raw`` ->
   ``/cam1/panoptic/segments``).
 * **QoS**: input reliability ``auto`` copies what the topic's publishers offer (re-checked every
@@ -48,7 +49,7 @@ from .image_conversion import DEFAULT_MAX_PIXELS, ImageConversionError, compress
 _LOG = logging.getLogger(__name__)
 
 NODE_NAME = "ciae_panoptic"
-DEFAULT_IMAGE_TOPIC = "/camera/image_raw"
+DEFAULT_IMAGE_TOPIC = "camera/image_raw"  # relative: /camera/image_raw in the root namespace, /<ns>/camera/image_raw in <ns>
 
 
 class NodeStartupError(RuntimeError):
@@ -76,18 +77,21 @@ PARAMS: tuple[ParamSpec, ...] = (
               "model (models/ in the source tree or share/ciae_ros/models).", reloads_model=True),
     ParamSpec("engine", "torch", "Inference engine.", choices=("torch", "onnxruntime"), reloads_model=True),
     ParamSpec("device", "cpu", "Inference device: cpu, cuda or cuda:<index>.", reloads_model=True),
-    ParamSpec("precision", "fp32", "Inference precision (fp16/bf16 need CUDA).", choices=("fp32", "fp16", "bf16"),
+    ParamSpec("precision", "fp32", "Inference precision (fp16 needs CUDA; bf16: torch engine).",
+              choices=("fp32", "fp16", "bf16"), reloads_model=True),
+    ParamSpec("max_size", 1333, "Upper bound on the longer side after resizing (px).", int_range=(64, 4096, 1),
               reloads_model=True),
-    ParamSpec("input_size", 640, "Network input size: the image's shorter side is resized to this (px).",
-              int_range=(256, 1344, 32), reloads_model=True),
-    ParamSpec("max_size", 1333, "Upper bound on the longer side after resizing (px).", int_range=(256, 4096, 1),
-              reloads_model=True),
-    ParamSpec("score_threshold", 0.3, "Minimum detection score of a thing proposal.", float_range=(0.0, 1.0),
-              reloads_model=True),
-    ParamSpec("nms_threshold", 0.6, "IoU threshold of the class-wise NMS of thing proposals.",
-              float_range=(0.0, 1.0), reloads_model=True),
-    ParamSpec("stuff_area_min", 64, "Stuff regions with fewer pixels (at network resolution) become void.",
-              int_range=(0, 1_000_000, 1), reloads_model=True),
+    ParamSpec("input_size", 0, "Network input size: the image's shorter side is resized to this (px). 0: the "
+              "model's default (640 for ResNet-50/101, 320 for small backbones); the model's valid range applies "
+              "(512..800 for ResNet-50/101, 192..800 for small backbones).", int_range=(0, 800, 32)),
+    ParamSpec("score_threshold", -1.0, "Candidate threshold of thing proposals before NMS. -1: the model's default.",
+              float_range=(-1.0, 1.0)),
+    ParamSpec("nms_threshold", -1.0, "IoU threshold of the class-wise NMS of thing proposals. -1: the model's "
+              "default.", float_range=(-1.0, 1.0)),
+    ParamSpec("instance_score_threshold", -1.0, "Minimum score of a thing proposal to become a segment. -1: the "
+              "model's default.", float_range=(-1.0, 1.0)),
+    ParamSpec("stuff_area_min", -1, "Stuff regions smaller than this many pixels (per 640x480 image, scaled with "
+              "the image area) become void. -1: the model's default.", int_range=(-1, 10_000_000, 1)),
     ParamSpec("overlay", "auto", "Colour overlay on panoptic/overlay: auto = only while someone subscribes, "
               "on = always, off = never.", choices=("auto", "on", "off")),
     ParamSpec("overlay_alpha", 0.5, "Opacity of the segment colours in the overlay.", float_range=(0.0, 1.0)),
@@ -114,6 +118,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               read_only=True),
 )
 SPECS = {p.name: p for p in PARAMS}
+#: Parameters passed to ``Predictor.update`` at run time (-1 = the model config's own value).
+THRESHOLD_PARAMS = ("score_threshold", "nms_threshold", "instance_score_threshold", "stuff_area_min")
 
 
 def _descriptor(spec: ParamSpec):
@@ -146,6 +152,8 @@ def validate_value(name: str, value) -> str | None:
         v = str(value)
         if not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
             return f"device must be cpu, cuda or cuda:<index>, got {value!r}"
+    if name in THRESHOLD_PARAMS and value != -1 and not (name == "stuff_area_min" or 0.0 <= value <= 1.0):
+        return f"{name} must be -1 (the model's default) or in [0, 1], got {value}"
     if name == "weights" and value and not pathlib.Path(str(value)).expanduser().is_file():
         return f"weights file {value!r} does not exist"
     if name == "image_topics":
@@ -168,8 +176,6 @@ class ModelHandle:
     weights: str
     engine: str
     device: str
-    input_size: int
-    max_size: int
 
 
 def _file_version(path: pathlib.Path) -> str:
@@ -179,6 +185,30 @@ def _file_version(path: pathlib.Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return "sha256:" + h.hexdigest()[:12]
+
+
+def predictor_settings(values: dict, model_config=None) -> dict:
+    """``Predictor.update`` keywords from node parameter values.
+
+    ``input_size`` 0 and thresholds -1 mean "the model's own default"; with ``model_config`` given
+    they are resolved to its values (so switching back to -1 at run time restores them), without
+    it they are left out (the Predictor then uses its defaults).
+    """
+    out = {}
+    size = int(values["input_size"])
+    if size:
+        out["input_size"] = size
+    elif model_config is not None:
+        from ciae_core.predictor import default_input_size
+
+        out["input_size"] = default_input_size(model_config.backbone)
+    for name in THRESHOLD_PARAMS:
+        v = values[name]
+        if v != -1:
+            out[name] = v
+        elif model_config is not None:
+            out[name] = getattr(model_config, "min_stuff_area" if name == "stuff_area_min" else name)
+    return out
 
 
 def load_model(values: dict) -> ModelHandle:
@@ -197,34 +227,17 @@ def load_model(values: dict) -> ModelHandle:
     path = pathlib.Path(weights).expanduser()
     if not path.is_file():
         raise NodeStartupError(f"weights file {weights!r} does not exist")
-    device = str(values["device"])
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise NodeStartupError(f"device {device!r} requested but CUDA is not available on this machine")
     try:
-        predictor = Predictor(str(path), engine=str(values["engine"]), device=device,
-                              input_size=int(values["input_size"]), max_size=int(values["max_size"]),
-                              score_threshold=float(values["score_threshold"]),
-                              nms_threshold=float(values["nms_threshold"]),
-                              stuff_area_min=int(values["stuff_area_min"]),
-                              precision=str(values["precision"]))
+        predictor = Predictor(str(path), engine=str(values["engine"]), device=str(values["device"]),
+                              max_size=int(values["max_size"]), precision=str(values["precision"]),
+                              **predictor_settings(values))
     except PredictorError as exc:
         raise NodeStartupError(str(exc)) from None
     except (OSError, ValueError, RuntimeError) as exc:
-        raise NodeStartupError(f"cannot load model {weights!r}: {exc}".splitlines()[0]) from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise NodeStartupError(f"cannot load model {weights!r}: {first}") from None
     return ModelHandle(predictor=predictor, name=path.stem, version=_file_version(path), weights=str(path),
-                       engine=str(values["engine"]), device=device, input_size=int(values["input_size"]),
-                       max_size=int(values["max_size"]))
-
-
-def network_input_hw(h: int, w: int, input_size: int, max_size: int) -> tuple[int, int]:
-    """Size after the predictor's resize (shorter side -> input_size, longer side <= max_size)."""
-    scale = input_size / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    return int(round(h * scale)), int(round(w * scale))
+                       engine=str(values["engine"]), device=str(values["device"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +373,7 @@ class _PanopticLogic:
         self._model = load_model(self._values)
         self.get_logger().info(
             f"model {self._model.name} ({self._model.version}) loaded from {self._model.weights} on "
-            f"{self._model.engine}/{self._model.device}, input_size {self._model.input_size}, "
+            f"{self._model.engine}/{self._model.device}, input_size {self._model.predictor.input_size}, "
             f"{len(self._model.predictor.categories)} categories, in {time.monotonic() - t0:.2f} s")
 
     def _release_model(self) -> None:
@@ -518,30 +531,37 @@ class _PanopticLogic:
         t_start = time.monotonic()
         values = self._values
         max_px, scale16 = int(values["max_image_pixels"]), int(values["scale16_max"])
-        images, frames = [], []
-        for cam, (msg, compressed, t_recv) in items:
-            try:
-                img = (compressed_to_rgb(msg, max_pixels=max_px) if compressed
-                       else image_to_rgb(msg, max_pixels=max_px, scale16_max=scale16))
-            except ImageConversionError as exc:
-                self._stats[cam].bad[exc.reason] += 1
-                self._warn("bad:" + exc.reason, f"skipping frame from {self._cameras[cam].topic}: {exc}")
-                continue
-            images.append(img)
-            frames.append((cam, msg, t_recv))
-        if not images:
-            return
-        t_conv = time.monotonic()
+        from ciae_core.predictor import PredictorError, letterbox
+
         with self._model_lock:
             model = self._model
-        if model is None:
-            return
-        want_conf = bool(values["publish_confidence"])
-        results = model.predictor(images, color="rgb", return_confidence=want_conf)
-        t_pred = time.monotonic()
-        timings = dict(getattr(model.predictor, "timings", {}) or {})
-        for (cam_idx, msg, t_recv), img, res in zip(frames, images, results):
-            self._publish_outputs(self._cameras[cam_idx], msg.header, img, res, model,
+            if model is None:
+                return
+            pred = model.predictor
+            images, frames, boxes = [], [], []
+            for cam, (msg, compressed, t_recv) in items:
+                try:
+                    img = (compressed_to_rgb(msg, max_pixels=max_px) if compressed
+                           else image_to_rgb(msg, max_pixels=max_px, scale16_max=scale16))
+                    lb = letterbox(img.shape[0], img.shape[1], pred.input_size, pred.max_size, pred.stride,
+                                   pred.min_image_side)
+                except ImageConversionError as exc:
+                    self._bad_frame(cam, exc.reason, str(exc))
+                    continue
+                except PredictorError as exc:
+                    self._bad_frame(cam, "bad_size", str(exc))
+                    continue
+                images.append(img)
+                frames.append((cam, msg, t_recv))
+                boxes.append(lb)
+            if not images:
+                return
+            t_conv = time.monotonic()
+            results = pred(images, color="rgb", return_confidence=bool(values["publish_confidence"]))
+            t_pred = time.monotonic()
+            timings = dict(pred.timings)
+        for (cam_idx, msg, t_recv), img, res, lb in zip(frames, images, results, boxes):
+            self._publish_outputs(self._cameras[cam_idx], msg.header, img, res, model, lb.resized_size,
                                   (t_pred - t_conv) * 1e3 / len(images))
             self._stats[cam_idx].processed += 1
             t_done = time.monotonic()
@@ -555,13 +575,15 @@ class _PanopticLogic:
                 self._times.add("predictor." + str(k), float(v))
         self._times.add("publish", (t_pub - t_pred) * 1e3)
 
-    def _publish_outputs(self, cam: _Camera, header, image, result, model: ModelHandle, infer_ms: float) -> None:
+    def _bad_frame(self, cam: int, reason: str, text: str) -> None:
+        self._stats[cam].bad[reason] += 1
+        self._warn("bad:" + reason, f"skipping frame from {self._cameras[cam].topic}: {text}")
+
+    def _publish_outputs(self, cam: _Camera, header, image, result, model: ModelHandle, input_hw, infer_ms) -> None:
         from .conversions import detections_msg, render_overlay, segments_msg
         from .image_conversion import numpy_to_image
 
-        h, w = image.shape[:2]
-        cam.pub_segments.publish(segments_msg(result, header, model.name, model.version,
-                                              network_input_hw(h, w, model.input_size, model.max_size), infer_ms))
+        cam.pub_segments.publish(segments_msg(result, header, model.name, model.version, input_hw, infer_ms))
         mode = self._values["overlay"]
         if mode == "on" or (mode == "auto" and cam.pub_overlay.get_subscription_count() > 0):
             colors = {c.id: c.color for c in model.predictor.categories}
@@ -575,6 +597,13 @@ class _PanopticLogic:
 
     # -- parameters ------------------------------------------------------------------------------
     def _on_set_parameters(self, params):
+        """Validate run-time changes; apply them for the next frame or reject with a reason.
+
+        Model parameters (weights, engine, device, precision, max_size) build a new Predictor
+        here, so a bad file or an absent GPU is reported to the caller and the running model
+        stays; input size and thresholds go through ``Predictor.update`` (checked there).
+        """
+        from ciae_core.predictor import PredictorError
         from rcl_interfaces.msg import SetParametersResult
 
         new = dict(self._values)
@@ -585,9 +614,8 @@ class _PanopticLogic:
             if err:
                 return SetParametersResult(successful=False, reason=err)
             new[p.name] = p.value
-        reload = any(SPECS[p.name].reloads_model and new[p.name] != self._values[p.name]
-                     for p in params if p.name in SPECS)
-        if reload and self._model is not None:
+        changed = {p.name for p in params if p.name in SPECS and new[p.name] != self._values[p.name]}
+        if self._model is not None and any(SPECS[n].reloads_model for n in changed):
             try:
                 model = load_model(new)
             except NodeStartupError as exc:
@@ -595,7 +623,14 @@ class _PanopticLogic:
             with self._model_lock:
                 self._model = model
             self.get_logger().info(f"model reloaded: {model.name} on {model.engine}/{model.device}, "
-                                   f"input_size {model.input_size}")
+                                   f"input_size {model.predictor.input_size}")
+        elif self._model is not None and changed & {"input_size", *THRESHOLD_PARAMS}:
+            with self._model_lock:
+                pred = self._model.predictor
+                try:
+                    pred.update(**predictor_settings(new, pred.config))
+                except PredictorError as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
         self._values = new
         return SetParametersResult(successful=True)
 
@@ -636,7 +671,7 @@ class _PanopticLogic:
         vals = [("model", model.name if model else ""), ("model_version", model.version if model else ""),
                 ("weights", model.weights if model else ""), ("engine", model.engine if model else ""),
                 ("device", model.device if model else ""),
-                ("input_size", str(model.input_size) if model else "")]
+                ("input_size", str(model.predictor.input_size) if model else "")]
         vals += [(f"latency_{stage}_p50_ms", f"{p50:.2f}") for stage, (p50, _) in sorted(pct.items())]
         vals += [(f"latency_{stage}_p99_ms", f"{p99:.2f}") for stage, (_, p99) in sorted(pct.items())]
         vals += [(f"errors_{k}", str(v)) for k, v in sorted(self._errors.items())]
@@ -740,9 +775,12 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the node until Ctrl-C; returns the process exit status (1 on a startup error)."""
+    """Run the node until Ctrl-C / SIGTERM; returns the exit status (1 on a startup error)."""
+    import signal
+
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
     from rclpy.utilities import remove_ros_args
 
     from .resources import use_large_data_dds_profile
@@ -751,30 +789,35 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     opts = _parse_args(remove_ros_args(["ciae-panoptic-node", *args])[1:])
     use_large_data_dds_profile()
-    # Default remap, applied only when the user has no rule for 'image' (the first match wins).
+    # Default remap, used only when the user has no rule for 'image' (the first matching rule wins).
     ros_args = [*args, "--ros-args", "-r", f"image:={DEFAULT_IMAGE_TOPIC}"]
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    # We handle SIGINT/SIGTERM ourselves so that the worker thread is stopped before the context
+    # goes away (rclpy's handler would invalidate publishers under the worker's feet).
+    signal.signal(signal.SIGTERM, _terminate)
     PanopticNode, PanopticLifecycleNode = _make_node_classes()
+    log = logging.getLogger(NODE_NAME)
     try:
-        with rclpy.init(args=["ciae-panoptic-node", *ros_args]):
-            executor = SingleThreadedExecutor()
+        with rclpy.init(args=["ciae-panoptic-node", *ros_args], signal_handler_options=SignalHandlerOptions.NO):
             try:
                 node = PanopticLifecycleNode() if opts.lifecycle else PanopticNode()
             except NodeStartupError as exc:
-                logging.getLogger(NODE_NAME).error("cannot start: %s", exc)
+                log.error("cannot start: %s", exc)
                 return 1
             except Exception as exc:  # noqa: BLE001 - e.g. a parameter file value outside its range
-                logging.getLogger(NODE_NAME).error("cannot start: %s: %s", type(exc).__name__,
-                                                   str(exc).splitlines()[0] if str(exc) else "")
+                text = (str(exc).strip().splitlines() or [""])[0]
+                log.error("cannot start: %s: %s", type(exc).__name__, text)
                 return 1
-            if opts.lifecycle and opts.autostart:
-                from lifecycle_msgs.msg import Transition  # noqa: F401 - ensures lifecycle_msgs exists
-
-                if node.trigger_configure() != _success() or node.trigger_activate() != _success():
-                    node.get_logger().error("autostart failed (see the message above)")
-                    node.destroy_node()
-                    return 1
-            executor.add_node(node)
             try:
+                if opts.lifecycle and opts.autostart:
+                    if node.trigger_configure() != _success() or node.trigger_activate() != _success():
+                        log.error("cannot start: lifecycle autostart failed (see the message above)")
+                        return 1
+                executor = SingleThreadedExecutor()
+                executor.add_node(node)
                 executor.spin()
             except (KeyboardInterrupt, ExternalShutdownException):
                 pass

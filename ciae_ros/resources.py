@@ -33,7 +33,7 @@ def share_dirs() -> list[pathlib.Path]:
 
         try:
             roots.append(pathlib.Path(get_package_share_directory(PACKAGE)))
-        except (PackageNotFoundError, KeyError, ValueError, LookupError):
+        except (PackageNotFoundError, KeyError, ValueError, LookupError, OSError):
             pass
     except ImportError:
         pass

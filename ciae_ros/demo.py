@@ -1,0 +1,313 @@
+"""``ciae-demo`` (``make demo``): camera -> panoptic node -> client, as separate processes.
+
+What it does, on loopback DDS only (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and a per-run
+``ROS_DOMAIN_ID`` are set here, for every process it starts):
+
+1. starts the camera publisher (``python -m ciae_ros.camera``: a moving synthetic scene, or the
+   folder of images / video file given as ``source``), as a camera driver would run;
+2. starts the node (``python -m ciae_ros.node``) with the shipped model (``models/``); without
+   one it falls back to a randomly initialised model and says loudly that the segments are
+   meaningless;
+3. runs the client here: subscribes to the camera image, ``/panoptic/segments``,
+   ``/panoptic/overlay``, ``/panoptic/categories`` and ``/diagnostics``, records all of them into
+   an MCAP rosbag, saves overlay PNGs, and measures camera-to-client latency (``header.stamp``
+   is the camera's publication time; all processes share the machine's clock);
+4. after ``--duration`` seconds of output stops everything and writes ``report.md`` /
+   ``report.json`` (frames in/out, dropped, latency p50/p99, segments per frame) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+_LOG = logging.getLogger("ciae_demo")
+
+
+def demo_environment(domain_id: int | None = None) -> dict:
+    """Environment for the demo's processes: loopback-only DDS and a per-run domain id."""
+    env = os.environ.copy()
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else 1 + os.getpid() % 100)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, min(4, (os.cpu_count() or 2) - 1))))
+    env["PYTHONUNBUFFERED"] = "1"
+    src_root = str(pathlib.Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def random_fallback_model(path: pathlib.Path) -> pathlib.Path:
+    """Save a small randomly initialised CIAE over the synthetic categories (demo without a shipped model)."""
+    from ciae_core.checkpoint import save_model
+    from ciae_core.model import CIAE
+    from ciae_core.synth import SYNTH_CATEGORIES
+
+    import torch
+
+    torch.manual_seed(0)
+    model = CIAE(SYNTH_CATEGORIES, backbone="resnet18", backbone_norm="gn", fpn_channels=64, head_channels=64,
+                 tower_depth=2, embed_dim=16, embed_branch_channels=32, embedding_stride=4)
+    return pathlib.Path(save_model(path, model.eval()))
+
+
+def _percentiles(values) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.percentile(values, 50)), float(np.percentile(values, 99))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ciae-demo", description=__doc__.splitlines()[0])
+    ap.add_argument("source", nargs="?", default="synth", help="'synth' (default), a folder of images or a video")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of output to record")
+    ap.add_argument("--out", default="demo_out", help="output folder (overwritten)")
+    ap.add_argument("--size", default="640x480", help="camera frame size WIDTHxHEIGHT")
+    ap.add_argument("--rate", type=float, default=10.0, help="camera frame rate (Hz)")
+    ap.add_argument("--weights", default="", help="model file (default: the shipped model in models/)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
+    ap.add_argument("--input-size", type=int, default=0, help="network input size (default: the node's default)")
+    ap.add_argument("--png-every", type=float, default=1.0, help="save one overlay PNG per this many seconds")
+    ap.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: derived from the pid)")
+    ap.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for the first output")
+    return ap
+
+
+def _stop(proc: subprocess.Popen, name: str, timeout: float = 15.0) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _LOG.warning("%s did not stop on SIGINT; terminating it", name)
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return proc.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
+    args = build_parser().parse_args(argv)
+    out = pathlib.Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "overlays").mkdir(parents=True)
+    env = demo_environment(args.domain_id)
+    os.environ.update({k: env[k] for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID")})
+
+    from .resources import default_weights
+
+    weights = args.weights or (str(default_weights()) if default_weights() else "")
+    random_model = False
+    if not weights:
+        _LOG.warning("no shipped model in models/ (and no --weights): falling back to a RANDOMLY INITIALISED "
+                     "model; the pipeline runs but the segments are meaningless. Train one with ciae-train or "
+                     "pass --weights.")
+        weights = str(random_fallback_model(out / "random_model.safetensors"))
+        random_model = True
+    elif not pathlib.Path(weights).is_file():
+        _LOG.error("weights file %s does not exist", weights)
+        return 1
+
+    logs = {name: open(out / f"{name}.log", "w") for name in ("node", "camera")}
+    node_cmd = [sys.executable, "-m", "ciae_ros.node", "--ros-args", "-p", f"weights:={weights}",
+                "-p", f"device:={args.device}", "-p", f"engine:={args.engine}",
+                "-r", "image:=/camera/image_raw", "--log-level", "info"]
+    if args.input_size:
+        node_cmd[-4:-4] = ["-p", f"input_size:={args.input_size}"]
+    cam_cmd = [sys.executable, "-m", "ciae_ros.camera", args.source, "--topic", "/camera/image_raw",
+               "--rate", str(args.rate), "--size", args.size]
+    _LOG.info("ROS_DOMAIN_ID=%s, loopback only; model %s", env["ROS_DOMAIN_ID"], weights)
+    node = subprocess.Popen(node_cmd, env=env, stdout=logs["node"], stderr=subprocess.STDOUT)
+    camera = subprocess.Popen(cam_cmd, env=env, stdout=logs["camera"], stderr=subprocess.STDOUT)
+    try:
+        report = _run_client(args, out, node, camera, weights, random_model)
+    finally:
+        cam_rc = _stop(camera, "camera")
+        node_rc = _stop(node, "node")
+        for f in logs.values():
+            f.close()
+    if report is None:
+        _LOG.error("demo failed; see %s/node.log and %s/camera.log", out, out)
+        return 1
+    report["exit_codes"] = {"camera": cam_rc, "node": node_rc}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(_report_markdown(report))
+    print(_report_markdown(report))
+    print(f"demo outputs in {out.resolve()}: report.md, report.json, bag/ (MCAP), overlays/*.png, node.log, "
+          f"camera.log")
+    return 0
+
+
+def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_model: bool) -> dict | None:
+    import cv2
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import Image
+
+    from ciae_ros.msg import CategoryArray, PanopticSegments
+
+    from .bag import BagWriter
+    from .image_conversion import image_msg_to_array
+
+    stats = {"segments": 0, "latency_ms": [], "segments_per_frame": [], "overlays": 0, "camera_frames": 0,
+             "inference_ms": [], "diagnostics": None, "pngs": 0}
+    bag = BagWriter(out / "bag")
+    last_png = [0.0]
+    first_output = [None]
+
+    def now_ns() -> int:
+        return time.time_ns()
+
+    def on_raw(topic, msgtype, handler=None):
+        def cb(data: bytes):
+            bag.write(topic, msgtype, data, now_ns())
+            if handler is not None:
+                handler(data)
+        return cb
+
+    def on_segments(data):
+        t = time.time()
+        msg = deserialize_message(data, PanopticSegments)
+        stats["segments"] += 1
+        stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        stats["latency_ms"].append((t - stamp) * 1e3)
+        stats["segments_per_frame"].append(len(msg.segments))
+        stats["inference_ms"].append(msg.inference_time_ms)
+        if first_output[0] is None:
+            first_output[0] = time.monotonic()
+            _LOG.info("first segmentation received; recording for %.0f s", args.duration)
+
+    def on_overlay(data):
+        stats["overlays"] += 1
+        if time.monotonic() - last_png[0] >= args.png_every:
+            last_png[0] = time.monotonic()
+            img = image_msg_to_array(deserialize_message(data, Image))
+            cv2.imwrite(str(out / "overlays" / f"overlay_{stats['pngs']:04d}.png"), img)
+            stats["pngs"] += 1
+
+    def on_camera(data):
+        stats["camera_frames"] += 1
+
+    def on_diag(data):
+        msg = deserialize_message(data, DiagnosticArray)
+        if any(s.name.endswith("/camera/image_raw") for s in msg.status):
+            stats["diagnostics"] = {s.name: {kv.key: kv.value for kv in s.values} for s in msg.status}
+
+    with rclpy.init(args=["ciae_demo_client"]):
+        client = rclpy.create_node("ciae_demo_client")
+        reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        subs = [
+            client.create_subscription(Image, "/camera/image_raw",
+                                       on_raw("/camera/image_raw", "sensor_msgs/msg/Image", on_camera),
+                                       reliable, raw=True),
+            client.create_subscription(PanopticSegments, "/panoptic/segments",
+                                       on_raw("/panoptic/segments", "ciae_ros/msg/PanopticSegments", on_segments),
+                                       reliable, raw=True),
+            client.create_subscription(Image, "/panoptic/overlay",
+                                       on_raw("/panoptic/overlay", "sensor_msgs/msg/Image", on_overlay),
+                                       reliable, raw=True),
+            client.create_subscription(CategoryArray, "/panoptic/categories",
+                                       on_raw("/panoptic/categories", "ciae_ros/msg/CategoryArray"), latched,
+                                       raw=True),
+            client.create_subscription(DiagnosticArray, "/diagnostics",
+                                       on_raw("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", on_diag),
+                                       10, raw=True),
+        ]
+        t_start = time.monotonic()
+        ok = True
+        try:
+            while rclpy.ok():
+                rclpy.spin_once(client, timeout_sec=0.1)
+                if node.poll() is not None:
+                    _LOG.error("the node exited with status %s", node.returncode)
+                    ok = False
+                    break
+                if camera.poll() is not None:
+                    _LOG.error("the camera exited with status %s", camera.returncode)
+                    ok = False
+                    break
+                if first_output[0] is None:
+                    if time.monotonic() - t_start > args.startup_timeout:
+                        _LOG.error("no segmentation received within %.0f s", args.startup_timeout)
+                        ok = False
+                        break
+                elif time.monotonic() - first_output[0] >= args.duration:
+                    break
+        except KeyboardInterrupt:
+            _LOG.info("interrupted; writing what was recorded")
+        # one more diagnostics period so the final counters are in
+        t_end = time.monotonic() + 1.5
+        while ok and time.monotonic() < t_end and node.poll() is None:
+            rclpy.spin_once(client, timeout_sec=0.1)
+        for s in subs:
+            client.destroy_subscription(s)
+        client.destroy_node()
+    bag.close()
+    if not ok or stats["segments"] == 0:
+        return None
+    recorded = time.monotonic() - first_output[0]
+    p50, p99 = _percentiles(stats["latency_ms"])
+    i50, i99 = _percentiles(stats["inference_ms"])
+    diag = stats["diagnostics"] or {}
+    cam_diag = next((v for k, v in diag.items() if k.endswith("/camera/image_raw")), {})
+    model_diag = next((v for k, v in diag.items() if k.endswith(": model")), {})
+    return {
+        "model": weights, "random_model": random_model, "source": args.source, "size": args.size,
+        "camera_rate_hz": args.rate, "seconds_recorded": round(recorded, 1),
+        "frames_in": int(cam_diag.get("frames_received", stats["camera_frames"])),
+        "frames_out": stats["segments"],
+        "frames_dropped": int(cam_diag.get("frames_dropped", 0)),
+        "frames_bad": int(cam_diag.get("frames_bad", 0)),
+        "output_rate_hz": round(stats["segments"] / max(recorded, 1e-6), 2),
+        "latency_camera_to_client_ms": {"p50": round(p50, 1), "p99": round(p99, 1)},
+        "inference_ms": {"p50": round(i50, 1), "p99": round(i99, 1)},
+        "segments_per_frame": {"mean": round(float(np.mean(stats["segments_per_frame"])), 2),
+                               "min": int(np.min(stats["segments_per_frame"])),
+                               "max": int(np.max(stats["segments_per_frame"]))},
+        "overlays_received": stats["overlays"], "overlay_pngs": stats["pngs"],
+        "bag": str((out / "bag").resolve()), "bag_messages": bag.count,
+        "engine": model_diag.get("engine", ""), "device": model_diag.get("device", ""),
+    }
+
+
+def _report_markdown(r: dict) -> str:
+    lines = ["# ciae-demo report", ""]
+    if r.get("random_model"):
+        lines += ["**No shipped model was found: this run used a randomly initialised model; segments are "
+                  "meaningless.**", ""]
+    lines += [
+        f"- model: `{r['model']}` ({r.get('engine', '')} on {r.get('device', '')})",
+        f"- camera: {r['source']} {r['size']} at {r['camera_rate_hz']} Hz; recorded {r['seconds_recorded']} s",
+        f"- frames in (node): {r['frames_in']}, out (client): {r['frames_out']} "
+        f"({r['output_rate_hz']} Hz), dropped (superseded by newer frames): {r['frames_dropped']}, "
+        f"bad: {r['frames_bad']}",
+        f"- latency camera -> client: p50 {r['latency_camera_to_client_ms']['p50']} ms, "
+        f"p99 {r['latency_camera_to_client_ms']['p99']} ms (inference p50 {r['inference_ms']['p50']} ms)",
+        f"- segments per frame: mean {r['segments_per_frame']['mean']} "
+        f"(min {r['segments_per_frame']['min']}, max {r['segments_per_frame']['max']})",
+        f"- overlay PNGs: {r['overlay_pngs']}; MCAP bag: `{r['bag']}` ({r['bag_messages']} messages)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Helpers for the ROS tests: node / camera processes and an in-process subscriber client.
+
+Every DDS participant of a test is real (Fast DDS on loopback; ``test/conftest.py`` sets
+``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and a per-run ``ROS_DOMAIN_ID`` that the processes
+started here inherit). Three processes take part, as on a robot:
+
+* the node (``python -m ciae_ros.node``), which loads our large-data DDS profile itself;
+* a camera publisher (this file run as a script), controlled with JSON lines on stdin, with
+  Fast DDS defaults (like a camera driver) unless asked to load the large-data profile;
+* the pytest process, whose :class:`Client` subscribes with default settings.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import pathlib
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+THIS = pathlib.Path(__file__).resolve()
+
+
+def child_env(large_data_profile: bool = False) -> dict:
+    env = os.environ.copy()
+    env.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+    env.pop("FASTRTPS_DEFAULT_PROFILES_FILE", None)
+    if large_data_profile:
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO / "config" / "fastdds_large_data.xml")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    assert env.get("ROS_AUTOMATIC_DISCOVERY_RANGE") == "LOCALHOST", "test/conftest.py must pin DDS to loopback"
+    return env
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux)."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class NodeProcess:
+    """``ciae-panoptic-node`` in its own process; output in ``log``."""
+
+    def __init__(self, log: pathlib.Path, weights: str, params: dict | None = None, extra_args=(), ros_args=()):
+        self.log_path = pathlib.Path(log)
+        self._log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "ciae_ros.node", *extra_args, "--ros-args", "-p", f"weights:={weights}"]
+        for k, v in (params or {}).items():
+            cmd += ["-p", f"{k}:={_param_text(v)}"]
+        cmd += list(ros_args)
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def _param_text(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_param_text(x) for x in v) + "]"
+    return str(v)
+
+
+class Publisher:
+    """A camera publisher process driven by JSON commands (see :func:`_publisher_main`)."""
+
+    def __init__(self, topic: str, reliability: str = "reliable", large_data_profile: bool = False,
+                 compressed: bool = False, depth: int = 5):
+        args = [sys.executable, str(THIS), "publisher", topic, reliability, str(int(compressed)), str(depth)]
+        self.proc = subprocess.Popen(args, cwd=REPO, env=child_env(large_data_profile), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.topic = topic
+        self.request({"op": "ping"}, timeout=60)
+
+    def request(self, cmd: dict, timeout: float = 60.0) -> dict:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"publisher exited ({self.proc.returncode}): {self.proc.stderr.read()[-2000:]}")
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"publisher did not answer {cmd.get('op')} within {timeout} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"publisher died: {self.proc.stderr.read()[-2000:]}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"publisher: {reply['error']}")
+        return reply
+
+    def wait_subscribers(self, n: int = 1, timeout: float = 30.0) -> int:
+        return self.request({"op": "wait_subs", "n": n, "timeout": timeout}, timeout=timeout + 10)["count"]
+
+    def image(self, h: int, w: int, stamp: tuple[int, int], frame_id: str = "camera_optical_frame",
+              encoding: str = "rgb8", **fields) -> dict:
+        """Publish one image; ``fields`` override message fields (height, width, step, encoding,
+        is_bigendian) or set ``data_len`` (bytes of data actually sent)."""
+        return self.request({"op": "image", "h": h, "w": w, "stamp": list(stamp), "frame_id": frame_id,
+                             "encoding": encoding, "fields": fields})
+
+    def compressed(self, h: int, w: int, stamp: tuple[int, int], frame_id: str = "camera_optical_frame",
+                   garbage: bool = False) -> dict:
+        return self.request({"op": "compressed", "h": h, "w": w, "stamp": list(stamp), "frame_id": frame_id,
+                             "garbage": garbage})
+
+    def flood(self, h: int, w: int, rate: float, seconds: float) -> dict:
+        return self.request({"op": "flood", "h": h, "w": w, "rate": rate, "seconds": seconds},
+                            timeout=seconds * 3 + 30)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(10)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Collector:
+    """Thread-safe list of ``(receive_time, message)`` filled by a subscription callback."""
+
+    def __init__(self):
+        self.items: list = []
+        self._cond = threading.Condition()
+
+    def __call__(self, msg) -> None:
+        with self._cond:
+            self.items.append((time.time(), msg))
+            self._cond.notify_all()
+
+    def snapshot(self) -> list:
+        with self._cond:
+            return list(self.items)
+
+    def wait_for(self, predicate, timeout: float = 30.0):
+        """First message (in arrival order) for which ``predicate(msg)`` holds; ``None`` on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for _, m in self.items:
+                    if predicate(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(min(left, 0.5))
+
+
+class Client:
+    """rclpy participant of the test process, with its own context and a spinning thread."""
+
+    def __init__(self, name: str = "ciae_test_client"):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except (ExternalShutdownException, Exception):  # noqa: BLE001 - ends with the context
+            pass
+
+    def subscribe(self, msg_type, topic: str, qos=10) -> Collector:
+        col = Collector()
+        self.node.create_subscription(msg_type, topic, col, qos)
+        return col
+
+    def call(self, srv_type, name: str, request, timeout: float = 30.0):
+        cli = self.node.create_client(srv_type, name)
+        try:
+            if not cli.wait_for_service(timeout_sec=timeout):
+                raise TimeoutError(f"service {name} not available")
+            fut = cli.call_async(request)
+            deadline = time.monotonic() + timeout
+            while not fut.done():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"service {name} did not answer within {timeout} s")
+                time.sleep(0.01)
+            return fut.result()
+        finally:
+            self.node.destroy_client(cli)
+
+    def set_parameters(self, node_name: str, **values):
+        """Set parameters of another node through its parameter service; list of SetParametersResult."""
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        req = SetParameters.Request()
+        req.parameters = [Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]
+        return list(self.call(SetParameters, f"{node_name}/set_parameters", req).results)
+
+    def get_parameters(self, node_name: str, *names):
+        from rcl_interfaces.srv import GetParameters
+        from rclpy.parameter import parameter_value_to_python
+
+        req = GetParameters.Request(names=list(names))
+        return [parameter_value_to_python(v) for v in self.call(GetParameters, f"{node_name}/get_parameters", req).values]
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+        self.context.try_shutdown()
+        self._thread.join(5)
+
+
+def diagnostics_values(diag_msg, suffix: str) -> dict | None:
+    """``{key: value}`` of the status whose name ends with ``suffix`` (None if absent)."""
+    for st in diag_msg.status:
+        if st.name.endswith(suffix):
+            return {kv.key: kv.value for kv in st.values}
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the publisher process
+# ----------------------------------------------------------------------------------------------
+
+def _scene(h: int, w: int, cache: dict):
+    import numpy as np
+
+    key = (h, w)
+    if key not in cache:
+        if h >= 32 and w >= 32:
+            from ciae_core.synth import render_scene
+
+            cache[key] = render_scene(h * 1000 + w, h, w)[0]
+        else:
+            cache[key] = np.random.default_rng(h * 1000 + w).integers(0, 256, (max(h, 1), max(w, 1), 3), np.uint8)
+    return cache[key]
+
+
+def _publisher_main(topic: str, reliability: str, compressed: bool, depth: int) -> int:
+    import cv2
+    import numpy as np
+    import rclpy
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CompressedImage, Image
+
+    out = sys.stdout
+    cache: dict = {}
+    with rclpy.init(args=["ciae_test_camera"]):
+        node = rclpy.create_node("ciae_test_camera")
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                         reliability=ReliabilityPolicy.RELIABLE if reliability == "reliable"
+                         else ReliabilityPolicy.BEST_EFFORT)
+        pub = node.create_publisher(CompressedImage if compressed else Image,
+                                    topic + "/compressed" if compressed else topic, qos)
+
+        def image_msg(cmd) -> Image:
+            h, w = cmd["h"], cmd["w"]
+            rgb = _scene(h, w, cache)
+            enc = cmd.get("encoding", "rgb8")
+            px = {"rgb8": rgb, "bgr8": rgb[:, :, ::-1], "mono8": rgb[:, :, 1]}.get(enc, rgb)
+            data = np.ascontiguousarray(px).tobytes()
+            f = dict(cmd.get("fields") or {})
+            if "data_len" in f:
+                n = int(f.pop("data_len"))
+                data = (data * (n // max(len(data), 1) + 1))[:n]
+            m = Image(height=h, width=w, encoding=enc, is_bigendian=0, step=w * (px.shape[2] if px.ndim == 3 else 1))
+            for k, v in f.items():
+                setattr(m, k, v)
+            m.data = array.array("B", data)
+            return m
+
+        def stamp(m, cmd):
+            m.header.stamp.sec, m.header.stamp.nanosec = int(cmd["stamp"][0]), int(cmd["stamp"][1])
+            m.header.frame_id = cmd.get("frame_id", "camera_optical_frame")
+
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            op = cmd["op"]
+            reply: dict = {"ok": True}
+            try:
+                if op == "quit":
+                    break
+                if op == "ping":
+                    pass
+                elif op == "wait_subs":
+                    deadline = time.monotonic() + cmd["timeout"]
+                    while pub.get_subscription_count() < cmd["n"] and time.monotonic() < deadline:
+                        rclpy.spin_once(node, timeout_sec=0.05)
+                    reply["count"] = pub.get_subscription_count()
+                elif op == "image":
+                    m = image_msg(cmd)
+                    stamp(m, cmd)
+                    pub.publish(m)
+                elif op == "compressed":
+                    if cmd.get("garbage"):
+                        data = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8
+                    else:
+                        ok, jpg = cv2.imencode(".jpg", _scene(cmd["h"], cmd["w"], cache)[:, :, ::-1])
+                        data = jpg.tobytes()
+                    m = CompressedImage(format="jpeg", data=array.array("B", data))
+                    stamp(m, cmd)
+                    pub.publish(m)
+                elif op == "flood":
+                    base = image_msg({"h": cmd["h"], "w": cmd["w"]})
+                    period = 1.0 / cmd["rate"]
+                    t0 = time.monotonic()
+                    n = 0
+                    stamps = []
+                    while time.monotonic() - t0 < cmd["seconds"]:
+                        now = node.get_clock().now().to_msg()
+                        base.header.stamp = now
+                        base.header.frame_id = f"flood{n}"
+                        pub.publish(base)
+                        stamps.append([now.sec, now.nanosec])
+                        n += 1
+                        delay = t0 + n * period - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                    reply.update(published=n, seconds=time.monotonic() - t0, stamps=stamps)
+                else:
+                    reply = {"error": f"unknown op {op}"}
+            except Exception as exc:  # noqa: BLE001 - report to the test
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+        node.destroy_node()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "publisher":
+        sys.exit(_publisher_main(sys.argv[2], sys.argv[3], bool(int(sys.argv[4])), int(sys.argv[5])))
+    sys.exit(f"usage: {sys.argv[0]} publisher TOPIC RELIABILITY COMPRESSED DEPTH")

@@ -1,0 +1,279 @@
+"""The panoptic node end to end over real DDS, node / camera / subscriber in separate processes.
+
+One node process serves most tests of this module (module-scoped fixture): images from a camera
+publisher process (Fast DDS defaults, reliable, like a camera driver; later best-effort with the
+large-data profile), received by default-configured subscriptions of the pytest process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ros
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("ciae_ros.msg")
+
+from ros_testing import Client, NodeProcess, Publisher, diagnostics_values, rss_mb  # noqa: E402
+
+from ciae_ros.image_conversion import image_msg_to_array  # noqa: E402
+
+NODE = "/ciae_panoptic"
+TOPIC = "/camera/image_raw"
+INPUT_SIZE = 320
+_stamps = itertools.count(1)
+
+
+def next_stamp() -> tuple[int, int]:
+    k = next(_stamps)
+    return 1000 + k, 1000 * k + 7
+
+
+def stamp_of(msg) -> tuple[int, int]:
+    return msg.header.stamp.sec, msg.header.stamp.nanosec
+
+
+@pytest.fixture(scope="module")
+def client():
+    c = Client("ciae_test_node_client")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def outputs(client):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+
+    from ciae_ros.msg import CategoryArray, PanopticSegments
+
+    return SimpleNamespace(
+        segments=client.subscribe(PanopticSegments, "/panoptic/segments"),  # default QoS: reliable, depth 10
+        segments_best_effort=client.subscribe(PanopticSegments, "/panoptic/segments", qos_profile_sensor_data),
+        categories=client.subscribe(CategoryArray, "/panoptic/categories",
+                                    QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                               durability=DurabilityPolicy.TRANSIENT_LOCAL)),
+        diagnostics=client.subscribe(DiagnosticArray, "/diagnostics"),
+    )
+
+
+@pytest.fixture(scope="module")
+def node(node_weights, outputs, tmp_path_factory):
+    n = NodeProcess(tmp_path_factory.mktemp("node") / "node.log", node_weights,
+                    params={"input_size": INPUT_SIZE, "diagnostics_period": 0.5})
+    cats = outputs.categories.wait_for(lambda m: True, timeout=180)
+    assert cats is not None, f"node did not come up:\n{n.log()}"
+    yield n
+    rc = n.stop()
+    assert rc == 0, f"node exit status {rc}:\n{n.log()[-3000:]}"
+
+
+class Cameras:
+    """Camera publisher processes by kind, started on first use."""
+
+    def __init__(self):
+        self.pubs: dict[str, Publisher] = {}
+
+    def get(self, kind: str) -> Publisher:
+        if kind not in self.pubs:
+            for other in list(self.pubs):  # one camera on the topic at a time
+                self.stop(other)
+            pub = Publisher(TOPIC, reliability="reliable") if kind == "reliable" else \
+                Publisher(TOPIC, reliability="best_effort", large_data_profile=True)
+            assert pub.wait_subscribers(1, timeout=30) >= 1, "the node did not subscribe to the camera"
+            self.pubs[kind] = pub
+        return self.pubs[kind]
+
+    def stop(self, kind: str) -> None:
+        pub = self.pubs.pop(kind, None)
+        if pub is not None:
+            pub.close()
+
+    def close(self) -> None:
+        for k in list(self.pubs):
+            self.stop(k)
+
+
+@pytest.fixture(scope="module")
+def cameras(node):
+    c = Cameras()
+    yield c
+    c.close()
+
+
+def roundtrip(cam: Publisher, outputs, node, h: int, w: int, timeout: float = 60.0, **fields):
+    stamp = next_stamp()
+    cam.image(h, w, stamp, frame_id=f"cam_{stamp[0]}", **fields)
+    msg = outputs.segments.wait_for(lambda m: stamp_of(m) == stamp, timeout=timeout)
+    assert msg is not None, f"no output for the {w}x{h} frame\n{node.log()[-3000:]}"
+    return stamp, msg
+
+
+def check_segments(msg, stamp, h: int, w: int) -> None:
+    assert stamp_of(msg) == stamp
+    assert msg.header.frame_id == f"cam_{stamp[0]}"
+    assert stamp_of(msg.id_image) == stamp and msg.id_image.header.frame_id == msg.header.frame_id
+    assert (msg.id_image.height, msg.id_image.width, msg.id_image.encoding) == (h, w, "32SC1")
+    assert msg.id_image.step == w * 4
+    ids = image_msg_to_array(msg.id_image)
+    present = np.unique(ids[ids > 0]).tolist()
+    assert [s.id for s in msg.segments] == present, "one Segment per non-zero id, in id order"
+    assert len(present) > 0, "the model produced no segment at all"
+    counts = np.bincount(ids.ravel())
+    for s in msg.segments:
+        assert s.area == counts[s.id]
+        ys, xs = np.nonzero(ids == s.id)
+        assert (s.bbox.x_offset, s.bbox.y_offset) == (xs.min(), ys.min())
+        assert (s.bbox.width, s.bbox.height) == (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        assert 0.0 <= s.score <= 1.0 and s.label
+    scale = INPUT_SIZE / min(h, w)
+    assert (msg.input_height, msg.input_width) == (round(h * scale), round(w * scale))
+    assert msg.inference_time_ms > 0 and msg.model_name and msg.model_version.startswith("sha256:")
+
+
+def wait_diag(outputs, predicate, timeout: float = 15.0):
+    """First /diagnostics message whose camera status satisfies ``predicate(values)``."""
+    def ok(m):
+        v = diagnostics_values(m, TOPIC)
+        return v is not None and predicate(v)
+    return outputs.diagnostics.wait_for(ok, timeout=timeout)
+
+
+@pytest.mark.parametrize("h,w", [(480, 640), (720, 1280)])
+def test_reliable_camera_frames_reach_default_subscribers(cameras, outputs, node, h, w):
+    cam = cameras.get("reliable")
+    stamp, msg = roundtrip(cam, outputs, node, h, w)
+    check_segments(msg, stamp, h, w)
+    # the same frame also reached a best-effort subscriber of a default-configured participant:
+    # the node's participant carries large samples (config/fastdds_large_data.xml).
+    be = outputs.segments_best_effort.wait_for(lambda m: stamp_of(m) == stamp, timeout=10)
+    assert be is not None, "best-effort subscriber missed the id image (large-data profile not in effect?)"
+    time.sleep(0.5)
+    assert sum(stamp_of(m) == stamp for _, m in outputs.segments.snapshot()) == 1, "exactly one output per frame"
+
+
+def test_categories_are_latched(outputs, node):
+    cats = outputs.categories.wait_for(lambda m: True, timeout=1)
+    assert len(cats.categories) > 0 and cats.model_name
+    assert any(c.isthing for c in cats.categories) and any(not c.isthing for c in cats.categories)
+
+
+def test_overlay_only_while_subscribed(client, cameras, outputs, node):
+    from sensor_msgs.msg import Image
+
+    cam = cameras.get("reliable")
+    overlay = client.subscribe(Image, "/panoptic/overlay")
+    deadline = time.monotonic() + 10
+    while client.node.count_publishers("/panoptic/overlay") < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # discovery of our subscription on the node's side
+    stamp, _ = roundtrip(cam, outputs, node, 480, 640)
+    ov = overlay.wait_for(lambda m: stamp_of(m) == stamp, timeout=10)
+    assert ov is not None, "no overlay for a subscribed overlay topic"
+    assert (ov.height, ov.width, ov.encoding) == (480, 640, "bgr8")
+    img = image_msg_to_array(ov)
+    assert img.shape == (480, 640, 3) and img.std() > 0
+
+
+BAD_FRAMES = {
+    "unsupported_encoding": dict(h=48, w=64, encoding="32FC1"),
+    "bad_step": dict(h=48, w=64, step=64 * 3 - 5),
+    "short_data": dict(h=48, w=64, data_len=48 * 64 * 3 - 100),
+    "empty": dict(h=0, w=0, data_len=0),
+    "too_large": dict(h=48, w=64, height=100_000, width=100_000),
+    "bad_size": dict(h=4, w=4),  # below the predictor's minimum image side
+}
+
+
+@pytest.mark.parametrize("reason", list(BAD_FRAMES))
+def test_bad_frames_are_skipped_counted_and_reported(cameras, outputs, node, reason):
+    cam = cameras.get("reliable")
+    before = wait_diag(outputs, lambda v: True)
+    n_before = int(diagnostics_values(before, TOPIC).get(f"bad_{reason}", 0))
+    spec = dict(BAD_FRAMES[reason])
+    bad_stamp = next_stamp()
+    cam.image(spec.pop("h"), spec.pop("w"), bad_stamp, frame_id="bad", **spec)
+    stamp, msg = roundtrip(cam, outputs, node, 480, 640)  # a later good frame is still processed
+    check_segments(msg, stamp, 480, 640)
+    assert node.alive()
+    assert outputs.segments.wait_for(lambda m: stamp_of(m) == bad_stamp, timeout=0.1) is None
+    diag = wait_diag(outputs, lambda v: int(v.get(f"bad_{reason}", 0)) > n_before)
+    assert diag is not None, f"bad_{reason} not counted in /diagnostics"
+    assert f"[WARN]" in node.log() and "skipping frame" in node.log()
+
+
+def test_runtime_parameters_apply_and_invalid_values_are_rejected(client, cameras, outputs, node):
+    cam = cameras.get("reliable")
+    [res] = client.set_parameters(NODE, input_size=256)
+    assert res.successful, res.reason
+    _, msg = roundtrip(cam, outputs, node, 480, 640)
+    assert (msg.input_height, msg.input_width) == (256, 341), "input_size change not applied on the next frame"
+
+    rejected = {"input_size": 160, "engine": "tensorflow", "weights": "/nonexistent/model.safetensors",
+                "overlay": "sometimes", "score_threshold": 0.5 - 1.0}
+    import torch
+
+    if not torch.cuda.is_available():
+        rejected["device"] = "cuda"
+    for name, value in rejected.items():
+        [res] = client.set_parameters(NODE, **{name: value})
+        assert not res.successful, f"{name}={value!r} was accepted"
+        assert len(res.reason) > 10, f"no reason given for rejecting {name}={value!r}"
+    [res] = client.set_parameters(NODE, input_size=333)  # not on the descriptor's step
+    assert not res.successful
+    [res] = client.set_parameters(NODE, image_topics=["/a", "/b"])  # read-only
+    assert not res.successful
+
+    assert client.get_parameters(NODE, "input_size", "engine", "device") == [256, "torch", "cpu"]
+    _, msg = roundtrip(cam, outputs, node, 480, 640)
+    assert (msg.input_height, msg.input_width) == (256, 341), "a rejected change altered the node"
+
+    # thresholds: no stuff region can be that large -> only things remain; -1 restores the model's value
+    [res] = client.set_parameters(NODE, stuff_area_min=10_000_000)
+    assert res.successful, res.reason
+    _, msg = roundtrip(cam, outputs, node, 480, 640)
+    assert all(s.isthing for s in msg.segments)
+    [res] = client.set_parameters(NODE, stuff_area_min=-1, input_size=INPUT_SIZE)
+    assert res.successful, res.reason
+    _, msg = roundtrip(cam, outputs, node, 480, 640)
+    assert any(not s.isthing for s in msg.segments)
+
+
+def test_flood_processes_newest_frames_with_bounded_queue_and_memory(cameras, outputs, node):
+    cam = cameras.get("reliable")
+    roundtrip(cam, outputs, node, 480, 640)  # warm
+    rss_before = rss_mb(node.pid)
+    n_before = len(outputs.segments.snapshot())
+    report = cam.flood(480, 640, rate=100.0, seconds=6.0)
+    time.sleep(2.0)
+    rss_after = rss_mb(node.pid)
+    got = [(t, m) for t, m in outputs.segments.snapshot()[n_before:] if m.header.frame_id.startswith("flood")]
+    assert report["published"] >= 300, report["published"]
+    assert len(got) >= 3, f"only {len(got)} flood frames processed\n{node.log()[-2000:]}"
+    seqs = [int(m.header.frame_id[5:]) for _, m in got]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert len(got) < report["published"] / 2, "the node cannot have processed most of a 100 Hz flood"
+    # newest frame: each processed frame was at most one frame period old when processing started,
+    # so its latency is about the predictor time; a FIFO queue would add seconds and keep growing.
+    extra = [(t - (m.header.stamp.sec + m.header.stamp.nanosec * 1e-9)) * 1e3 - m.inference_time_ms
+             for t, m in got]
+    assert np.median(extra) < 400, f"latency beyond inference grows: {np.round(extra, 1)}"
+    assert np.median(extra[-3:]) < np.median(extra[:3]) + 400, f"latency grows over the flood: {np.round(extra, 1)}"
+    assert rss_after - rss_before < 150, f"node memory grew by {rss_after - rss_before:.0f} MiB during the flood"
+    diag = wait_diag(outputs, lambda v: int(v["frames_dropped"]) > report["published"] / 2)
+    assert diag is not None, "dropped frames not reported"
+    v = diagnostics_values(diag, TOPIC)
+    assert float(v["input_rate_hz"]) >= 0 and "latency_total_p99_ms" in diagnostics_values(diag, ": model")
+
+
+@pytest.mark.parametrize("h,w", [(480, 640), (720, 1280)])
+def test_best_effort_camera_with_large_data_profile(cameras, outputs, node, h, w):
+    cam = cameras.get("best_effort")  # stops the reliable camera; the node re-matches its QoS
+    stamp, msg = roundtrip(cam, outputs, node, h, w)
+    check_segments(msg, stamp, h, w)
+    diag = wait_diag(outputs, lambda v: v.get("input_reliability") == "best_effort")
+    assert diag is not None
