@@ -32,9 +32,12 @@ Decisions (all constructor arguments):
 * **Input size**: default 640 for ResNet-50/101 models and 320 for the small backbones
   (resnet18/34, mobilenet_v3_large); the valid range is [512, 800] for the large backbones (the
   paper's operating points) and [192, 800] for the small ones; ``input_size_range`` overrides it.
-* **Batches**: a list of N images of any sizes runs as one forward pass, each image letterboxed on
-  its own and padded to the largest padded size in the batch. GroupNorm statistics in the heads
-  see the extra padding, so a batched result can differ very slightly from the single-image one.
+* **Batches**: a list of N images is letterboxed image by image; images with the same padded size
+  (e.g. several identical cameras) run as one forward pass. Images of different padded sizes run
+  as one forward per size by default (``mixed_size_batching="group"``), because padding an image
+  further changes the GroupNorm statistics of the heads and so its result (with random weights up
+  to a quarter of the pixels): a result must not depend on which other images share the batch.
+  ``mixed_size_batching="pad"`` pads all to the largest padded size and runs one forward.
 * **CUDA path** (torch engine): channels_last, cudnn.benchmark, optional fp16/bf16 autocast (the
   raw outputs are cast back to fp32 before fusion), uint8 upload from a pinned staging buffer with
   an async copy, resize/normalise on the GPU, fusion and map-back on the GPU, then one
@@ -399,10 +402,12 @@ class _StageClock:
             self.marks.append((name, time.perf_counter()))
 
     def durations_ms(self) -> dict[str, float]:
-        """Call after the last mark (and, on CUDA, after a synchronise)."""
-        out = {}
+        """Milliseconds per stage name, summed over repeats ("start" marks open a new span).
+        Call after the last mark (and, on CUDA, after a synchronise)."""
+        out: dict[str, float] = {}
         for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
-            out[name] = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+            if name != "start":
+                out[name] = out.get(name, 0.0) + (a.elapsed_time(b) if self.cuda else (b - a) * 1e3)
         return out
 
 
@@ -443,6 +448,8 @@ class Predictor:
         input_size_range: ``(lo, hi)`` valid shorter sides (None: :func:`input_size_range`).
         providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime.
         onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime.
+        mixed_size_batching: "group" (one forward per distinct padded size: exact, results do
+            not depend on the other images) or "pad" (one forward for the whole list).
         **thresholds: any of ``THRESHOLD_NAMES`` (defaults: the model config).
     """
 
@@ -452,7 +459,8 @@ class Predictor:
                  input_size_range: tuple[int, int] | None = None, min_image_side: int = MIN_IMAGE_SIDE,
                  providers: Sequence[str] | None = None, trt_cache_dir: str | None = None, trt_fp16: bool = False,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None, **thresholds):
+                 onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
+                 mixed_size_batching: str = "group", **thresholds):
         if engine not in ENGINES:
             raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if precision not in PRECISIONS:
@@ -471,6 +479,9 @@ class Predictor:
             if not os.path.isfile(cand):
                 raise PredictorError(f"weights path {weights} is a directory without model.safetensors")
             weights = cand
+        if mixed_size_batching not in ("group", "pad"):
+            raise PredictorError(f"mixed_size_batching must be 'group' or 'pad', got {mixed_size_batching!r}")
+        self.mixed_size_batching = mixed_size_batching
         self.weights = weights
         self.engine_name = engine
         self.precision = precision
@@ -616,9 +627,13 @@ class Predictor:
         return self._pinned[i][:numel]
 
     def preprocess(self, images: Sequence[np.ndarray], color: str = "rgb") -> tuple[torch.Tensor, list[Letterbox]]:
-        """Letterbox a list of validated images into one float32 RGB 0..255 batch ``(N, 3, Hp, Wp)``."""
+        """Letterbox a list of validated images into one float32 RGB 0..255 batch ``(N, 3, Hp, Wp)``
+        (padded to the largest padded size among them)."""
         boxes = [letterbox(im.shape[0], im.shape[1], self.input_size, self.max_size, self.stride, self.min_image_side)
                  for im in images]
+        return self._letterbox_batch(images, boxes, color), boxes
+
+    def _letterbox_batch(self, images: Sequence[np.ndarray], boxes: Sequence[Letterbox], color: str) -> torch.Tensor:
         hp, wp = max(b.padded_height for b in boxes), max(b.padded_width for b in boxes)
         batch = torch.zeros((len(images), 3, hp, wp), dtype=torch.float32, device=self.device)
         bgr = color == "bgr"
@@ -642,7 +657,7 @@ class Predictor:
                     x = F.interpolate(x[None], size=(rh, rw), mode="bilinear", align_corners=False,
                                       antialias=shrink)[0]
                 batch[i, :, :rh, :rw] = x
-        return batch, boxes
+        return batch
 
     def forward_raw(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the engine on a preprocessed batch; fp32 raw outputs on ``self.device``."""
@@ -668,15 +683,25 @@ class Predictor:
         if not batch_in:
             return []
         batch_in = [validate_image(im, i) for i, im in enumerate(batch_in)]
+        boxes = [letterbox(im.shape[0], im.shape[1], self.input_size, self.max_size, self.stride, self.min_image_side)
+                 for im in batch_in]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, lb in enumerate(boxes):
+            key = (0, 0) if self.mixed_size_batching == "pad" else (lb.padded_height, lb.padded_width)
+            groups.setdefault(key, []).append(i)
         clock = _StageClock(self.device)
+        outs: list[dict] = [{}] * len(batch_in)
+        for idx in groups.values():
+            clock.mark("start")
+            batch = self._letterbox_batch([batch_in[i] for i in idx], [boxes[i] for i in idx], color)
+            clock.mark("preprocess")
+            raw = self.forward_raw(batch)
+            clock.mark("forward")
+            for i, o in zip(idx, self.postprocess(raw, [boxes[i] for i in idx], return_confidence)):
+                outs[i] = o
+            clock.mark("postprocess")
         clock.mark("start")
-        batch, boxes = self.preprocess(batch_in, color)
-        clock.mark("preprocess")
-        raw = self.forward_raw(batch)
-        clock.mark("forward")
-        outs = self.postprocess(raw, boxes, return_confidence)
-        clock.mark("postprocess")
-        maps, confs, tables, lut = [], [], [], []
+        maps, confs, tables = [], [], []
         with torch.inference_mode():
             for out, lb in zip(outs, boxes):
                 id_map = resize_nearest(out["id_map"], (lb.height, lb.width)).to(torch.int32)

@@ -1,0 +1,330 @@
+"""Predictor: letterbox maths, map-back, result tables, errors, engines, batches, ciae-predict."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ciae_core.data import resize_id_map, shortest_edge_size
+from ciae_core.predictor import (THRESHOLD_NAMES, Letterbox, Predictor, PredictorError, letterbox, main,
+                                 nearest_source_index, resize_nearest, segment_table, select_providers,
+                                 validate_image)
+from ciae_core.structures import CategoryInfo, segments_from_id_map
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+SAMPLE_IMAGES = REPO / "test" / "data" / "coco-panoptic-sample" / "images"
+# few detections keep the CPU fusion quick with random weights
+FAST = dict(detections_per_img=20, instance_score_threshold=0.0, score_threshold=0.0, min_stuff_area=0)
+
+
+def tiny_model_path(directory: pathlib.Path) -> pathlib.Path:
+    """The shipped model in models/ when there is one, else a small random model saved with save_model."""
+    shipped = sorted((REPO / "models").glob("*.safetensors"))
+    if shipped:
+        return shipped[0]
+    from ciae_core.checkpoint import save_model
+    from ciae_core.model import CIAE
+
+    torch.manual_seed(0)
+    cats = [CategoryInfo(1, "person", True, (220, 20, 60)), CategoryInfo(3, "car", True, (0, 0, 142)),
+            CategoryInfo(184, "tree", False, (107, 142, 35)), CategoryInfo(187, "sky", False, (70, 130, 180))]
+    model = CIAE(cats, backbone="resnet18", backbone_norm="gn", fpn_channels=32, head_channels=32, tower_depth=1,
+                 embed_dim=8, embed_branch_channels=16)
+    return save_model(directory / "tiny.safetensors", model)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> pathlib.Path:
+    return tiny_model_path(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def predictor(weights) -> Predictor:
+    return Predictor(weights, input_size=256, **FAST)
+
+
+@pytest.fixture(scope="module")
+def coco_image() -> np.ndarray:
+    path = sorted(SAMPLE_IMAGES.glob("*.jpg"))[0]
+    return cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1].copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# letterbox maths
+
+
+@pytest.mark.parametrize("h,w,size,max_size", [(427, 641, 512, 1333), (641, 427, 800, 1333), (480, 640, 640, 1333),
+                                               (100, 3000, 512, 1333), (333, 333, 320, 1333), (1080, 1920, 800, 1000),
+                                               (9, 13, 320, 1333)])
+def test_letterbox_matches_training_resize_and_pads_to_stride(h, w, size, max_size):
+    lb = letterbox(h, w, size, max_size)
+    assert lb.resized_size == shortest_edge_size(h, w, size, max_size)
+    assert max(lb.resized_size) <= max_size + 1  # rounding only
+    assert lb.padded_height % 32 == 0 and lb.padded_width % 32 == 0
+    assert 0 <= lb.padded_height - lb.resized_height < 32 and 0 <= lb.padded_width - lb.resized_width < 32
+    assert (lb.height, lb.width) == (h, w)
+
+
+def test_letterbox_odd_size_exact_numbers():
+    lb = letterbox(427, 641, 512, 1333)
+    # scale 512/427: 641 * 512 / 427 = 768.6 -> 769; padded to 512 x 800
+    assert lb == Letterbox(427, 641, 512, 769, 512, 800)
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 640), (5, 7), (0, 10)])
+def test_letterbox_rejects_tiny_images(h, w):
+    with pytest.raises(PredictorError, match="too small"):
+        letterbox(h, w, 512, 1333)
+
+
+def test_letterbox_rejects_extreme_aspect_ratio():
+    with pytest.raises(PredictorError, match="aspect ratio"):
+        letterbox(10, 5000, 512, 1333)
+
+
+@pytest.mark.parametrize("src,dst", [((7, 5), (427, 641)), ((512, 769), (427, 641)), ((10, 10), (3, 4)),
+                                     ((256, 384), (427, 641))])
+def test_resize_nearest_matches_training_label_resize(src, dst):
+    rng = np.random.default_rng(0)
+    m = rng.integers(0, 50, size=src).astype(np.int32)
+    ours = resize_nearest(torch.from_numpy(m), dst).numpy()
+    assert ours.shape == dst
+    np.testing.assert_array_equal(ours, resize_id_map(m, dst))
+
+
+def test_nearest_source_index_is_in_range_and_monotonic():
+    for out_len, in_len in [(641, 512), (1, 7), (7, 1), (1000, 999)]:
+        idx = nearest_source_index(out_len, in_len)
+        assert idx.min() >= 0 and idx.max() <= in_len - 1
+        assert bool((idx[1:] >= idx[:-1]).all())
+
+
+def test_segment_table_equals_structures_reference():
+    rng = np.random.default_rng(1)
+    m = np.zeros((37, 53), np.int32)
+    for k in range(1, 9):
+        y, x = rng.integers(0, 30), rng.integers(0, 45)
+        m[y:y + rng.integers(1, 8), x:x + rng.integers(1, 9)] = k
+    m[m == 4] = 0  # an id with no pixels
+    ids, areas, boxes = segment_table(torch.from_numpy(m), 9)
+    ref = segments_from_id_map(m, {k: (k, str(k), True, 0.0) for k in range(1, 10)})
+    assert ids.tolist() == [s.id for s in ref]
+    assert areas.tolist() == [s.area for s in ref]
+    assert [tuple(b) for b in boxes.tolist()] == [s.bbox for s in ref]
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks and errors
+
+
+@pytest.mark.parametrize("bad,match", [(np.zeros((20, 20, 3), np.float32), "uint8"),
+                                       (np.zeros((20, 20), np.uint8), r"\(H, W, 3\)"),
+                                       (np.zeros((20, 20, 4), np.uint8), r"\(H, W, 3\)"),
+                                       (torch.zeros(20, 20, 3, dtype=torch.uint8), "numpy"),
+                                       ([[1, 2, 3]], "numpy")])
+def test_validate_image_errors(bad, match):
+    with pytest.raises(PredictorError, match=match):
+        validate_image(bad)
+
+
+def test_missing_weights(tmp_path):
+    with pytest.raises(PredictorError, match="not found"):
+        Predictor(tmp_path / "nope.safetensors")
+
+
+def test_corrupt_and_truncated_weights_name_the_file(weights, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a checkpoint at all" * 10)
+    with pytest.raises(PredictorError, match="garbage.safetensors"):
+        Predictor(garbage)
+    data = pathlib.Path(weights).read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PredictorError, match="cut.safetensors.*(truncated|corrupt)"):
+        Predictor(cut)
+
+
+def test_unknown_engine_precision_device(weights):
+    with pytest.raises(PredictorError, match="unknown engine"):
+        Predictor(weights, engine="tensorflow")
+    with pytest.raises(PredictorError, match="unknown precision"):
+        Predictor(weights, precision="int8")
+    with pytest.raises(PredictorError, match="fp16"):
+        Predictor(weights, precision="fp16")
+    with pytest.raises(PredictorError, match="device"):
+        Predictor(weights, device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="machine has CUDA")
+def test_cuda_requested_but_absent(weights):
+    with pytest.raises(PredictorError, match="no CUDA GPU"):
+        Predictor(weights, device="cuda")
+
+
+def test_input_size_out_of_range(weights):
+    with pytest.raises(PredictorError, match="input_size must be an integer in"):
+        Predictor(weights, input_size=64)
+    with pytest.raises(PredictorError, match="input_size"):
+        Predictor(weights, input_size=5000)
+
+
+def test_wrong_image_through_call(predictor):
+    with pytest.raises(PredictorError, match="image 1: expected dtype uint8"):
+        predictor([np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.float64)])
+    with pytest.raises(PredictorError, match="too small"):
+        predictor(np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(PredictorError, match="color"):
+        predictor(np.zeros((64, 64, 3), np.uint8), color="hsv")
+
+
+def test_update_validates_and_applies(weights):
+    p = Predictor(weights, input_size=256, **FAST)
+    with pytest.raises(PredictorError, match="unknown threshold"):
+        p.update(score_treshold=0.2)
+    with pytest.raises(PredictorError, match=r"\[0, 1\]"):
+        p.update(nms_threshold=1.5)
+    with pytest.raises(PredictorError, match="positive integer"):
+        p.update(detections_per_img=0)
+    before = dict(p.thresholds)
+    with pytest.raises(PredictorError):
+        p.update(score_threshold=0.5, nms_threshold=-1)
+    assert p.thresholds == before  # all-or-nothing
+    p.update(score_threshold=0.25, stuff_area_min=128, input_size=320)  # alias of min_stuff_area
+    assert p.thresholds["score_threshold"] == 0.25 and p.thresholds["min_stuff_area"] == 128
+    assert p.input_size == 320
+    assert set(p.thresholds) == set(THRESHOLD_NAMES)
+
+
+def test_select_providers_orders_and_checks():
+    avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    names = [n for n, _ in select_providers("cuda", avail, trt_cache_dir="/tmp/trt", trt_fp16=True)]
+    assert names == avail
+    trt_opts = select_providers("cuda", avail, trt_cache_dir="/tmp/trt", trt_fp16=True)[0][1]
+    assert trt_opts["trt_fp16_enable"] and trt_opts["trt_engine_cache_path"] == "/tmp/trt"
+    assert [n for n, _ in select_providers("cpu", avail)] == ["CPUExecutionProvider"]
+    assert [n for n, _ in select_providers("cuda", ["CPUExecutionProvider"])] == ["CPUExecutionProvider"]
+    assert [n for n, _ in select_providers("cuda", avail, ["cuda"])] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(PredictorError, match="not available"):
+        select_providers("cuda", ["CPUExecutionProvider"], ["tensorrt"])
+    with pytest.raises(PredictorError, match="needs device='cuda'"):
+        select_providers("cpu", avail, ["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+def _check_result(result, image_shape, categories):
+    h, w = image_shape[:2]
+    assert result.id_map.shape == (h, w) and result.id_map.dtype == np.int32
+    present = sorted(int(v) for v in np.unique(result.id_map) if v != 0)
+    assert [s.id for s in result.segments] == present
+    by_cat = {c.id: c for c in categories}
+    ref = segments_from_id_map(result.id_map, {s.id: (s.category_id, s.label, s.isthing, s.score)
+                                               for s in result.segments})
+    for s, r in zip(result.segments, ref):
+        assert s.area == r.area == int((result.id_map == s.id).sum())
+        assert s.bbox == r.bbox
+        c = by_cat[s.category_id]
+        assert (s.label, s.isthing) == (c.name, c.isthing)
+
+
+def test_real_image_result_at_input_resolution(predictor, coco_image):
+    odd = np.ascontiguousarray(coco_image[:427, :641])
+    result = predictor(odd)
+    _check_result(result, odd.shape, predictor.categories)
+    assert result.segments, "the fusion always assigns stuff or instances to a real image"
+    assert set(predictor.timings) == {"preprocess", "forward", "postprocess", "map_back", "to_host"}
+    assert all(v >= 0 for v in predictor.timings.values())
+    info = predictor.model_info
+    assert info["engine"] == "torch" and info["input_size"] == 256 and predictor.model_name
+
+
+def test_bgr_input_equals_rgb_input(predictor, coco_image):
+    a = predictor(coco_image, color="rgb")
+    b = predictor(np.ascontiguousarray(coco_image[..., ::-1]), color="bgr")
+    np.testing.assert_array_equal(a.id_map, b.id_map)
+
+
+def test_batch_of_mixed_sizes(predictor, coco_image):
+    small = np.ascontiguousarray(coco_image[50:351, 20:221])  # 301 x 201
+    results = predictor([coco_image, small, coco_image], return_confidence=True)
+    assert len(results) == 3
+    for r, im in zip(results, [coco_image, small, coco_image]):
+        _check_result(r, im.shape, predictor.categories)
+        assert r.confidence.shape == im.shape[:2] and r.confidence.dtype == np.float32
+    np.testing.assert_array_equal(results[0].id_map, results[2].id_map)
+    # default "group" batching: a result does not depend on the other images of the batch
+    np.testing.assert_array_equal(predictor(coco_image).id_map, results[0].id_map)
+    np.testing.assert_array_equal(predictor(small).id_map, results[1].id_map)
+
+
+def test_batch_pad_mode_runs_one_forward(weights, coco_image):
+    p = Predictor(weights, input_size=256, mixed_size_batching="pad", **FAST)
+    small = np.ascontiguousarray(coco_image[50:351, 20:221])
+    batch, boxes = p.preprocess([coco_image, small])
+    assert batch.shape == (2, 3, 384, 384) and [b.resized_size for b in boxes] == [(256, 384), (383, 256)]
+    assert batch[1, :, :, 256:].abs().max() == 0  # zero (black) padding right of the portrait image
+    results = p([coco_image, small])
+    for r, im in zip(results, [coco_image, small]):
+        _check_result(r, im.shape, p.categories)
+    with pytest.raises(PredictorError, match="mixed_size_batching"):
+        Predictor(weights, mixed_size_batching="stack")
+
+
+def test_thresholds_change_results_at_run_time(weights, coco_image):
+    p = Predictor(weights, input_size=256, **FAST)
+    assert any(s.isthing for s in p(coco_image).segments)
+    p.update(instance_score_threshold=1.0)
+    assert not any(s.isthing for s in p(coco_image).segments)
+
+
+def test_ciae_predict_writes_scorable_coco_panoptic(weights, tmp_path, capsys):
+    from ciae_core.evaluation import pq_compute
+
+    out = tmp_path / "pred"
+    rc = main(["--weights", str(weights), "--images", str(SAMPLE_IMAGES), "--out", str(out), "--input-size", "256",
+               "--batch-size", "2", "--score-threshold", "0.0"])
+    assert rc == 0
+    doc = json.loads((out / "panoptic.json").read_text())
+    assert len(doc["annotations"]) == len(list(SAMPLE_IMAGES.glob("*.jpg")))
+    for ann in doc["annotations"]:
+        png = cv2.imread(str(out / "panoptic" / ann["file_name"]), cv2.IMREAD_COLOR)[..., ::-1].astype(np.int64)
+        ids = png[..., 0] + 256 * png[..., 1] + 65536 * png[..., 2]
+        assert sorted(s["id"] for s in ann["segments_info"]) == sorted(int(v) for v in np.unique(ids) if v)
+        for s in ann["segments_info"]:
+            assert s["area"] == int((ids == s["id"]).sum())
+    # scoring the predictions against themselves with the PQ tool gives PQ = 1
+    summary = pq_compute(str(out / "panoptic.json"), str(out / "panoptic.json"), str(out / "panoptic"),
+                         str(out / "panoptic"))
+    assert summary["All"]["pq"] == pytest.approx(1.0)
+    assert "ms/image" in capsys.readouterr().out
+
+
+def test_ciae_predict_errors_are_one_line(tmp_path, capsys):
+    rc = main(["--weights", str(tmp_path / "missing.safetensors"), "--images", str(SAMPLE_IMAGES),
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "not found" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA path (skipped without a GPU)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cuda_matches_cpu(weights, coco_image, precision):
+    cpu = Predictor(weights, input_size=256, **FAST)
+    gpu = Predictor(weights, device="cuda", input_size=256, precision=precision, **FAST)
+    a, b = cpu(coco_image), gpu(coco_image)
+    _check_result(b, coco_image.shape, gpu.categories)
+    agree = float((a.id_map == b.id_map).mean())
+    assert agree >= (0.99 if precision == "fp32" else 0.9), agree
+    results = gpu([coco_image, np.ascontiguousarray(coco_image[:300, :200])])
+    assert [r.id_map.shape for r in results] == [coco_image.shape[:2], (300, 200)]
