@@ -328,7 +328,8 @@ def format_pq_table(summary: dict[str, Any], per_class: bool = False) -> str:
         r = summary[name]
         lines.append(f"{name:10s}| {100 * r['pq']:6.1f} {100 * r['sq']:6.1f} {100 * r['rq']:6.1f} {r['n']:5d}")
     if per_class:
-        lines += ["", f"{'category':24s} {'kind':5s} | {'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'TP':>5s} {'FP':>5s} {'FN':>5s}",
+        head = " ".join(f"{k:>6s}" for k in ("PQ", "SQ", "RQ")) + " " + " ".join(f"{k:>5s}" for k in ("TP", "FP", "FN"))
+        lines += ["", f"{'category':24s} {'kind':5s} | {head}",
                   "-" * 70]
         for cid, r in summary["per_class"].items():
             if r["tp"] + r["fp"] + r["fn"] == 0:

@@ -91,7 +91,8 @@ class StuffLayout:
 
 
 def _sample_boundary(rng: np.random.Generator, base: float, height: int) -> tuple[float, tuple]:
-    waves = tuple((float(rng.uniform(0.01, 0.06) * height), float(rng.uniform(0.5, 4.0)), float(rng.uniform(0, 2 * np.pi)))
+    waves = tuple((float(rng.uniform(0.01, 0.06) * height), float(rng.uniform(0.5, 4.0)),
+                   float(rng.uniform(0, 2 * np.pi)))
                   for _ in range(3))
     return (base, waves)
 

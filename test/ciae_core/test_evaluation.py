@@ -16,7 +16,8 @@ GT_JSON = os.path.join(SAMPLE, "panoptic_examples.json")
 GT_DIR = os.path.join(SAMPLE, "panoptic")
 
 A, B, S, T = 1, 2, 10, 11  # two thing and two stuff categories
-CATS = [CategoryInfo(A, "a", True), CategoryInfo(B, "b", True), CategoryInfo(S, "s", False), CategoryInfo(T, "t", False)]
+CATS = [CategoryInfo(A, "a", True), CategoryInfo(B, "b", True), CategoryInfo(S, "s", False),
+        CategoryInfo(T, "t", False)]
 
 
 def _gt():
@@ -304,8 +305,9 @@ def test_cli_weights_path_agrees_with_file_evaluation(tmp_path, capsys):
     write_dataset(str(tmp_path / "val"), 1, 192, 192, seed=9)
     args = ["--weights", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "val"), "--input-size", "192"]
     assert main(args + ["--pred-out", str(tmp_path / "pred"), "--json-out", str(tmp_path / "mem.json")]) == 0
-    assert main(["--gt-json", str(tmp_path / "val" / "panoptic.json"), "--gt-dir", str(tmp_path / "val" / "panoptic"),
-                 "--pred-json", str(tmp_path / "pred" / "panoptic.json"), "--pred-dir", str(tmp_path / "pred" / "panoptic"),
+    val, pred = tmp_path / "val", tmp_path / "pred"
+    assert main(["--gt-json", str(val / "panoptic.json"), "--gt-dir", str(val / "panoptic"),
+                 "--pred-json", str(pred / "panoptic.json"), "--pred-dir", str(pred / "panoptic"),
                  "--json-out", str(tmp_path / "files.json")]) == 0
     mem, files = json.load(open(tmp_path / "mem.json")), json.load(open(tmp_path / "files.json"))
     assert mem["per_class"] == files["per_class"] and mem["All"] == files["All"]

@@ -98,8 +98,8 @@ def test_sequence_moves_smoothly_with_stable_ids():
 def test_cli_writes_byte_identical_coco_panoptic(tmp_path):
     def run(out):
         assert main(["--out", str(out), "--num", "3", "--size", "64x96", "--seed", "7"]) == 0
-        return {os.path.relpath(os.path.join(d, f), out): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-                for d, _, fs in os.walk(out) for f in fs}
+        paths = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
+        return {os.path.relpath(p, out): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
 
     h1, h2 = run(tmp_path / "a"), run(tmp_path / "b")
     assert h1 == h2 and len(h1) == 7
