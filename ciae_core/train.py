@@ -528,7 +528,7 @@ def parameter_fingerprint(module: torch.nn.Module) -> int:
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
@@ -704,10 +704,9 @@ def _write_file_synced(path: Path, data: bytes) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_file_synced(tmp, text.encode())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    from ciae_core.checkpoint import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def optimizer_state_to_json(optimizer: torch.optim.Optimizer, prefix: str,
@@ -845,7 +844,7 @@ def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, optimi
         loaded = load_model(d / "model.safetensors", device="cpu")
     except CheckpointError as e:
         raise TrainError(str(e)) from None
-    if dataclasses.asdict(loaded.config) != dataclasses.asdict(target.config):
+    if loaded.config.to_dict() != target.config.to_dict():
         raise TrainError(f"checkpoint {d} was trained with a different model config than the one configured")
     with torch.no_grad():
         target.load_state_dict(loaded.state_dict())
@@ -942,10 +941,13 @@ def build_dataset(ds: DatasetConfig, inp: InputConfig, train: bool, categories: 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, device: torch.device, postprocess: dict[str, Any] | None = None,
              amp: str = "off", channels_last: bool = False, progress: bool = False) -> dict[str, float]:
-    """PQ / SQ / RQ (all, things, stuff) of ``model`` on ``dataset`` with ``PanopticEvaluator``.
+    """PQ / SQ / RQ in percent (``PQ``, ``PQ_th``, ``PQ_st``, ...) of ``model`` on ``dataset``.
 
-    Images are run one at a time through ``CIAE.inference``; the id maps (at the network's input
-    resolution) are compared with the dataset's ground truth at the same resolution.
+    Images go one at a time through ``forward_raw`` + ``postprocess``; ``PanopticEvaluator``
+    compares the id maps with the ground truth at the network's input resolution (the dataset's
+    evaluation transform). Decision: this in-training PQ skips mapping back to the original image
+    size (identical for the synthetic sets, whose test size equals the rendered size; a close
+    proxy on COCO). The official number comes from ``ciae-eval`` on the original resolution.
     """
     from ciae_core import data as data_mod
     from ciae_core.evaluation import PanopticEvaluator
@@ -953,10 +955,10 @@ def evaluate(model: torch.nn.Module, dataset, device: torch.device, postprocess:
     model = _unwrap(model)
     was_training = model.training
     model.eval()
-    evaluator = PanopticEvaluator(model.config.categories)
+    evaluator = PanopticEvaluator(model.categories)
     evaluator.reset()
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0,
-                                         collate_fn=data_mod.collate)
+                                         collate_fn=data_mod.collate_panoptic)
     try:
         for batch in _progress(loader, enabled=progress, desc="eval", total=len(dataset)):
             images = batch.images.to(device)
@@ -1047,8 +1049,13 @@ def find_last_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bool = False,
-          ctx: DistContext | None = None) -> TrainResult:
-    """Run (or resume) the training described by ``cfg``; see the module docstring."""
+          ctx: DistContext | None = None, stop_at: int | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; see the module docstring.
+
+    ``stop_at``: stop after this many completed iterations (e.g. to fit a job time slot), writing a
+    checkpoint there; the schedule still refers to ``solver.max_iter`` and ``--resume`` continues
+    exactly. Final evaluation and ``model.safetensors`` are only written when ``max_iter`` is reached.
+    """
     out = Path(out_dir or cfg.output.dir)
     ctx = ctx or init_distributed(cfg.device)
     device = ctx.device
@@ -1101,9 +1108,16 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
 
     ddp_model = model
     if ctx.distributed:
+        # Buffers are not broadcast from rank 0 at each forward: the memory embeddings are updated
+        # identically on every rank from all-reduced class means (ciae_core.losses).
+        import inspect
+
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=False)
+            find_unused_parameters=False, **no_buffer_sync)
 
     from ciae_core import data as data_mod
 
@@ -1112,7 +1126,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
     loader = torch.utils.data.DataLoader(
         SeededDataset(train_set), batch_size=per_rank, sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=data_mod.collate_panoptic, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=2 if cfg.data.num_workers > 0 else None)
+        persistent_workers=False, prefetch_factor=4 if cfg.data.num_workers > 0 else None,
+        # own generator: creating the iterator must not draw from the global RNG (exact resume);
+        # worker seeds are irrelevant anyway, SeededDataset seeds every item from its stream position
+        generator=torch.Generator().manual_seed(cfg.seed))
 
     tb = _TensorBoard(out / "tensorboard" if (ctx.is_main and cfg.output.tensorboard) else None)
     if ctx.is_main:
@@ -1124,7 +1141,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
     ckpt_dir = out / "checkpoints"
     model.train()
     data_iter = iter(loader)
-    bar = _progress(range(start_iter, s.max_iter), enabled=ctx.is_main and cfg.output.progress_bar,
+    end_iter = s.max_iter if stop_at is None else max(start_iter, min(int(stop_at), s.max_iter))
+    bar = _progress(range(start_iter, end_iter), enabled=ctx.is_main and cfg.output.progress_bar,
                     desc="train", initial=start_iter, total=s.max_iter)
     window: dict[str, float] = {}
     window_n, t_window = 0, time.perf_counter()
@@ -1197,7 +1215,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
                         logger.info("new best PQ %.2f at iteration %d -> %s", best_pq, done, out / "best")
                 if ctx.distributed:
                     dist.barrier()
-            if done % cfg.output.checkpoint_period == 0 or last_iter:
+            if done % cfg.output.checkpoint_period == 0 or last_iter or done == end_iter:
                 if ctx.is_main:
                     name = f"iter_{done:07d}"
                     save_checkpoint(ckpt_dir / name, model, optimizer, done, scaler,
@@ -1206,9 +1224,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
                     _prune_checkpoints(ckpt_dir, cfg.output.keep_last)
                 if ctx.distributed:
                     dist.barrier()
-        iteration = max(iteration + 1, start_iter) if s.max_iter > start_iter else start_iter
+        iteration = end_iter
         check_replicas_agree(model, ctx)
-        if ctx.is_main:
+        if ctx.is_main and iteration < s.max_iter:
+            logger.info("stopped at iteration %d of %d; continue with --resume", iteration, s.max_iter)
+        elif ctx.is_main:
             from ciae_core.checkpoint import save_model
 
             save_model(out / "model.safetensors", model)
@@ -1233,6 +1253,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML training config, e.g. config/train/synthetic_small.yaml")
     p.add_argument("--out", default=None, help="output directory (default: output.dir of the config)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last")
+    p.add_argument("--stop-at", type=int, default=None, metavar="ITER",
+                   help="stop after this iteration with a checkpoint (schedule unchanged); continue with --resume")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="overrides the config's device")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set solver.max_iter=100 (repeatable)")
@@ -1249,7 +1271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
         cfg = load_config(args.config, overrides)
-        result = train(cfg, out_dir=args.out, resume=args.resume)
+        result = train(cfg, out_dir=args.out, resume=args.resume, stop_at=args.stop_at)
     except (TrainConfigError, TrainError) as e:
         print(f"ciae-train: error: {e}", file=sys.stderr)
         return 2

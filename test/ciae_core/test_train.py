@@ -203,3 +203,259 @@ def test_optimizer_state_round_trip_is_exact(kind):
     for k in sd1["state"]:
         for name, v in sd1["state"][k].items():
             assert torch.equal(v, sd2["state"][k][name]), (k, name)
+
+
+# ------------------------------------------------------------------ training runs
+
+
+def _smoke_cfg(tmp_path, *overrides):
+    return T.load_config(CONFIGS / "synthetic_smoke.yaml", [f"output.dir={tmp_path / 'run'}", *overrides])
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_synthetic_smoke_training_writes_everything(tmp_path, capsys):
+    from ciae_core.checkpoint import load_model
+
+    out = tmp_path / "run"
+    rc = T.main(["--config", str(CONFIGS / "synthetic_smoke.yaml"), "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    assert "finished at iteration 4" in capsys.readouterr().out
+    model = load_model(out / "model.safetensors")
+    assert [c.name for c in model.categories][:4] == ["disc", "box", "triangle", "ring"]
+    ckpts = out / "checkpoints"
+    assert os.readlink(ckpts / "last") == "iter_0000004"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["iter_0000002", "iter_0000004",
+                                                                                   "last"]
+    state, _ = T.read_checkpoint_state(ckpts / "last")
+    assert state["iteration"] == 4 and set(state["extra"]["metrics"]) >= {"PQ", "PQ_th", "PQ_st"}
+    assert (out / "best" / "model.safetensors").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    summary = yaml.safe_load((out / "summary.json").read_text())
+    assert summary["iteration"] == 4 and 0.0 <= summary["metrics"]["PQ"] <= 100.0
+    tb_tags = _tensorboard_tags(out / "tensorboard")
+    assert {"train/loss", "train/lr", "train/loss_cls", "train/loss_cae", "train/loss_iae", "val/PQ"} <= tb_tags
+
+
+def _tensorboard_tags(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch(tmp_path):
+    """Overfitting two images: the total loss after 12 steps is clearly below the first one."""
+    cfg = _smoke_cfg(tmp_path, "data.train.num_images=2", "solver.max_iter=12", "solver.steps=[100]",
+                     "solver.warmup_iters=0", "data.input.hflip=false", "solver.optimizer=adamw",
+                     "solver.base_lr=0.003", "eval.period=-1", "output.checkpoint_period=100", "output.tensorboard=false")
+    ctx = T.DistContext()
+    losses = []
+    handler = _LossCollector(losses)
+    T.logger.addHandler(handler)
+    T.logger.setLevel("INFO")
+    try:
+        T.train(cfg, ctx=ctx)
+    finally:
+        T.logger.removeHandler(handler)
+    assert len(losses) == 12
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+class _LossCollector(__import__("logging").Handler):
+    def __init__(self, sink):
+        super().__init__()
+        self.sink = sink
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith("iter ") and "  loss " in msg:
+            self.sink.append(float(msg.split("  loss ")[1].split()[0]))
+
+
+def test_coco_sample_smoke_training(tmp_path):
+    sample = REPO / "test" / "data" / "coco-panoptic-sample"
+    coco = {"kind": "coco", "image_dir": str(sample / "images"), "panoptic_dir": str(sample / "panoptic"),
+            "panoptic_json": str(sample / "panoptic_examples.json")}
+    raw = yaml.safe_load((CONFIGS / "synthetic_smoke.yaml").read_text())
+    raw["data"]["train"] = dict(coco)
+    raw["data"]["val"] = dict(coco)
+    raw["data"]["input"].update(min_size_train=[96, 128], sampling="range", max_size_train=192, min_size_test=128,
+                                max_size_test=192)
+    raw["solver"].update(max_iter=2, steps=[], warmup_iters=1)
+    path = tmp_path / "coco_smoke.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert T.main(["--config", str(path), "--out", str(out)]) == 0
+    from ciae_core.checkpoint import load_model
+
+    model = load_model(out / "model.safetensors")
+    assert model.config.num_things == 80 and model.config.num_stuff == 53
+    summary = yaml.safe_load((out / "summary.json").read_text())
+    assert summary["iteration"] == 2 and "PQ" in summary["metrics"]
+
+
+def test_missing_coco_data_is_a_one_line_error(tmp_path, capsys):
+    raw = yaml.safe_load((CONFIGS / "synthetic_smoke.yaml").read_text())
+    raw["data"]["train"] = {"kind": "coco", "image_dir": str(tmp_path / "nope"), "panoptic_dir": str(tmp_path),
+                            "panoptic_json": str(tmp_path / "x.json")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert T.main(["--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ciae-train: error:") and "nope" in err and "\n" not in err
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
+    assert T.main(["--config", str(CONFIGS / "synthetic_smoke.yaml"), "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    common = ["--config", str(CONFIGS / "synthetic_smoke.yaml"), "--set", "solver.max_iter=4", "--set",
+              "solver.steps=[3]", "--set", "eval.period=-1", "--set", "data.num_workers=1",
+              "--set", "output.checkpoint_period=100", "--set", "output.tensorboard=false"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert T.main([*common, "--out", str(straight)]) == 0
+    assert T.main([*common, "--out", str(split), "--stop-at", "2"]) == 0
+    assert not (split / "model.safetensors").exists()
+    assert os.readlink(split / "checkpoints" / "last") == "iter_0000002"
+    assert T.main([*common, "--out", str(split), "--resume"]) == 0
+    a, b = _weights(straight / "model.safetensors"), _weights(split / "model.safetensors")
+    _assert_same_tensors(a, b)
+    (sa, ta), (sb, tb) = (T.read_checkpoint_state(d / "checkpoints" / "last") for d in (straight, split))
+    assert sa["iteration"] == sb["iteration"] == 4
+    _assert_same_tensors({k: v for k, v in ta.items() if k.startswith("optimizer")},
+                         {k: v for k, v in tb.items() if k.startswith("optimizer")})
+    # and the run is not trivially constant: weights moved away from the initialisation
+    from ciae_core.synth import SYNTH_CATEGORIES
+
+    init = T.build_model(T.load_config(CONFIGS / "synthetic_smoke.yaml").model, SYNTH_CATEGORIES, seed=0).state_dict()
+    assert any(not torch.equal(init[k], a[k]) for k in a if k in init)
+
+
+# ------------------------------------------------------------------ atomic checkpoints
+
+
+def _tiny_model_and_optimizer():
+    cfg = T.load_config(CONFIGS / "synthetic_smoke.yaml")
+    from ciae_core.synth import SYNTH_CATEGORIES
+
+    model = T.build_model(cfg.model, SYNTH_CATEGORIES, seed=0)
+    return model, T.build_optimizer(model, cfg.solver, 0.01)
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_failed_checkpoint_write_leaves_the_old_checkpoint_untouched(tmp_path):
+    model, opt = _tiny_model_and_optimizer()
+    target = tmp_path / "ckpt"
+    T.save_checkpoint(target, model, opt, 1, extra={"note": "old"})
+    before = _snapshot(target)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(TypeError):  # fails after model.safetensors of the new one was written
+        T.save_checkpoint(target, model, opt, 2, extra={"unserialisable": object()})
+    assert _snapshot(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    T.save_checkpoint(target, model, opt, 2)
+    assert _snapshot(target) != before and T.read_checkpoint_state(target)[0]["iteration"] == 2
+
+
+def test_interrupted_replacement_is_recovered(tmp_path):
+    """A crash between 'move the old one aside' and 'rename the new one in' is repaired on load."""
+    model, opt = _tiny_model_and_optimizer()
+    target = tmp_path / "best"
+    T.save_checkpoint(target, model, opt, 5)
+    before = _snapshot(target)
+    os.rename(target, tmp_path / ".old-best-12345")  # the state such a crash leaves
+    (tmp_path / ".tmp-best-12345").mkdir()
+    T.recover_checkpoint_dir(target)
+    assert _snapshot(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+@pytest.mark.slow
+def test_killed_training_always_leaves_a_complete_checkpoint(tmp_path):
+    """SIGKILL a training that checkpoints every iteration at several moments: whatever `last`
+    points to (and every visible checkpoint) is complete and loadable, and --resume works."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ciae_core.train", "--config", str(CONFIGS / "synthetic_smoke.yaml"), "--out",
+           str(out), "--set", "solver.max_iter=400", "--set", "output.checkpoint_period=1",
+           "--set", "output.keep_last=3", "--set", "eval.period=-1", "--set", "output.tensorboard=false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    model, _ = _tiny_model_and_optimizer()
+    for kill_after in (0.35, 0.8):
+        proc = subprocess.Popen([*cmd, *(["--resume"] if (out / "checkpoints" / "last").exists() else [])],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while not (out / "checkpoints" / "last").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        last = T.find_last_checkpoint(out)
+        assert last is not None
+        visible = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("iter_")]
+        assert visible
+        for d in visible:
+            state = T.load_checkpoint(d, model, restore_rng=False)
+            assert state["iteration"] == int(d.name.split("_")[1])
+    rc = subprocess.run([*cmd, "--resume", "--set", "solver.max_iter=" + str(state["iteration"] + 2)], cwd=REPO,
+                        env=env, capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    cfg = T.load_config(CONFIGS / "synthetic_smoke.yaml", ["solver.ims_per_batch=4", "solver.max_iter=3",
+                                                            "eval.period=-1", "output.tensorboard=false"])
+    try:
+        result = T.train(cfg, out_dir=Path(tmp) / f"out{rank}")
+        save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
+                  str(Path(tmp) / f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_ranks_end_with_identical_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = _weights(tmp_path / "rank0.safetensors"), _weights(tmp_path / "rank1.safetensors")
+    _assert_same_tensors(r0, r1)
+    assert (tmp_path / "out0" / "model.safetensors").is_file()
+    assert not (tmp_path / "out1").exists()  # only rank 0 writes
+    # the memory embeddings moved (batch means were all-reduced, not left at the initialisation)
+    model, _ = _tiny_model_and_optimizer()
+    assert not torch.equal(model.state_dict()["memory"], r0["memory"])
