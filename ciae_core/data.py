@@ -452,7 +452,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 2, shuffl
     ``batch_size`` is per process. ``distributed=True`` uses a :class:`DistributedSampler`
     (rank/world size from the initialised process group); call ``loader.sampler.set_epoch(epoch)``
     each epoch for a new shuffle. Shuffling is seeded by ``seed`` (reproducible order; worker
-    augmentation seeds derive from it). ``drop_last`` defaults to ``shuffle`` (training);
+    augmentation seeds derive from it and the rank). ``drop_last`` defaults to ``shuffle`` (training);
     ``pin_memory`` defaults to CUDA availability; workers are persistent.
     """
     if batch_size < 1:
@@ -460,7 +460,9 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int = 2, shuffl
     drop_last = shuffle if drop_last is None else drop_last
     pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     generator = torch.Generator()
-    generator.manual_seed(int(seed))
+    # Distinct augmentation streams per rank (worker seeds derive from this generator).
+    rank = torch.distributed.get_rank() if distributed and torch.distributed.is_initialized() else 0
+    generator.manual_seed(int(seed) + 1_000_003 * rank)
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=int(seed), drop_last=drop_last)
     elif shuffle:
