@@ -317,7 +317,9 @@ class CocoPanopticDataset(_PanopticSource):
 
     ``.categories`` (training order), ``.num_things``, ``.num_stuff``, ``.cat_id_to_train_id``.
     Raises :class:`DatasetError` (one line) for a missing or malformed JSON/directory; missing or
-    undecodable files and PNG/JSON id mismatches are reported when the item is loaded.
+    undecodable files, size mismatches and PNG ids missing from the JSON are reported when the
+    item is loaded. JSON segments without pixels are dropped with a warning (decision: harmless
+    for training, so they should not stop a long run).
     """
 
     def __init__(self, image_dir: str, panoptic_dir: str, json_path: str, transforms: Callable | None = None,
@@ -370,7 +372,11 @@ class CocoPanopticDataset(_PanopticSource):
         if present - listed:
             raise DatasetError(f"{png}: segment ids {sorted(present - listed)[:5]} are in the PNG but not in the JSON")
         if listed - present:
-            raise DatasetError(f"{png}: segment ids {sorted(listed - present)[:5]} are in the JSON but not in the PNG")
+            # Harmless (nothing to learn from an empty segment) but a sign of a broken converter:
+            # warn once per image instead of stopping a long training run.
+            logger.warning("%s: segment ids %s are in the JSON but not in the PNG; ignoring them",
+                           png, sorted(listed - present)[:5])
+            infos = [s for s in infos if int(s["id"]) in present]
         return image, pan, infos, int(im["id"]), im["file_name"]
 
 

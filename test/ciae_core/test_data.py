@@ -223,6 +223,12 @@ def test_dataset_errors_are_one_line(tmp_path):
     assert "\n" not in str(e.value)
     _dataset(root=str(root))[1]  # the other image is fine
 
+    def extra_segment(doc, root):
+        doc["annotations"][1]["segments_info"].append({"id": 77, "category_id": 1, "iscrowd": 0, "area": 5,
+                                                       "bbox": [0, 0, 1, 1]})
+    img, t = _dataset(root=str(_copy_sample(tmp_path / "e", extra_segment)))[1]
+    assert len(t["labels"]) == 32  # the pixel-less JSON segment is dropped
+
     def remove_image(doc, root):
         os.remove(root / "images" / "000000439180.jpg")
     root = _copy_sample(tmp_path / "b", remove_image)
