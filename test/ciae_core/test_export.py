@@ -1,0 +1,194 @@
+"""ONNX export of forward_raw, the onnxruntime engine and torch ↔ onnxruntime parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ciae_core.checkpoint import load_model
+from ciae_core.export import (OUTPUT_NAMES, ExportError, export_checkpoint, main, read_onnx_config,
+                              read_onnx_metadata)
+from ciae_core.predictor import Predictor, PredictorError
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from test_predictor import FAST, SAMPLE_IMAGES, tiny_model_path  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> pathlib.Path:
+    return tiny_model_path(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(weights, tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_checkpoint(weights, out, dynamic=True)
+    return out
+
+
+def _real_images() -> list[np.ndarray]:
+    """The COCO sample images (RGB) and a synthetic scene when the generator is there."""
+    images = [cv2.imread(str(p), cv2.IMREAD_COLOR)[..., ::-1].copy() for p in sorted(SAMPLE_IMAGES.glob("*.jpg"))]
+    try:
+        from ciae_core.synth import render_scene
+    except ImportError:
+        return images
+    image, _, _ = render_scene(3, 240, 320)
+    return images + [image]
+
+
+def test_export_fixed_size_checker_and_metadata(weights, tmp_path):
+    out = tmp_path / "fixed.onnx"
+    assert main(["--weights", str(weights), "--out", str(out), "--size", "256x320", "--opset", "17"]) == 0
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    assert [i.name for i in proto.graph.input] == ["images"]
+    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 256, 320]
+    meta = read_onnx_metadata(out)
+    assert meta["ciae_input_size"] == "256x320" and meta["ciae_format"] == "ciae-onnx/1"
+    cfg = read_onnx_config(out)
+    model = load_model(weights)
+    assert cfg.to_dict() == model.config.to_dict()
+    assert len(cfg.categories) == len(model.categories)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 256, 352), (2, 3, 192, 256)])
+def test_raw_outputs_match_torch(weights, dynamic_onnx, shape):
+    import onnxruntime as ort
+
+    model = load_model(weights)
+    images = _real_images()
+    batch = torch.zeros(shape)
+    for i in range(shape[0]):
+        im = cv2.resize(images[i % len(images)], (shape[3], shape[2]), interpolation=cv2.INTER_AREA)
+        batch[i] = torch.from_numpy(im).permute(2, 0, 1).float()
+    sess = ort.InferenceSession(str(dynamic_onnx), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"images": batch.numpy()})))
+    with torch.no_grad():
+        ref = model.forward_raw(batch)
+    for k in OUTPUT_NAMES:
+        assert outs[k].shape == tuple(ref[k].shape), k
+        # box regression is exp(.) * stride (pixels): compare relative to its size
+        scale = max(1.0, float(ref[k].abs().max())) if k == "box_regression" else 1.0
+        assert float(np.abs(outs[k] - ref[k].numpy()).max()) / scale <= 1e-3, k
+
+
+def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onnx):
+    torch_p = Predictor(weights, input_size=256, **FAST)
+    ort_p = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=1, **FAST)
+    assert ort_p.providers == ["CPUExecutionProvider"]
+    assert [c.id for c in ort_p.categories] == [c.id for c in torch_p.categories]
+    for im in _real_images():
+        a, b = torch_p(im), ort_p(im)
+        agree = float((a.id_map == b.id_map).mean())
+        assert agree >= 0.995, agree
+        cats_a = {s.id: s.category_id for s in a.segments}
+        cats_b = {s.id: s.category_id for s in b.segments}
+        common = set(cats_a) & set(cats_b)
+        assert common and all(cats_a[k] == cats_b[k] for k in common)
+        big_a = {s.id for s in a.segments if s.area > 0.01 * a.id_map.size}
+        assert big_a <= set(cats_b), "every large segment is found by both engines"
+
+
+def test_safetensors_with_onnxruntime_exports_once_to_cache(weights, tmp_path):
+    cache = tmp_path / "cache"
+    p = Predictor(weights, engine="onnxruntime", input_size=256, onnx_cache_dir=cache, **FAST)
+    files = list(cache.glob("*.onnx"))
+    assert len(files) == 1 and p.onnx_path == str(files[0])
+    assert read_onnx_metadata(files[0])["ciae_source_name"] == pathlib.Path(weights).name
+    mtime = files[0].stat().st_mtime_ns
+    Predictor(weights, engine="onnxruntime", input_size=256, onnx_cache_dir=cache)
+    assert files[0].stat().st_mtime_ns == mtime  # reused
+    im = _real_images()[0]
+    r = p(im)
+    assert r.id_map.shape == im.shape[:2] and r.segments
+
+
+def _write(path: pathlib.Path, data: bytes) -> pathlib.Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_bad_onnx_files_give_one_line_errors_naming_the_file(dynamic_onnx, tmp_path):
+    good = dynamic_onnx.read_bytes()
+    cases = {
+        "missing.onnx": None,
+        "empty.onnx": b"",
+        "garbage.onnx": b"\x00\xffnot a protobuf" * 50,
+        "truncated.onnx": good[: len(good) // 3],
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        if data is not None:
+            _write(path, data)
+        with pytest.raises(PredictorError) as e:
+            Predictor(path, engine="onnxruntime")
+        msg = str(e.value)
+        assert name in msg and "\n" not in msg, msg
+
+
+def test_onnx_without_ciae_metadata(tmp_path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["images"], ["out"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3])])
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(PredictorError, match="foreign.onnx has no 'ciae_config'"):
+        Predictor(path, engine="onnxruntime")
+
+
+def test_onnx_with_mismatched_config(dynamic_onnx, tmp_path):
+    proto = onnx.load(str(dynamic_onnx))
+    meta = {p.key: p for p in proto.metadata_props}
+    cfg = json.loads(meta["ciae_config"].value)
+    extra = dict(cfg["categories"][0], id=9999, name="extra-thing")
+    cfg["categories"] = [extra] + cfg["categories"]  # one more thing class than the graph predicts
+    meta["ciae_config"].value = json.dumps(cfg)
+    path = tmp_path / "mismatch.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(PredictorError, match="mismatch.onnx: graph outputs .* do not match"):
+        Predictor(path, engine="onnxruntime")
+
+
+def test_onnx_file_with_torch_engine_is_refused(dynamic_onnx):
+    with pytest.raises(PredictorError, match="engine='onnxruntime'"):
+        Predictor(dynamic_onnx, engine="torch")
+
+
+def test_export_cli_errors(weights, tmp_path, capsys):
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.onnx"), "--size", "250x320"]) == 1
+    assert "multiples of 32" in capsys.readouterr().err
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.onnx"), "--opset", "7"]) == 1
+    assert "opset 7" in capsys.readouterr().err
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.txt")]) == 1
+    assert ".onnx" in capsys.readouterr().err
+    bad = _write(tmp_path / "bad.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert main(["--weights", str(bad), "--out", str(tmp_path / "b.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.safetensors" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "a.onnx") and not os.path.exists(tmp_path / "b.onnx")
+    with pytest.raises(ExportError, match="not found"):
+        read_onnx_metadata(tmp_path / "none.onnx")
+
+
+@pytest.mark.cuda
+def test_onnxruntime_cuda_engine_matches_torch(weights, dynamic_onnx, tmp_path):
+    torch_p = Predictor(weights, device="cuda", input_size=256, **FAST)
+    ort_p = Predictor(dynamic_onnx, engine="onnxruntime", device="cuda", providers=["cuda"], input_size=256, **FAST)
+    assert ort_p.providers[0] == "CUDAExecutionProvider"
+    for im in _real_images():
+        for _ in range(2):  # first call learns output shapes, second binds torch outputs
+            a, b = torch_p(im), ort_p(im)
+            assert float((a.id_map == b.id_map).mean()) >= 0.995
