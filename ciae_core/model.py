@@ -192,8 +192,12 @@ class CIAEConfig:
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= ``max_groups`` that divides ``channels``."""
-    g = math.gcd(channels, max_groups)
+    """GroupNorm with the largest group count <= ``max_groups`` that divides ``channels``.
+
+    Groups keep at least 2 channels, so a 1x1 map (P7 of a small image) still normalises over
+    more than one value.
+    """
+    g = math.gcd(channels, min(max_groups, max(1, channels // 2)))
     return nn.GroupNorm(g, channels)
 
 
