@@ -164,12 +164,17 @@ class Collector:
         with self._cond:
             return list(self.items)
 
-    def wait_for(self, predicate, timeout: float = 30.0):
-        """First message (in arrival order) for which ``predicate(msg)`` holds; ``None`` on timeout."""
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self.items)
+
+    def wait_for(self, predicate, timeout: float = 30.0, since: int = 0):
+        """First message (in arrival order, from index ``since``) for which ``predicate(msg)``
+        holds; ``None`` on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for _, m in self.items:
+                for _, m in self.items[since:]:
                     if predicate(m):
                         return m
                 left = deadline - time.monotonic()
