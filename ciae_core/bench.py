@@ -1,0 +1,537 @@
+"""``ciae-bench``: latency of CIAE against its detector base (FCOS) and a two-stage peer (Mask R-CNN).
+
+Everything runs in one process on the same inputs with the same thread settings: for each
+backbone (``r50`` and ``small``) and each shorter-side size, every model gets ``--warmup`` untimed
+calls and ``--repeats`` timed calls on the same real images (the COCO sample shipped in
+test/data, cycled), and we report the median and the 90th percentile of the end-to-end wall time
+(uint8 image in → final result on the host).
+
+Models (random weights unless a checkpoint is given; latency does not depend on the values,
+except through the number of detections, which we fix, see below):
+
+* ``ours`` — :class:`ciae_core.predictor.Predictor`, torch eager (``--engines torch``) and
+  onnxruntime (``--engines onnxruntime``; the checkpoint is exported once to a temporary cache).
+  ``r50``: the paper's ResNet-50-FPN config with the 133 COCO panoptic categories;
+  ``small``: the shipped model (``--small-weights``, default the first ``models/*.safetensors``),
+  else the ``config/train/synthetic_small.yaml`` architecture with random weights.
+* ``fcos`` — ``torchvision.models.detection.FCOS`` with the same backbone
+  (``fcos_resnet50_fpn(weights=None, weights_backbone=None)`` for r50); input resized by its own
+  transform to the same shorter side / max size.
+* ``maskrcnn`` — ``torchvision.models.detection.MaskRCNN`` with the same backbone
+  (``maskrcnn_resnet50_fpn`` for r50), same resizing.
+
+Decision (detections): random weights give arbitrary numbers of detections, which changes the
+cost of NMS, fusion and mask pasting. All models are therefore run at score threshold 0 with the
+same cap of ``--detections`` (default 30) instances per image, so every model post-processes the
+same number of instances (Mask R-CNN runs its mask head and pastes that many masks; ours fuses
+that many instance queries plus all stuff queries).
+
+Stage breakdown of ours (torch engine, separate timed repeats with a synchronise between stages):
+``resize_copy`` (letterbox + upload; also the final map-back + device→host copy, reported as
+``map_back_copy``), ``backbone_fpn``, ``heads`` (proposal head + embedding branch, the rest of
+``forward_raw``), ``proposal_selection`` (:func:`ciae_core.fusion.select_proposals`) and
+``fusion`` (the rest of :func:`ciae_core.fusion.panoptic_from_raw`: queries + Eq. 16).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset per model/size); on the CPU the
+peak resident set size sampled from ``/proc/self/statm`` every 2 ms during the timed calls
+(``peak_rss_mb``) and its increase over the level before the model was built (``rss_delta_mb``).
+
+Output: a markdown table of latencies and ratios (ours / FCOS, fusion share of ours' total,
+onnxruntime / torch, ours / Mask R-CNN) and a stage table on stdout; everything in ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "test" / "data" / "coco-panoptic-sample"
+BACKBONES = {"r50": "resnet50"}
+ALL_MODELS = ("ours", "fcos", "maskrcnn")
+# the shipped small model's architecture (config/train/synthetic_small.yaml) for a random stand-in
+SMALL_ARCH = dict(backbone="resnet18", backbone_norm="gn", trainable_backbone_layers=5, fpn_channels=64,
+                  head_channels=64, tower_depth=2, embed_dim=32, embed_branch_channels=64, embedding_stride=4)
+
+
+class BenchError(RuntimeError):
+    """User-facing benchmark problem (one line)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# measurement helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Context manager: peak CUDA allocation or peak sampled RSS while active (MB)."""
+
+    def __init__(self, device: torch.device, baseline_rss: int | None = None):
+        self.device = device
+        self.baseline = baseline_rss
+        self.peak_mb = 0.0
+        self.delta_mb = 0.0
+        self._stop = threading.Event()
+        self._peak = 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            self._stop.wait(0.002)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._peak = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.delta_mb = self.peak_mb
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss_bytes())
+            self.peak_mb = self._peak / 2**20
+            self.delta_mb = (self._peak - (self.baseline or 0)) / 2**20
+        return False
+
+
+def time_calls(fn: Callable[[int], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Run ``fn(i)`` ``warmup`` times untimed, then ``repeats`` times; wall times in ms."""
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    times = []
+    for i in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(i)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """median, p90 (nearest-rank), mean, min of a list of ms."""
+    s = sorted(times)
+    p90 = s[min(len(s) - 1, max(0, int(np.ceil(0.9 * len(s))) - 1))]
+    return {"median_ms": float(statistics.median(s)), "p90_ms": float(p90), "mean_ms": float(np.mean(s)),
+            "min_ms": float(s[0]), "repeats": len(s)}
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and models
+
+
+def load_inputs(image_dir: pathlib.Path | None = None) -> list[np.ndarray]:
+    """The benchmark images (RGB uint8): the COCO sample, or ``image_dir``'s images."""
+    import cv2
+
+    d = pathlib.Path(image_dir) if image_dir else SAMPLE / "images"
+    files = sorted(p for p in d.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise BenchError(f"no benchmark images in {d}")
+    images = []
+    for p in files:
+        im = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if im is None:
+            raise BenchError(f"cannot decode {p}")
+        images.append(np.ascontiguousarray(im[..., ::-1]))
+    return images
+
+
+def coco_categories():
+    from ciae_core.structures import CategoryInfo
+
+    cats = json.loads((SAMPLE / "panoptic_coco_categories.json").read_text())
+    infos = [CategoryInfo(id=int(c["id"]), name=c["name"], isthing=bool(c["isthing"]), color=tuple(c["color"]))
+             for c in cats]
+    return [c for c in infos if c.isthing] + [c for c in infos if not c.isthing]
+
+
+def ours_checkpoint(backbone: str, directory: pathlib.Path, small_weights: str | None) -> pathlib.Path:
+    """Weights for ``ours``: the shipped/given small model, or a random model saved to ``directory``."""
+    if backbone == "small":
+        cand = small_weights or next(iter(sorted((REPO / "models").glob("*.safetensors"))), None)
+        if cand:
+            return pathlib.Path(cand)
+    from ciae_core.checkpoint import save_model
+    from ciae_core.model import CIAE
+
+    torch.manual_seed(0)
+    arch = SMALL_ARCH if backbone == "small" else {"backbone": BACKBONES[backbone]}
+    model = CIAE(coco_categories(), **arch)
+    return save_model(directory / f"ours-{backbone}-random.safetensors", model)
+
+
+def _tv_backbone(name: str, kind: str):
+    """torchvision FPN backbone of ``name`` (resnet*/mobilenet_v3_large), random weights;
+    ``kind="fcos"``: P3..P7 (P6/P7 from P5, as ``fcos_resnet50_fpn``), else P2..P6 (Mask R-CNN)."""
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+    extra = LastLevelP6P7(256, 256) if kind == "fcos" else LastLevelMaxPool()
+    if name.startswith("resnet"):
+        layers = [2, 3, 4] if kind == "fcos" else [1, 2, 3, 4]
+        return resnet_fpn_backbone(backbone_name=name, weights=None, trainable_layers=5, returned_layers=layers,
+                                   extra_blocks=extra)
+    return mobilenet_backbone(backbone_name=name, weights=None, fpn=True, trainable_layers=6, extra_blocks=extra)
+
+
+def build_peer(kind: str, backbone_name: str, size: int, max_size: int, detections: int) -> torch.nn.Module:
+    """torchvision FCOS / Mask R-CNN with ``backbone_name``, score threshold 0, ``detections`` cap."""
+    from torchvision.models import detection as det
+
+    common = dict(min_size=size, max_size=max_size)
+    if kind == "fcos":
+        if backbone_name == "resnet50":
+            m = det.fcos_resnet50_fpn(weights=None, weights_backbone=None, score_thresh=0.0,
+                                      detections_per_img=detections, **common)
+        else:
+            m = det.FCOS(_tv_backbone(backbone_name, "fcos"), num_classes=91, score_thresh=0.0,
+                         detections_per_img=detections, **common)
+    elif kind == "maskrcnn":
+        kw = dict(box_score_thresh=0.0, box_detections_per_img=detections, **common)
+        if backbone_name == "resnet50":
+            m = det.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kw)
+        else:
+            m = det.MaskRCNN(_tv_backbone(backbone_name, "rcnn"), num_classes=91, **kw)
+    else:
+        raise BenchError(f"unknown peer model {kind!r}")
+    return m.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# per-model runs
+
+
+def _fusion_thresholds(detections: int) -> dict[str, Any]:
+    return dict(score_threshold=0.0, instance_score_threshold=0.0, detections_per_img=detections)
+
+
+def bench_ours(weights: pathlib.Path, engine: str, size: int, images, device: torch.device, args,
+               cache_dir: pathlib.Path) -> dict[str, Any]:
+    from ciae_core.predictor import Predictor
+
+    base_rss = _rss_bytes() if device.type == "cpu" else None
+    kw = dict(engine=engine, device=str(device), input_size=size, max_size=args.max_size,
+              input_size_range=(64, 4096), **_fusion_thresholds(args.detections))
+    if engine == "torch":
+        kw["precision"] = args.precision
+    else:
+        kw.update(onnx_cache_dir=cache_dir, intra_op_threads=args.threads or None)
+        if device.type == "cuda":
+            kw["providers"] = args.ort_providers.split(",")
+            kw["trt_fp16"] = args.precision == "fp16"
+    predictor = Predictor(weights, **kw)
+    stage_sums: dict[str, list[float]] = {}
+
+    def call(i: int):
+        predictor(images[i % len(images)])
+        for k, v in predictor.timings.items():
+            stage_sums.setdefault(k, []).append(v)
+
+    with PeakMemory(device, base_rss) as mem:
+        times = time_calls(call, device, args.warmup, args.repeats)
+    row = {"model": "ours", "engine": engine, "size": size, **summarize(times), "peak_mem_mb": mem.peak_mb,
+           "mem_delta_mb": mem.delta_mb, "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
+           "providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone,
+           "predictor_timings_ms": {k: float(np.median(v[args.warmup:] or v)) for k, v in stage_sums.items()}}
+    if engine == "torch":
+        row["stages_ms"] = ours_stage_breakdown(predictor, images, device, args)
+    del predictor
+    return row
+
+
+def ours_stage_breakdown(predictor, images, device: torch.device, args) -> dict[str, float]:
+    """Median ms per stage (module docstring), with a synchronise between stages."""
+    from ciae_core.fusion import select_proposals
+
+    model = predictor._engine.model
+    marks: dict[str, float] = {}
+
+    def pre_hook(_m, _inp):
+        _sync(device)
+        marks["bb0"] = time.perf_counter()
+
+    def post_hook(_m, _inp, _out):
+        _sync(device)
+        marks["bb1"] = time.perf_counter()
+
+    h1 = model.backbone.register_forward_pre_hook(pre_hook)
+    h2 = model.backbone.register_forward_hook(post_hook)
+    rows: dict[str, list[float]] = {k: [] for k in ("resize_copy", "backbone_fpn", "heads", "proposal_selection",
+                                                    "fusion", "map_back_copy")}
+    thr = predictor.thresholds
+    try:
+        for i in range(args.warmup + args.repeats):
+            im = images[i % len(images)]
+            _sync(device)
+            t0 = time.perf_counter()
+            batch, boxes = predictor.preprocess([im])
+            _sync(device)
+            t1 = time.perf_counter()
+            raw = predictor.forward_raw(batch)
+            _sync(device)
+            t2 = time.perf_counter()
+            with torch.inference_mode():
+                select_proposals(raw["cls_logits"], raw["box_regression"], raw["centerness"], raw["points"],
+                                 [b.resized_size for b in boxes], score_threshold=thr["score_threshold"],
+                                 pre_nms_topk=thr["pre_nms_topk"], nms_threshold=thr["nms_threshold"],
+                                 detections_per_img=thr["detections_per_img"])
+            _sync(device)
+            t3 = time.perf_counter()
+            predictor.postprocess(raw, boxes)
+            _sync(device)
+            t4 = time.perf_counter()
+            predictor(im)  # full call: its map_back + to_host stages
+            if i < args.warmup:
+                continue
+            rows["resize_copy"].append((t1 - t0) * 1e3)
+            rows["backbone_fpn"].append((marks["bb1"] - marks["bb0"]) * 1e3)
+            rows["heads"].append((t2 - t1) * 1e3 - rows["backbone_fpn"][-1])
+            rows["proposal_selection"].append((t3 - t2) * 1e3)
+            rows["fusion"].append(max(0.0, (t4 - t3) * 1e3 - rows["proposal_selection"][-1]))
+            rows["map_back_copy"].append(predictor.timings["map_back"] + predictor.timings["to_host"])
+    finally:
+        h1.remove()
+        h2.remove()
+    return {k: float(np.median(v)) for k, v in rows.items()}
+
+
+def bench_peer(kind: str, backbone_name: str, size: int, images, device: torch.device, args) -> dict[str, Any]:
+    base_rss = _rss_bytes() if device.type == "cpu" else None
+    model = build_peer(kind, backbone_name, size, args.max_size, args.detections).to(device)
+    use_amp = device.type == "cuda" and args.precision in ("fp16", "bf16")
+    dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
+
+    def call(i: int):
+        im = images[i % len(images)]
+        # same input contract as ours: uint8 host image in, results on the host out
+        x = torch.from_numpy(im).to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0)
+        ctx = torch.autocast("cuda", dtype=dtype) if use_amp else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            out = model([x])[0]
+        {k: v.cpu() for k, v in out.items()}
+
+    with PeakMemory(device, base_rss) as mem:
+        times = time_calls(call, device, args.warmup, args.repeats)
+    del model
+    return {"model": kind, "engine": "torch", "size": size, **summarize(times), "peak_mem_mb": mem.peak_mb,
+            "mem_delta_mb": mem.delta_mb, "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
+            "backbone_name": backbone_name}
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (backbone, size): ours/FCOS, fusion share, onnxruntime/torch, ours/Mask R-CNN (medians)."""
+    out = []
+    keys = sorted({(r["backbone"], r["size"]) for r in results}, key=lambda k: (k[0], k[1]))
+    for bb, size in keys:
+        rows = {(r["model"], r["engine"]): r for r in results if r["backbone"] == bb and r["size"] == size}
+        ours = rows.get(("ours", "torch"))
+        ort = rows.get(("ours", "onnxruntime"))
+        fcos = rows.get(("fcos", "torch"))
+        mrcnn = rows.get(("maskrcnn", "torch"))
+
+        def ratio(a, b):
+            return a["median_ms"] / b["median_ms"] if a and b else None
+
+        fusion_share = None
+        if ours and "stages_ms" in ours:
+            st = ours["stages_ms"]
+            total = sum(st.values())
+            fusion_share = st["fusion"] / total if total > 0 else None
+        out.append({"backbone": bb, "size": size, "ours_over_fcos": ratio(ours, fcos),
+                    "fusion_share": fusion_share, "ort_over_torch": ratio(ort, ours),
+                    "ours_over_maskrcnn": ratio(ours, mrcnn)})
+    return out
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def markdown_tables(results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> str:
+    lines = ["| backbone | size | ours torch ms (p90) | ours ORT ms (p90) | FCOS ms (p90) | Mask R-CNN ms (p90) | "
+             "ours/FCOS | fusion share | ORT/torch | ours/Mask R-CNN |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for rr in ratio_rows:
+        rows = {(r["model"], r["engine"]): r for r in results
+                if r["backbone"] == rr["backbone"] and r["size"] == rr["size"]}
+
+        def cell(key):
+            r = rows.get(key)
+            return "–" if r is None else f"{r['median_ms']:.1f} ({r['p90_ms']:.1f})"
+
+        lines.append(f"| {rr['backbone']} | {rr['size']} | {cell(('ours', 'torch'))} | {cell(('ours', 'onnxruntime'))} | "
+                     f"{cell(('fcos', 'torch'))} | {cell(('maskrcnn', 'torch'))} | {_fmt(rr['ours_over_fcos'], '.2f')} | "
+                     f"{_fmt(rr['fusion_share'], '.1%')} | {_fmt(rr['ort_over_torch'], '.2f')} | "
+                     f"{_fmt(rr['ours_over_maskrcnn'], '.2f')} |")
+    stage_rows = [r for r in results if "stages_ms" in r]
+    if stage_rows:
+        names = list(stage_rows[0]["stages_ms"])
+        lines += ["", "| backbone | size | " + " | ".join(names) + " | (ms, median) |",
+                  "|---|---|" + "---|" * len(names) + "---|"]
+        for r in stage_rows:
+            lines.append(f"| {r['backbone']} | {r['size']} | " + " | ".join(f"{r['stages_ms'][n]:.1f}" for n in names)
+                         + " | |")
+    mem_rows = [r for r in results]
+    if mem_rows:
+        kind = mem_rows[0]["mem_kind"]
+        lines += ["", f"| backbone | size | model | engine | peak memory MB ({kind}) | increase MB |",
+                  "|---|---|---|---|---|---|"]
+        for r in mem_rows:
+            lines.append(f"| {r['backbone']} | {r['size']} | {r['model']} | {r['engine']} | {r['peak_mem_mb']:.0f} | "
+                         f"{r['mem_delta_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ciae-bench", description="Latency of CIAE vs torchvision FCOS and Mask R-CNN "
+                                "(same process, inputs and threads; median and p90).")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="autocast precision on CUDA (torch engines; fp16 also enables TensorRT fp16)")
+    p.add_argument("--sizes", default="512,640,800", help="shorter-side sizes, comma separated")
+    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--backbones", default="r50,small", help="r50 and/or small")
+    p.add_argument("--models", default=",".join(ALL_MODELS), help="ours,fcos,maskrcnn")
+    p.add_argument("--engines", default="torch,onnxruntime", help="engines for ours: torch,onnxruntime")
+    p.add_argument("--ort-providers", default="cuda", help="onnxruntime providers on CUDA, e.g. tensorrt,cuda")
+    p.add_argument("--small-weights", default=None, help="small model checkpoint (default: models/*.safetensors)")
+    p.add_argument("--images", default=None, help="image directory (default: the COCO sample)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--detections", type=int, default=30, help="instances per image for every model")
+    p.add_argument("--threads", type=int, default=0, help="torch and onnxruntime CPU threads (0: torch default)")
+    p.add_argument("--json", default="bench.json", help="output JSON path")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sizes = [int(s) for s in _csv(args.sizes)]
+        backbones, models, engines = _csv(args.backbones), _csv(args.models), _csv(args.engines)
+        for b in backbones:
+            if b not in ("r50", "small"):
+                raise BenchError(f"unknown backbone {b!r}; use r50 and/or small")
+        for m in models:
+            if m not in ALL_MODELS:
+                raise BenchError(f"unknown model {m!r}; use {', '.join(ALL_MODELS)}")
+        for e in engines:
+            if e not in ("torch", "onnxruntime"):
+                raise BenchError(f"unknown engine {e!r}; use torch and/or onnxruntime")
+        if args.repeats < 1 or args.warmup < 0 or not sizes or min(sizes) < 32:
+            raise BenchError("need --repeats >= 1, --warmup >= 0 and sizes >= 32")
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BenchError("--device cuda requested but no CUDA GPU is available")
+        if device.type == "cpu" and args.precision == "fp16":
+            raise BenchError("--precision fp16 needs CUDA")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        images = load_inputs(args.images)
+        results = []
+        with tempfile.TemporaryDirectory(prefix="ciae-bench-") as tmp:
+            tmp = pathlib.Path(tmp)
+            for bb in backbones:
+                weights = ours_checkpoint(bb, tmp, args.small_weights) if "ours" in models else None
+                from ciae_core.checkpoint import config_from_checkpoint
+
+                bb_name = config_from_checkpoint(weights).backbone if weights else \
+                    (SMALL_ARCH["backbone"] if bb == "small" else BACKBONES[bb])
+                for size in sizes:
+                    for m in models:
+                        if m == "ours":
+                            for e in engines:
+                                logger.info("bench %s ours/%s @%d", bb, e, size)
+                                row = bench_ours(weights, e, size, images, device, args, tmp / "onnx")
+                                results.append({"backbone": bb, **row})
+                        else:
+                            logger.info("bench %s %s @%d", bb, m, size)
+                            results.append({"backbone": bb, **bench_peer(m, bb_name, size, images, device, args)})
+    except BenchError as e:
+        print(f"ciae-bench: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - predictor/export errors are one-line already
+        from ciae_core.predictor import PredictorError
+
+        if isinstance(e, PredictorError):
+            print(f"ciae-bench: error: {e}", file=sys.stderr)
+            return 1
+        raise
+    ratio_rows = ratios(results)
+    meta = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "precision": args.precision, "torch": torch.__version__,
+            "warmup": args.warmup, "repeats": args.repeats, "detections": args.detections,
+            "images": len(images), "image_sizes": [list(im.shape[:2]) for im in images],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        import onnxruntime
+        import torchvision
+
+        meta.update(torchvision=torchvision.__version__, onnxruntime=onnxruntime.__version__)
+    except ImportError:
+        pass
+    doc = {"meta": meta, "results": results, "ratios": ratio_rows}
+    path = pathlib.Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    print(f"ciae-bench on {meta['gpu'] or 'CPU'} ({meta['threads']} threads, {args.precision}, "
+          f"{args.detections} instances/image, median of {args.repeats} after {args.warmup} warm-up)\n")
+    print(markdown_tables(results, ratio_rows))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""ciae-bench: a tiny real run (one size, one repeat, small model) and the report helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ciae_core.bench import main, markdown_tables, ratios, summarize
+
+
+def test_tiny_bench_run_writes_expected_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["--device", "cpu", "--sizes", "192", "--backbones", "small", "--repeats", "1", "--warmup", "0",
+               "--detections", "5", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"meta", "results", "ratios"}
+    assert {"device", "threads", "precision", "repeats", "warmup", "detections", "torch"} <= set(doc["meta"])
+    got = {(r["model"], r["engine"]) for r in doc["results"]}
+    assert got == {("ours", "torch"), ("ours", "onnxruntime"), ("fcos", "torch"), ("maskrcnn", "torch")}
+    for r in doc["results"]:
+        assert r["backbone"] == "small" and r["size"] == 192
+        assert r["repeats"] == 1 and r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"]
+        assert r["peak_mem_mb"] > 0 and r["mem_kind"] == "rss"
+    ours = next(r for r in doc["results"] if r["model"] == "ours" and r["engine"] == "torch")
+    assert set(ours["stages_ms"]) == {"resize_copy", "backbone_fpn", "heads", "proposal_selection", "fusion",
+                                      "map_back_copy"}
+    assert all(v >= 0 for v in ours["stages_ms"].values())
+    (ratio,) = doc["ratios"]
+    for k in ("ours_over_fcos", "fusion_share", "ort_over_torch", "ours_over_maskrcnn"):
+        assert ratio[k] is not None and ratio[k] > 0, k
+    assert 0 < ratio["fusion_share"] < 1
+    printed = capsys.readouterr().out
+    assert "| small | 192 |" in printed and "ours/FCOS" in printed
+
+
+def test_bench_rejects_bad_options(tmp_path, capsys):
+    assert main(["--backbones", "vgg", "--json", str(tmp_path / "x.json")]) == 1
+    assert "unknown backbone" in capsys.readouterr().err
+    assert main(["--models", "yolo", "--json", str(tmp_path / "x.json")]) == 1
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["--device", "cpu", "--precision", "fp16", "--json", str(tmp_path / "x.json")]) == 1
+    assert "fp16 needs CUDA" in capsys.readouterr().err
+
+
+def test_summary_and_ratio_arithmetic():
+    s = summarize([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    assert s["median_ms"] == 5.5 and s["p90_ms"] == 9.0 and s["min_ms"] == 1.0
+    rows = [{"backbone": "r50", "size": 512, "model": "ours", "engine": "torch", "median_ms": 30.0, "p90_ms": 31.0,
+             "stages_ms": {"a": 20.0, "fusion": 5.0, "b": 5.0}, "peak_mem_mb": 1.0, "mem_delta_mb": 1.0,
+             "mem_kind": "rss"},
+            {"backbone": "r50", "size": 512, "model": "ours", "engine": "onnxruntime", "median_ms": 15.0,
+             "p90_ms": 16.0, "peak_mem_mb": 1.0, "mem_delta_mb": 1.0, "mem_kind": "rss"},
+            {"backbone": "r50", "size": 512, "model": "fcos", "engine": "torch", "median_ms": 20.0, "p90_ms": 21.0,
+             "peak_mem_mb": 1.0, "mem_delta_mb": 1.0, "mem_kind": "rss"}]
+    (r,) = ratios(rows)
+    assert r["ours_over_fcos"] == pytest.approx(1.5) and r["ort_over_torch"] == pytest.approx(0.5)
+    assert r["fusion_share"] == pytest.approx(5 / 30) and r["ours_over_maskrcnn"] is None
+    assert "| r50 | 512 | 30.0 (31.0) | 15.0 (16.0) | 20.0 (21.0) | – |" in markdown_tables(rows, [r])
