@@ -1132,8 +1132,12 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
         generator=torch.Generator().manual_seed(cfg.seed))
 
     tb = _TensorBoard(out / "tensorboard" if (ctx.is_main and cfg.output.tensorboard) else None)
+    file_log = None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        file_log = logging.FileHandler(out / "log.txt")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("ciae_core").addHandler(file_log)
         _atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         logger.info("training on %s x %d, global batch %d (%d per process), lr %.5g, %d iterations -> %s",
                     device, ctx.world_size, s.ims_per_batch, per_rank, lr, s.max_iter, out)
@@ -1142,9 +1146,14 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
     model.train()
     data_iter = iter(loader)
     end_iter = s.max_iter if stop_at is None else max(start_iter, min(int(stop_at), s.max_iter))
-    bar = _progress(range(start_iter, end_iter), enabled=ctx.is_main and cfg.output.progress_bar,
-                    desc="train", initial=start_iter, total=s.max_iter)
-    window: dict[str, float] = {}
+    show_bar = ctx.is_main and cfg.output.progress_bar
+    bar = _progress(range(start_iter, end_iter), enabled=show_bar, desc="train", initial=start_iter, total=s.max_iter)
+    stack = contextlib.ExitStack()
+    if show_bar:  # log lines above the bar instead of through it
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        stack.enter_context(logging_redirect_tqdm())
+    window: dict[str, torch.Tensor] = {}  # running sums on the device: no host sync per iteration
     window_n, t_window = 0, time.perf_counter()
     iteration = start_iter
     try:
@@ -1177,13 +1186,13 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
 
             done = iteration + 1
             for k, v in loss_dict.items():
-                window[k] = window.get(k, 0.0) + float(v.detach())
-            window["loss"] = window.get("loss", 0.0) + float(loss.detach())
+                window[k] = window.get(k, 0.0) + v.detach().float()
+            window["loss"] = window.get("loss", 0.0) + loss.detach()
             if grad_norm is not None:
-                window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
+                window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
             window_n += 1
             if done % cfg.output.log_period == 0 or done == s.max_iter:
-                avg = reduce_scalars({k: v / window_n for k, v in window.items()}, ctx)
+                avg = reduce_scalars({k: float(v) / window_n for k, v in window.items()}, ctx)
                 elapsed = time.perf_counter() - t_window
                 if ctx.is_main:
                     ips = window_n / max(elapsed, 1e-9)
@@ -1239,6 +1248,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
         tb.close()
         if hasattr(bar, "close"):
             bar.close()
+        stack.close()
+        if file_log is not None:
+            logging.getLogger("ciae_core").removeHandler(file_log)
+            file_log.close()
         del data_iter
     return TrainResult(iteration=iteration, metrics=metrics, best_pq=best_pq, out_dir=out, model=model)
 
