@@ -333,14 +333,24 @@ class _PanopticLogic:
     def _init_logic(self) -> None:
         from .qos import latched_qos
 
+        from rclpy.exceptions import ParameterUninitializedException
+        from rclpy.parameter import Parameter
+
         self._latched_qos = latched_qos()
         for spec in PARAMS:
-            self.declare_parameter(spec.name, spec.default, _descriptor(spec))
+            # an empty list default would be typed BYTE_ARRAY: declare string arrays by type
+            default = Parameter.Type.STRING_ARRAY if isinstance(spec.default, list) else spec.default
+            self.declare_parameter(spec.name, default, _descriptor(spec))
+        self._values = {}
         for spec in PARAMS:
-            err = validate_value(spec.name, self.get_parameter(spec.name).value)
+            try:
+                value = self.get_parameter(spec.name).value
+            except ParameterUninitializedException:
+                value = list(spec.default)
+            err = validate_value(spec.name, value)
             if err:
                 raise NodeStartupError(f"invalid parameter: {err}")
-        self._values = {p.name: self.get_parameter(p.name).value for p in PARAMS}
+            self._values[spec.name] = value
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._model: ModelHandle | None = None
         self._model_lock = threading.Lock()
@@ -818,7 +828,8 @@ def main(argv: list[str] | None = None) -> int:
                         return 1
                 executor = SingleThreadedExecutor()
                 executor.add_node(node)
-                executor.spin()
+                while True:  # wakes up regularly so that Python's SIGINT/SIGTERM handlers can run
+                    executor.spin_once(timeout_sec=0.25)
             except (KeyboardInterrupt, ExternalShutdownException):
                 pass
             finally:

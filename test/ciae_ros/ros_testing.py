@@ -68,8 +68,18 @@ class NodeProcess:
         return self.proc.poll() is None
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
+
+    def wait_ready(self, collector, timeout: float = 180.0):
+        """Wait for the first message on ``collector`` (e.g. the latched categories) while alive."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.alive():
+            msg = collector.wait_for(lambda m: True, timeout=1.0)
+            if msg is not None:
+                return msg
+        raise AssertionError(f"node not ready (exit status {self.proc.poll()}):\n{self.log()[-3000:]}")
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

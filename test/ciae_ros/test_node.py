@@ -65,8 +65,7 @@ def outputs(client):
 def node(node_weights, outputs, tmp_path_factory):
     n = NodeProcess(tmp_path_factory.mktemp("node") / "node.log", node_weights,
                     params={"input_size": INPUT_SIZE, "diagnostics_period": 0.5})
-    cats = outputs.categories.wait_for(lambda m: True, timeout=180)
-    assert cats is not None, f"node did not come up:\n{n.log()}"
+    n.wait_ready(outputs.categories)
     yield n
     rc = n.stop()
     assert rc == 0, f"node exit status {rc}:\n{n.log()[-3000:]}"
@@ -281,3 +280,161 @@ def test_best_effort_camera_with_large_data_profile(cameras, outputs, node, h, w
     check_segments(msg, stamp, h, w)
     diag = wait_diag(outputs, lambda v: v.get("input_reliability") == "best_effort")
     assert diag is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# two cameras, compressed input, one model (a second node, namespace /multi)
+
+
+@pytest.fixture(scope="module")
+def multicam(node_weights, client, tmp_path_factory):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+    from ciae_ros.msg import CategoryArray, PanopticSegments
+
+    segs = {c: client.subscribe(PanopticSegments, f"/multi/{c}/panoptic/segments") for c in ("cam1", "cam2")}
+    cats = client.subscribe(CategoryArray, "/multi/panoptic/categories",
+                            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                       durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    diag = client.subscribe(DiagnosticArray, "/diagnostics")
+    n = NodeProcess(tmp_path_factory.mktemp("multicam") / "node.log", node_weights,
+                    params={"input_size": INPUT_SIZE, "input_transport": "compressed", "diagnostics_period": 0.5,
+                            "image_topics": ["cam1/image_raw", "cam2/image_raw"]},
+                    ros_args=["-r", "__ns:=/multi"])
+    n.wait_ready(cats)
+    pubs = {c: Publisher(f"/multi/{c}/image_raw", compressed=True) for c in ("cam1", "cam2")}
+    for c, p in pubs.items():
+        assert p.wait_subscribers(1, timeout=30) >= 1, f"node did not subscribe to {c}\n{n.log()}"
+    yield SimpleNamespace(node=n, segs=segs, pubs=pubs, diag=diag)
+    for p in pubs.values():
+        p.close()
+    rc = n.stop()
+    assert rc == 0, n.log()[-3000:]
+
+
+def test_two_compressed_cameras_through_one_model(multicam):
+    sizes = {"cam1": (480, 640), "cam2": (720, 1280)}
+    stamps = {}
+    for c, (h, w) in sizes.items():
+        stamps[c] = next_stamp()
+        multicam.pubs[c].compressed(h, w, stamps[c], frame_id=f"{c}_optical")
+    for c, (h, w) in sizes.items():
+        msg = multicam.segs[c].wait_for(lambda m, s=stamps[c]: stamp_of(m) == s, timeout=60)
+        assert msg is not None, f"no output for {c}\n{multicam.node.log()[-3000:]}"
+        assert msg.header.frame_id == f"{c}_optical"
+        assert (msg.id_image.height, msg.id_image.width) == (h, w)
+        ids = image_msg_to_array(msg.id_image)
+        counts = np.bincount(ids.ravel())
+        assert msg.segments and all(s.area == counts[s.id] for s in msg.segments)
+    # each camera's output went only to its own namespace
+    for c in sizes:
+        other = "cam2" if c == "cam1" else "cam1"
+        assert all(stamp_of(m) != stamps[other] for _, m in multicam.segs[c].snapshot())
+
+
+def test_undecodable_compressed_frame_is_counted(multicam):
+    since = len(multicam.diag)
+    multicam.pubs["cam1"].compressed(480, 640, next_stamp(), garbage=True)
+    good = next_stamp()
+    multicam.pubs["cam1"].compressed(480, 640, good)
+    assert multicam.segs["cam1"].wait_for(lambda m: stamp_of(m) == good, timeout=60) is not None
+    assert multicam.node.alive()
+
+    def counted(m):
+        v = diagnostics_values(m, "/multi/cam1/image_raw")
+        return v is not None and int(v.get("bad_decode_failed", 0)) >= 1
+    assert multicam.diag.wait_for(counted, timeout=15, since=since) is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# lifecycle node (namespace /lc) and startup errors
+
+
+def _lifecycle(client, op: str | None = None):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    if op is None:
+        return client.call(GetState, "/lc/ciae_panoptic/get_state", GetState.Request()).current_state.label
+    tid = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
+           "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP}[op]
+    return client.call(ChangeState, "/lc/ciae_panoptic/change_state",
+                       ChangeState.Request(transition=Transition(id=tid)), timeout=120).success
+
+
+def test_lifecycle_loads_on_configure_and_releases_on_cleanup(node_weights, client, tmp_path):
+    from ciae_ros.msg import PanopticSegments
+
+    segs = client.subscribe(PanopticSegments, "/lc/panoptic/segments")
+    n = NodeProcess(tmp_path / "lc.log", node_weights, params={"input_size": INPUT_SIZE}, extra_args=["--lifecycle"],
+                    ros_args=["-r", "__ns:=/lc"])
+    cam = None
+    try:
+        deadline = time.monotonic() + 120
+        state = None
+        while time.monotonic() < deadline and state is None:
+            try:
+                state = _lifecycle(client)
+            except TimeoutError:
+                pass
+        assert state == "unconfigured", n.log()
+        assert "loaded from" not in n.log(), "the model must load in configure, not before"
+        assert _lifecycle(client, "configure") and _lifecycle(client) == "inactive"
+        assert "loaded from" in n.log()
+        assert _lifecycle(client, "activate") and _lifecycle(client) == "active"
+        cam = Publisher("/lc/camera/image_raw")  # the default remap is relative to the namespace
+        assert cam.wait_subscribers(1, timeout=30) >= 1, n.log()
+        stamp = next_stamp()
+        cam.image(480, 640, stamp)
+        assert segs.wait_for(lambda m: stamp_of(m) == stamp, timeout=60) is not None, n.log()
+        assert _lifecycle(client, "deactivate") and _lifecycle(client) == "inactive"
+        stamp = next_stamp()
+        cam.image(480, 640, stamp)
+        assert segs.wait_for(lambda m: stamp_of(m) == stamp, timeout=3) is None, "inactive node processed a frame"
+        assert _lifecycle(client, "cleanup") and _lifecycle(client) == "unconfigured"
+        assert client.node.count_publishers("/lc/panoptic/segments") == 0
+        # a corrupt model file: configure fails with a reason, the node stays unconfigured and alive
+        bad = tmp_path / "corrupt.safetensors"
+        bad.write_bytes(b"this is not a safetensors file" * 10)
+        [res] = client.set_parameters("/lc/ciae_panoptic", weights=str(bad))
+        assert res.successful, res.reason
+        assert not _lifecycle(client, "configure")
+        assert _lifecycle(client) == "unconfigured" and n.alive()
+        assert "configure failed:" in n.log() and "corrupt.safetensors" in n.log()
+    finally:
+        if cam is not None:
+            cam.close()
+        rc = n.stop()
+    assert rc == 0, n.log()[-3000:]
+
+
+def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path):
+    import torch
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 100)
+    cases = {
+        "missing": ({"weights": "/nonexistent/model.safetensors"}, "does not exist"),
+        "corrupt": ({"weights": str(corrupt)}, "corrupt.safetensors"),
+        "engine": ({"engine": "tensorflow"}, "engine must be one of"),
+        "range": ({"input_size": 333}, "input_size"),
+    }
+    if not torch.cuda.is_available():
+        cases["cuda"] = ({"device": "cuda"}, "CUDA")
+    procs = {}
+    for name, (params, _) in cases.items():
+        p = dict(params)
+        weights = p.pop("weights", node_weights)
+        procs[name] = NodeProcess(tmp_path / f"{name}.log", weights, params=p, ros_args=["-r", f"__ns:=/err_{name}"])
+    for name, (_, expected) in cases.items():
+        n = procs[name]
+        try:
+            rc = n.proc.wait(120)
+        finally:
+            n.stop()
+        log = n.log_path.read_text()
+        assert rc == 1, f"{name}: exit status {rc}\n{log}"
+        lines = [ln for ln in log.splitlines() if "cannot start:" in ln]
+        assert len(lines) == 1 and expected in lines[0], f"{name}: {log}"
+        assert "Traceback" not in log, f"{name}: {log}"
