@@ -26,13 +26,17 @@ same cap of ``--detections`` (default 30) instances per image, so every model po
 same number of instances (Mask R-CNN runs its mask head and pastes that many masks; ours fuses
 that many instance queries plus all stuff queries).
 
-Stage breakdown of ours (torch engine, separate timed repeats with a synchronise between stages):
+Stage breakdown of ours (torch engine, separate timed repeats with a synchronise between stages;
+the forward pass runs eagerly there, since module boundaries are invisible in a CUDA-graph
+replay, so on CUDA ``backbone_fpn + heads`` exceed the graph-replayed forward of the end-to-end
+timing; the fusion share is the ``fusion`` stage over the end-to-end median):
 ``resize_copy`` (letterbox + upload; also the final map-back + device→host copy, reported as
 ``map_back_copy``), ``backbone_fpn``, ``heads`` (proposal head + embedding branch, the rest of
 ``forward_raw``), ``proposal_selection`` (:func:`ciae_core.fusion.select_proposals`) and
 ``fusion`` (the rest of :func:`ciae_core.fusion.panoptic_from_raw`: queries + Eq. 16).
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset per model/size); on the CPU the
+Peak memory, over the timed calls only (after the warm-up, whose cuDNN autotuning allocates
+large trial workspaces): on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the
 peak resident set size sampled from ``/proc/self/statm`` every 2 ms during the timed calls
 (``peak_rss_mb``) and its increase over the level before the model was built (``rss_delta_mb``).
 
@@ -247,7 +251,7 @@ def bench_ours(weights: pathlib.Path, engine: str, size: int, images, device: to
     kw = dict(engine=engine, device=str(device), input_size=size, max_size=args.max_size,
               input_size_range=(64, 4096), **_fusion_thresholds(args.detections))
     if engine == "torch":
-        kw["precision"] = args.precision
+        kw.update(precision=args.precision, channels_last=args.channels_last, cuda_graphs=not args.no_cuda_graphs)
     else:
         kw.update(onnx_cache_dir=cache_dir, intra_op_threads=args.threads or None)
         if device.type == "cuda":
@@ -261,12 +265,15 @@ def bench_ours(weights: pathlib.Path, engine: str, size: int, images, device: to
         for k, v in predictor.timings.items():
             stage_sums.setdefault(k, []).append(v)
 
+    time_calls(call, device, args.warmup, 0)  # warm-up (cudnn autotuning) outside the memory window
     with PeakMemory(device, base_rss) as mem:
-        times = time_calls(call, device, args.warmup, args.repeats)
+        times = time_calls(call, device, 0, args.repeats)
     row = {"model": "ours", "engine": engine, "size": size, **summarize(times), "peak_mem_mb": mem.peak_mb,
            "mem_delta_mb": mem.delta_mb, "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
            "providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone,
            "predictor_timings_ms": {k: float(np.median(v[args.warmup:] or v)) for k, v in stage_sums.items()}}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if engine == "torch":
         row["stages_ms"] = ours_stage_breakdown(predictor, images, device, args)
     del predictor
@@ -277,7 +284,9 @@ def ours_stage_breakdown(predictor, images, device: torch.device, args) -> dict[
     """Median ms per stage (module docstring), with a synchronise between stages."""
     from ciae_core.fusion import select_proposals
 
-    model = predictor._engine.model
+    engine = predictor._engine
+    model = engine.model
+    graphs, engine.cuda_graphs = engine.cuda_graphs, False  # module hooks do not fire in graph replays
     marks: dict[str, float] = {}
 
     def pre_hook(_m, _inp):
@@ -326,6 +335,7 @@ def ours_stage_breakdown(predictor, images, device: torch.device, args) -> dict[
     finally:
         h1.remove()
         h2.remove()
+        engine.cuda_graphs = graphs
     return {k: float(np.median(v)) for k, v in rows.items()}
 
 
@@ -344,8 +354,9 @@ def bench_peer(kind: str, backbone_name: str, size: int, images, device: torch.d
             out = model([x])[0]
         {k: v.cpu() for k, v in out.items()}
 
+    time_calls(call, device, args.warmup, 0)
     with PeakMemory(device, base_rss) as mem:
-        times = time_calls(call, device, args.warmup, args.repeats)
+        times = time_calls(call, device, 0, args.repeats)
     del model
     return {"model": kind, "engine": "torch", "size": size, **summarize(times), "peak_mem_mb": mem.peak_mb,
             "mem_delta_mb": mem.delta_mb, "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
@@ -371,10 +382,8 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return a["median_ms"] / b["median_ms"] if a and b else None
 
         fusion_share = None
-        if ours and "stages_ms" in ours:
-            st = ours["stages_ms"]
-            total = sum(st.values())
-            fusion_share = st["fusion"] / total if total > 0 else None
+        if ours and "stages_ms" in ours and ours["median_ms"] > 0:
+            fusion_share = ours["stages_ms"]["fusion"] / ours["median_ms"]
         out.append({"backbone": bb, "size": size, "ours_over_fcos": ratio(ours, fcos),
                     "fusion_share": fusion_share, "ort_over_torch": ratio(ort, ours),
                     "ours_over_maskrcnn": ratio(ours, mrcnn)})
@@ -445,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--detections", type=int, default=30, help="instances per image for every model")
+    p.add_argument("--channels-last", action="store_true", help="ours (torch): channels_last memory format")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="ours (torch): eager forward on CUDA")
     p.add_argument("--threads", type=int, default=0, help="torch and onnxruntime CPU threads (0: torch default)")
     p.add_argument("--json", default="bench.json", help="output JSON path")
     p.add_argument("-v", "--verbose", action="store_true")

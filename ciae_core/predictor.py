@@ -17,8 +17,11 @@ Decisions (all constructor arguments):
   exceed ``max_size``; resized size ``round(h * scale), round(w * scale)``. Images whose shorter
   side is below ``min_image_side`` (default 8 px) or whose resized shorter side would fall below
   ``stride`` are rejected with :class:`PredictorError` (a 1-pixel-high strip has no usable
-  receptive field). Image interpolation matches training: area averaging when both sides shrink
-  (cv2 INTER_AREA on CPU, antialiased bilinear on CUDA), bilinear otherwise.
+  receptive field). Image interpolation matches training (:mod:`ciae_core.data`): area averaging
+  when both sides shrink (``cv2.INTER_AREA``), bilinear otherwise; on CUDA the same maths runs on
+  the GPU (:func:`resize_image_like_cv2`, within one grey level of cv2), so CPU and GPU feed the
+  network the same pixels. (An antialiased bilinear GPU resize differed from INTER_AREA by 2.7 grey
+  levels on average and changed a fifth of the pixels of a random-weight model's output.)
 * **Map back**: fusion runs at the *resized* resolution (where the network saw the image); the id
   map (and the optional confidence) is mapped to the input resolution with pixel-centre
   nearest-neighbour sampling (source index ``floor((i + 0.5) * resized / input)``, the geometry
@@ -38,11 +41,13 @@ Decisions (all constructor arguments):
   further changes the GroupNorm statistics of the heads and so its result (with random weights up
   to a quarter of the pixels): a result must not depend on which other images share the batch.
   ``mixed_size_batching="pad"`` pads all to the largest padded size and runs one forward.
-* **CUDA path** (torch engine): channels_last, cudnn.benchmark, optional fp16/bf16 autocast (the
-  raw outputs are cast back to fp32 before fusion), uint8 upload from a pinned staging buffer with
-  an async copy, resize/normalise on the GPU, fusion and map-back on the GPU, then one
-  device→host copy of all final id maps (plus one for the small segment table). Optional
-  ``torch.compile(forward_raw, dynamic=True)`` (``compile=True``).
+* **CUDA path** (torch engine): cudnn.benchmark, one CUDA graph per input shape replayed for the
+  forward pass (``cuda_graphs``; the eager R50 forward is launch-bound on an H100), optional
+  fp16/bf16 autocast (the raw outputs are cast back to fp32 before fusion), optional
+  channels_last (off by default: no gain measured on an H100 for these GroupNorm heads), uint8
+  upload from a pinned staging buffer with an async copy, resize on the GPU, fusion and map-back
+  on the GPU, then one device→host copy of all final id maps (plus one for the small segment
+  table). Optional ``torch.compile(forward_raw, dynamic=True)`` (``compile=True``).
 * **onnxruntime engine**: ``weights`` may be a ``.onnx`` written by ``ciae-export`` (its
   metadata carries the model config) or a ``.safetensors`` checkpoint, which is exported on the fly
   (dynamic batch/height/width) to ``<onnx_cache_dir>/<stem>-<sha256[:16]>-opset<N>.onnx``;
@@ -171,27 +176,62 @@ def resize_nearest(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return t.index_select(-2, ys).index_select(-1, xs)
 
 
+def area_resize_weights(in_len: int, out_len: int, device=None, dtype=torch.float64) -> torch.Tensor:
+    """``(out_len, in_len)`` weights of area-averaging down-sampling (cv2 ``INTER_AREA``).
+
+    Output pixel ``i`` averages the source interval ``[i * s, (i + 1) * s)``, ``s = in / out``,
+    each source pixel weighted by its overlap with the interval (fractional at the ends).
+    """
+    s = in_len / out_len
+    i = torch.arange(out_len, device=device, dtype=dtype)[:, None]
+    j = torch.arange(in_len, device=device, dtype=dtype)[None, :]
+    overlap = torch.minimum((i + 1) * s, j + 1) - torch.maximum(i * s, j)
+    return overlap.clamp_min(0) / s
+
+
+def resize_image_like_cv2(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a float ``(3, H, W)`` image (0..255) to ``size = (h, w)`` as the training pipeline's
+    ``cv2.resize`` does: area averaging (``INTER_AREA``) when both sides shrink, else bilinear with
+    pixel-centre alignment (``INTER_LINEAR``); the result is rounded to integers like cv2's uint8
+    output. Runs on any device (two float64 matrix products for the area case, exact to
+    rounding), so the CUDA path feeds the network the same pixels as the CPU path (±1 grey level).
+    """
+    h, w = x.shape[-2:]
+    oh, ow = size
+    if (oh, ow) == (h, w):
+        return x
+    if oh < h and ow < w:
+        wy = area_resize_weights(h, oh, x.device)
+        wx = area_resize_weights(w, ow, x.device)
+        y = torch.matmul(torch.matmul(wy, x.double()), wx.t())
+    else:
+        y = F.interpolate(x[None].float(), size=(oh, ow), mode="bilinear", align_corners=False)[0]
+    return torch.floor(y + 0.5).clamp_(0, 255).to(x.dtype)  # cv2 rounds uint8 half up
+
+
 def segment_table(id_map: torch.Tensor, max_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Areas and tight boxes of the non-zero ids of ``id_map`` ``(H, W)`` (values in ``0..max_id``).
 
     Returns ``ids (K,)`` int64 present ids in increasing order, ``areas (K,)`` int64 pixel
-    counts and ``boxes (K, 4)`` int64 ``x, y, w, h``. Runs on the map's device (scatter reductions,
-    no sort), so on CUDA only the tiny table has to be copied to the host.
+    counts and ``boxes (K, 4)`` int64 ``x, y, w, h``. Runs on the map's device, so on CUDA only the
+    tiny table goes to the host. Boxes come from ``(max_id+1, H)`` / ``(max_id+1, W)`` presence
+    tables filled by plain (idempotent) index writes: a scatter-min/max over the pixels is
+    several times slower on a GPU because every pixel of a large region hits the same slot.
     """
     h, w = id_map.shape
-    flat = id_map.reshape(-1).long()
+    ids_l = id_map.long()
     n = int(max_id) + 1
-    areas = torch.bincount(flat, minlength=n)[:n]
-    idx = torch.arange(flat.numel(), device=flat.device)
-    xs, ys = idx % w, idx // w
-    big = torch.full((n,), max(h, w), dtype=torch.int64, device=flat.device)
-    neg = torch.full((n,), -1, dtype=torch.int64, device=flat.device)
-    x0 = big.scatter_reduce(0, flat, xs, "amin")
-    x1 = neg.scatter_reduce(0, flat, xs, "amax")
-    y0 = big.clone().scatter_reduce(0, flat, ys, "amin")
-    y1 = neg.clone().scatter_reduce(0, flat, ys, "amax")
+    dev = id_map.device
+    areas = torch.bincount(ids_l.reshape(-1), minlength=n)[:n]
+    rows = torch.zeros((n, h), dtype=torch.bool, device=dev)
+    cols = torch.zeros((n, w), dtype=torch.bool, device=dev)
+    rows[ids_l, torch.arange(h, device=dev)[:, None].expand(h, w)] = True
+    cols[ids_l, torch.arange(w, device=dev)[None, :].expand(h, w)] = True
     ids = torch.nonzero(areas[1:] > 0).squeeze(1) + 1
-    boxes = torch.stack([x0[ids], y0[ids], x1[ids] - x0[ids] + 1, y1[ids] - y0[ids] + 1], dim=1)
+    r, c = rows[ids].to(torch.uint8), cols[ids].to(torch.uint8)
+    y0, x0 = r.argmax(1), c.argmax(1)
+    y1, x1 = h - 1 - r.flip(1).argmax(1), w - 1 - c.flip(1).argmax(1)
+    boxes = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dim=1)
     return ids, areas[ids], boxes
 
 
@@ -227,12 +267,20 @@ def input_size_range(backbone: str) -> tuple[int, int]:
 
 
 class _TorchEngine:
-    """``CIAE.forward_raw`` in eager PyTorch (optionally compiled), fp32 outputs."""
+    """``CIAE.forward_raw`` in PyTorch, fp32 outputs.
+
+    On CUDA with ``cuda_graphs`` the forward pass of each input shape is captured once into a
+    CUDA graph (after 3 eager warm-up runs that also let cuDNN pick its algorithms) and replayed:
+    ``forward_raw`` has no data-dependent control flow, and at camera rates the eager forward is
+    bound by kernel-launch overhead (an R50 forward launches ~700 kernels). Up to
+    ``max_graphs`` shapes are kept (least recently used dropped); a capture failure falls back
+    to eager execution with a warning. Outputs are copied out of the graph's static buffers.
+    """
 
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool,
-                 compile: bool):
+                 compile: bool, cuda_graphs: bool = False, max_graphs: int = 4):
         self.model = model.eval().to(device)
         self.device = device
         self.precision = precision
@@ -242,11 +290,12 @@ class _TorchEngine:
         self._fn = self.model.forward_raw
         if compile:
             self._fn = torch.compile(self.model.forward_raw, dynamic=True)
+        self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
+        self.max_graphs = int(max_graphs)
+        self._graphs: dict[tuple, tuple] = {}
         self.providers: list[str] = []
 
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    def _eager(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         with torch.inference_mode():
             if dtype is None:
@@ -254,7 +303,48 @@ class _TorchEngine:
             else:
                 with torch.autocast(self.device.type, dtype=dtype):
                     raw = self._fn(images)
-        return {k: v.float() for k, v in raw.items()}
+            return {k: v.float() for k, v in raw.items()}
+
+    def _capture(self, images: torch.Tensor):
+        try:
+            static_in = images.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._eager(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._eager(static_in)
+        except Exception as e:  # noqa: BLE001 - any capture problem: run eagerly instead
+            logger.warning("CUDA graph capture failed (%s: %s); running the forward pass eagerly",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.cuda_graphs = False
+            self._graphs.clear()
+            return None
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+        entry = (graph, static_in, static_out)
+        self._graphs[tuple(images.shape)] = entry
+        return entry
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if not self.cuda_graphs:
+            return self._eager(images)
+        key = tuple(images.shape)
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            entry = self._capture(images)
+            if entry is None:
+                return self._eager(images)
+        self._graphs[key] = entry  # most recently used last
+        graph, static_in, static_out = entry
+        static_in.copy_(images)
+        graph.replay()
+        return {k: v.clone() for k, v in static_out.items()}
 
 
 def select_providers(device: str, available: Sequence[str], providers: Sequence[str] | None = None,
@@ -443,8 +533,11 @@ class Predictor:
         input_size: shorter side fed to the network (None: :func:`default_input_size`).
         max_size: cap on the longer side after resizing.
         precision: "fp32", "fp16" (CUDA only) or "bf16" (torch engine autocast).
-        channels_last / cudnn_benchmark: None → on for CUDA.
-        compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine).
+        channels_last: run the torch engine in channels_last (default off: GroupNorm, used in every
+            head, has no channels_last kernel and converts back and forth).
+        cudnn_benchmark: None → on for CUDA.
+        cuda_graphs: None → on for CUDA (torch engine): one CUDA graph per input shape.
+        compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; disables cuda_graphs).
         input_size_range: ``(lo, hi)`` valid shorter sides (None: :func:`input_size_range`).
         providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime.
         onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime.
@@ -460,7 +553,7 @@ class Predictor:
                  providers: Sequence[str] | None = None, trt_cache_dir: str | None = None, trt_fp16: bool = False,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
-                 mixed_size_batching: str = "group", **thresholds):
+                 mixed_size_batching: str = "group", cuda_graphs: bool | None = None, **thresholds):
         if engine not in ENGINES:
             raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if precision not in PRECISIONS:
@@ -498,7 +591,8 @@ class Predictor:
             if cudnn_benchmark if cudnn_benchmark is not None else cuda:
                 torch.backends.cudnn.benchmark = True
             self._engine = _TorchEngine(model, self.device, precision,
-                                        channels_last if channels_last is not None else cuda, compile)
+                                        channels_last if channels_last is not None else False, compile,
+                                        cuda_graphs=(cuda_graphs if cuda_graphs is not None else cuda) and not compile)
         else:
             onnx_path = weights if is_onnx else self._onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
             self.onnx_path = onnx_path
@@ -638,13 +732,13 @@ class Predictor:
         batch = torch.zeros((len(images), 3, hp, wp), dtype=torch.float32, device=self.device)
         bgr = color == "bgr"
         for i, (im, lb) in enumerate(zip(images, boxes)):
-            shrink = lb.resized_height < lb.height and lb.resized_width < lb.width
             rh, rw = lb.resized_size
             if self.device.type == "cpu":
                 import cv2
 
                 if not lb.is_identity:
-                    im = cv2.resize(im, (rw, rh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+                    im = cv2.resize(im, (rw, rh), interpolation=cv2.INTER_AREA if (rh < lb.height and rw < lb.width)
+                                     else cv2.INTER_LINEAR)
                 t = torch.from_numpy(im).permute(2, 0, 1)
                 batch[i, :, :rh, :rw] = t.flip(0) if bgr else t
             else:
@@ -654,8 +748,7 @@ class Predictor:
                 if bgr:
                     x = x.flip(0)
                 if not lb.is_identity:
-                    x = F.interpolate(x[None], size=(rh, rw), mode="bilinear", align_corners=False,
-                                      antialias=shrink)[0]
+                    x = resize_image_like_cv2(x, (rh, rw))
                 batch[i, :, :rh, :rw] = x
         return batch
 

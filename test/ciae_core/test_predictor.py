@@ -12,8 +12,8 @@ import torch
 
 from ciae_core.data import resize_id_map, shortest_edge_size
 from ciae_core.predictor import (THRESHOLD_NAMES, Letterbox, Predictor, PredictorError, letterbox, main,
-                                 nearest_source_index, resize_nearest, segment_table, select_providers,
-                                 validate_image)
+                                 nearest_source_index, resize_image_like_cv2, resize_nearest, segment_table,
+                                 select_providers, validate_image)
 from ciae_core.structures import CategoryInfo, segments_from_id_map
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -95,6 +95,30 @@ def test_resize_nearest_matches_training_label_resize(src, dst):
     ours = resize_nearest(torch.from_numpy(m), dst).numpy()
     assert ours.shape == dst
     np.testing.assert_array_equal(ours, resize_id_map(m, dst))
+
+
+@pytest.mark.parametrize("src,dst", [((427, 641), (256, 384)), ((1080, 1920), (800, 1422)), ((100, 100), (50, 50)),
+                                     ((480, 640), (512, 683))])
+def test_torch_image_resize_matches_cv2_training_resize(src, dst):
+    rng = np.random.default_rng(0)
+    im = cv2.GaussianBlur((rng.random((*src, 3)) * 255).astype(np.uint8), (5, 5), 2)
+    shrink = dst[0] < src[0] and dst[1] < src[1]
+    ref = cv2.resize(im, dst[::-1], interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR).astype(np.float32)
+    ours = resize_image_like_cv2(torch.from_numpy(im).permute(2, 0, 1).float(), dst).permute(1, 2, 0).numpy()
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 1.0
+    # area averaging is exact up to float rounding; cv2's fixed-point bilinear differs by 1 in ~1/8
+    assert (diff > 0).mean() < (1e-3 if shrink else 0.15)
+
+
+def matched_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of pixels on which two id maps agree after mapping each id of ``a`` to the id of
+    ``b`` it overlaps most (ids can shift when one instance differs)."""
+    total = 0
+    for k in np.unique(a):
+        _, counts = np.unique(b[a == k], return_counts=True)
+        total += counts.max()
+    return total / a.size
 
 
 def test_nearest_source_index_is_in_range_and_monotonic():
@@ -324,7 +348,19 @@ def test_cuda_matches_cpu(weights, coco_image, precision):
     gpu = Predictor(weights, device="cuda", input_size=256, precision=precision, **FAST)
     a, b = cpu(coco_image), gpu(coco_image)
     _check_result(b, coco_image.shape, gpu.categories)
-    agree = float((a.id_map == b.id_map).mean())
+    agree = matched_agreement(a.id_map, b.id_map)
+    # fp32 differs only by cuDNN's TF32 convolutions; half precision moves random-weight near-ties
     assert agree >= (0.99 if precision == "fp32" else 0.9), agree
     results = gpu([coco_image, np.ascontiguousarray(coco_image[:300, :200])])
     assert [r.id_map.shape for r in results] == [coco_image.shape[:2], (300, 200)]
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_match_eager(weights, coco_image):
+    small = np.ascontiguousarray(coco_image[50:351, 20:221])
+    eager = Predictor(weights, device="cuda", input_size=256, cuda_graphs=False, **FAST)
+    graphed = Predictor(weights, device="cuda", input_size=256, **FAST)  # graphs are the CUDA default
+    for im in (coco_image, small, coco_image, small):  # capture, capture, replay, replay
+        a, b = eager(im), graphed(im)
+        assert matched_agreement(a.id_map, b.id_map) >= 0.999
+    assert graphed._engine.cuda_graphs and len(graphed._engine._graphs) == 2
