@@ -50,10 +50,16 @@ def rss_mb(pid: int) -> float:
 class NodeProcess:
     """``ciae-panoptic-node`` in its own process; output in ``log``."""
 
-    def __init__(self, log: pathlib.Path, weights: str, params: dict | None = None, extra_args=(), ros_args=()):
+    def __init__(self, log: pathlib.Path, weights: str, params: dict | None = None, extra_args=(), ros_args=(),
+                 params_file: str | None = None, console_script: bool = False):
         self.log_path = pathlib.Path(log)
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "ciae_ros.node", *extra_args, "--ros-args", "-p", f"weights:={weights}"]
+        script = pathlib.Path(sys.executable).parent / "ciae-panoptic-node"
+        exe = [str(script)] if console_script else [sys.executable, "-m", "ciae_ros.node"]
+        cmd = [*exe, *extra_args, "--ros-args"]
+        if params_file:
+            cmd += ["--params-file", str(params_file)]
+        cmd += ["-p", f"weights:={weights}"]
         for k, v in (params or {}).items():
             cmd += ["-p", f"{k}:={_param_text(v)}"]
         cmd += list(ros_args)

@@ -8,6 +8,8 @@ large-data profile), received by default-configured subscriptions of the pytest 
 from __future__ import annotations
 
 import itertools
+import pathlib
+import sys
 import time
 from types import SimpleNamespace
 
@@ -22,6 +24,7 @@ from ros_testing import Client, NodeProcess, Publisher, diagnostics_values, rss_
 
 from ciae_ros.image_conversion import image_msg_to_array  # noqa: E402
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
 NODE = "/ciae_panoptic"
 TOPIC = "/camera/image_raw"
 INPUT_SIZE = 320
@@ -63,8 +66,11 @@ def outputs(client):
 
 @pytest.fixture(scope="module")
 def node(node_weights, outputs, tmp_path_factory):
+    # the console script with the shipped parameter file (later -p overrides win)
+    script = pathlib.Path(sys.executable).parent / "ciae-panoptic-node"
     n = NodeProcess(tmp_path_factory.mktemp("node") / "node.log", node_weights,
-                    params={"input_size": INPUT_SIZE, "diagnostics_period": 0.5})
+                    params={"input_size": INPUT_SIZE, "diagnostics_period": 0.5},
+                    params_file=REPO / "config" / "panoptic.yaml", console_script=script.exists())
     n.wait_ready(outputs.categories)
     yield n
     rc = n.stop()
@@ -153,6 +159,14 @@ def test_reliable_camera_frames_reach_default_subscribers(cameras, outputs, node
     assert be is not None, "best-effort subscriber missed the id image (large-data profile not in effect?)"
     time.sleep(0.5)
     assert sum(stamp_of(m) == stamp for _, m in outputs.segments.snapshot()) == 1, "exactly one output per frame"
+
+
+def test_parameter_file_values_are_in_effect(client, node):
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "config" / "panoptic.yaml").read_text())["/**"]["ros__parameters"]
+    names = [k for k in shipped if k not in ("weights", "input_size", "diagnostics_period")]
+    assert client.get_parameters(NODE, *names) == [shipped[k] for k in names]
 
 
 def test_categories_are_latched(outputs, node):
@@ -438,3 +452,49 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
         lines = [ln for ln in log.splitlines() if "cannot start:" in ln]
         assert len(lines) == 1 and expected in lines[0], f"{name}: {log}"
         assert "Traceback" not in log, f"{name}: {log}"
+
+
+# ----------------------------------------------------------------------------------------------
+# pieces of the node without DDS
+
+
+def test_mailbox_keeps_only_the_newest_frame_per_camera():
+    import threading
+
+    from ciae_ros.node import LatestFrameMailbox
+
+    box = LatestFrameMailbox(2)
+    assert box.put(0, "a0") is False
+    assert box.put(0, "a1") is True, "replacing an unprocessed frame is a drop"
+    assert box.put(1, "b0") is False
+    assert box.take(timeout=0.0) == [(0, "a1"), (1, "b0")], "all cameras' newest frames go into one batch"
+    assert box.take(timeout=0.05) == []
+    got = []
+    t = threading.Thread(target=lambda: got.append(box.take(timeout=5.0)))
+    t.start()
+    time.sleep(0.05)
+    box.put(1, "b1")
+    t.join(2)
+    assert got == [[(1, "b1")]], "take wakes up when a frame arrives"
+
+
+def test_parameter_validation_messages():
+    from ciae_ros.node import validate_value
+
+    assert validate_value("engine", "torch") is None
+    assert "one of" in validate_value("engine", "tf")
+    assert "cuda:<index>" in validate_value("device", "gpu0")
+    assert validate_value("device", "cuda:1") is None
+    assert "does not exist" in validate_value("weights", "/nonexistent.safetensors")
+    assert "-1" in validate_value("nms_threshold", -0.5)
+    assert validate_value("stuff_area_min", 5000) is None
+    assert "distinct" in validate_value("image_topics", ["/a", "/a"])
+
+
+def test_output_prefix_is_the_camera_namespace():
+    from ciae_ros.node import _output_prefix
+
+    assert _output_prefix("/cam1/image_raw") == "/cam1/"
+    assert _output_prefix("cam1/image_raw") == "cam1/"
+    assert _output_prefix("/robot/front/image_raw") == "/robot/front/"
+    assert _output_prefix("left") == "left/"

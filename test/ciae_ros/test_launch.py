@@ -1,0 +1,126 @@
+"""launch/panoptic.launch.py, config/panoptic.yaml and config/panoptic.rviz agree with the node
+and with the install rules (``launch``/``launch_ros`` are not installable here, so the launch file
+is checked by parsing it; the node itself runs with config/panoptic.yaml in test_node.py)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import pytest
+import yaml
+
+from ciae_ros.node import PARAMS, SPECS
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch" / "panoptic.launch.py"
+
+
+def _constants(tree: ast.Module) -> dict:
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    out[t.id] = node.value.value
+    return out
+
+
+def _launch_tree():
+    return ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+
+
+def test_launch_file_parses_and_defines_generate_launch_description():
+    tree = _launch_tree()
+    names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "generate_launch_description" in names
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert {"Node", "LifecycleNode", "DeclareLaunchArgument", "FindPackageShare"} <= imported
+
+
+def test_launch_file_points_at_installed_executable_and_params():
+    c = _constants(_launch_tree())
+    assert c["PACKAGE"] == "ciae_ros"
+    assert c["NODE_NAME"] == "ciae_panoptic"
+    from ciae_ros.node import NODE_NAME
+
+    assert c["NODE_NAME"] == NODE_NAME
+    # CMakeLists installs scripts/<executable> to lib/ciae_ros and config/ to share/ciae_ros
+    script = REPO / "scripts" / c["EXECUTABLE"]
+    assert script.is_file() and "ciae_ros.node import main" in script.read_text()
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert re.search(r"install\(PROGRAMS[^)]*scripts/" + re.escape(c["EXECUTABLE"]), cmake)
+    assert re.search(r"install\(DIRECTORY[^)]*\blaunch\b[^)]*\bconfig\b[^)]*DESTINATION share/\$\{PROJECT_NAME\}",
+                     cmake)
+    assert (REPO / c["PARAMS_FILE"]).is_file()
+    assert re.search(r'project\(ciae_ros\)', cmake)
+
+
+def test_launch_arguments_and_overrides_are_node_parameters():
+    tree = _launch_tree()
+    args = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and getattr(n.func, "id", "") == "DeclareLaunchArgument"}
+    assert {"image_topic", "params_file", "namespace", "weights", "engine", "device", "input_transport",
+            "lifecycle"} <= args
+    dicts = [n for n in ast.walk(tree) if isinstance(n, ast.Dict)]
+    overrides = {k.value for d in dicts for k in d.keys if isinstance(k, ast.Constant)}
+    assert overrides and overrides <= set(SPECS), overrides - set(SPECS)
+    remaps = [n for n in ast.walk(tree) if isinstance(n, ast.Tuple) and n.elts
+              and isinstance(n.elts[0], ast.Constant) and n.elts[0].value == "image"]
+    assert remaps, "the launch file must remap the node's 'image' topic"
+
+
+def test_params_file_matches_declared_parameters():
+    data = yaml.safe_load((REPO / "config" / "panoptic.yaml").read_text())
+    params = data["/**"]["ros__parameters"]
+    unknown = set(params) - set(SPECS)
+    assert not unknown, f"parameters not declared by the node: {unknown}"
+    for name, value in params.items():
+        default = SPECS[name].default
+        assert type(value) is type(default), f"{name}: {type(value).__name__} vs declared {type(default).__name__}"
+        spec = SPECS[name]
+        if spec.choices:
+            assert value in spec.choices
+        if spec.int_range:
+            lo, hi, step = spec.int_range
+            assert lo <= value <= hi and (value - lo) % step == 0
+        if spec.float_range:
+            assert spec.float_range[0] <= value <= spec.float_range[1]
+    missing = {p.name for p in PARAMS} - set(params) - {"image_topics"}  # an empty list has no YAML type
+    assert not missing, f"parameters missing from config/panoptic.yaml: {missing}"
+
+
+def test_dds_profile_has_large_shm_segment_and_udp():
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(REPO / "config" / "fastdds_large_data.xml").getroot()
+    ns = {"d": "http://www.eprosima.com"}
+    descs = root.findall(".//d:transport_descriptor", ns)
+    kinds = {d.find("d:type", ns).text: d for d in descs}
+    assert set(kinds) == {"SHM", "UDPv4"}
+    assert int(kinds["SHM"].find("d:segment_size", ns).text) >= 32 * 1024 * 1024
+    part = root.find(".//d:participant", ns)
+    assert part.get("is_default_profile") == "true"
+    assert part.find(".//d:useBuiltinTransports", ns).text == "false"
+    used = {t.text for t in part.findall(".//d:userTransports/d:transport_id", ns)}
+    assert used == {d.find("d:transport_id", ns).text for d in descs}
+
+
+def test_dds_profile_is_applied_unless_the_user_has_one():
+    from ciae_ros.resources import use_large_data_dds_profile
+
+    env = {}
+    path = use_large_data_dds_profile(env)
+    assert path and env["FASTDDS_DEFAULT_PROFILES_FILE"].endswith("fastdds_large_data.xml")
+    env = {"FASTDDS_DEFAULT_PROFILES_FILE": "/mine.xml"}
+    assert use_large_data_dds_profile(env) == "/mine.xml" and env["FASTDDS_DEFAULT_PROFILES_FILE"] == "/mine.xml"
+    env = {"RMW_IMPLEMENTATION": "rmw_cyclonedds_cpp"}
+    assert use_large_data_dds_profile(env) is None and "FASTDDS_DEFAULT_PROFILES_FILE" not in env
+
+
+def test_rviz_config_shows_overlay_and_camera():
+    data = yaml.safe_load((REPO / "config" / "panoptic.rviz").read_text())
+    displays = data["Visualization Manager"]["Displays"]
+    topics = {d["Topic"]["Value"] for d in displays if d["Class"] == "rviz_default_plugins/Image"}
+    assert topics == {"/panoptic/overlay", "/camera/image_raw"}
