@@ -473,10 +473,12 @@ class EmbeddingBranch(nn.Module):
         size = pyramid[0].shape[-2:]
         out = None
         for level, (x, blocks) in enumerate(zip(pyramid, self.scale_heads)):
-            for block in blocks:
+            for b, block in enumerate(blocks):
                 x = block(x)
                 if level > 0:
-                    x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+                    # 2x up-sampling, written as "to the size of the next finer level" (identical for
+                    # inputs padded to 32; keeps torch.export free of shape equations)
+                    x = F.interpolate(x, size=pyramid[level - b - 1].shape[-2:], mode="bilinear", align_corners=False)
             out = x if out is None else out + x
         p1 = self.predictor(out)  # P'
         if not self.use_box_embedding:
