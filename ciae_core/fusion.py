@@ -131,7 +131,7 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
         raise ValueError("fuse_panoptic needs at least one query (stuff class or instance)")
     queries = torch.cat([stuff_queries[None].expand(n, -1, -1).to(embedding.dtype),
                          instance_queries.to(embedding.dtype)], dim=1)
-    sim = panoptic_similarity(embedding, queries, embedding_stride)
+    sim = panoptic_similarity(embedding, queries, embedding_stride).contiguous()
     _, _, hh, ww = sim.shape
     sizes = _image_size_tensor(image_sizes, n, dev) if image_sizes is not None else \
         torch.tensor([[hh, ww]] * n, dtype=torch.long, device=dev)
@@ -145,10 +145,11 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     in_x = (cx[None, None, :] >= boxes[..., 0:1]) & (cx[None, None, :] <= boxes[..., 2:3])  # (N, Q, W)
     in_y = (cy[None, None, :] >= boxes[..., 1:2]) & (cy[None, None, :] <= boxes[..., 3:4])  # (N, Q, H)
     in_box = in_y[..., :, None] & in_x[..., None, :]  # (N, Q, H, W)
-    inst_sim = torch.where(in_box, sim[:, s_num:], torch.full_like(sim[:, s_num:], outside_box_value))
+    # in place on the fresh similarity tensor: at 800x1216 with ~150 queries every copy costs ~0.6 GB
+    inst_sim = sim[:, s_num:]
+    inst_sim.masked_fill_(~in_box, outside_box_value)
     valid = instance_valid.bool()
-    inst_sim = torch.where(valid[:, :, None, None], inst_sim, torch.full_like(inst_sim, MASKED_SIMILARITY))
-    sim = torch.cat([sim[:, :s_num], inst_sim], dim=1)
+    inst_sim.masked_fill_(~valid[:, :, None, None], MASKED_SIMILARITY)
     void = k_num  # extra slot index for void pixels
 
     def counts(assign: Tensor) -> Tensor:
@@ -163,8 +164,7 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     inst_area = area1[:, s_num:]
     drop = valid & ((inst_area < min_instance_area) | (inst_area.to(sim.dtype) < min_visible_fraction * box_area))
     keep_inst = valid & ~drop
-    sim = torch.cat([sim[:, :s_num], torch.where(keep_inst[:, :, None, None], sim[:, s_num:],
-                                                 torch.full_like(sim[:, s_num:], MASKED_SIMILARITY))], dim=1)
+    inst_sim.masked_fill_(drop[:, :, None, None], MASKED_SIMILARITY)
     if return_confidence and k_num >= 2:
         top = sim.topk(2, dim=1).values
         top1, assign = sim.max(dim=1)

@@ -148,11 +148,6 @@ def embedding_loss(pixel_emb: Tensor, queries: Tensor, target: Tensor, *, margin
     return per_pixel.sum() / max(1, per_pixel.numel())
 
 
-def ciae_loss(loss_cae: Tensor, loss_iae: Tensor, alpha: float = 2.0) -> Tensor:
-    """Eq. 12: ``L_CIAE = L_CAE + alpha * L_IAE`` (alpha = 2 in the paper)."""
-    return loss_cae + alpha * loss_iae
-
-
 def expand_boxes(boxes: Tensor, factor: float) -> Tensor:
     """Scale xyxy boxes ``(K, 4)`` about their centres by ``factor`` (§IV-B: 1.5× in training)."""
     c = (boxes[:, :2] + boxes[:, 2:]) / 2
@@ -402,7 +397,11 @@ class CIAECriterion(nn.Module):
     def forward(self, *, cls_logits: Tensor, box_regression: Tensor, centerness: Tensor, points: Tensor,
                 level_sizes: list[int], embedding_pre: Tensor, memory: Tensor, targets: list[dict],
                 image_sizes=None) -> tuple[dict[str, Tensor], Tensor]:
-        """Compute Eq. 15's terms.
+        """Compute the terms of Eq. 15: ``L = L_centerness + L_class + L_reg + L_CIAE``.
+
+        Eq. 12, ``L_CIAE = L_CAE + alpha * L_IAE``, is split over two entries: ``loss_cae`` = L_CAE
+        (Eq. 10) and ``loss_iae`` = alpha * L_IAE (Eq. 11, alpha = ``iae_weight`` = 2), so the
+        total loss is the plain sum of the returned dict.
 
         cls_logits ``(N, A, T)``, box_regression ``(N, A, 4)`` ltrb pixels, centerness ``(N, A)``,
         points ``(A, 2)``, level_sizes: locations per level, embedding_pre ``(N, D, H, W)`` =
