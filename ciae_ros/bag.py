@@ -205,6 +205,8 @@ def read_messages(path, topic: str):
     store = make_typestore()
     with Reader(path) as reader:
         conns = [c for c in reader.connections if c.topic == topic]
+        if not conns:  # rosbags reads every connection when given none
+            return
         for conn, ts, raw in reader.messages(connections=conns):
             yield ts, store.deserialize_cdr(raw, conn.msgtype)
 
