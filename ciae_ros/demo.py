@@ -254,6 +254,7 @@ def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_mode
                     break
         except KeyboardInterrupt:
             _LOG.info("interrupted; writing what was recorded")
+        t_stop = time.monotonic()
         # one more diagnostics period so the final counters are in
         t_end = time.monotonic() + 1.5
         while ok and time.monotonic() < t_end and node.poll() is None:
@@ -264,7 +265,7 @@ def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_mode
     bag.close()
     if not ok or stats["segments"] == 0:
         return None
-    recorded = time.monotonic() - first_output[0]
+    recorded = t_stop - first_output[0]
     p50, p99 = _percentiles(stats["latency_ms"])
     i50, i99 = _percentiles(stats["inference_ms"])
     diag = stats["diagnostics"] or {}
