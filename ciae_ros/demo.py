@@ -167,7 +167,7 @@ def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_mode
     from .image_conversion import image_msg_to_array
 
     stats = {"segments": 0, "latency_ms": [], "segments_per_frame": [], "overlays": 0, "camera_frames": 0,
-             "inference_ms": [], "diagnostics": None, "pngs": 0}
+             "inference_ms": [], "diagnostics": None, "pngs": 0, "diag_count": 0}
     bag = BagWriter(out / "bag")
     last_png = [0.0]
     first_output = [None]
@@ -206,6 +206,7 @@ def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_mode
         stats["camera_frames"] += 1
 
     def on_diag(data):
+        stats["diag_count"] += 1
         msg = deserialize_message(data, DiagnosticArray)
         if any(s.name.endswith("/camera/image_raw") for s in msg.status):
             stats["diagnostics"] = {s.name: {kv.key: kv.value for kv in s.values} for s in msg.status}
@@ -255,9 +256,13 @@ def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_mode
         except KeyboardInterrupt:
             _LOG.info("interrupted; writing what was recorded")
         t_stop = time.monotonic()
-        # one more diagnostics period so the final counters are in
-        t_end = time.monotonic() + 1.5
-        while ok and time.monotonic() < t_end and node.poll() is None:
+        # stop the camera, let the node finish its last frame and publish its final counters
+        cam_rc = _stop(camera, "camera")
+        if ok and cam_rc not in (0, None):
+            _LOG.warning("camera exited with status %s", cam_rc)
+        n_diag = stats["diag_count"]
+        t_end = time.monotonic() + 5.0
+        while ok and time.monotonic() < t_end and node.poll() is None and stats["diag_count"] < n_diag + 2:
             rclpy.spin_once(client, timeout_sec=0.1)
         for s in subs:
             client.destroy_subscription(s)

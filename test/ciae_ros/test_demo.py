@@ -24,9 +24,9 @@ def test_demo_short_run(node_weights, tmp_path, capsys):
     assert rc == 0, (out / "node.log").read_text()[-3000:] if (out / "node.log").exists() else printed
     report = json.loads((out / "report.json").read_text())
     assert report["frames_out"] >= 3 and report["frames_in"] >= report["frames_out"]
-    # node counters (last /diagnostics) vs client count: equal up to the frames in flight at the end
+    # node counters (final /diagnostics, after the camera stopped) agree with what the client received
     unaccounted = report["frames_in"] - report["frames_out"] - report["frames_dropped"] - report["frames_bad"]
-    assert abs(unaccounted) <= 3, report
+    assert abs(unaccounted) <= 1, report
     assert report["latency_camera_to_client_ms"]["p50"] > 0
     assert report["exit_codes"] == {"camera": 0, "node": 0}
     assert len(list((out / "overlays").glob("*.png"))) >= 2
