@@ -282,3 +282,19 @@ def test_detection_losses_and_bad_targets():
     wrong = dict(t, labels=torch.tensor([0, 0, 0]))
     with pytest.raises(TargetError, match="stuff"):
         crit.embedding_losses(torch.zeros(1, 4, 16, 16), torch.zeros(4, 4), [wrong])
+
+
+def test_update_memory_all_reduces_under_torch_distributed(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", world_size=1, rank=0)
+    try:
+        crit = CIAECriterion(num_things=1, num_stuff=1, memory_momentum_scale=0.5)
+        mem = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+        crit.update_memory(mem, torch.tensor([[0.0, 3.0, 10.0], [0.0, 0.0, 0.0]]))
+        r = 1 / math.sqrt(2)
+        assert torch.allclose(mem, torch.tensor([[r, r], [1.0, 0.0]]))
+    finally:
+        dist.destroy_process_group()
