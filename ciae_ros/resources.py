@@ -5,7 +5,8 @@ Two layouts are supported:
 * the source tree (``pip install -e .`` or running from the repository): ``<repo>/config``,
   ``<repo>/models``, ``<repo>/msg`` next to the ``ciae_ros`` package directory;
 * an ament install (``colcon build`` or the CMake route): ``share/ciae_ros/{config,models,msg}``
-  found through ``ament_index_python`` (needs ``AMENT_PREFIX_PATH``).
+  found through ``ament_index_python`` (needs ``AMENT_PREFIX_PATH``), or under the running
+  interpreter's prefix (``<venv>/share/ciae_ros`` after ``make setup``).
 
 The source tree wins when both exist, so edits in a checkout take effect without reinstalling.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import sys
 
 _LOG = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ def share_dirs() -> list[pathlib.Path]:
             pass
     except ImportError:
         pass
+    # an install into this interpreter's prefix (the CMake route into a venv) without AMENT_PREFIX_PATH
+    prefix_share = pathlib.Path(sys.prefix) / "share" / PACKAGE
+    if prefix_share.is_dir() and prefix_share not in roots:
+        roots.append(prefix_share)
     return roots
 
 
