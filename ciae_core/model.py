@@ -23,8 +23,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -297,8 +299,6 @@ class BackboneFPN(nn.Module):
             in_channels = _RESNET_CHANNELS[name]
             stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
         else:
-            from functools import partial
-
             if norm == "frozen_bn":
                 nl = partial(FrozenBatchNorm2d, eps=1e-3)
             elif norm == "bn":
@@ -350,8 +350,6 @@ def load_backbone_weights(backbone: BackboneFPN, path: str) -> None:
     Classifier keys (``fc.*``, ``classifier.*``) are ignored; deformable offset convs keep their
     zero init. Raises :class:`ModelConfigError` on a missing file or mismatching keys/shapes.
     """
-    import os
-
     if not os.path.isfile(path):
         raise ModelConfigError(f"backbone weights file not found: {path}")
     try:
