@@ -225,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-overlay", action="store_true")
     ap.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
     args = ap.parse_args(argv)
+    if pathlib.Path(args.out).exists():  # checked before the (slow) model load
+        _LOG.error("output bag %s already exists; choose a new path", args.out)
+        return 1
+    if not pathlib.Path(args.inp).exists():
+        _LOG.error("input bag %s does not exist", args.inp)
+        return 1
     from .node import SPECS, NodeStartupError, load_model
 
     values = {name: spec.default for name, spec in SPECS.items()}
