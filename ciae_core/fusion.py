@@ -14,7 +14,6 @@ Pure functions on tensors (no model, no numpy), batched over images, device-agno
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
