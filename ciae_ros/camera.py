@@ -141,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .qos import input_qos, reliability_policy
 
-    payloads = []
+    payloads = []  # message-ready byte arrays, built once
     for f in frames:
         if args.compressed:
             ok, jpg = cv2.imencode(".jpg", np.ascontiguousarray(f[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 90])
-            payloads.append((jpg.tobytes(), 0, f.shape))
+            payloads.append((array.array("B", jpg.tobytes()), 0, f.shape))
         else:
             data, step = encode_frame(f, args.encoding)
-            payloads.append((data, step, f.shape))
+            payloads.append((array.array("B", data), step, f.shape))
     with rclpy.init(args=["ciae_camera"]):
         node = rclpy.create_node("ciae_camera")
         qos = input_qos(reliability_policy(args.reliability), depth=1)
@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 data, step, shape = payloads[n % len(payloads)]
                 stamp = node.get_clock().now().to_msg()
                 if args.compressed:
-                    msg = CompressedImage(format="jpeg", data=array.array("B", data))
+                    msg = CompressedImage(format="jpeg", data=data)
                 else:
                     msg = Image(height=shape[0], width=shape[1], encoding=args.encoding, is_bigendian=0, step=step,
-                                data=array.array("B", data))
+                                data=data)
                 msg.header.stamp = stamp
                 msg.header.frame_id = args.frame_id
                 pub.publish(msg)
