@@ -633,6 +633,13 @@ class _PanopticLogic:
                 self._model = model
             self.get_logger().info(f"model reloaded: {model.name} on {model.engine}/{model.device}, "
                                    f"input_size {model.predictor.input_size}")
+            if self._pub_categories is not None:  # the new model may know other categories
+                from std_msgs.msg import Header
+
+                from .conversions import categories_msg
+
+                self._pub_categories.publish(categories_msg(model.predictor.categories, model.name,
+                                                            Header(stamp=self.get_clock().now().to_msg())))
         elif self._model is not None and changed & {"input_size", *THRESHOLD_PARAMS}:
             with self._model_lock:
                 pred = self._model.predictor

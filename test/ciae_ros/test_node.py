@@ -523,3 +523,22 @@ def test_confidence_output_and_max_rate_at_run_time(client, cameras, outputs, no
     assert 1 <= n <= 2.0 * 4 + 1, f"{n} frames processed in 3 s at max_rate 2 Hz"
     [res] = client.set_parameters(NODE, max_rate=0.0)
     assert res.successful
+
+
+def test_weights_change_reloads_the_model_and_republishes_categories(client, cameras, outputs, node, node_weights,
+                                                                      tmp_path):
+    import shutil
+
+    other = tmp_path / "other_model.safetensors"
+    shutil.copy(node_weights, other)
+    n_cats = len(outputs.categories)
+    [res] = client.set_parameters(NODE, weights=str(other))
+    assert res.successful, res.reason
+    _, msg = roundtrip(cam := cameras.get("reliable"), outputs, node, 480, 640)
+    assert msg.model_name == "other_model"
+    cats = outputs.categories.wait_for(lambda m: m.model_name == "other_model", timeout=10, since=n_cats)
+    assert cats is not None and len(cats.categories) > 0
+    [res] = client.set_parameters(NODE, weights=node_weights)
+    assert res.successful, res.reason
+    _, msg = roundtrip(cam, outputs, node, 480, 640)
+    assert msg.model_name == pathlib.Path(node_weights).stem
