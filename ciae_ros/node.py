@@ -582,7 +582,7 @@ class _PanopticLogic:
         for k, v in timings.items():
             if isinstance(v, (int, float)):
                 self._times.add("predictor." + str(k), float(v))
-        self._times.add("publish", (t_pub - t_pred) * 1e3)
+        self._times.add("publish", (t_pub - t_pred) * 1e3)  # all outputs of the batch
 
     def _bad_frame(self, cam: int, reason: str, text: str) -> None:
         self._stats[cam].bad[reason] += 1
@@ -592,12 +592,19 @@ class _PanopticLogic:
         from .conversions import detections_msg, render_overlay, segments_msg
         from .image_conversion import numpy_to_image
 
-        cam.pub_segments.publish(segments_msg(result, header, model.name, model.version, input_hw, infer_ms))
+        t0 = time.monotonic()
+        msg = segments_msg(result, header, model.name, model.version, input_hw, infer_ms)
+        t1 = time.monotonic()
+        cam.pub_segments.publish(msg)
+        t2 = time.monotonic()
+        self._times.add("segments_build", (t1 - t0) * 1e3)
+        self._times.add("segments_publish", (t2 - t1) * 1e3)
         mode = self._values["overlay"]
         if mode == "on" or (mode == "auto" and cam.pub_overlay.get_subscription_count() > 0):
             colors = {c.id: c.color for c in model.predictor.categories}
             ov = render_overlay(image, result, colors, float(self._values["overlay_alpha"]))
             cam.pub_overlay.publish(numpy_to_image(ov, "bgr8", header=header))
+            self._times.add("overlay", (time.monotonic() - t2) * 1e3)
         if self._values["publish_confidence"] and result.confidence is not None:
             cam.pub_confidence.publish(numpy_to_image(np.asarray(result.confidence, np.float32), "32FC1",
                                                       header=header))
