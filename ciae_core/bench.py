@@ -209,7 +209,11 @@ def _tv_backbone(name: str, kind: str):
         layers = [2, 3, 4] if kind == "fcos" else [1, 2, 3, 4]
         return resnet_fpn_backbone(backbone_name=name, weights=None, trainable_layers=5, returned_layers=layers,
                                    extra_blocks=extra)
-    return mobilenet_backbone(backbone_name=name, weights=None, fpn=True, trainable_layers=6, extra_blocks=extra)
+    # mobilenet stage outputs 1..4 have strides 4, 8, 16, 32: FCOS takes 8..32 (+P6, P7), Mask R-CNN 4..32
+    # (+pool), so both get the 5 maps their default anchor generators expect
+    layers = [2, 3, 4] if kind == "fcos" else [1, 2, 3, 4]
+    return mobilenet_backbone(backbone_name=name, weights=None, fpn=True, trainable_layers=6, returned_layers=layers,
+                              extra_blocks=extra)
 
 
 def build_peer(kind: str, backbone_name: str, size: int, max_size: int, detections: int) -> torch.nn.Module:
@@ -363,6 +367,31 @@ def bench_peer(kind: str, backbone_name: str, size: int, images, device: torch.d
             "backbone_name": backbone_name}
 
 
+def _run_one(model: str, engine: str, bb: str, bb_name: str, size: int, weights, images, device, args,
+             cache_dir) -> dict[str, Any]:
+    """One (model, engine, size) measurement; a failure is recorded in the row (``error``) and the
+    run goes on, so one peer that breaks on some torchvision version does not lose the others."""
+    from ciae_core.predictor import PredictorError
+
+    logger.info("bench %s %s/%s @%d", bb, model, engine, size)
+    try:
+        if model == "ours":
+            row = bench_ours(weights, engine, size, images, device, args, cache_dir)
+        else:
+            row = bench_peer(model, bb_name, size, images, device, args)
+    except PredictorError:
+        raise
+    except Exception as e:  # noqa: BLE001 - keep the other measurements
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        logger.warning("bench %s %s/%s @%d failed: %s: %s", bb, model, engine, size, type(e).__name__, msg)
+        row = {"model": model, "engine": engine, "size": size, "error": f"{type(e).__name__}: {msg}"}
+    row = {"backbone": bb, **row}
+    if "error" not in row:
+        print(f"  {bb:5s} {size:4d} {model:8s} {engine:11s} median {row['median_ms']:8.1f} ms  p90 {row['p90_ms']:8.1f} ms",
+              flush=True)
+    return row
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 
@@ -370,6 +399,7 @@ def bench_peer(kind: str, backbone_name: str, size: int, images, device: torch.d
 def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (backbone, size): ours/FCOS, fusion share, onnxruntime/torch, ours/Mask R-CNN (medians)."""
     out = []
+    results = [r for r in results if "error" not in r]
     keys = sorted({(r["backbone"], r["size"]) for r in results}, key=lambda k: (k[0], k[1]))
     for bb, size in keys:
         rows = {(r["model"], r["engine"]): r for r in results if r["backbone"] == bb and r["size"] == size}
@@ -395,6 +425,8 @@ def _fmt(v, spec: str = ".1f") -> str:
 
 
 def markdown_tables(results: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> str:
+    failed = [r for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
     lines = ["| backbone | size | ours torch ms (p90) | ours ORT ms (p90) | FCOS ms (p90) | Mask R-CNN ms (p90) | "
              "ours/FCOS | fusion share | ORT/torch | ours/Mask R-CNN |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -426,6 +458,8 @@ def markdown_tables(results: list[dict[str, Any]], ratio_rows: list[dict[str, An
         for r in mem_rows:
             lines.append(f"| {r['backbone']} | {r['size']} | {r['model']} | {r['engine']} | {r['peak_mem_mb']:.0f} | "
                          f"{r['mem_delta_mb']:.0f} |")
+    for r in failed:
+        lines.append(f"\nfailed: {r['backbone']} {r['size']} {r['model']}/{r['engine']}: {r['error']}")
     return "\n".join(lines)
 
 
@@ -501,14 +535,9 @@ def main(argv: list[str] | None = None) -> int:
                     (SMALL_ARCH["backbone"] if bb == "small" else BACKBONES[bb])
                 for size in sizes:
                     for m in models:
-                        if m == "ours":
-                            for e in engines:
-                                logger.info("bench %s ours/%s @%d", bb, e, size)
-                                row = bench_ours(weights, e, size, images, device, args, tmp / "onnx")
-                                results.append({"backbone": bb, **row})
-                        else:
-                            logger.info("bench %s %s @%d", bb, m, size)
-                            results.append({"backbone": bb, **bench_peer(m, bb_name, size, images, device, args)})
+                        for e in (engines if m == "ours" else ["torch"]):
+                            row = _run_one(m, e, bb, bb_name, size, weights, images, device, args, tmp / "onnx")
+                            results.append(row)
     except BenchError as e:
         print(f"ciae-bench: error: {e}", file=sys.stderr)
         return 1
