@@ -25,13 +25,11 @@ Decisions (a careful camera-driver user's defaults, all arguments):
 from __future__ import annotations
 
 import array
-import logging
 import sys
 
 import cv2
 import numpy as np
 
-_LOG = logging.getLogger(__name__)
 
 # encoding -> (channels, bytes per channel, channel order of the colour channels)
 _PLAIN_ENCODINGS: dict[str, tuple[int, int, str]] = {

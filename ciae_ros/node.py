@@ -35,7 +35,6 @@ import collections
 import gc
 import hashlib
 import logging
-import os
 import pathlib
 import sys
 import threading
@@ -46,7 +45,6 @@ import numpy as np
 
 from .image_conversion import DEFAULT_MAX_PIXELS, ImageConversionError, compressed_to_rgb, image_to_rgb
 
-_LOG = logging.getLogger(__name__)
 
 NODE_NAME = "ciae_panoptic"
 DEFAULT_IMAGE_TOPIC = "camera/image_raw"  # relative: /camera/image_raw in the root namespace, /<ns>/camera/image_raw in <ns>

@@ -4,7 +4,6 @@ and leaves a report, overlay PNGs and a replayable MCAP bag (a short run here)."
 from __future__ import annotations
 
 import json
-import pathlib
 
 import pytest
 

@@ -8,7 +8,6 @@ import ast
 import pathlib
 import re
 
-import pytest
 import yaml
 
 from ciae_ros.node import PARAMS, SPECS
