@@ -316,6 +316,7 @@ def multicam(node_weights, client, tmp_path_factory):
     n = NodeProcess(tmp_path_factory.mktemp("multicam") / "node.log", node_weights,
                     params={"input_size": INPUT_SIZE, "input_transport": "compressed", "diagnostics_period": 0.5,
                             "image_topics": ["cam1/image_raw", "cam2/image_raw"]},
+                    extra_args=["--lifecycle", "--autostart"],  # the managed variant, activated at start
                     ros_args=["-r", "__ns:=/multi"])
     n.wait_ready(cats)
     pubs = {c: Publisher(f"/multi/{c}/image_raw", compressed=True) for c in ("cam1", "cam2")}
@@ -434,6 +435,7 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
         "corrupt": ({"weights": str(corrupt)}, "corrupt.safetensors"),
         "engine": ({"engine": "tensorflow"}, "engine must be one of"),
         "range": ({"input_size": 333}, "input_size"),
+        "autostart": ({"weights": str(corrupt)}, "autostart failed"),
     }
     if not torch.cuda.is_available():
         cases["cuda"] = ({"device": "cuda"}, "CUDA")
@@ -441,7 +443,9 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
     for name, (params, _) in cases.items():
         p = dict(params)
         weights = p.pop("weights", node_weights)
-        procs[name] = NodeProcess(tmp_path / f"{name}.log", weights, params=p, ros_args=["-r", f"__ns:=/err_{name}"])
+        extra = ["--lifecycle", "--autostart"] if name == "autostart" else []
+        procs[name] = NodeProcess(tmp_path / f"{name}.log", weights, params=p, extra_args=extra,
+                                  ros_args=["-r", f"__ns:=/err_{name}"])
     for name, (_, expected) in cases.items():
         n = procs[name]
         try:
