@@ -459,3 +459,32 @@ def test_ddp_two_gloo_ranks_end_with_identical_weights(tmp_path):
     # the memory embeddings moved (batch means were all-reduced, not left at the initialisation)
     model, _ = _tiny_model_and_optimizer()
     assert not torch.equal(model.state_dict()["memory"], r0["memory"])
+
+
+# ------------------------------------------------------------------ the shipped model
+
+
+def test_shipped_model_matches_its_training_config():
+    """models/ciae_synthetic_small.safetensors was produced by config/train/synthetic_small.yaml."""
+    from ciae_core.checkpoint import config_from_checkpoint
+    from ciae_core.model import CIAEConfig
+    from ciae_core.synth import SYNTH_CATEGORIES
+
+    cfg = T.load_config(CONFIGS / "synthetic_small.yaml")
+    expected = CIAEConfig(categories=SYNTH_CATEGORIES, **cfg.model).to_dict()
+    shipped = config_from_checkpoint(REPO / "models" / "ciae_synthetic_small.safetensors").to_dict()
+    assert shipped == expected
+    assert (REPO / "models" / "ciae_synthetic_small.safetensors").stat().st_size < 30 * 2 ** 20
+
+
+@pytest.mark.slow
+def test_shipped_model_quality_on_held_out_synthetic_scenes():
+    """PQ >= 55 on 10 held-out scenes (seed 1000, never seen in training) through the in-training evaluator."""
+    from ciae_core.checkpoint import load_model
+
+    cfg = T.load_config(CONFIGS / "synthetic_small.yaml", ["data.val.max_images=10"])
+    val, _ = T.build_dataset(cfg.data.val, cfg.data.input, train=False)
+    model = load_model(REPO / "models" / "ciae_synthetic_small.safetensors")
+    metrics = T.evaluate(model, val, torch.device("cpu"))
+    assert metrics["PQ"] >= 55.0, metrics
+    assert metrics["PQ_th"] >= 40.0 and metrics["PQ_st"] >= 80.0, metrics
