@@ -1031,9 +1031,25 @@ def _move_targets(targets: list[dict], device: torch.device) -> list[dict]:
 
 
 def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` periodic checkpoints. Each is first renamed to a hidden
+    name (atomic), so a crash mid-deletion never leaves a half-deleted checkpoint visible."""
     dirs = sorted(p for p in ckpt_dir.glob("iter_*") if p.is_dir() and not p.is_symlink())
     for p in dirs[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+        trash = p.parent / f".trash-{p.name}-{os.getpid()}"
+        os.rename(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _clean_stale(out: Path) -> None:
+    """Repair/remove what a killed run can leave: a half-swapped ``best/`` and hidden temp dirs."""
+    recover_checkpoint_dir(out / "best")
+    ckpt_dir = out / "checkpoints"
+    if ckpt_dir.is_dir():
+        for p in list(ckpt_dir.glob(".old-*")):  # ".old-<name>-<pid>"
+            recover_checkpoint_dir(ckpt_dir / p.name[len(".old-"):].rsplit("-", 1)[0])
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith((".tmp-", ".trash-", ".old-")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def find_last_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -1093,6 +1109,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
     scaler = torch.amp.GradScaler("cuda", enabled=(s.amp == "fp16" and device.type == "cuda"))
 
     start_iter, best_pq, metrics = 0, None, {}
+    if ctx.is_main and out.is_dir():
+        _clean_stale(out)
+    if ctx.distributed:
+        dist.barrier()
     if resume:
         last = find_last_checkpoint(out)
         if last is None:

@@ -488,3 +488,17 @@ def test_shipped_model_quality_on_held_out_synthetic_scenes():
     metrics = T.evaluate(model, val, torch.device("cpu"))
     assert metrics["PQ"] >= 55.0, metrics
     assert metrics["PQ_th"] >= 40.0 and metrics["PQ_st"] >= 80.0, metrics
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("fp16", False), ("off", False)])
+def test_cuda_training_with_amp(tmp_path, amp, channels_last):
+    from ciae_core.checkpoint import load_model
+
+    out = tmp_path / "run"
+    assert T.main(["--config", str(CONFIGS / "synthetic_smoke.yaml"), "--out", str(out), "--device", "cuda",
+                   "--set", f"solver.amp={amp}", "--set", f"solver.channels_last={str(channels_last).lower()}"]) == 0
+    state, tensors = T.read_checkpoint_state(out / "checkpoints" / "last")
+    assert state["iteration"] == 4 and (state["scaler"] is not None) == (amp == "fp16")
+    model = load_model(out / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
