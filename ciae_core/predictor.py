@@ -444,6 +444,9 @@ class _OrtEngine:
                                  f"its metadata config ({t} thing classes, {len(self.config.categories)} categories, "
                                  f"embed_dim {d}); re-export with ciae-export")
         self._on_cuda = device.type == "cuda" and self.providers[0] != "CPUExecutionProvider"
+        if device.type == "cuda" and not self._on_cuda:
+            logger.warning("onnxruntime has no GPU provider here (providers %s): the graph runs on the CPU; "
+                           "install onnxruntime-gpu or use engine='torch'", self.providers)
         self._out_shapes: dict[tuple, list] = {}
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
