@@ -509,6 +509,13 @@ def init_distributed(device_name: str, timeout_s: float = 1800.0) -> DistContext
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def _barrier(ctx: DistContext) -> None:
+    if ctx.device.type == "cuda":
+        dist.barrier(device_ids=[ctx.device.index])
+    else:
+        dist.barrier()
+
+
 def reduce_scalars(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
     """Mean of each scalar over all ranks (for logging)."""
     if not ctx.distributed or not values:
@@ -1112,7 +1119,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
     if ctx.is_main and out.is_dir():
         _clean_stale(out)
     if ctx.distributed:
-        dist.barrier()
+        _barrier(ctx)
     if resume:
         last = find_last_checkpoint(out)
         if last is None:
@@ -1243,7 +1250,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
                                         extra={"best_pq": best_pq, "metrics": metrics})
                         logger.info("new best PQ %.2f at iteration %d -> %s", best_pq, done, out / "best")
                 if ctx.distributed:
-                    dist.barrier()
+                    _barrier(ctx)
             if done % cfg.output.checkpoint_period == 0 or last_iter or done == end_iter:
                 if ctx.is_main:
                     name = f"iter_{done:07d}"
@@ -1252,7 +1259,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bo
                     point_link(ckpt_dir / "last", name)
                     _prune_checkpoints(ckpt_dir, cfg.output.keep_last)
                 if ctx.distributed:
-                    dist.barrier()
+                    _barrier(ctx)
         iteration = end_iter
         check_replicas_agree(model, ctx)
         if ctx.is_main and iteration < s.max_iter:
