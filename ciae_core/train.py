@@ -9,7 +9,14 @@ Distributed training uses torch's own engine: start with
 ``torchrun --nproc_per_node=G [--nnodes N --node_rank R --rdzv-endpoint HOST:PORT] -m ciae_core.train ...``;
 every process trains a DDP replica on its shard of a deterministic sample stream (NCCL on CUDA,
 gloo on CPU), the memory-embedding batch means are all-reduced by the model (see ``ciae_core.losses``),
-and only rank 0 writes checkpoints, logs to TensorBoard and evaluates.
+and only rank 0 writes checkpoints, logs to TensorBoard and evaluates. At the end all ranks compare
+a hash of their weights and buffers (``check_replicas_agree``).
+
+Decision: instead of ``DistributedSampler`` (whose position is an epoch + an index the loader
+does not expose) the data come from ``TrainingSampler``, an infinite stream in which global
+position ``p`` goes to rank ``p % world_size`` and carries its own augmentation seed
+(``SeededDataset``); iteration ``i`` starts at position ``i * ims_per_batch``. Resuming therefore
+needs only the iteration number, with any number of loader workers.
 
 Checkpoints (``<out>/checkpoints/iter_XXXXXXX/``) hold ``model.safetensors`` (weights + model config),
 ``state.safetensors`` (optimizer / grad-scaler / RNG tensors) and ``state.json`` (iteration, the

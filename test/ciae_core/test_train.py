@@ -502,3 +502,19 @@ def test_cuda_training_with_amp(tmp_path, amp, channels_last):
     assert state["iteration"] == 4 and (state["scaler"] is not None) == (amp == "fp16")
     model = load_model(out / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+@pytest.mark.slow
+def test_torchrun_cli_two_ranks(tmp_path):
+    """The documented command line: torchrun + `-m ciae_core.train`, 2 gloo ranks on CPU. The run
+    ends with the replica check (bit-identical weights on all ranks) and writes from rank 0 only."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "ciae_core.train", "--config", str(CONFIGS / "synthetic_smoke.yaml"), "--out", str(out),
+           "--set", "solver.ims_per_batch=4", "--set", "solver.max_iter=2", "--set", "output.tensorboard=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "global batch 4 (2 per process)" in proc.stderr
+    assert proc.stdout.count("finished at iteration 2") == 1  # rank 0 prints, rank 1 does not
+    assert (out / "model.safetensors").is_file()
