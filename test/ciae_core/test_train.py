@@ -4,7 +4,6 @@ smoke trainings (synthetic + COCO sample), exact resume, atomic checkpoints, 2-r
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import random
 import socket
