@@ -411,11 +411,13 @@ class CIAECriterion(nn.Module):
         n, _, h, w = embedding_pre.shape
         for i, t in enumerate(targets):
             _check_target(t, h, w, i)
-        # losses and the memory statistics in float32 (sums over ~1e6 pixels overflow fp16 under AMP)
+        # losses and the memory statistics in float32, autocast off: sums over ~1e6 pixels overflow
+        # fp16 and bf16 similarities are too coarse for a 0.15 margin
         cls_logits, box_regression, centerness = cls_logits.float(), box_regression.float(), centerness.float()
         embedding_pre = embedding_pre.float()
-        losses = self.detection_losses(cls_logits, box_regression, centerness, points, level_sizes, targets)
-        l_cae, l_iae, stats = self.embedding_losses(embedding_pre, memory, targets, image_sizes)
+        with torch.autocast(embedding_pre.device.type, enabled=False):
+            losses = self.detection_losses(cls_logits, box_regression, centerness, points, level_sizes, targets)
+            l_cae, l_iae, stats = self.embedding_losses(embedding_pre, memory.float(), targets, image_sizes)
         losses["loss_cae"] = l_cae
         losses["loss_iae"] = self.iae_weight * l_iae
         return losses, stats

@@ -286,3 +286,17 @@ def test_onnx_export_matches_torch(tmp_path):
         for i, k in enumerate(names):
             assert got[i].shape == tuple(want[k].shape), k
             assert torch.allclose(torch.from_numpy(got[i]), want[k], atol=1e-3, rtol=1e-3), k
+
+
+def test_training_under_autocast_keeps_losses_and_memory_in_float32():
+    m = small(backbone_norm="gn", trainable_backbone_layers=5, sizes_of_interest=(4, 8, 16, 24),
+              loss_pixel_samples=1024)
+    m.train()
+    x = torch.rand(1, 3, 128, 256) * 255
+    mem0 = m.memory.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = m(x, [_scene()], [(128, 256)])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert m.memory.dtype == torch.float32 and not torch.equal(m.memory, mem0)
+    assert torch.allclose(m.memory.norm(dim=1), torch.ones(5), atol=1e-5)
