@@ -476,12 +476,13 @@ class CIAECriterion(nn.Module):
             isthing = t["isthing"].bool()
             crowd = t.get("iscrowd", torch.zeros_like(isthing)).bool()
             seg = torch.full((h, w), -1, dtype=torch.long, device=dev)
+            crowd_list = crowd.tolist()  # one host sync per image
             for k in range(masks.shape[0]):
-                if not crowd[k]:
+                if not crowd_list[k]:
                     seg[masks[k]] = k
             for k in range(masks.shape[0]):
-                if crowd[k]:
-                    seg[masks[k]] = -1
+                if crowd_list[k]:
+                    seg[masks[k]] = -1  # crowd pixels are void, also where they overlap other segments
             if image_sizes is not None:
                 hi, wi = image_sizes[i]
                 seg[int(hi):, :] = -1
