@@ -485,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-providers", default="cuda", help="onnxruntime providers on CUDA, e.g. tensorrt,cuda")
     p.add_argument("--small-weights", default=None, help="small model checkpoint (default: models/*.safetensors)")
     p.add_argument("--images", default=None, help="image directory (default: the COCO sample)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per model (raised to the number of "
+                   "images so every input shape is warm; 0 = none)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--detections", type=int, default=30, help="instances per image for every model")
     p.add_argument("--channels-last", action="store_true", help="ours (torch): channels_last memory format")
@@ -524,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         images = load_inputs(args.images)
+        if args.warmup > 0:  # every image shape once: oneDNN/cuDNN plans and CUDA graphs are per shape
+            args.warmup = max(args.warmup, len(images))
         results = []
         with tempfile.TemporaryDirectory(prefix="ciae-bench-") as tmp:
             tmp = pathlib.Path(tmp)
