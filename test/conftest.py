@@ -13,7 +13,9 @@ import pathlib
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One compute thread per process: tests start node/camera subprocesses beside the test process
+# on a 2-core machine, and oversubscribed torch threads made CPU tests up to 9x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -26,7 +28,7 @@ def pytest_configure(config):
     try:
         import torch
 
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     except ImportError:
         pass
 
