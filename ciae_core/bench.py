@@ -473,7 +473,9 @@ def _csv(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ciae-bench", description="Latency of CIAE vs torchvision FCOS and Mask R-CNN "
-                                "(same process, inputs and threads; median and p90).")
+                                "(same process, inputs and threads; median and p90).",
+                                epilog="ciae-bench --node [...]: node overhead over real DDS "
+                                       "(see ciae-bench --node --help).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="autocast precision on CUDA (torch engines; fp16 also enables TensorRT fp16)")
@@ -498,6 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--node":
+        # Node overhead (publish -> receive latency minus predictor time) lives with the ROS glue;
+        # imported only here so that ciae_core itself never imports ROS.
+        try:
+            from ciae_ros.bench_node import main as node_main
+        except ImportError as e:
+            print(f"ciae-bench --node: needs rclpy and the built ciae_ros messages ({e})", file=sys.stderr)
+            return 2
+        return node_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

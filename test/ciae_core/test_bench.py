@@ -58,3 +58,14 @@ def test_summary_and_ratio_arithmetic():
     assert r["ours_over_fcos"] == pytest.approx(1.5) and r["ort_over_torch"] == pytest.approx(0.5)
     assert r["fusion_share"] == pytest.approx(6 / 30) and r["ours_over_maskrcnn"] is None
     assert "| r50 | 512 | 30.0 (31.0) | 15.0 (16.0) | 20.0 (21.0) | – |" in markdown_tables(rows, [r])
+
+
+def test_node_mode_dispatches_to_the_ros_node_benchmark(capsys):
+    """`ciae-bench --node` runs ciae_ros.bench_node (imported only in that mode)."""
+    pytest.importorskip("rclpy")
+    from ciae_core import bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--node", "--help"])
+    assert exc.value.code == 0
+    assert "ciae-bench --node" in capsys.readouterr().out
