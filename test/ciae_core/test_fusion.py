@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ciae_core.fusion import (fuse_panoptic, instance_queries_at, panoptic_from_raw, panoptic_similarity,
+from ciae_core.fusion import (MASKED_SIMILARITY, first_argmax, fuse_panoptic, instance_queries_at, panoptic_from_raw, panoptic_similarity,
                               select_proposals, split_panoptic)
 from ciae_core.synth import SYNTH_CATEGORIES, render_scene
 
@@ -314,3 +315,79 @@ def test_fusion_on_gpu_matches_cpu(coco_sample):
     assert gpu["id_map"].is_cuda
     for k in ("id_map", "segment_ids", "labels", "areas", "boxes"):
         assert torch.equal(cpu[k], gpu[k].cpu()), k
+
+
+@pytest.mark.parametrize("k", [1, 7, 83, 300])
+def test_first_argmax_equals_torch_max_with_ties(k):
+    g = torch.Generator().manual_seed(k)
+    sim = torch.randint(-3, 4, (2, k, 9, 11), generator=g).float() / 4  # many exact ties
+    values, index = first_argmax(sim, 1)
+    ref_values, ref_index = sim.max(dim=1)
+    assert torch.equal(values, ref_values) and torch.equal(index, ref_index)
+    assert torch.equal(first_argmax(sim.transpose(1, 3), 3)[1], ref_index.transpose(1, 2))
+
+
+def _direct_fusion(emb, stuff_q, inst_q, boxes, valid, stride, min_visible_fraction, min_instance_area,
+                   min_stuff_pixels):
+    """One image, the paper's rules spelled out with full (K, H, W) masks, torch.max and per-slot loops."""
+    queries = torch.cat([stuff_q, inst_q[0]])
+    sim = torch.einsum("dhw,kd->khw", emb[0], queries)
+    if stride > 1:
+        sim = F.interpolate(sim[None], scale_factor=stride, mode="bilinear", align_corners=False)[0]
+    s_num, (k, h, w) = stuff_q.shape[0], sim.shape
+    cy, cx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    box_masks = []
+    for j, (x0, y0, x1, y1) in enumerate(boxes[0].tolist()):
+        in_box = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
+        box_masks.append(in_box)
+        sim[s_num + j][~in_box] = 0.0  # outside_box_value
+        if not valid[0, j]:
+            sim[s_num + j] = MASKED_SIMILARITY
+    assign = sim.max(dim=0).indices
+    dropped = []
+    for j, in_box in enumerate(box_masks):
+        area = int((assign == s_num + j).sum())
+        if valid[0, j] and (area < min_instance_area or area < min_visible_fraction * int(in_box.sum())):
+            sim[s_num + j] = MASKED_SIMILARITY
+            dropped.append(j)
+    top = sim.topk(min(2, k), dim=0).values
+    assign = sim.max(dim=0).indices
+    id_map, next_id = torch.zeros(h, w, dtype=torch.int32), 1
+    for slot in range(k):
+        area = int((assign == slot).sum())
+        if area == 0 or (slot < s_num and area < min_stuff_pixels) or (slot >= s_num and area < min_instance_area):
+            continue
+        if slot >= s_num and (not valid[0, slot - s_num] or slot - s_num in dropped):
+            continue
+        id_map[assign == slot] = next_id
+        next_id += 1
+    confidence = (top[0] - top[1]).clamp(0, 2) if k >= 2 else top[0].clamp(0, 2)
+    return id_map, torch.where(id_map > 0, confidence, torch.zeros_like(confidence)), dropped
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_fusion_equals_direct_rules_with_drops_invalid_slots_and_ties(stride):
+    """The optimised fusion (amax argmax, partial re-assignment, presence-table boxes) gives exactly
+    the pixels, areas, boxes and confidences of the rules applied directly."""
+    g = torch.Generator().manual_seed(stride)
+    h, w, q = 64 // stride, 96 // stride, 12
+    emb = F.normalize(torch.randn(1, 8, h, w, generator=g), dim=1)
+    stuff_q = F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    inst_q = F.normalize(torch.randn(1, q, 8, generator=g), dim=2)
+    inst_q[0, 3] = inst_q[0, 2]  # a duplicate: ties with the better-ranked copy
+    xy = torch.rand(1, q, 2, generator=g) * torch.tensor([80.0, 50.0])
+    boxes = torch.cat([xy, xy + 4 + torch.rand(1, q, 2, generator=g) * 40], dim=2)
+    valid = torch.ones(1, q, dtype=torch.bool)
+    valid[0, -2:] = False
+    kw = dict(min_visible_fraction=0.3, min_instance_area=20)
+    fused = fuse_panoptic(emb, stuff_q, inst_q, boxes, torch.zeros(1, q, dtype=torch.long), torch.ones(1, q), valid,
+                          num_things=1, embedding_stride=stride, min_stuff_area=50, stuff_area_reference=0,
+                          return_confidence=True, **kw)
+    ref_map, ref_conf, dropped = _direct_fusion(emb, stuff_q, inst_q, boxes, valid, stride, min_stuff_pixels=50, **kw)
+    assert dropped, "the scene must exercise the drop-and-reassign step"
+    assert torch.equal(fused["id_map"][0], ref_map)
+    assert torch.equal(fused["confidence"][0], ref_conf)
+    r = split_panoptic(fused, [(64, 96)])[0]
+    for i, a, b in zip(r["ids"].tolist(), r["areas"].tolist(), r["boxes"].tolist()):
+        ys, xs = (ref_map == i).nonzero(as_tuple=True)
+        assert a == ys.numel() and b == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
