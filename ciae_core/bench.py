@@ -66,11 +66,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "test" / "data" / "coco-panoptic-sample"
+SAMPLE_RELATIVE = pathlib.Path("test") / "data" / "coco-panoptic-sample"
 BACKBONES = {"r50": "resnet50"}
 ALL_MODELS = ("ours", "fcos", "maskrcnn")
 # the shipped small model's architecture (config/train/synthetic_small.yaml) for a random stand-in
-SMALL_ARCH = dict(backbone="resnet18", backbone_norm="gn", trainable_backbone_layers=5, fpn_channels=64,
+SMALL_ARCH = dict(backbone="mobilenet_v3_large", backbone_norm="gn", trainable_backbone_layers=5, fpn_channels=64,
                   head_channels=64, tower_depth=2, embed_dim=32, embed_branch_channels=64, embedding_stride=4)
 
 
@@ -157,11 +157,47 @@ def summarize(times: list[float]) -> dict[str, float]:
 # inputs and models
 
 
+def data_roots() -> list[pathlib.Path]:
+    """Where the benchmark looks for ``test/data`` and ``models/``: the source tree this module
+    comes from, the working directory (an installed copy run from a checkout), and the ament
+    share directory of an install into this interpreter's prefix (``make setup``)."""
+    roots = []
+    for r in (REPO, pathlib.Path.cwd(), pathlib.Path(sys.prefix) / "share" / "ciae_ros"):
+        r = r.resolve()
+        if r not in roots:
+            roots.append(r)
+    return roots
+
+
+def sample_dir() -> pathlib.Path | None:
+    """The COCO sample directory (``test/data/coco-panoptic-sample``) if one is reachable."""
+    for r in data_roots():
+        if (r / SAMPLE_RELATIVE / "panoptic_coco_categories.json").is_file():
+            return r / SAMPLE_RELATIVE
+    return None
+
+
+def synthetic_inputs(count: int = 2, height: int = 480, width: int = 640) -> list[np.ndarray]:
+    """Rendered synthetic scenes (RGB uint8), the fallback when the COCO sample is not reachable."""
+    from ciae_core.synth import render_scene
+
+    return [render_scene(1000 + i, height, width)[0] for i in range(count)]
+
+
 def load_inputs(image_dir: pathlib.Path | None = None) -> list[np.ndarray]:
-    """The benchmark images (RGB uint8): the COCO sample, or ``image_dir``'s images."""
+    """The benchmark images (RGB uint8): ``image_dir``'s images, else the COCO sample, else (no
+    checkout reachable, e.g. an installed copy run elsewhere) two rendered 640x480 synthetic scenes."""
     import cv2
 
-    d = pathlib.Path(image_dir) if image_dir else SAMPLE / "images"
+    if image_dir:
+        d = pathlib.Path(image_dir)
+    else:
+        sample = sample_dir()
+        if sample is None:
+            logger.warning("COCO sample (%s) not found from %s or the working directory; benchmarking on two "
+                           "rendered 640x480 synthetic scenes (pass --images DIR to choose)", SAMPLE_RELATIVE, REPO)
+            return synthetic_inputs()
+        d = sample / "images"
     files = sorted(p for p in d.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
         raise BenchError(f"no benchmark images in {d}")
@@ -177,16 +213,22 @@ def load_inputs(image_dir: pathlib.Path | None = None) -> list[np.ndarray]:
 def coco_categories():
     from ciae_core.structures import CategoryInfo
 
-    cats = json.loads((SAMPLE / "panoptic_coco_categories.json").read_text())
-    infos = [CategoryInfo(id=int(c["id"]), name=c["name"], isthing=bool(c["isthing"]), color=tuple(c["color"]))
-             for c in cats]
+    sample = sample_dir()
+    if sample is None:  # same class counts as COCO panoptic (80 things, 53 stuff); only the counts matter for timing
+        infos = [CategoryInfo(id=i + 1, name=f"class{i + 1}", isthing=i < 80, color=(i, 2 * i % 256, 3 * i % 256))
+                 for i in range(133)]
+    else:
+        cats = json.loads((sample / "panoptic_coco_categories.json").read_text())
+        infos = [CategoryInfo(id=int(c["id"]), name=c["name"], isthing=bool(c["isthing"]), color=tuple(c["color"]))
+                 for c in cats]
     return [c for c in infos if c.isthing] + [c for c in infos if not c.isthing]
 
 
 def ours_checkpoint(backbone: str, directory: pathlib.Path, small_weights: str | None) -> pathlib.Path:
     """Weights for ``ours``: the shipped/given small model, or a random model saved to ``directory``."""
     if backbone == "small":
-        cand = small_weights or next(iter(sorted((REPO / "models").glob("*.safetensors"))), None)
+        cand = small_weights or next((m for r in data_roots() for m in sorted((r / "models").glob("*.safetensors"))),
+                                     None)
         if cand:
             return pathlib.Path(cand)
     from ciae_core.checkpoint import save_model

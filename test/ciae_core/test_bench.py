@@ -69,3 +69,25 @@ def test_node_mode_dispatches_to_the_ros_node_benchmark(capsys):
         bench.main(["--node", "--help"])
     assert exc.value.code == 0
     assert "ciae-bench --node" in capsys.readouterr().out
+
+
+def test_bench_inputs_without_a_checkout(tmp_path, monkeypatch):
+    """An installed copy run outside the repository (no test/data reachable) still benchmarks:
+    rendered synthetic scenes as inputs and COCO's class counts (80 things, 53 stuff)."""
+    import pathlib
+
+    from ciae_core import bench
+
+    assert bench.sample_dir() is not None  # from the source tree
+    monkeypatch.setattr(bench, "REPO", pathlib.Path(tmp_path / "site-packages"))
+    monkeypatch.chdir(tmp_path)
+    assert bench.sample_dir() is None
+    images = bench.load_inputs()
+    assert len(images) == 2 and images[0].shape == (480, 640, 3) and images[0].dtype.name == "uint8"
+    assert images[0].std() > 10  # a rendered scene, not a blank frame
+    cats = bench.coco_categories()
+    assert sum(c.isthing for c in cats) == 80 and len(cats) == 133
+    # a checkout in the working directory is found (an installed ciae-bench run from the repo root)
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    assert bench.sample_dir() == repo / "test" / "data" / "coco-panoptic-sample"
