@@ -104,12 +104,199 @@ def first_argmax(sim: Tensor, dim: int = 1) -> tuple[Tensor, Tensor]:
     return top.squeeze(dim), k - key.amax(dim).long()
 
 
+def bilinear_taps(out_size: int, in_size: int, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The two source taps and weights of ``F.interpolate(mode="bilinear", align_corners=False)``
+    along one axis, computed the way torch computes them: source coordinate
+    ``max(0, (i + 0.5) * in/out - 0.5)``, ``i0 = floor``, ``i1 = min(i0 + 1, in - 1)``,
+    ``l1 = frac``, ``l0 = 1 - l1`` (float32). Returns ``i0, i1 (out,)`` long and ``l0, l1 (out,)``.
+    """
+    scale = torch.tensor(float(in_size), dtype=torch.float32) / torch.tensor(float(out_size), dtype=torch.float32)
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.long().clamp_max(in_size - 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    l1 = (src - i0.float()).clamp(0.0, 1.0)
+    l0 = 1.0 - l1
+    return tuple(t.to(device) for t in (i0, i1, l0, l1))  # type: ignore[return-value]
+
+
+# pixels evaluated at once by the sparse (pixel, query) path: bounds its (M, K) temporaries
+_PIXEL_CHUNK = 1 << 16
+
+
+def _interpolate_at(pixels_major: Tensor, hw: tuple[int, int], taps, n_idx: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """Bilinear values of every query plane at output pixels (n_idx, y, x) → ``(M, K)`` float32.
+
+    pixels_major ``(N*h*w, K)`` (the low-res similarities with the queries innermost). The sum
+    is ordered as in torch's CPU kernel, ``(a*lx0 + b*lx1)*ly0 + (c*lx0 + d*lx1)*ly1``.
+    """
+    h, w = hw
+    (i0y, i1y, l0y, l1y), (i0x, i1x, l0x, l1x) = taps
+    base = n_idx * (h * w)
+    ya, yb = base + i0y[y] * w, base + i1y[y] * w
+    xa, xb = i0x[x], i1x[x]
+    wx0, wx1 = l0x[x, None], l1x[x, None]
+    top = pixels_major[ya + xa].float() * wx0 + pixels_major[ya + xb].float() * wx1
+    bottom = pixels_major[yb + xa].float() * wx0 + pixels_major[yb + xb].float() * wx1
+    return top * l0y[y, None] + bottom * l1y[y, None]
+
+
+def _pixel_argmax(sim_low: Tensor, taps, idx: tuple[Tensor, Tensor, Tensor], s_num: int, in_y: Tensor, in_x: Tensor,
+                  instance_ok: Tensor, outside_box_value: float) -> tuple[Tensor, Tensor]:
+    """Eq. 16 at a sparse set of output pixels: all K up-sampled similarities, box filtering,
+    first argmax. idx: ``(n, y, x)`` index tensors of M pixels → values ``(M,)``, slots ``(M,)``."""
+    n, k, h, w = sim_low.shape
+    pixels_major = sim_low.permute(0, 2, 3, 1).reshape(n * h * w, k)
+    n_idx, y, x = idx
+    values, slots = [], []
+    for start in range(0, n_idx.numel(), _PIXEL_CHUNK):
+        nc, yc, xc = (t[start:start + _PIXEL_CHUNK] for t in idx)
+        v = _interpolate_at(pixels_major, (h, w), taps, nc, yc, xc)
+        if k > s_num:
+            in_box = in_y[nc, :, yc] & in_x[nc, :, xc]  # (m, Q)
+            inst = torch.where(in_box, v[:, s_num:], torch.full((), outside_box_value, dtype=v.dtype, device=v.device))
+            inst = inst.masked_fill(~instance_ok[nc], MASKED_SIMILARITY)
+            v = torch.cat([v[:, :s_num], inst], dim=1)
+        t1, a1 = v.max(dim=1)  # first index of the maximum
+        values.append(t1)
+        slots.append(a1)
+    if not values:
+        return sim_low.new_zeros(0), torch.zeros(0, dtype=torch.long, device=sim_low.device)
+    return torch.cat(values).to(sim_low.dtype), torch.cat(slots)
+
+
+def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, in_x: Tensor, instance_ok: Tensor,
+                              sizes: Tensor, outside_box_value: float) -> tuple[Tensor, Tensor]:
+    """Steps 2–3 of :func:`fuse_panoptic` for up-sampled similarities, without the full tensor.
+
+    sim_low ``(N, K, h, w)`` similarities at the embedding resolution (K = S stuff + Q instance
+    queries), taps: :func:`bilinear_taps` for rows and columns of the ``(H, W)`` output,
+    in_y ``(N, Q, H)`` / in_x ``(N, Q, W)`` box rows/columns, instance_ok ``(N, Q)``,
+    sizes ``(N, 2)`` valid (h, w) of each output image (top-left) → slot per output pixel
+    ``(N, H, W)`` long (pixels outside the valid region: any) and ``(N, K)`` sums of each slot's (box-filtered, up-sampled)
+    similarity over its valid pixels (for the stuff scores).
+
+    Why it is exact: every output pixel whose row taps are (r, r') and column taps (c, c') — a
+    "cell" of about stride x stride pixels — gets a convex combination of the four corner values
+    (r|r', c|c'). Inside a cell, each instance's box filter is either everywhere on, everywhere
+    off (its plane is the constant ``outside_box_value``, also a convex combination) or mixed.
+    If no box is mixed and one slot is the first maximum at all four corners, it is the maximum
+    of every convex combination (a weighted sum of ``>=`` inequalities; floating-point rounding is
+    monotone), so the whole cell takes that slot. An instance whose box edge crosses the cell
+    takes part with ``max(similarity, outside_box_value)`` at the corners (the most it can reach
+    inside the cell); the cell is sure if another slot still wins. Only the other cells' pixels — segment
+    boundaries and box edges — are evaluated with all K up-sampled planes
+    (:func:`_pixel_argmax`). Same assignment as the dense path except where two up-sampled
+    similarities tie to the last bit. The similarity sums of a whole cell are formed at low
+    resolution from its corner values and the summed interpolation weights of its valid rows
+    and columns (bilinear weights are separable), so no full-resolution value map is built.
+    """
+    n, k, h, w = sim_low.shape
+    q = k - s_num
+    dev = sim_low.device
+    (i0y, _, _, _), (i0x, _, _, _) = taps
+    next_row = torch.arange(1, h + 1, device=dev).clamp_max(h - 1)
+    next_col = torch.arange(1, w + 1, device=dev).clamp_max(w - 1)
+    corners = [sim_low, sim_low.index_select(3, next_col)]
+    corners += [c.index_select(2, next_row) for c in corners]
+    mixed = None
+    if q:
+        # per cell and instance: how many of the cell's output rows / columns are inside the box
+        rows_in = torch.zeros(n, q, h, device=dev).index_add_(2, i0y, in_y.float())
+        cols_in = torch.zeros(n, q, w, device=dev).index_add_(2, i0x, in_x.float())
+        rows_per = torch.bincount(i0y, minlength=h).float()
+        cols_per = torch.bincount(i0x, minlength=w).float()
+        inside = (rows_in == rows_per)[..., :, None] & (cols_in == cols_per)[..., None, :]  # (N, Q, h, w)
+        outside = (rows_in == 0)[..., :, None] | (cols_in == 0)[..., None, :]
+        mixed = ~(inside | outside) & instance_ok[..., None, None]  # (N, Q, h, w)
+        ov = torch.full((), outside_box_value, dtype=sim_low.dtype, device=dev)
+        off = ~instance_ok[..., None, None]
+    labels, values = [], []
+    for c in corners:
+        if q:
+            # an instance whose box edge crosses the cell enters with the larger of its two possible
+            # values: if another slot still wins at all four corners, the edge cannot matter there
+            inst = c[:, s_num:]
+            inst = torch.where(inside, inst, torch.where(mixed, inst.clamp_min(ov), ov)).masked_fill_(off,
+                                                                                                    MASKED_SIMILARITY)
+            c = torch.cat([c[:, :s_num], inst], dim=1)
+        v, lab = first_argmax(c, 1)
+        labels.append(lab)
+        values.append(v.float())
+    label = labels[0]
+    sure = (label == labels[1]) & (label == labels[2]) & (label == labels[3])
+    if q:  # ... unless the winner itself is an instance whose box edge crosses the cell
+        winner_mixed = mixed.gather(1, (label - s_num).clamp_min(0)[:, None]).squeeze(1) & (label >= s_num)
+        sure &= ~winner_mixed
+    assign = label.index_select(1, i0y).index_select(2, i0x)  # (N, H, W)
+    idx = _cell_pixels(~sure, i0y, i0x, sizes)
+    sums = cell_similarity_sums(values, taps, sizes, (h, w)) * sure  # (N, h, w)
+    image_index = torch.arange(n, device=dev)[:, None, None].expand_as(label)
+    slot_sums = _sum_by_slot(image_index, label, sums, n, k)
+    if idx[0].numel():
+        t1, assign[idx] = _pixel_argmax(sim_low, taps, idx, s_num, in_y, in_x, instance_ok, outside_box_value)
+        slot_sums += _sum_by_slot(idx[0], assign[idx], t1, n, k)
+    return assign, slot_sums
+
+
+def _cell_pixels(cells: Tensor, i0y: Tensor, i0x: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Output pixels ``(n, y, x)`` of the marked cells ``(N, h, w)`` that lie in each image's valid
+    region; a cell's pixels are the rows with ``i0y == r`` and the columns with ``i0x == c``
+    (contiguous ranges, since the taps are monotone)."""
+    dev = cells.device
+    h, w = cells.shape[-2:]
+    cn, cr, cc = cells.nonzero(as_tuple=True)
+    rows_per = torch.bincount(i0y, minlength=h)
+    cols_per = torch.bincount(i0x, minlength=w)
+    row_start = torch.cumsum(rows_per, 0) - rows_per
+    col_start = torch.cumsum(cols_per, 0) - cols_per
+    by, bx = int(rows_per.max()), int(cols_per.max())
+    oy = torch.arange(by, device=dev)
+    ox = torch.arange(bx, device=dev)
+    y = row_start[cr, None] + oy  # (M, by)
+    x = col_start[cc, None] + ox  # (M, bx)
+    y_ok = (oy < rows_per[cr, None]) & (y < sizes[cn, 0, None])
+    x_ok = (ox < cols_per[cc, None]) & (x < sizes[cn, 1, None])
+    m, iy, ix = (y_ok[:, :, None] & x_ok[:, None, :]).nonzero(as_tuple=True)
+    return cn[m], y[m, iy], x[m, ix]
+
+
+def cell_similarity_sums(corner_values: list[Tensor], taps, sizes: Tensor, low_size: tuple[int, int]) -> Tensor:
+    """Sum over each cell's valid output pixels of the bilinear combination of its corner values.
+
+    corner_values: four ``(N, h, w)`` maps (corners (r, c), (r, c'), (r', c), (r', c') of the cell
+    at (r, c), as in :func:`coarse_to_fine_assignment`); sizes ``(N, 2)`` valid (h, w) of each
+    output image. Since the weight of a pixel is ``wy * wx``, the cell sum is
+    ``Wy0 (Wx0 v00 + Wx1 v01) + Wy1 (Wx0 v10 + Wx1 v11)`` with W the summed row/column weights.
+    """
+    h, w = low_size
+    (i0y, _, l0y, l1y), (i0x, _, l0x, l1x) = taps
+    dev = i0y.device
+
+    def summed(i0, l0, l1, cells, limit):
+        ok = (torch.arange(i0.numel(), device=dev)[None, :] < limit[:, None]).float()  # (N, out)
+        w0 = torch.zeros(limit.numel(), cells, device=dev).index_add_(1, i0, ok * l0[None])
+        w1 = torch.zeros(limit.numel(), cells, device=dev).index_add_(1, i0, ok * l1[None])
+        return w0, w1
+
+    wy0, wy1 = summed(i0y, l0y, l1y, h, sizes[:, 0])
+    wx0, wx1 = summed(i0x, l0x, l1x, w, sizes[:, 1])
+    v00, v01, v10, v11 = corner_values
+    wx0, wx1 = wx0[:, None, :], wx1[:, None, :]
+    return wy0[:, :, None] * (wx0 * v00 + wx1 * v01) + wy1[:, :, None] * (wx0 * v10 + wx1 * v11)
+
+
+def _sum_by_slot(image_index: Tensor, slots: Tensor, weights: Tensor, n: int, k: int) -> Tensor:
+    """``(N, K)`` float sums of ``weights`` by (image, slot); the three tensors have one shape."""
+    keys = (image_index * k + slots).flatten()
+    return torch.bincount(keys, weights=weights.flatten().double(), minlength=n * k).view(n, k).float()
+
+
 def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Tensor, instance_boxes: Tensor,
                   instance_labels: Tensor, instance_scores: Tensor, instance_valid: Tensor, *, num_things: int,
                   image_sizes=None, embedding_stride: int = 1, min_stuff_area: float = 4096,
                   stuff_area_reference: float = 640 * 480, min_visible_fraction: float = 0.2,
                   min_instance_area: float = 16, outside_box_value: float = 0.0,
-                  return_confidence: bool = False) -> dict[str, Tensor]:
+                  return_confidence: bool = False, method: str = "auto") -> dict[str, Tensor]:
     """Panoptic fusion (§IV-C): assign every pixel to the most similar query (Eq. 16).
 
     Inputs (N images, D dims, S stuff classes, Q instance slots, padded with ``instance_valid``):
@@ -142,6 +329,12 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     segment areas/boxes come from bincounts and (slot, row)/(slot, column) presence tables
     instead of scatter-min/max over all pixels. Same results as the straightforward version.
 
+    ``method``: ``"dense"`` builds the full ``(N, K, H, W)`` similarity tensor as above;
+    ``"coarse_to_fine"`` (``embedding_stride > 1`` only) finds the same argmax without it, see
+    :func:`coarse_to_fine_assignment` (cost ~ K x low-res cells + H x W + K x boundary pixels
+    instead of K x H x W); ``"auto"`` picks coarse-to-fine when ``embedding_stride > 1`` and no
+    confidence map is asked for (the top-1 minus top-2 margin needs every plane at every pixel).
+
     Returns tensors (K = S + Q segment slots):
       ``id_map (N, H, W)`` int32 (0 = void; H, W = h*stride, w*stride), ``segment_ids (N, K)``
       int32 (0 = slot unused), ``labels (N, K)`` int64 training ids, ``isthing (N, K)`` bool,
@@ -156,10 +349,21 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     k_num = s_num + q_num
     if k_num == 0:
         raise ValueError("fuse_panoptic needs at least one query (stuff class or instance)")
+    if method not in ("auto", "dense", "coarse_to_fine"):
+        raise ValueError(f"fuse_panoptic: unknown method {method!r} (auto, dense, coarse_to_fine)")
+    if method == "coarse_to_fine" and (embedding_stride <= 1 or return_confidence):
+        raise ValueError("fuse_panoptic: coarse_to_fine needs embedding_stride > 1 and return_confidence=False")
+    coarse = method == "coarse_to_fine" or (method == "auto" and embedding_stride > 1 and not return_confidence)
     queries = torch.cat([stuff_queries[None].expand(n, -1, -1).to(embedding.dtype),
                          instance_queries.to(embedding.dtype)], dim=1)
-    sim = panoptic_similarity(embedding, queries, embedding_stride).contiguous()
-    _, _, hh, ww = sim.shape
+    if coarse:
+        sim_low = torch.einsum("ndhw,nkd->nkhw", embedding, queries).contiguous()
+        hh, ww = he * embedding_stride, we * embedding_stride
+        dtype = sim_low.dtype
+    else:
+        sim = panoptic_similarity(embedding, queries, embedding_stride).contiguous()
+        _, _, hh, ww = sim.shape
+        dtype = sim.dtype
     sizes = _image_size_tensor(image_sizes, n, dev) if image_sizes is not None else \
         torch.tensor([[hh, ww]] * n, dtype=torch.long, device=dev)
     ys = torch.arange(hh, device=dev)
@@ -167,89 +371,108 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     row_valid = ys[None, :] < sizes[:, 0, None]  # (N, H)
     col_valid = xs[None, :] < sizes[:, 1, None]  # (N, W)
     pixel_valid = row_valid[:, :, None] & col_valid[:, None, :]
-    # 2. remote-instance filtering with the predicted boxes, in place on the similarity tensor
-    boxes = instance_boxes.to(sim.dtype)
-    cx = xs.to(sim.dtype) + 0.5
-    cy = ys.to(sim.dtype) + 0.5
+    all_valid = bool((sizes[:, 0] >= hh).all()) and bool((sizes[:, 1] >= ww).all())
+    # 2. remote-instance filtering with the predicted boxes (a pixel's centre must be in the box)
+    boxes = instance_boxes.to(dtype)
+    cx = xs.to(dtype) + 0.5
+    cy = ys.to(dtype) + 0.5
     in_x = (cx[None, None, :] >= boxes[..., 0:1]) & (cx[None, None, :] <= boxes[..., 2:3])  # (N, Q, W)
     in_y = (cy[None, None, :] >= boxes[..., 1:2]) & (cy[None, None, :] <= boxes[..., 3:4])  # (N, Q, H)
-    inst_sim = sim[:, s_num:]  # (N, Q, H, W) view
     valid = instance_valid.bool()
-    if q_num:
-        inst_sim.masked_fill_(~in_y[..., :, None] | ~in_x[..., None, :], outside_box_value)
-        if not bool(valid.all()):
-            inst_sim[~valid] = MASKED_SIMILARITY  # whole planes
     void = k_num  # extra slot index for void pixels
     void_fill = torch.full((), void, dtype=torch.long, device=dev)
     slot_offset = torch.arange(n, device=dev)[:, None] * (k_num + 1)
 
     def counts(assign: Tensor) -> Tensor:
-        a = torch.where(pixel_valid, assign, void_fill).flatten(1) + slot_offset
+        a = (assign if all_valid else torch.where(pixel_valid, assign, void_fill)).flatten(1) + slot_offset
         return torch.bincount(a.flatten(), minlength=n * (k_num + 1)).view(n, k_num + 1)[:, :k_num]
 
-    # 3. first assignment
-    top1, assign = first_argmax(sim, 1)
-    area1 = counts(assign)
-    # 4. drop mostly hidden instances; re-assign the pixels they had won
     box_area = (in_y & row_valid[:, None]).sum(-1) * (in_x & col_valid[:, None]).sum(-1)  # (N, Q) in-image box px
-    inst_area = area1[:, s_num:]
-    drop = valid & ((inst_area < min_instance_area) | (inst_area.to(sim.dtype) < min_visible_fraction * box_area))
-    keep_inst = valid & ~drop
-    if q_num and bool(drop.any()):
-        inst_sim[drop] = MASKED_SIMILARITY  # whole planes
-        dropped_slot = torch.cat([torch.zeros(n, s_num, dtype=torch.bool, device=dev), drop], dim=1)
-        lost = dropped_slot.gather(1, assign.flatten(1)).view(n, hh, ww)  # (N, H, W)
-        t1, a1 = sim.permute(0, 2, 3, 1)[lost].max(dim=-1)  # (M, K) rows: first index of the max
-        top1[lost] = t1
-        assign[lost] = a1
+
+    def hidden(area1: Tensor) -> Tensor:
+        inst_area = area1[:, s_num:]
+        return valid & ((inst_area < min_instance_area) | (inst_area.to(dtype) < min_visible_fraction * box_area))
+
+    if coarse:
+        # 3. first assignment, 4. drop mostly hidden instances and re-assign the pixels they had won
+        taps = (bilinear_taps(hh, he, dev), bilinear_taps(ww, we, dev))
+        # slot_sums: similarity sums of every slot that is never dropped (stuff slots included)
+        assign, slot_sums = coarse_to_fine_assignment(sim_low, taps, s_num, in_y, in_x, valid, sizes,
+                                                      outside_box_value)
+        drop = hidden(counts(assign))
+        keep_inst = valid & ~drop
+        if q_num and bool(drop.any()):
+            dropped_slot = torch.cat([torch.zeros(n, s_num, dtype=torch.bool, device=dev), drop], dim=1)
+            lost = dropped_slot.gather(1, assign.flatten(1)).view(n, hh, ww) & pixel_valid
+            idx = lost.nonzero(as_tuple=True)
+            t1, assign[idx] = _pixel_argmax(sim_low, taps, idx, s_num, in_y, in_x, keep_inst, outside_box_value)
+            slot_sums += _sum_by_slot(idx[0], assign[idx], t1, n, k_num)
+    else:
+        inst_sim = sim[:, s_num:]  # (N, Q, H, W) view
+        if q_num:
+            inst_sim.masked_fill_(~in_y[..., :, None] | ~in_x[..., None, :], outside_box_value)
+            if not bool(valid.all()):
+                inst_sim[~valid] = MASKED_SIMILARITY  # whole planes
+        # 3. first assignment
+        top1, assign = first_argmax(sim, 1)
+        # 4. drop mostly hidden instances; re-assign the pixels they had won
+        drop = hidden(counts(assign))
+        keep_inst = valid & ~drop
+        if q_num and bool(drop.any()):
+            inst_sim[drop] = MASKED_SIMILARITY  # whole planes
+            dropped_slot = torch.cat([torch.zeros(n, s_num, dtype=torch.bool, device=dev), drop], dim=1)
+            lost = dropped_slot.gather(1, assign.flatten(1)).view(n, hh, ww)  # (N, H, W)
+            t1, a1 = sim.permute(0, 2, 3, 1)[lost].max(dim=-1)  # (M, K) rows: first index of the max
+            top1[lost] = t1
+            assign[lost] = a1
+    confidence = None
     if return_confidence and k_num >= 2:
         # second-best value = max after removing the best entry (what topk(2) returns); sim is done
         sim.scatter_(1, assign[:, None], float("-inf"))
         confidence = (top1 - sim.amax(1)).clamp(0.0, 2.0)
-    else:
+    elif return_confidence:
         confidence = top1.clamp(0.0, 2.0)
-    area = counts(assign)
+    # 5–6 from one (slot, row) and one (slot, column) histogram of the final assignment
+    a_flat = (assign if all_valid else torch.where(pixel_valid, assign, void_fill)).flatten(1)  # (N, H*W)
+    g = (a_flat + slot_offset).view(n, hh, ww)
+    row_hist = torch.bincount((g * hh + ys[None, :, None]).flatten(), minlength=n * (k_num + 1) * hh)
+    col_hist = torch.bincount((g * ww + xs[None, None, :]).flatten(), minlength=n * (k_num + 1) * ww)
+    row_hist = row_hist.view(n, k_num + 1, hh)[:, :k_num]
+    col_hist = col_hist.view(n, k_num + 1, ww)[:, :k_num]
+    area = row_hist.sum(-1)
     # 5. small stuff → void; instances must still satisfy the area rule
-    img_area = (sizes[:, 0] * sizes[:, 1]).to(sim.dtype)
+    img_area = (sizes[:, 0] * sizes[:, 1]).to(dtype)
     if stuff_area_reference and stuff_area_reference > 0:
         stuff_thr = min_stuff_area * img_area / float(stuff_area_reference)
     else:
         stuff_thr = torch.full_like(img_area, float(min_stuff_area))
     keep = area > 0
-    keep[:, :s_num] &= area[:, :s_num].to(sim.dtype) >= stuff_thr[:, None]
+    keep[:, :s_num] &= area[:, :s_num].to(dtype) >= stuff_thr[:, None]
     keep[:, s_num:] &= keep_inst & (area[:, s_num:] >= min_instance_area)
-    # 6. ids
+    # 6. ids; the final segments are the kept slots, so their statistics are the histograms' rows
     seg_ids = torch.cumsum(keep.long(), dim=1) * keep.long()
-    ext = torch.cat([seg_ids, torch.zeros(n, 1, dtype=torch.long, device=dev)], dim=1)
-    a_flat = torch.where(pixel_valid, assign, void_fill).flatten(1)
-    id_flat = ext.gather(1, a_flat)
-    id_map = id_flat.view(n, hh, ww).to(torch.int32)
-    # final per-slot statistics on the final map
-    final_slot = torch.where(id_flat > 0, a_flat, void_fill)  # (N, H*W)
-    global_slot = final_slot + slot_offset
-    area = torch.bincount(global_slot.flatten(), minlength=n * (k_num + 1)).view(n, k_num + 1)[:, :k_num]
-    # tight boxes from (slot, row) / (slot, column) presence tables: idempotent writes, no atomics
-    slot_map = global_slot.view(n, hh, ww)
-    rows = torch.zeros(n * (k_num + 1), hh, dtype=torch.bool, device=dev)
-    cols = torch.zeros(n * (k_num + 1), ww, dtype=torch.bool, device=dev)
-    rows[slot_map, ys[None, :, None].expand(n, hh, ww)] = True
-    cols[slot_map, xs[None, None, :].expand(n, hh, ww)] = True
-    r = rows.view(n, k_num + 1, hh)[:, :k_num].to(torch.uint8)
-    c = cols.view(n, k_num + 1, ww)[:, :k_num].to(torch.uint8)
+    ext = torch.cat([seg_ids, torch.zeros(n, 1, dtype=torch.long, device=dev)], dim=1).to(torch.int32)
+    id_map = ext.gather(1, a_flat).view(n, hh, ww)
+    area = area * keep
+    # tight boxes: first / last occupied row and column (max edge exclusive)
+    r = (row_hist > 0).to(torch.uint8)
+    c = (col_hist > 0).to(torch.uint8)
     y0, x0 = r.argmax(-1), c.argmax(-1)
     y1, x1 = hh - r.flip(-1).argmax(-1), ww - c.flip(-1).argmax(-1)
-    seg_boxes = torch.stack([x0, y0, x1, y1], dim=-1).to(sim.dtype)
+    seg_boxes = torch.stack([x0, y0, x1, y1], dim=-1).to(dtype)
     seg_boxes = torch.where((area > 0)[..., None], seg_boxes, torch.zeros_like(seg_boxes))
-    sim_sum = torch.zeros(n, k_num + 1, dtype=sim.dtype, device=dev).scatter_add_(1, final_slot, top1.flatten(1))
-    stuff_scores = sim_sum[:, :s_num] / area[:, :s_num].clamp_min(1).to(sim.dtype)
-    scores = torch.cat([stuff_scores, instance_scores.to(sim.dtype)], dim=1)
+    if not coarse:
+        slot_sums = _sum_by_slot(torch.arange(n, device=dev)[:, None].expand_as(a_flat), a_flat, top1.flatten(1), n,
+                                 k_num + 1)[:, :k_num]
+    stuff_scores = slot_sums[:, :s_num].to(dtype) / area[:, :s_num].clamp_min(1).to(dtype)
+    scores = torch.cat([stuff_scores, instance_scores.to(dtype)], dim=1)
     labels = torch.cat([torch.arange(num_things, num_things + s_num, device=dev)[None].expand(n, -1),
                         instance_labels.long()], dim=1)
     isthing = torch.cat([torch.zeros(n, s_num, dtype=torch.bool, device=dev),
                          torch.ones(n, q_num, dtype=torch.bool, device=dev)], dim=1)
     out = {"id_map": id_map, "segment_ids": seg_ids.to(torch.int32), "labels": labels, "isthing": isthing,
            "scores": torch.where(keep, scores, torch.zeros_like(scores)), "areas": area, "boxes": seg_boxes}
-    if return_confidence:
+    if confidence is not None:
         out["confidence"] = torch.where(id_map > 0, confidence, torch.zeros_like(confidence))
     return out
 
@@ -291,7 +514,8 @@ def panoptic_from_raw(raw: dict[str, Tensor], image_sizes, *, num_things: int, e
                       detections_per_img: int = 100, instance_score_threshold: float = 0.3,
                       min_stuff_area: float = 4096, stuff_area_reference: float = 640 * 480,
                       min_visible_fraction: float = 0.2, min_instance_area: float = 16,
-                      outside_box_value: float = 0.0, return_confidence: bool = False) -> list[dict[str, Tensor]]:
+                      outside_box_value: float = 0.0, return_confidence: bool = False,
+                      fusion_method: str = "auto") -> list[dict[str, Tensor]]:
     """``CIAE.forward_raw`` outputs → per-image panoptic results (see :func:`split_panoptic`).
 
     Proposals from :func:`select_proposals`; only those with score >= ``instance_score_threshold``
@@ -326,5 +550,6 @@ def panoptic_from_raw(raw: dict[str, Tensor], image_sizes, *, num_things: int, e
                           num_things=num_things, image_sizes=image_sizes, embedding_stride=embedding_stride,
                           min_stuff_area=min_stuff_area, stuff_area_reference=stuff_area_reference,
                           min_visible_fraction=min_visible_fraction, min_instance_area=min_instance_area,
-                          outside_box_value=outside_box_value, return_confidence=return_confidence)
+                          outside_box_value=outside_box_value, return_confidence=return_confidence,
+                          method=fusion_method)
     return split_panoptic(fused, image_sizes)

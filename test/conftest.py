@@ -59,3 +59,12 @@ def repo_root() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def coco_sample() -> pathlib.Path:
     return COCO_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def shipped_model():
+    """The model shipped in models/ (CPU, eval mode); the repository always carries one."""
+    from ciae_core.checkpoint import load_model
+
+    (path,) = sorted((REPO / "models").glob("*.safetensors"))
+    return load_model(path).eval()

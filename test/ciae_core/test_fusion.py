@@ -365,10 +365,11 @@ def _direct_fusion(emb, stuff_q, inst_q, boxes, valid, stride, min_visible_fract
     return id_map, torch.where(id_map > 0, confidence, torch.zeros_like(confidence)), dropped
 
 
-@pytest.mark.parametrize("stride", [1, 4])
-def test_fusion_equals_direct_rules_with_drops_invalid_slots_and_ties(stride):
-    """The optimised fusion (amax argmax, partial re-assignment, presence-table boxes) gives exactly
-    the pixels, areas, boxes and confidences of the rules applied directly."""
+@pytest.mark.parametrize("stride,method", [(1, "dense"), (4, "dense"), (4, "coarse_to_fine")])
+def test_fusion_equals_direct_rules_with_drops_invalid_slots_and_ties(stride, method):
+    """The optimised fusion (amax argmax, partial re-assignment, histogram boxes; coarse-to-fine
+    argmax) gives exactly the pixels, areas, boxes (and confidences) of the rules applied directly.
+    Random embeddings make nearly every cell a boundary cell: the coarse path's worst case."""
     g = torch.Generator().manual_seed(stride)
     h, w, q = 64 // stride, 96 // stride, 12
     emb = F.normalize(torch.randn(1, 8, h, w, generator=g), dim=1)
@@ -382,12 +383,99 @@ def test_fusion_equals_direct_rules_with_drops_invalid_slots_and_ties(stride):
     kw = dict(min_visible_fraction=0.3, min_instance_area=20)
     fused = fuse_panoptic(emb, stuff_q, inst_q, boxes, torch.zeros(1, q, dtype=torch.long), torch.ones(1, q), valid,
                           num_things=1, embedding_stride=stride, min_stuff_area=50, stuff_area_reference=0,
-                          return_confidence=True, **kw)
+                          return_confidence=method == "dense", method=method, **kw)
     ref_map, ref_conf, dropped = _direct_fusion(emb, stuff_q, inst_q, boxes, valid, stride, min_stuff_pixels=50, **kw)
     assert dropped, "the scene must exercise the drop-and-reassign step"
     assert torch.equal(fused["id_map"][0], ref_map)
-    assert torch.equal(fused["confidence"][0], ref_conf)
+    if method == "dense":
+        assert torch.equal(fused["confidence"][0], ref_conf)
+    else:
+        assert "confidence" not in fused
     r = split_panoptic(fused, [(64, 96)])[0]
     for i, a, b in zip(r["ids"].tolist(), r["areas"].tolist(), r["boxes"].tolist()):
         ys, xs = (ref_map == i).nonzero(as_tuple=True)
         assert a == ys.numel() and b == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def _smooth_scene(seed, n=2, d=8, h=23, w=31, stuff=5, q=14, stride=4):
+    """Fusion inputs with spatially smooth embeddings (segments a few cells wide, like a trained
+    model's), boxes of all sizes, padded invalid slots and per-image valid regions."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, d, 4, 5, generator=g)
+    emb = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    emb = F.normalize(emb + 0.05 * torch.randn(n, d, h, w, generator=g), dim=1)
+    xy = torch.rand(n, q, 2, generator=g) * torch.tensor([w * stride * 0.8, h * stride * 0.8])
+    boxes = torch.cat([xy, xy + 3 + torch.rand(n, q, 2, generator=g) * 60], dim=2)
+    valid = torch.ones(n, q, dtype=torch.bool)
+    valid[0, -3:] = False
+    return dict(embedding=emb, stuff_queries=F.normalize(torch.randn(stuff, d, generator=g), dim=1),
+                instance_queries=F.normalize(torch.randn(n, q, d, generator=g), dim=2), instance_boxes=boxes,
+                instance_labels=torch.randint(0, 3, (n, q), generator=g), instance_scores=torch.rand(n, q, generator=g),
+                instance_valid=valid)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coarse_to_fine_fusion_equals_dense_fusion(seed):
+    """Same id maps, tables and (to float rounding) stuff scores as the dense (N, K, H, W) path,
+    batched, with valid regions smaller than the map, dropped instances and outside_box_value."""
+    inputs = _smooth_scene(seed)
+    kw = dict(num_things=3, embedding_stride=4, image_sizes=[(92, 124), (87, 117)], min_stuff_area=30,
+              stuff_area_reference=0, min_visible_fraction=0.3, min_instance_area=20,
+              outside_box_value=[0.0, -0.2, 0.3, 0.0][seed])
+    dense = fuse_panoptic(**inputs, method="dense", **kw)
+    fast = fuse_panoptic(**inputs, method="coarse_to_fine", **kw)
+    auto = fuse_panoptic(**inputs, **kw)
+    assert torch.equal(fast["id_map"], auto["id_map"])
+    assert (fast["id_map"] > 0).any() and fast["segment_ids"].max() > 5
+    for key in ("id_map", "segment_ids", "labels", "isthing", "areas", "boxes"):
+        assert torch.equal(dense[key], fast[key]), key
+    torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-6)
+
+
+def test_coarse_to_fine_fusion_on_the_shipped_model(shipped_model):
+    """On a trained model's real outputs (a rendered scene) both fusion paths give the same result."""
+    img, _, _ = render_scene(1000, 240, 320)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    with torch.inference_mode():
+        raw = shipped_model.forward_raw(x)
+        kw = dict(num_things=shipped_model.num_things, embedding_stride=4)
+        dense = panoptic_from_raw(raw, [(240, 320)], fusion_method="dense", **kw)[0]
+        fast = panoptic_from_raw(raw, [(240, 320)], fusion_method="coarse_to_fine", **kw)[0]
+    assert fast["ids"].numel() >= 5
+    for key in ("id_map", "ids", "labels", "areas", "boxes"):
+        assert torch.equal(dense[key], fast[key]), key
+    torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-6)
+
+
+def test_cell_pixels_cover_each_valid_pixel_once():
+    from ciae_core.fusion import _cell_pixels, bilinear_taps
+
+    (i0y, _, _, _), (i0x, _, _, _) = bilinear_taps(43, 11), bilinear_taps(60, 15)
+    cells = torch.ones(2, 11, 15, dtype=torch.bool)
+    n, y, x = _cell_pixels(cells, i0y, i0x, torch.tensor([[43, 60], [40, 51]]))
+    hits = torch.zeros(2, 43, 60, dtype=torch.long).index_put_((n, y, x), torch.ones_like(n), accumulate=True)
+    assert hits[0].eq(1).all() and hits[1, :40, :51].eq(1).all() and hits[1, 40:].eq(0).all()
+
+
+def test_bilinear_taps_reproduce_torch_interpolate():
+    from ciae_core.fusion import bilinear_taps
+
+    src = torch.randn(1, 3, 7, 9)
+    for size in ((29, 35), (28, 36)):  # an odd ratio and the exact stride 4
+        out = F.interpolate(src, size=size, mode="bilinear", align_corners=False)
+        (y0, y1, ly0, ly1), (x0, x1, lx0, lx1) = bilinear_taps(size[0], 7), bilinear_taps(size[1], 9)
+        cols = src[..., x0] * lx0 + src[..., x1] * lx1
+        mine = cols[..., y0, :] * ly0[:, None] + cols[..., y1, :] * ly1[:, None]
+        torch.testing.assert_close(mine, out, rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_coarse_to_fine_fusion_on_gpu_matches_cpu():
+    inputs = _smooth_scene(7)
+    kw = dict(num_things=3, embedding_stride=4, image_sizes=[(92, 124), (87, 117)], min_stuff_area=30,
+              stuff_area_reference=0, method="coarse_to_fine")
+    cpu = fuse_panoptic(**inputs, **kw)
+    gpu = fuse_panoptic(**{k: v.cuda() for k, v in inputs.items()}, **kw)
+    assert gpu["id_map"].is_cuda
+    for k in ("id_map", "segment_ids", "labels", "areas", "boxes"):
+        assert torch.equal(cpu[k], gpu[k].cpu()), k
