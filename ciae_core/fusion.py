@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-# similarity given to queries that must not win a pixel (cosine similarities are >= -1)
-MASKED_SIMILARITY = -4.0
+# similarity given to queries that must not win a pixel (with normalize_after_upsampling the
+# compared values are un-normalised dot products, so no finite floor is safe)
+MASKED_SIMILARITY = float("-inf")
 
 
 def select_proposals(cls_logits: Tensor, box_regression: Tensor, centerness: Tensor, points: Tensor,
@@ -165,7 +166,8 @@ def _pixel_argmax(sim_low: Tensor, taps, idx: tuple[Tensor, Tensor, Tensor], s_n
 
 
 def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, in_x: Tensor, instance_ok: Tensor,
-                              sizes: Tensor, outside_box_value: float) -> tuple[Tensor, Tensor]:
+                              sizes: Tensor, outside_box_value: float,
+                              value_low: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Steps 2–3 of :func:`fuse_panoptic` for up-sampled similarities, without the full tensor.
 
     sim_low ``(N, K, h, w)`` similarities at the embedding resolution (K = S stuff + Q instance
@@ -173,7 +175,8 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
     in_y ``(N, Q, H)`` / in_x ``(N, Q, W)`` box rows/columns, instance_ok ``(N, Q)``,
     sizes ``(N, 2)`` valid (h, w) of each output image (top-left) → slot per output pixel
     ``(N, H, W)`` long (pixels outside the valid region: any) and ``(N, K)`` sums of each slot's (box-filtered, up-sampled)
-    similarity over its valid pixels (for the stuff scores).
+    similarity over its valid pixels (for the stuff scores; of ``value_low``, same shape as
+    sim_low, when given: the argmax runs on sim_low and the sums on value_low).
 
     Why it is exact: every output pixel whose row taps are (r, r') and column taps (c, c') — a
     "cell" of about stride x stride pixels — gets a convex combination of the four corner values
@@ -210,18 +213,24 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
         mixed = ~(inside | outside) & instance_ok[..., None, None]  # (N, Q, h, w)
         ov = torch.full((), outside_box_value, dtype=sim_low.dtype, device=dev)
         off = ~instance_ok[..., None, None]
+    def masked(c: Tensor) -> Tensor:
+        if not q:
+            return c
+        # an instance whose box edge crosses the cell enters with the larger of its two possible
+        # values: if another slot still wins at all four corners, the edge cannot matter there
+        inst = c[:, s_num:]
+        inst = torch.where(inside, inst, torch.where(mixed, inst.clamp_min(ov), ov)).masked_fill_(off, MASKED_SIMILARITY)
+        return torch.cat([c[:, :s_num], inst], dim=1)
+
     labels, values = [], []
     for c in corners:
-        if q:
-            # an instance whose box edge crosses the cell enters with the larger of its two possible
-            # values: if another slot still wins at all four corners, the edge cannot matter there
-            inst = c[:, s_num:]
-            inst = torch.where(inside, inst, torch.where(mixed, inst.clamp_min(ov), ov)).masked_fill_(off,
-                                                                                                    MASKED_SIMILARITY)
-            c = torch.cat([c[:, :s_num], inst], dim=1)
-        v, lab = first_argmax(c, 1)
+        v, lab = first_argmax(masked(c), 1)
         labels.append(lab)
         values.append(v.float())
+    if value_low is not None:
+        value_corners = [value_low, value_low.index_select(3, next_col)]
+        value_corners += [c.index_select(2, next_row) for c in value_corners]
+        values = [masked(c).gather(1, labels[0][:, None]).squeeze(1).float() for c in value_corners]
     label = labels[0]
     sure = (label == labels[1]) & (label == labels[2]) & (label == labels[3])
     if q:  # ... unless the winner itself is an instance whose box edge crosses the cell
@@ -234,8 +243,29 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
     slot_sums = _sum_by_slot(image_index, label, sums, n, k)
     if idx[0].numel():
         t1, assign[idx] = _pixel_argmax(sim_low, taps, idx, s_num, in_y, in_x, instance_ok, outside_box_value)
+        if value_low is not None:
+            t1 = _values_at(value_low, taps, idx, assign[idx], s_num, in_y, in_x, outside_box_value)
         slot_sums += _sum_by_slot(idx[0], assign[idx], t1, n, k)
     return assign, slot_sums
+
+
+def _values_at(value_low: Tensor, taps, idx: tuple[Tensor, Tensor, Tensor], slots: Tensor, s_num: int, in_y: Tensor,
+               in_x: Tensor, outside_box_value: float) -> Tensor:
+    """Up-sampled, box-filtered value of each given pixel's own slot → ``(M,)`` float32."""
+    n, k, h, w = value_low.shape
+    (i0y, i1y, l0y, l1y), (i0x, i1x, l0x, l1x) = taps
+    n_idx, y, x = idx
+    flat = value_low.reshape(-1)
+    plane = (n_idx * k + slots) * (h * w)
+    ya, yb, xa, xb = plane + i0y[y] * w, plane + i1y[y] * w, i0x[x], i1x[x]
+    v = (flat[ya + xa].float() * l0x[x] + flat[ya + xb].float() * l1x[x]) * l0y[y] + \
+        (flat[yb + xa].float() * l0x[x] + flat[yb + xb].float() * l1x[x]) * l1y[y]
+    inst = (slots >= s_num).nonzero(as_tuple=True)[0]
+    if inst.numel():
+        j = slots[inst] - s_num
+        inside = in_y[n_idx[inst], j, y[inst]] & in_x[n_idx[inst], j, x[inst]]
+        v[inst] = torch.where(inside, v[inst], torch.full_like(v[inst], outside_box_value))
+    return v
 
 
 def _cell_pixels(cells: Tensor, i0y: Tensor, i0x: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -296,7 +326,8 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
                   image_sizes=None, embedding_stride: int = 1, min_stuff_area: float = 4096,
                   stuff_area_reference: float = 640 * 480, min_visible_fraction: float = 0.2,
                   min_instance_area: float = 16, outside_box_value: float = 0.0,
-                  return_confidence: bool = False, method: str = "auto") -> dict[str, Tensor]:
+                  return_confidence: bool = False, method: str = "auto",
+                  normalize_after_upsampling: bool = False) -> dict[str, Tensor]:
     """Panoptic fusion (§IV-C): assign every pixel to the most similar query (Eq. 16).
 
     Inputs (N images, D dims, S stuff classes, Q instance slots, padded with ``instance_valid``):
@@ -305,6 +336,12 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
       proposal's location); instance_boxes ``(N, Q, 4)`` xyxy in output pixels; instance_labels
       ``(N, Q)`` thing training ids; instance_scores ``(N, Q)``; instance_valid ``(N, Q)`` bool;
       image_sizes: N ``(h, w)`` valid region (top-left) of each image; outside it is void.
+      ``normalize_after_upsampling=True`` (with ``embedding_stride > 1``): ``embedding`` is the
+      un-normalised stride-s map ``P' + P''`` and the pixel embeddings are the paper's
+      ``P = L2norm(up(P' + P''))`` (Eq. 1). The argmax needs no normalisation: ``up`` is linear and
+      the norm is a positive per-pixel factor, so ``argmax_k <P(x), V_k> = argmax_k up(E V_k^T)(x)``
+      (and the sign against ``outside_box_value = 0`` is kept). Without it the stride-s map is
+      unit-normalised before up-sampling (cheaper values, a different embedding near edges).
 
     Steps (all batched tensor ops):
       1. S = P V^T (:func:`panoptic_similarity`), V = [stuff queries, instance queries].
@@ -328,6 +365,10 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     pixels a dropped instance had won (removing a query changes no other pixel's maximum);
     segment areas/boxes come from bincounts and (slot, row)/(slot, column) presence tables
     instead of scatter-min/max over all pixels. Same results as the straightforward version.
+
+    Stuff scores in the coarse-to-fine path with ``normalize_after_upsampling`` are the mean of
+    the up-sampled stride-s cosine similarities (within ~1e-2 of the dense path's exact per-pixel
+    cosines; the id map is the same).
 
     ``method``: ``"dense"`` builds the full ``(N, K, H, W)`` similarity tensor as above;
     ``"coarse_to_fine"`` (``embedding_stride > 1`` only) finds the same argmax without it, see
@@ -353,15 +394,25 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
         raise ValueError(f"fuse_panoptic: unknown method {method!r} (auto, dense, coarse_to_fine)")
     if method == "coarse_to_fine" and (embedding_stride <= 1 or return_confidence):
         raise ValueError("fuse_panoptic: coarse_to_fine needs embedding_stride > 1 and return_confidence=False")
+    if normalize_after_upsampling and embedding_stride <= 1:
+        raise ValueError("fuse_panoptic: normalize_after_upsampling needs embedding_stride > 1")
     coarse = method == "coarse_to_fine" or (method == "auto" and embedding_stride > 1 and not return_confidence)
     queries = torch.cat([stuff_queries[None].expand(n, -1, -1).to(embedding.dtype),
                          instance_queries.to(embedding.dtype)], dim=1)
+    value_low = None
     if coarse:
         sim_low = torch.einsum("ndhw,nkd->nkhw", embedding, queries).contiguous()
+        if normalize_after_upsampling:  # argmax on E V^T; values (stuff scores) from the unit low-res map
+            value_low = torch.einsum("ndhw,nkd->nkhw", F.normalize(embedding, dim=1), queries).contiguous()
         hh, ww = he * embedding_stride, we * embedding_stride
         dtype = sim_low.dtype
     else:
-        sim = panoptic_similarity(embedding, queries, embedding_stride).contiguous()
+        if normalize_after_upsampling:  # the paper's P at full resolution
+            size = (he * embedding_stride, we * embedding_stride)
+            embedding = F.normalize(F.interpolate(embedding, size=size, mode="bilinear", align_corners=False), dim=1)
+            sim = panoptic_similarity(embedding, queries).contiguous()
+        else:
+            sim = panoptic_similarity(embedding, queries, embedding_stride).contiguous()
         _, _, hh, ww = sim.shape
         dtype = sim.dtype
     sizes = _image_size_tensor(image_sizes, n, dev) if image_sizes is not None else \
@@ -398,7 +449,7 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
         taps = (bilinear_taps(hh, he, dev), bilinear_taps(ww, we, dev))
         # slot_sums: similarity sums of every slot that is never dropped (stuff slots included)
         assign, slot_sums = coarse_to_fine_assignment(sim_low, taps, s_num, in_y, in_x, valid, sizes,
-                                                      outside_box_value)
+                                                      outside_box_value, value_low)
         drop = hidden(counts(assign))
         keep_inst = valid & ~drop
         if q_num and bool(drop.any()):
@@ -406,6 +457,8 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
             lost = dropped_slot.gather(1, assign.flatten(1)).view(n, hh, ww) & pixel_valid
             idx = lost.nonzero(as_tuple=True)
             t1, assign[idx] = _pixel_argmax(sim_low, taps, idx, s_num, in_y, in_x, keep_inst, outside_box_value)
+            if value_low is not None:
+                t1 = _values_at(value_low, taps, idx, assign[idx], s_num, in_y, in_x, outside_box_value)
             slot_sums += _sum_by_slot(idx[0], assign[idx], t1, n, k_num)
     else:
         inst_sim = sim[:, s_num:]  # (N, Q, H, W) view
@@ -498,14 +551,29 @@ def split_panoptic(fused: dict[str, Tensor], image_sizes) -> list[dict[str, Tens
     return results
 
 
-def instance_queries_at(embedding: Tensor, locations_xy: Tensor, embedding_stride: int = 1) -> Tensor:
+def instance_queries_at(embedding: Tensor, locations_xy: Tensor, embedding_stride: int = 1,
+                        interpolate: bool = False) -> Tensor:
     """Query embedding of a proposal = P at the location that produced it (§IV-C).
 
-    embedding ``(D, h, w)``, locations_xy ``(Q, 2)`` input pixels → ``(Q, D)`` (clamped to the map).
+    embedding ``(D, h, w)``, locations_xy ``(Q, 2)`` input pixels → ``(Q, D)`` unit (clamped to
+    the map). ``interpolate=False``: the stride-s sample containing the pixel;
+    ``interpolate=True``: the bilinear up-sampling of the map at that pixel (the paper's
+    ``P = L2norm(up(P' + P''))`` at the location, for ``normalize_after_upsampling``).
     """
     _, h, w = embedding.shape
-    x = torch.div(locations_xy[:, 0].long(), embedding_stride, rounding_mode="floor").clamp(0, w - 1)
-    y = torch.div(locations_xy[:, 1].long(), embedding_stride, rounding_mode="floor").clamp(0, h - 1)
+    px = locations_xy[:, 0].long()
+    py = locations_xy[:, 1].long()
+    if interpolate and embedding_stride > 1:
+        hh, ww = h * embedding_stride, w * embedding_stride
+        (i0y, i1y, l0y, l1y), (i0x, i1x, l0x, l1x) = (bilinear_taps(hh, h, embedding.device),
+                                                        bilinear_taps(ww, w, embedding.device))
+        py, px = py.clamp(0, hh - 1), px.clamp(0, ww - 1)
+        e = embedding.float()
+        top = e[:, i0y[py], i0x[px]] * l0x[px] + e[:, i0y[py], i1x[px]] * l1x[px]
+        bottom = e[:, i1y[py], i0x[px]] * l0x[px] + e[:, i1y[py], i1x[px]] * l1x[px]
+        return F.normalize((top * l0y[py] + bottom * l1y[py]).t(), dim=1).to(embedding.dtype)
+    x = torch.div(px, embedding_stride, rounding_mode="floor").clamp(0, w - 1)
+    y = torch.div(py, embedding_stride, rounding_mode="floor").clamp(0, h - 1)
     return F.normalize(embedding[:, y, x].t(), dim=1)
 
 
@@ -515,7 +583,7 @@ def panoptic_from_raw(raw: dict[str, Tensor], image_sizes, *, num_things: int, e
                       min_stuff_area: float = 4096, stuff_area_reference: float = 640 * 480,
                       min_visible_fraction: float = 0.2, min_instance_area: float = 16,
                       outside_box_value: float = 0.0, return_confidence: bool = False,
-                      fusion_method: str = "auto") -> list[dict[str, Tensor]]:
+                      fusion_method: str = "auto", normalize_after_upsampling: bool = False) -> list[dict[str, Tensor]]:
     """``CIAE.forward_raw`` outputs → per-image panoptic results (see :func:`split_panoptic`).
 
     Proposals from :func:`select_proposals`; only those with score >= ``instance_score_threshold``
@@ -541,7 +609,8 @@ def panoptic_from_raw(raw: dict[str, Tensor], image_sizes, *, num_things: int, e
         m = p["scores"].numel()
         if m == 0:
             continue
-        queries[i, :m] = instance_queries_at(emb[i], raw["points"][p["locations"]], embedding_stride)
+        queries[i, :m] = instance_queries_at(emb[i], raw["points"][p["locations"]], embedding_stride,
+                                             interpolate=normalize_after_upsampling)
         boxes[i, :m] = p["boxes"].to(emb.dtype)
         labels[i, :m] = p["labels"]
         scores[i, :m] = p["scores"].to(emb.dtype)
@@ -551,5 +620,5 @@ def panoptic_from_raw(raw: dict[str, Tensor], image_sizes, *, num_things: int, e
                           min_stuff_area=min_stuff_area, stuff_area_reference=stuff_area_reference,
                           min_visible_fraction=min_visible_fraction, min_instance_area=min_instance_area,
                           outside_box_value=outside_box_value, return_confidence=return_confidence,
-                          method=fusion_method)
+                          method=fusion_method, normalize_after_upsampling=normalize_after_upsampling)
     return split_panoptic(fused, image_sizes)

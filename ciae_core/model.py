@@ -71,8 +71,11 @@ class CIAEConfig:
     uses (3, 4, 5)), ``fpn_channels``, ``head_channels``/``tower_depth`` of the proposal head,
     ``embed_dim`` D (paper 32), ``embed_branch_channels`` (Panoptic FPN: 128),
     ``use_coordconv``/``use_box_embedding`` (Table VI ablation switches), ``embedding_stride``
-    (1: ``forward_raw`` returns P at input resolution as in the paper; 4: returns
-    L2norm(P'+P'') at stride 4 and fusion upsamples the similarities, much cheaper on CPU).
+    (inference only; training always normalises the up-sampled map. 1: the paper's
+    P = L2norm(up4(P'+P'')), Eq. 1 — ``forward_raw`` returns P'+P'' at stride 4 and the fusion
+    up-samples before normalising; 4: L2norm(P'+P'') at stride 4, the fusion up-samples the
+    similarities. Both fuse coarse-to-fine at about the same cost; on the shipped synthetic
+    model 1 scores PQ 83.8 and 4 scores 81.8 on 100 held-out scenes at 320.)
     Loss and target arguments are forwarded to :class:`ciae_core.losses.CIAECriterion`; the
     inference thresholds are the defaults of :meth:`CIAE.postprocess`.
     """
@@ -605,25 +608,29 @@ class CIAE(nn.Module):
 
         images: ``(N, 3, H, W)`` float RGB 0..255 (any H, W; padded to 32 inside).
         Returns ``cls_logits (N, A, T)``, ``box_regression (N, A, 4)`` ltrb in input pixels,
-        ``centerness (N, A)`` logits, ``points (A, 2)`` xy in input pixels, ``embedding``
-        ``(N, D, H, W)`` = P = L2norm(up4(P' + P'')) (Eq. 1) — or ``(N, D, ceil(H/4), ceil(W/4))``
-        = L2norm(P' + P'') when ``embedding_stride == 4`` — and ``memory (T+S, D)``.
+        ``centerness (N, A)`` logits, ``points (A, 2)`` xy in input pixels, ``embedding`` at
+        stride 4 and ``memory (T+S, D)``. The embedding is ``(N, D, H/4, W/4)`` of the padded
+        input = ``P' + P''`` un-normalised when ``embedding_stride == 1`` (the paper's
+        ``P = L2norm(up4(P' + P''))`` of Eq. 1 is formed by the fusion, which up-samples before
+        normalising, see :func:`ciae_core.fusion.fuse_panoptic`; exporting the stride-4 map keeps
+        the network's output 16x smaller), or ``(N, D, ceil(H/4), ceil(W/4))`` =
+        ``L2norm(P' + P'')`` when ``embedding_stride == 4`` (normalised before up-sampling).
         """
         out = self._forward_features(images)
         sizes = [t.shape[-2:] for t in out["cls"]]
         points = compute_points(sizes, self.strides, images.device)
         pre = out["pre"]
         if self.embedding_stride == 1:
-            emb = self._upsampled_embedding(pre, images.shape[-2:])
+            emb = pre
         else:
             h, w = images.shape[-2:]
-            emb = pre[:, :, : (h + 3) // 4, : (w + 3) // 4]
+            emb = F.normalize(pre[:, :, : (h + 3) // 4, : (w + 3) // 4], dim=1)
         return {
             "cls_logits": self._flatten(out["cls"]),
             "box_regression": self._flatten(out["reg"]),
             "centerness": self._flatten(out["ctr"]).squeeze(-1),
             "points": points,
-            "embedding": F.normalize(emb, dim=1),
+            "embedding": emb,
             "memory": self.memory.clone(),
         }
 
@@ -673,7 +680,8 @@ class CIAE(nn.Module):
         if unknown:
             raise ModelConfigError(f"unknown postprocess argument(s): {', '.join(sorted(unknown))}")
         kw.update(thresholds)
-        return panoptic_from_raw(raw, image_sizes, num_things=self.num_things, embedding_stride=self.embedding_stride,
+        return panoptic_from_raw(raw, image_sizes, num_things=self.num_things, embedding_stride=4,
+                                 normalize_after_upsampling=self.embedding_stride == 1,
                                  **kw)
 
     @torch.no_grad()

@@ -479,3 +479,33 @@ def test_coarse_to_fine_fusion_on_gpu_matches_cpu():
     assert gpu["id_map"].is_cuda
     for k in ("id_map", "segment_ids", "labels", "areas", "boxes"):
         assert torch.equal(cpu[k], gpu[k].cpu()), k
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_normalize_after_upsampling_equals_the_papers_full_resolution_fusion(seed):
+    """Eq. 1 + Eq. 16 spelled out — P = L2norm(up4(E)) at full resolution, queries P at the
+    proposal pixels — give the id map that the coarse-to-fine fusion finds from E at stride 4."""
+    inputs = _smooth_scene(seed, n=1)
+    g = torch.Generator().manual_seed(seed)
+    pre = inputs["embedding"] * (0.2 + 3 * torch.rand(1, 1, 23, 31, generator=g))  # un-normalised
+    locations = torch.stack([inputs["instance_boxes"][0, :, 0] + 1, inputs["instance_boxes"][0, :, 1] + 1], 1)
+    full = F.normalize(F.interpolate(pre, scale_factor=4, mode="bilinear", align_corners=False), dim=1)
+    x, y = locations[:, 0].long(), locations[:, 1].long()
+    paper_queries = F.normalize(full[0][:, y, x].t(), dim=1)
+    queries = instance_queries_at(pre[0], locations, 4, interpolate=True)
+    torch.testing.assert_close(queries, paper_queries, rtol=0, atol=1e-5)
+    kw = dict(num_things=3, image_sizes=[(90, 121)], min_stuff_area=30, stuff_area_reference=0,
+              min_visible_fraction=0.3, min_instance_area=20)
+    common = {k: v for k, v in inputs.items() if k not in ("embedding", "instance_queries")}
+    paper = fuse_panoptic(full, **common, instance_queries=paper_queries[None], embedding_stride=1, **kw)
+    fast = fuse_panoptic(pre, **common, instance_queries=paper_queries[None], embedding_stride=4,
+                         normalize_after_upsampling=True, method="coarse_to_fine", **kw)
+    dense = fuse_panoptic(pre, **common, instance_queries=paper_queries[None], embedding_stride=4,
+                          normalize_after_upsampling=True, method="dense", return_confidence=True, **kw)
+    assert paper["segment_ids"].max() > 5
+    for key in ("id_map", "segment_ids", "labels", "areas", "boxes"):
+        assert torch.equal(paper[key], fast[key]), key
+        assert torch.equal(paper[key], dense[key]), key
+    # stuff scores: exact per-pixel cosines (dense) vs up-sampled stride-4 cosines (coarse-to-fine)
+    torch.testing.assert_close(paper["scores"], dense["scores"])
+    torch.testing.assert_close(paper["scores"], fast["scores"], rtol=0, atol=2e-2)

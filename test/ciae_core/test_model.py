@@ -55,8 +55,8 @@ def test_forward_raw_shapes(h, w):
     assert raw["box_regression"].shape == (1, a, 4) and (raw["box_regression"] > 0).all()
     assert raw["centerness"].shape == (1, a)
     assert raw["points"].shape == (a, 2)
-    assert raw["embedding"].shape == (1, 8, h, w)
-    assert torch.allclose(raw["embedding"].norm(dim=1), torch.ones(1, h, w), atol=1e-5)
+    # embedding_stride 1 (the paper's P = L2norm(up4(P' + P''))): the un-normalised stride-4 map
+    assert torch.equal(raw["embedding"], feats["pre"])
     assert raw["memory"].shape == (5, 8)
     # first and last location of P3 and P7
     assert raw["points"][0].tolist() == [4.0, 4.0]
@@ -73,6 +73,7 @@ def test_fpn_levels_and_embedding_stride_four():
     assert [tuple(t.shape[-2:]) for t in pyramid.values()] == [(24, 40), (12, 20), (6, 10), (3, 5), (2, 3), (1, 2)]
     assert all(t.shape[1] == 32 for t in pyramid.values())
     assert raw["embedding"].shape == (2, 8, 24, 33)  # ceil(96/4), ceil(130/4)
+    assert torch.allclose(raw["embedding"].norm(dim=1), torch.ones(2, 24, 33), atol=1e-5)
     res = m.postprocess(raw, [(96, 130), (90, 100)], score_threshold=0.0, instance_score_threshold=0.0)
     assert res[0]["id_map"].shape == (96, 130) and res[1]["id_map"].shape == (90, 100)
 
@@ -89,7 +90,7 @@ def test_resnet50_fpn_at_512_and_parameter_count():
     assert trainable < n_params  # stem + layer1 frozen (trainable_backbone_layers=3)
     with torch.no_grad():
         raw = m.forward_raw(torch.rand(1, 3, 512, 512) * 255)
-    assert raw["embedding"].shape == (1, 32, 512, 512)
+    assert raw["embedding"].shape == (1, 32, 128, 128)
     assert raw["cls_logits"].shape == (1, 64 * 64 + 32 * 32 + 16 * 16 + 8 * 8 + 4 * 4, 3)
 
 
@@ -97,7 +98,7 @@ def test_mobile_and_dcn_backbones():
     m = small(backbone="mobilenet_v3_large", trainable_backbone_layers=5).eval()
     with torch.no_grad():
         raw = m.forward_raw(torch.rand(1, 3, 64, 96) * 255)
-    assert raw["embedding"].shape == (1, 8, 64, 96)
+    assert raw["embedding"].shape == (1, 8, 16, 24)
     d = small(dcn_stages=(4, 5)).eval()
     from torchvision.ops import DeformConv2d
 
