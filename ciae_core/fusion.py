@@ -216,10 +216,11 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
     def masked(c: Tensor) -> Tensor:
         if not q:
             return c
-        # an instance whose box edge crosses the cell enters with the larger of its two possible
-        # values: if another slot still wins at all four corners, the edge cannot matter there
+        # an instance whose box edge crosses the cell can take either value inside it: at a corner
+        # its upper bound is the larger of the two
         inst = c[:, s_num:]
-        inst = torch.where(inside, inst, torch.where(mixed, inst.clamp_min(ov), ov)).masked_fill_(off, MASKED_SIMILARITY)
+        inst = torch.where(inside, inst, torch.where(mixed, inst.clamp_min(ov), ov)).masked_fill_(off,
+                                                                                                MASKED_SIMILARITY)
         return torch.cat([c[:, :s_num], inst], dim=1)
 
     labels, values = [], []
@@ -232,21 +233,124 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
         value_corners += [c.index_select(2, next_row) for c in value_corners]
         values = [masked(c).gather(1, labels[0][:, None]).squeeze(1).float() for c in value_corners]
     label = labels[0]
+    # a slot that wins at all four corners (with box edges at their upper bound) wins the cell ...
     sure = (label == labels[1]) & (label == labels[2]) & (label == labels[3])
     if q:  # ... unless the winner itself is an instance whose box edge crosses the cell
         winner_mixed = mixed.gather(1, (label - s_num).clamp_min(0)[:, None]).squeeze(1) & (label >= s_num)
         sure &= ~winner_mixed
     assign = label.index_select(1, i0y).index_select(2, i0x)  # (N, H, W)
-    idx = _cell_pixels(~sure, i0y, i0x, sizes)
     sums = cell_similarity_sums(values, taps, sizes, (h, w)) * sure  # (N, h, w)
     image_index = torch.arange(n, device=dev)[:, None, None].expand_as(label)
     slot_sums = _sum_by_slot(image_index, label, sums, n, k)
-    if idx[0].numel():
-        t1, assign[idx] = _pixel_argmax(sim_low, taps, idx, s_num, in_y, in_x, instance_ok, outside_box_value)
+    cells = (~sure).nonzero(as_tuple=True)
+    if cells[0].numel():
+        # candidates of an undecided cell: a slot whose upper bound over the cell reaches the best
+        # lower bound (no slot can fall below its lower bound inside the cell, nor exceed its upper;
+        # a slot reaching it only with equality can win only a tie, i.e. if it comes first)
+        cn, cr, cc = cells
+        up, lo = _cell_bounds([c[cn, :, cr, cc] for c in corners], s_num,
+                              *((inside[cn, :, cr, cc], mixed[cn, :, cr, cc], ov, instance_ok[cn]) if q else ()))
+        best_lo, best_slot = first_argmax(lo, 1)
+        slot_range = torch.arange(k, device=dev)
+        cand = (up > best_lo[:, None]) | ((up == best_lo[:, None]) & (slot_range <= best_slot[:, None]))
+        count = cand.sum(1)
+        order = count.argsort()  # cells with few candidates together: a chunk is padded to its own maximum
+        cells = tuple(t[order] for t in cells)
+        cand, count = cand[order], count[order]
+        slots = torch.where(cand, slot_range, slot_range + k).sort(1).values[:, : int(count.max())]
+        (n_idx, y, x), t1, won = _candidate_argmax(sim_low, taps, cells, slots % k, slots < k, count, sizes, s_num,
+                                                   in_y, in_x, instance_ok, outside_box_value)
+        assign[n_idx, y, x] = won
         if value_low is not None:
-            t1 = _values_at(value_low, taps, idx, assign[idx], s_num, in_y, in_x, outside_box_value)
-        slot_sums += _sum_by_slot(idx[0], assign[idx], t1, n, k)
+            t1 = _values_at(value_low, taps, (n_idx, y, x), won, s_num, in_y, in_x, outside_box_value)
+        slot_sums += _sum_by_slot(n_idx, won, t1, n, k)
     return assign, slot_sums
+
+
+def _cell_bounds(corner_values: list[Tensor], s_num: int, inside: Tensor | None = None, mixed: Tensor | None = None,
+                 ov: Tensor | None = None, instance_ok: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Upper and lower bound ``(cells, K)`` of every slot's box-filtered value inside each cell.
+
+    corner_values: four ``(cells, K)`` raw similarities at the cell's corners; inside / mixed
+    ``(cells, Q)`` box status of the instances, ov the outside-box value, instance_ok ``(cells, Q)``.
+    An instance whose box edge crosses the cell can take its similarity or ``ov`` there.
+    """
+    up = torch.stack(corner_values).amax(0)
+    lo = torch.stack(corner_values).amin(0)
+    if inside is not None and up.shape[1] > s_num:
+        iu, il = up[:, s_num:], lo[:, s_num:]
+        iu = torch.where(inside, iu, torch.where(mixed, iu.clamp_min(ov), ov))
+        il = torch.where(inside, il, torch.where(mixed, il.clamp_max(ov), ov))
+        off = ~instance_ok
+        up = torch.cat([up[:, :s_num], iu.masked_fill(off, MASKED_SIMILARITY)], 1)
+        lo = torch.cat([lo[:, :s_num], il.masked_fill(off, MASKED_SIMILARITY)], 1)
+    return up, lo
+
+
+# undecided cells evaluated at once: bounds the (cells, C, rows, columns) temporaries
+_CELL_CHUNK = 4096
+
+
+def _candidate_argmax(sim_low: Tensor, taps, cells: tuple[Tensor, Tensor, Tensor], cell_slots: Tensor,
+                      cell_ok: Tensor, cell_count: Tensor, sizes: Tensor, s_num: int, in_y: Tensor, in_x: Tensor,
+                      instance_ok: Tensor, outside_box_value: float) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor,
+                                                                              Tensor]:
+    """Eq. 16 on every valid output pixel of the given cells, over each cell's candidate slots.
+
+    cells ``(n, r, c)`` index tensors; cell_slots ``(cells, C)`` ascending, padding flagged by
+    cell_ok False; cell_count ``(cells,)`` (cells sorted by it, so a chunk is padded to its own
+    largest count). A cell's pixels share its four corner samples: they are gathered once per
+    (cell, candidate) and combined with each row's and column's weights by broadcasting, in
+    torch's order ``(a*lx0 + b*lx1)*ly0 + (c*lx0 + d*lx1)*ly1``; then the box filter and the first
+    maximum. Returns the pixels ``(n, y, x)``, their values ``(M,)`` float32 and slots ``(M,)``.
+    """
+    n, k, h, w = sim_low.shape
+    dev = sim_low.device
+    flat = sim_low.permute(0, 2, 3, 1).reshape(-1)  # (N*h*w*K,) queries innermost
+    (i0y, i1y, l0y, l1y), (i0x, i1x, l0x, l1x) = taps
+    hh, ww = i0y.numel(), i0x.numel()
+    rows_per = torch.bincount(i0y, minlength=h)
+    cols_per = torch.bincount(i0x, minlength=w)
+    row_start = torch.cumsum(rows_per, 0) - rows_per
+    col_start = torch.cumsum(cols_per, 0) - cols_per
+    oy = torch.arange(int(rows_per.max()), device=dev)
+    ox = torch.arange(int(cols_per.max()), device=dev)
+    out_n, out_y, out_x, out_v, out_s = [], [], [], [], []
+    for start in range(0, cells[0].numel(), _CELL_CHUNK):
+        cn, cr, cc = (t[start:start + _CELL_CHUNK] for t in cells)
+        width = int(cell_count[start:start + _CELL_CHUNK].max())
+        sc = cell_slots[start:start + _CELL_CHUNK, :width]
+        okc = cell_ok[start:start + _CELL_CHUNK, :width]
+        y = row_start[cr, None] + oy  # (m, by)
+        x = col_start[cc, None] + ox  # (m, bx)
+        y_ok = (oy < rows_per[cr, None]) & (y < sizes[cn, 0, None])
+        x_ok = (ox < cols_per[cc, None]) & (x < sizes[cn, 1, None])
+        y, x = y.clamp_max(hh - 1), x.clamp_max(ww - 1)
+        r1, c1 = i1y[y[:, 0]], i1x[x[:, 0]]  # the cell's second row / column sample
+
+        def at(r: Tensor, c: Tensor) -> Tensor:  # (m, C, 1, 1) corner values of the candidates
+            return flat[(((cn * h + r) * w + c) * k)[:, None] + sc].float()[:, :, None, None]
+
+        wy0, wy1 = l0y[y][:, None, :, None], l1y[y][:, None, :, None]
+        wx0, wx1 = l0x[x][:, None, None, :], l1x[x][:, None, None, :]
+        v = (at(cr, cc) * wx0 + at(cr, c1) * wx1) * wy0 + (at(r1, cc) * wx0 + at(r1, c1) * wx1) * wy1  # (m, C, by, bx)
+        if k > s_num:
+            inst = sc >= s_num
+            j = (sc - s_num).clamp_min(0)
+            in_box = in_y[cn[:, None, None], j[:, :, None], y[:, None, :]][..., None] & \
+                in_x[cn[:, None, None], j[:, :, None], x[:, None, :]][..., None, :]
+            v = torch.where(inst[..., None, None] & ~in_box, torch.full_like(v, outside_box_value), v)
+            okc = okc & (~inst | instance_ok[cn[:, None], j])
+        v = v.masked_fill_(~okc[..., None, None], MASKED_SIMILARITY)
+        t1, a1 = v.max(dim=1)  # (m, by, bx); first maximum = lowest slot (candidates ascend)
+        won = sc.gather(1, a1.flatten(1)).view_as(a1)
+        m, iy, ix = (y_ok[:, :, None] & x_ok[:, None, :]).nonzero(as_tuple=True)
+        out_n.append(cn[m])
+        out_y.append(y[m, iy])
+        out_x.append(x[m, ix])
+        out_v.append(t1[m, iy, ix])
+        out_s.append(won[m, iy, ix])
+    return (torch.cat(out_n), torch.cat(out_y), torch.cat(out_x)), torch.cat(out_v), torch.cat(out_s)
 
 
 def _values_at(value_low: Tensor, taps, idx: tuple[Tensor, Tensor, Tensor], slots: Tensor, s_num: int, in_y: Tensor,
@@ -266,28 +370,6 @@ def _values_at(value_low: Tensor, taps, idx: tuple[Tensor, Tensor, Tensor], slot
         inside = in_y[n_idx[inst], j, y[inst]] & in_x[n_idx[inst], j, x[inst]]
         v[inst] = torch.where(inside, v[inst], torch.full_like(v[inst], outside_box_value))
     return v
-
-
-def _cell_pixels(cells: Tensor, i0y: Tensor, i0x: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Output pixels ``(n, y, x)`` of the marked cells ``(N, h, w)`` that lie in each image's valid
-    region; a cell's pixels are the rows with ``i0y == r`` and the columns with ``i0x == c``
-    (contiguous ranges, since the taps are monotone)."""
-    dev = cells.device
-    h, w = cells.shape[-2:]
-    cn, cr, cc = cells.nonzero(as_tuple=True)
-    rows_per = torch.bincount(i0y, minlength=h)
-    cols_per = torch.bincount(i0x, minlength=w)
-    row_start = torch.cumsum(rows_per, 0) - rows_per
-    col_start = torch.cumsum(cols_per, 0) - cols_per
-    by, bx = int(rows_per.max()), int(cols_per.max())
-    oy = torch.arange(by, device=dev)
-    ox = torch.arange(bx, device=dev)
-    y = row_start[cr, None] + oy  # (M, by)
-    x = col_start[cc, None] + ox  # (M, bx)
-    y_ok = (oy < rows_per[cr, None]) & (y < sizes[cn, 0, None])
-    x_ok = (ox < cols_per[cc, None]) & (x < sizes[cn, 1, None])
-    m, iy, ix = (y_ok[:, :, None] & x_ok[:, None, :]).nonzero(as_tuple=True)
-    return cn[m], y[m, iy], x[m, ix]
 
 
 def cell_similarity_sums(corner_values: list[Tensor], taps, sizes: Tensor, low_size: tuple[int, int]) -> Tensor:

@@ -447,16 +447,6 @@ def test_coarse_to_fine_fusion_on_the_shipped_model(shipped_model):
     torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-6)
 
 
-def test_cell_pixels_cover_each_valid_pixel_once():
-    from ciae_core.fusion import _cell_pixels, bilinear_taps
-
-    (i0y, _, _, _), (i0x, _, _, _) = bilinear_taps(43, 11), bilinear_taps(60, 15)
-    cells = torch.ones(2, 11, 15, dtype=torch.bool)
-    n, y, x = _cell_pixels(cells, i0y, i0x, torch.tensor([[43, 60], [40, 51]]))
-    hits = torch.zeros(2, 43, 60, dtype=torch.long).index_put_((n, y, x), torch.ones_like(n), accumulate=True)
-    assert hits[0].eq(1).all() and hits[1, :40, :51].eq(1).all() and hits[1, 40:].eq(0).all()
-
-
 def test_bilinear_taps_reproduce_torch_interpolate():
     from ciae_core.fusion import bilinear_taps
 
