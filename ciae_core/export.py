@@ -13,8 +13,9 @@ Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
 * outputs (float32), with A = number of FCOS locations of P3..P7, T thing classes, S stuff
   classes, D embedding dims:
   ``cls_logits (N, A, T)``, ``box_regression (N, A, 4)`` ltrb input pixels, ``centerness (N, A)``,
-  ``points (A, 2)`` xy input pixels, ``embedding (N, D, H, W)`` (``(N, D, H/4, W/4)`` for models
-  with ``embedding_stride == 4``), ``memory (T+S, D)``.
+  ``points (A, 2)`` xy input pixels, ``embedding (N, D, H/4, W/4)`` at stride 4 (un-normalised
+  ``P' + P''`` for ``embedding_stride == 1``, whose fusion normalises after up-sampling;
+  normalised for ``embedding_stride == 4``), ``memory (T+S, D)``.
 * shapes: ``--dynamic`` makes N, H and W symbolic (``batch``, ``height``, ``width``) and A, the
   embedding size follow; ``--size HxW`` (default 640x640) fixes them (what TensorRT likes best).
 * ``metadata_props``: ``ciae_config`` (the :class:`~ciae_core.model.CIAEConfig` JSON: categories,
