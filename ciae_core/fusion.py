@@ -448,9 +448,9 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     segment areas/boxes come from bincounts and (slot, row)/(slot, column) presence tables
     instead of scatter-min/max over all pixels. Same results as the straightforward version.
 
-    Stuff scores in the coarse-to-fine path with ``normalize_after_upsampling`` are the mean of
-    the up-sampled stride-s cosine similarities (within ~1e-2 of the dense path's exact per-pixel
-    cosines; the id map is the same).
+    Stuff scores with ``normalize_after_upsampling`` (both methods) are the mean over the segment
+    of the up-sampled stride-s cosine similarity to the class query (a smooth stand-in for the
+    per-pixel cosine, which would need every pixel's norm; they differ by up to ~0.05 near edges).
 
     ``method``: ``"dense"`` builds the full ``(N, K, H, W)`` similarity tensor as above;
     ``"coarse_to_fine"`` (``embedding_stride > 1`` only) finds the same argmax without it, see
@@ -491,6 +491,7 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     else:
         if normalize_after_upsampling:  # the paper's P at full resolution
             size = (he * embedding_stride, we * embedding_stride)
+            low = embedding
             embedding = F.normalize(F.interpolate(embedding, size=size, mode="bilinear", align_corners=False), dim=1)
             sim = panoptic_similarity(embedding, queries).contiguous()
         else:
@@ -597,7 +598,11 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     seg_boxes = torch.stack([x0, y0, x1, y1], dim=-1).to(dtype)
     seg_boxes = torch.where((area > 0)[..., None], seg_boxes, torch.zeros_like(seg_boxes))
     if not coarse:
-        slot_sums = _sum_by_slot(torch.arange(n, device=dev)[:, None].expand_as(a_flat), a_flat, top1.flatten(1), n,
+        values = top1
+        if normalize_after_upsampling:  # stuff scores from the up-sampled stride-s cosines, as coarse-to-fine
+            values = panoptic_similarity(F.normalize(low, dim=1), queries, embedding_stride)
+            values = values.gather(1, assign.clamp_max(k_num - 1)[:, None]).squeeze(1)
+        slot_sums = _sum_by_slot(torch.arange(n, device=dev)[:, None].expand_as(a_flat), a_flat, values.flatten(1), n,
                                  k_num + 1)[:, :k_num]
     stuff_scores = slot_sums[:, :s_num].to(dtype) / area[:, :s_num].clamp_min(1).to(dtype)
     scores = torch.cat([stuff_scores, instance_scores.to(dtype)], dim=1)

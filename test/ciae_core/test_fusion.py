@@ -445,7 +445,7 @@ def test_coarse_to_fine_fusion_on_the_shipped_model(shipped_model):
     assert fast["ids"].numel() >= 5
     for key in ("id_map", "ids", "labels", "areas", "boxes"):
         assert torch.equal(dense[key], fast[key]), key
-    torch.testing.assert_close(dense["scores"], fast["scores"], rtol=0, atol=2e-2)
+    torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-5)
 
 
 def test_bilinear_taps_reproduce_torch_interpolate():
@@ -497,6 +497,7 @@ def test_normalize_after_upsampling_equals_the_papers_full_resolution_fusion(see
     for key in ("id_map", "segment_ids", "labels", "areas", "boxes"):
         assert torch.equal(paper[key], fast[key]), key
         assert torch.equal(paper[key], dense[key]), key
-    # stuff scores: exact per-pixel cosines (dense) vs up-sampled stride-4 cosines (coarse-to-fine)
-    torch.testing.assert_close(paper["scores"], dense["scores"])
-    torch.testing.assert_close(paper["scores"], fast["scores"], rtol=0, atol=2e-2)
+    # stuff scores: both methods average the up-sampled stride-4 cosines; the paper's per-pixel
+    # cosines (the stride-1 path) differ from that only a little
+    torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(paper["scores"], fast["scores"], rtol=0, atol=5e-2)
