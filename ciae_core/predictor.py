@@ -269,7 +269,8 @@ def input_size_range(backbone: str) -> tuple[int, int]:
 
 
 class _TorchEngine:
-    """``CIAE.forward_raw`` in PyTorch, fp32 outputs.
+    """``CIAE.forward_raw`` in PyTorch, fp32 outputs, frozen BN folded into the convolutions
+    (:func:`ciae_core.model.fold_frozen_batchnorm`; the engine owns its model copy).
 
     On CUDA with ``cuda_graphs`` the forward pass of each input shape is captured once into a
     CUDA graph (after 3 eager warm-up runs that also let cuDNN pick its algorithms) and replayed:
@@ -283,7 +284,14 @@ class _TorchEngine:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool,
                  compile: bool, cuda_graphs: bool = False, max_graphs: int = 4):
+        from ciae_core.model import fold_frozen_batchnorm
+
         self.model = model.eval().to(device)
+        # frozen BN is affine: folded into its conv (same outputs to float rounding; onnxruntime
+        # does the same to the exported graph)
+        folded = fold_frozen_batchnorm(self.model)
+        if folded:
+            logger.debug("folded %d frozen BatchNorm layers into their convolutions", folded)
         self.device = device
         self.precision = precision
         self.channels_last = channels_last

@@ -301,3 +301,34 @@ def test_training_under_autocast_keeps_losses_and_memory_in_float32():
     sum(losses.values()).backward()
     assert m.memory.dtype == torch.float32 and not torch.equal(m.memory, mem0)
     assert torch.allclose(m.memory.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_fold_frozen_batchnorm_keeps_outputs():
+    """Folding frozen BN into the convolutions (inference) changes the outputs only by rounding."""
+    import copy
+
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from ciae_core.model import fold_frozen_batchnorm
+
+    torch.manual_seed(0)
+    m = CIAE(CATS, backbone="resnet18", fpn_channels=32, head_channels=32, tower_depth=1, embed_dim=8,
+             embed_branch_channels=16, dcn_stages=(5,)).eval()
+    for mod in m.modules():  # non-trivial statistics, as after ImageNet training
+        if isinstance(mod, FrozenBatchNorm2d):
+            n = mod.weight.numel()
+            mod.weight.copy_(0.5 + torch.rand(n))
+            mod.bias.copy_(torch.randn(n) * 0.1)
+            mod.running_mean.copy_(torch.randn(n) * 0.1)
+            mod.running_var.copy_(0.5 + torch.rand(n))
+    folded = copy.deepcopy(m)
+    n_bn = sum(isinstance(mod, FrozenBatchNorm2d) for mod in m.modules())
+    assert fold_frozen_batchnorm(folded) == n_bn > 0  # stem, every block, downsample, the DCN stage
+    assert not any(isinstance(mod, FrozenBatchNorm2d) for mod in folded.modules())
+    x = torch.rand(1, 3, 96, 128) * 255
+    with torch.no_grad():
+        a, b = m.forward_raw(x), folded.forward_raw(x)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
+    gn = small(backbone_norm="gn")
+    assert fold_frozen_batchnorm(gn) == 0
