@@ -174,24 +174,23 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
     queries), taps: :func:`bilinear_taps` for rows and columns of the ``(H, W)`` output,
     in_y ``(N, Q, H)`` / in_x ``(N, Q, W)`` box rows/columns, instance_ok ``(N, Q)``,
     sizes ``(N, 2)`` valid (h, w) of each output image (top-left) → slot per output pixel
-    ``(N, H, W)`` long (pixels outside the valid region: any) and ``(N, K)`` sums of each slot's (box-filtered, up-sampled)
-    similarity over its valid pixels (for the stuff scores; of ``value_low``, same shape as
-    sim_low, when given: the argmax runs on sim_low and the sums on value_low).
+    ``(N, H, W)`` long (pixels outside the valid region: any) and ``(N, K)`` sums of each slot's
+    up-sampled similarity over its valid pixels (exact for stuff slots, which the stuff scores
+    use; of ``value_low``, same shape as sim_low, when given: the argmax runs on sim_low and the
+    sums on value_low).
 
     Why it is exact: every output pixel whose row taps are (r, r') and column taps (c, c') — a
     "cell" of about stride x stride pixels — gets a convex combination of the four corner values
-    (r|r', c|c'). Inside a cell, each instance's box filter is either everywhere on, everywhere
-    off (its plane is the constant ``outside_box_value``, also a convex combination) or mixed.
-    If no box is mixed and one slot is the first maximum at all four corners, it is the maximum
-    of every convex combination (a weighted sum of ``>=`` inequalities; floating-point rounding is
-    monotone), so the whole cell takes that slot. An instance whose box edge crosses the cell
-    takes part with ``max(similarity, outside_box_value)`` at the corners (the most it can reach
-    inside the cell); the cell is sure if another slot still wins. Only the other cells' pixels — segment
-    boundaries and box edges — are evaluated with all K up-sampled planes
-    (:func:`_pixel_argmax`). Same assignment as the dense path except where two up-sampled
-    similarities tie to the last bit. The similarity sums of a whole cell are formed at low
-    resolution from its corner values and the summed interpolation weights of its valid rows
-    and columns (bilinear weights are separable), so no full-resolution value map is built.
+    (r|r', c|c'), so each slot's value inside the cell lies between its smallest and largest
+    corner value (floating-point rounding is monotone). An instance's box filter is, inside a
+    cell, everywhere on, everywhere off (the constant ``outside_box_value``) or mixed (either
+    value), which widens its bounds accordingly. A slot whose lower bound exceeds every other
+    slot's upper bound wins every pixel of the cell. Only the other cells — segment boundaries,
+    box edges, exact ties — are evaluated per pixel (:func:`_candidate_argmax`), over the slots
+    whose upper bound reaches the best lower bound. Same assignment as the dense path except
+    where two up-sampled similarities tie to the last bit. The similarity sums of a decided
+    cell are formed at low resolution from its corner values and the summed interpolation
+    weights of its valid rows and columns (bilinear weights are separable).
     """
     n, k, h, w = sim_low.shape
     q = k - s_num
@@ -199,9 +198,14 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
     (i0y, _, _, _), (i0x, _, _, _) = taps
     next_row = torch.arange(1, h + 1, device=dev).clamp_max(h - 1)
     next_col = torch.arange(1, w + 1, device=dev).clamp_max(w - 1)
-    corners = [sim_low, sim_low.index_select(3, next_col)]
-    corners += [c.index_select(2, next_row) for c in corners]
-    mixed = None
+
+    def corners_of(t: Tensor) -> list[Tensor]:  # values at (r, c), (r, c'), (r', c), (r', c') per cell
+        c = [t, t.index_select(3, next_col)]
+        return c + [x.index_select(2, next_row) for x in c]
+
+    corners = corners_of(sim_low)
+    upper = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
+    lower = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
     if q:
         # per cell and instance: how many of the cell's output rows / columns are inside the box
         rows_in = torch.zeros(n, q, h, device=dev).index_add_(2, i0y, in_y.float())
@@ -210,35 +214,17 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
         cols_per = torch.bincount(i0x, minlength=w).float()
         inside = (rows_in == rows_per)[..., :, None] & (cols_in == cols_per)[..., None, :]  # (N, Q, h, w)
         outside = (rows_in == 0)[..., :, None] | (cols_in == 0)[..., None, :]
-        mixed = ~(inside | outside) & instance_ok[..., None, None]  # (N, Q, h, w)
         ov = torch.full((), outside_box_value, dtype=sim_low.dtype, device=dev)
         off = ~instance_ok[..., None, None]
-    def masked(c: Tensor) -> Tensor:
-        if not q:
-            return c
-        # an instance whose box edge crosses the cell can take either value inside it: at a corner
-        # its upper bound is the larger of the two
-        inst = c[:, s_num:]
-        inst = torch.where(inside, inst, torch.where(mixed, inst.clamp_min(ov), ov)).masked_fill_(off,
-                                                                                                MASKED_SIMILARITY)
-        return torch.cat([c[:, :s_num], inst], dim=1)
-
-    labels, values = [], []
-    for c in corners:
-        v, lab = first_argmax(masked(c), 1)
-        labels.append(lab)
-        values.append(v.float())
-    if value_low is not None:
-        value_corners = [value_low, value_low.index_select(3, next_col)]
-        value_corners += [c.index_select(2, next_row) for c in value_corners]
-        values = [masked(c).gather(1, labels[0][:, None]).squeeze(1).float() for c in value_corners]
-    label = labels[0]
-    # a slot that wins at all four corners (with box edges at their upper bound) wins the cell ...
-    sure = (label == labels[1]) & (label == labels[2]) & (label == labels[3])
-    if q:  # ... unless the winner itself is an instance whose box edge crosses the cell
-        winner_mixed = mixed.gather(1, (label - s_num).clamp_min(0)[:, None]).squeeze(1) & (label >= s_num)
-        sure &= ~winner_mixed
+        iu, il = upper[:, s_num:], lower[:, s_num:]
+        iu.copy_(torch.where(outside, ov, torch.where(inside, iu, iu.clamp_min(ov)))).masked_fill_(off, MASKED_SIMILARITY)
+        il.copy_(torch.where(outside, ov, torch.where(inside, il, il.clamp_max(ov)))).masked_fill_(off, MASKED_SIMILARITY)
+    best_lo, label = first_argmax(lower, 1)
+    others = upper.scatter(1, label[:, None], MASKED_SIMILARITY).amax(1)
+    sure = others < best_lo  # ties stay undecided (the first index rule is applied per pixel)
     assign = label.index_select(1, i0y).index_select(2, i0x)  # (N, H, W)
+    values = [c.gather(1, label[:, None]).squeeze(1).float() for c in corners_of(value_low if value_low is not None
+                                                                                   else sim_low)]
     sums = cell_similarity_sums(values, taps, sizes, (h, w)) * sure  # (N, h, w)
     image_index = torch.arange(n, device=dev)[:, None, None].expand_as(label)
     slot_sums = _sum_by_slot(image_index, label, sums, n, k)
@@ -248,8 +234,7 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
         # lower bound (no slot can fall below its lower bound inside the cell, nor exceed its upper;
         # a slot reaching it only with equality can win only a tie, i.e. if it comes first)
         cn, cr, cc = cells
-        up, lo = _cell_bounds([c[cn, :, cr, cc] for c in corners], s_num,
-                              *((inside[cn, :, cr, cc], mixed[cn, :, cr, cc], ov, instance_ok[cn]) if q else ()))
+        up, lo = upper[cn, :, cr, cc], lower[cn, :, cr, cc]  # (cells, K)
         best_lo, best_slot = first_argmax(lo, 1)
         slot_range = torch.arange(k, device=dev)
         cand = (up > best_lo[:, None]) | ((up == best_lo[:, None]) & (slot_range <= best_slot[:, None]))
@@ -265,26 +250,6 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
             t1 = _values_at(value_low, taps, (n_idx, y, x), won, s_num, in_y, in_x, outside_box_value)
         slot_sums += _sum_by_slot(n_idx, won, t1, n, k)
     return assign, slot_sums
-
-
-def _cell_bounds(corner_values: list[Tensor], s_num: int, inside: Tensor | None = None, mixed: Tensor | None = None,
-                 ov: Tensor | None = None, instance_ok: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Upper and lower bound ``(cells, K)`` of every slot's box-filtered value inside each cell.
-
-    corner_values: four ``(cells, K)`` raw similarities at the cell's corners; inside / mixed
-    ``(cells, Q)`` box status of the instances, ov the outside-box value, instance_ok ``(cells, Q)``.
-    An instance whose box edge crosses the cell can take its similarity or ``ov`` there.
-    """
-    up = torch.stack(corner_values).amax(0)
-    lo = torch.stack(corner_values).amin(0)
-    if inside is not None and up.shape[1] > s_num:
-        iu, il = up[:, s_num:], lo[:, s_num:]
-        iu = torch.where(inside, iu, torch.where(mixed, iu.clamp_min(ov), ov))
-        il = torch.where(inside, il, torch.where(mixed, il.clamp_max(ov), ov))
-        off = ~instance_ok
-        up = torch.cat([up[:, :s_num], iu.masked_fill(off, MASKED_SIMILARITY)], 1)
-        lo = torch.cat([lo[:, :s_num], il.masked_fill(off, MASKED_SIMILARITY)], 1)
-    return up, lo
 
 
 # undecided cells evaluated at once: bounds the (cells, C, rows, columns) temporaries
@@ -485,7 +450,7 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     if coarse:
         sim_low = torch.einsum("ndhw,nkd->nkhw", embedding, queries).contiguous()
         if normalize_after_upsampling:  # argmax on E V^T; values (stuff scores) from the unit low-res map
-            value_low = torch.einsum("ndhw,nkd->nkhw", F.normalize(embedding, dim=1), queries).contiguous()
+            value_low = sim_low / embedding.pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-12)
         hh, ww = he * embedding_stride, we * embedding_stride
         dtype = sim_low.dtype
     else:
