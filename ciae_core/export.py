@@ -19,7 +19,7 @@ Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
 * shapes: ``--dynamic`` makes N, H and W symbolic (``batch``, ``height``, ``width``) and A, the
   embedding size follow; ``--size HxW`` (default 640x640) fixes them (what TensorRT likes best).
 * ``metadata_props``: ``ciae_config`` (the :class:`~ciae_core.model.CIAEConfig` JSON: categories,
-  thresholds, embedding stride), ``ciae_format`` (``ciae-onnx/1``), ``ciae_version``,
+  thresholds, embedding stride), ``ciae_format`` (``ciae-onnx/2``), ``ciae_version``,
   ``ciae_outputs`` (output names in order), ``ciae_input_size`` (``HxW`` or ``dynamic``) and
   ``ciae_source_sha256`` (hash of the checkpoint it came from, used by the predictor's cache).
 
@@ -46,7 +46,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 OPSET_RANGE = (13, 20)
-FORMAT = "ciae-onnx/1"
+# /2: the embedding output is always at stride 4 (/1 files of embedding_stride-1 models carried
+# the full-resolution P and cannot be fused by this version)
+FORMAT = "ciae-onnx/2"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("cls_logits", "box_regression", "centerness", "points", "embedding", "memory")
 
@@ -190,9 +192,14 @@ def read_onnx_config(path: str | os.PathLike):
     if "ciae_config" not in meta:
         raise ExportError(f"{path} has no 'ciae_config' metadata: not written by ciae-export (re-export the model)")
     try:
-        return CIAEConfig.from_dict(json.loads(meta["ciae_config"]))
+        cfg = CIAEConfig.from_dict(json.loads(meta["ciae_config"]))
     except (json.JSONDecodeError, ModelConfigError, TypeError, KeyError, ValueError) as e:
         raise ExportError(f"{path} has an invalid 'ciae_config' metadata entry: {e}") from None
+    fmt = meta.get("ciae_format")
+    if fmt != FORMAT and not (fmt == "ciae-onnx/1" and cfg.embedding_stride == 4):
+        raise ExportError(f"{path} is a {fmt or 'unversioned'} export whose embedding output this version cannot "
+                          f"fuse (needs {FORMAT}); re-export it with ciae-export")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

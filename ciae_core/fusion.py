@@ -7,7 +7,9 @@ Pure functions on tensors (no model, no numpy), batched over images, device-agno
 * :func:`fuse_panoptic` — Eq. 16: ``S = P V^T`` between the pixel embeddings P and the query
   embeddings V (stuff memory embeddings + one query per instance proposal), remote-instance
   filtering with the predicted boxes, per-pixel argmax, removal of small stuff regions and of
-  mostly hidden instances; returns an id map and a per-segment table.
+  mostly hidden instances; returns an id map and a per-segment table. With a stride-4 embedding
+  it works coarse-to-fine (:func:`coarse_to_fine_assignment`): whole cells are decided from
+  bounds at the embedding resolution and only boundary cells are evaluated per pixel.
 * :func:`panoptic_from_raw` — glue used by ``CIAE.postprocess``: raw network outputs → per-image
   results at the network input resolution.
 """

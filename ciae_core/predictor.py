@@ -651,6 +651,7 @@ class Predictor:
 
     def _onnx_for_checkpoint(self, weights: str, cache_dir, opset: int | None) -> str:
         from ciae_core.export import DEFAULT_OPSET, ExportError, export_checkpoint, read_onnx_metadata
+        from ciae_core.export import FORMAT as ONNX_FORMAT
 
         opset = int(opset or DEFAULT_OPSET)
         digest = _file_sha256(weights)
@@ -658,7 +659,8 @@ class Predictor:
         path = cache / f"{pathlib.Path(weights).stem}-{digest[:16]}-opset{opset}.onnx"
         if path.is_file():
             try:
-                if read_onnx_metadata(str(path)).get("ciae_source_sha256") == digest:
+                meta = read_onnx_metadata(str(path))
+                if meta.get("ciae_source_sha256") == digest and meta.get("ciae_format") == ONNX_FORMAT:
                     logger.info("reusing cached ONNX export %s", path)
                     return str(path)
             except ExportError:

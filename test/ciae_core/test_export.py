@@ -55,7 +55,7 @@ def test_export_fixed_size_checker_and_metadata(weights, tmp_path):
     dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 256, 320]
     meta = read_onnx_metadata(out)
-    assert meta["ciae_input_size"] == "256x320" and meta["ciae_format"] == "ciae-onnx/1"
+    assert meta["ciae_input_size"] == "256x320" and meta["ciae_format"] == "ciae-onnx/2"
     cfg = read_onnx_config(out)
     model = load_model(weights)
     assert cfg.to_dict() == model.config.to_dict()
@@ -160,6 +160,23 @@ def test_onnx_with_mismatched_config(dynamic_onnx, tmp_path):
     onnx.save(proto, str(path))
     with pytest.raises(PredictorError, match="mismatch.onnx: graph outputs .* do not match"):
         Predictor(path, engine="onnxruntime")
+
+
+def test_onnx_from_the_full_resolution_embedding_format_is_refused(dynamic_onnx, tmp_path):
+    """A ciae-onnx/1 export of a paper-order (embedding_stride 1) model output the full-resolution P;
+    this version fuses from the stride-4 map, so it asks for a re-export instead of misreading it.
+    A /1 export of an embedding_stride-4 model has the same outputs and is still accepted."""
+    proto = onnx.load(str(dynamic_onnx))
+    meta = {p.key: p for p in proto.metadata_props}
+    meta["ciae_format"].value = "ciae-onnx/1"
+    cfg = json.loads(meta["ciae_config"].value)
+    for stride, name in ((1, "old_stride1.onnx"), (4, "old_stride4.onnx")):
+        cfg["embedding_stride"] = stride
+        meta["ciae_config"].value = json.dumps(cfg)
+        onnx.save(proto, str(tmp_path / name))
+    with pytest.raises(PredictorError, match="old_stride1.onnx is a ciae-onnx/1 export .* re-export"):
+        Predictor(tmp_path / "old_stride1.onnx", engine="onnxruntime")
+    assert read_onnx_config(tmp_path / "old_stride4.onnx").embedding_stride == 4
 
 
 def test_onnx_file_with_torch_engine_is_refused(dynamic_onnx):
