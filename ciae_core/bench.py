@@ -37,10 +37,16 @@ timing; the fusion share is the ``fusion`` stage over the end-to-end median):
 ``forward_raw``), ``proposal_selection`` (:func:`ciae_core.fusion.select_proposals`) and
 ``fusion`` (the rest of :func:`ciae_core.fusion.panoptic_from_raw`: queries + Eq. 16).
 
-Peak memory, over the timed calls only (after the warm-up, whose cuDNN autotuning allocates
-large trial workspaces): on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the
-peak resident set size sampled from ``/proc/self/statm`` every 2 ms during the timed calls
-(``peak_rss_mb``) and its increase over the level before the model was built (``rss_delta_mb``).
+Timing: per (backbone, size) every model is built and warmed up, then the timed calls run in
+interleaved rounds (each round calls every model once on the same image, the order rotating), so
+slow drifts of the machine's load affect all models alike (:func:`bench_group`).
+
+Peak memory, over one call after the warm-up (whose cuDNN autotuning allocates large trial
+workspaces): on CUDA ``torch.cuda.max_memory_allocated`` and its increase over the allocation
+before the model was built; on the CPU the peak resident set size
+sampled from ``/proc/self/statm`` every 2 ms (``peak_rss_mb``, which includes the models of the
+group built before this one) and its increase over the level before this model was built
+(``rss_delta_mb``, the number to compare).
 
 Output: a markdown table of latencies and ratios (ours / FCOS, fusion share of ours' total,
 onnxruntime / torch, ours / Mask R-CNN) and a stage table on stdout; everything in ``--json``.
@@ -94,6 +100,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _memory_level(device: torch.device) -> int:
+    """Bytes in use now: resident set size on the CPU, allocated CUDA memory on a GPU."""
+    return _rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+
+
 class PeakMemory:
     """Context manager: peak CUDA allocation or peak sampled RSS while active (MB)."""
 
@@ -122,7 +133,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-            self.delta_mb = self.peak_mb
+            self.delta_mb = self.peak_mb - (self.baseline or 0) / 2**20
         else:
             self._stop.set()
             self._thread.join()
@@ -291,11 +302,23 @@ def _fusion_thresholds(detections: int) -> dict[str, Any]:
     return dict(score_threshold=0.0, instance_score_threshold=0.0, detections_per_img=detections)
 
 
-def bench_ours(weights: pathlib.Path, engine: str, size: int, images, device: torch.device, args,
-               cache_dir: pathlib.Path) -> dict[str, Any]:
+class Contender:
+    """One model of a (backbone, size) group: ``call(i)`` runs image ``i`` end to end;
+    ``finish()`` adds model-specific fields to its row after the timed rounds."""
+
+    def __init__(self, model: str, engine: str, call: Callable[[int], Any], info: dict[str, Any],
+                 finish: Callable[[], dict[str, Any]] | None = None, base_rss: int | None = None):
+        self.model, self.engine, self.call, self.info = model, engine, call, info
+        self.finish = finish or (lambda: {})
+        self.base_rss = base_rss
+        self.times: list[float] = []
+
+
+def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: torch.device, args,
+                 cache_dir: pathlib.Path) -> Contender:
     from ciae_core.predictor import Predictor
 
-    base_rss = _rss_bytes() if device.type == "cpu" else None
+    base_rss = _memory_level(device)
     kw = dict(engine=engine, device=str(device), input_size=size, max_size=args.max_size,
               input_size_range=(64, 4096), **_fusion_thresholds(args.detections))
     if engine == "torch":
@@ -313,19 +336,16 @@ def bench_ours(weights: pathlib.Path, engine: str, size: int, images, device: to
         for k, v in predictor.timings.items():
             stage_sums.setdefault(k, []).append(v)
 
-    time_calls(call, device, args.warmup, 0)  # warm-up (cudnn autotuning) outside the memory window
-    with PeakMemory(device, base_rss) as mem:
-        times = time_calls(call, device, 0, args.repeats)
-    row = {"model": "ours", "engine": engine, "size": size, **summarize(times), "peak_mem_mb": mem.peak_mb,
-           "mem_delta_mb": mem.delta_mb, "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
-           "providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone,
-           "predictor_timings_ms": {k: float(np.median(v[args.warmup:] or v)) for k, v in stage_sums.items()}}
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if engine == "torch":
-        row["stages_ms"] = ours_stage_breakdown(predictor, images, device, args)
-    del predictor
-    return row
+    def finish() -> dict[str, Any]:
+        extra = {"predictor_timings_ms": {k: float(np.median(v[args.warmup:] or v)) for k, v in stage_sums.items()}}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if engine == "torch":
+            extra["stages_ms"] = ours_stage_breakdown(predictor, images, device, args)
+        return extra
+
+    info = {"providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone}
+    return Contender("ours", engine, call, info, finish, base_rss)
 
 
 def ours_stage_breakdown(predictor, images, device: torch.device, args) -> dict[str, float]:
@@ -387,8 +407,8 @@ def ours_stage_breakdown(predictor, images, device: torch.device, args) -> dict[
     return {k: float(np.median(v)) for k, v in rows.items()}
 
 
-def bench_peer(kind: str, backbone_name: str, size: int, images, device: torch.device, args) -> dict[str, Any]:
-    base_rss = _rss_bytes() if device.type == "cpu" else None
+def prepare_peer(kind: str, backbone_name: str, size: int, images, device: torch.device, args) -> Contender:
+    base_rss = _memory_level(device)
     model = build_peer(kind, backbone_name, size, args.max_size, args.detections).to(device)
     use_amp = device.type == "cuda" and args.precision in ("fp16", "bf16")
     dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
@@ -402,38 +422,71 @@ def bench_peer(kind: str, backbone_name: str, size: int, images, device: torch.d
             out = model([x])[0]
         {k: v.cpu() for k, v in out.items()}
 
-    time_calls(call, device, args.warmup, 0)
-    with PeakMemory(device, base_rss) as mem:
-        times = time_calls(call, device, 0, args.repeats)
-    del model
-    return {"model": kind, "engine": "torch", "size": size, **summarize(times), "peak_mem_mb": mem.peak_mb,
-            "mem_delta_mb": mem.delta_mb, "mem_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
-            "backbone_name": backbone_name}
+    return Contender(kind, "torch", call, {"backbone_name": backbone_name}, base_rss=base_rss)
 
 
-def _run_one(model: str, engine: str, bb: str, bb_name: str, size: int, weights, images, device, args,
-             cache_dir) -> dict[str, Any]:
-    """One (model, engine, size) measurement; a failure is recorded in the row (``error``) and the
-    run goes on, so one peer that breaks on some torchvision version does not lose the others."""
+def _error_row(bb: str, model: str, engine: str, size: int, e: Exception) -> dict[str, Any]:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    logger.warning("bench %s %s/%s @%d failed: %s: %s", bb, model, engine, size, type(e).__name__, msg)
+    return {"backbone": bb, "model": model, "engine": engine, "size": size, "error": f"{type(e).__name__}: {msg}"}
+
+
+def interleaved_rounds(contenders: list[Contender], device: torch.device, repeats: int) -> list[tuple[Contender, Exception]]:
+    """``repeats`` rounds; round r times ``call(r)`` of every contender once, starting with
+    contender ``r mod n`` (the order rotates so no model always runs first or right after the
+    same neighbour). Times go to ``contender.times``; a contender whose call raises is dropped
+    (``times = None``) and returned with its exception."""
+    failed = []
+    for r in range(repeats):
+        for j in range(len(contenders)):
+            c = contenders[(r + j) % len(contenders)]
+            if c.times is None:
+                continue
+            try:
+                c.times += time_calls(lambda _i, c=c, r=r: c.call(r), device, 0, 1)
+            except Exception as e:  # noqa: BLE001 - reported in the failing model's row
+                failed.append((c, e))
+                c.times = None
+    return failed
+
+
+def bench_group(entries: list[tuple[str, str]], bb: str, bb_name: str, size: int, weights, images,
+                device: torch.device, args, cache_dir) -> list[dict[str, Any]]:
+    """All models of one (backbone, size): each is built, warmed up and measured for memory (one
+    call under :class:`PeakMemory`), then the timed calls run in **interleaved rounds** — every
+    round calls each model once on the same image, the order rotating by one per round — so
+    drifts in machine load (thermal, other processes) fall on all models alike and the ratios
+    stay comparable. A failure is recorded in that model's row (``error``) and the others go on,
+    so one peer that breaks on some torchvision version does not lose the rest."""
     from ciae_core.predictor import PredictorError
 
-    logger.info("bench %s %s/%s @%d", bb, model, engine, size)
-    try:
-        if model == "ours":
-            row = bench_ours(weights, engine, size, images, device, args, cache_dir)
-        else:
-            row = bench_peer(model, bb_name, size, images, device, args)
-    except PredictorError:
-        raise
-    except Exception as e:  # noqa: BLE001 - keep the other measurements
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        logger.warning("bench %s %s/%s @%d failed: %s: %s", bb, model, engine, size, type(e).__name__, msg)
-        row = {"model": model, "engine": engine, "size": size, "error": f"{type(e).__name__}: {msg}"}
-    row = {"backbone": bb, **row}
-    if "error" not in row:
-        print(f"  {bb:5s} {size:4d} {model:8s} {engine:11s} median {row['median_ms']:8.1f} ms  p90 {row['p90_ms']:8.1f} ms",
-              flush=True)
-    return row
+    rows, live = [], []
+    for model, engine in entries:
+        logger.info("bench %s %s/%s @%d: prepare", bb, model, engine, size)
+        try:
+            c = (prepare_ours(weights, engine, size, images, device, args, cache_dir) if model == "ours"
+                 else prepare_peer(model, bb_name, size, images, device, args))
+            time_calls(c.call, device, args.warmup, 0)  # warm-up (cudnn autotuning) outside the memory window
+            with PeakMemory(device, c.base_rss) as mem:
+                time_calls(c.call, device, 0, 1)
+            c.info.update(peak_mem_mb=mem.peak_mb, mem_delta_mb=mem.delta_mb,
+                          mem_kind="cuda_max_allocated" if device.type == "cuda" else "rss")
+            live.append(c)
+        except PredictorError:
+            raise
+        except Exception as e:  # noqa: BLE001 - keep the other measurements
+            rows.append(_error_row(bb, model, engine, size, e))
+    for c, e in interleaved_rounds(live, device, args.repeats):
+        rows.append(_error_row(bb, c.model, c.engine, size, e))
+    for c in live:
+        if c.times is None:
+            continue
+        row = {"backbone": bb, "model": c.model, "engine": c.engine, "size": size, **summarize(c.times), **c.info}
+        row.update(c.finish())
+        rows.append(row)
+        print(f"  {bb:5s} {size:4d} {c.model:8s} {c.engine:11s} median {row['median_ms']:8.1f} ms  "
+              f"p90 {row['p90_ms']:8.1f} ms", flush=True)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,11 +654,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 bb_name = config_from_checkpoint(weights).backbone if weights else \
                     (SMALL_ARCH["backbone"] if bb == "small" else BACKBONES[bb])
+                entries = [(m, e) for m in models for e in (engines if m == "ours" else ["torch"])]
                 for size in sizes:
-                    for m in models:
-                        for e in (engines if m == "ours" else ["torch"]):
-                            row = _run_one(m, e, bb, bb_name, size, weights, images, device, args, tmp / "onnx")
-                            results.append(row)
+                    results += bench_group(entries, bb, bb_name, size, weights, images, device, args, tmp / "onnx")
     except BenchError as e:
         print(f"ciae-bench: error: {e}", file=sys.stderr)
         return 1
