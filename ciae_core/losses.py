@@ -316,8 +316,9 @@ class CIAECriterion(nn.Module):
     * L_IAE: thing pixels weigh ``thing_pixel_weight`` (5); N is the number of pixels. The
       reported ``loss_iae`` already includes ``iae_weight`` (alpha of Eq. 12), so Eq. 15's total
       is the plain sum of the returned terms.
-    * Detector losses are normalised by the number of positive locations in the batch (FCOS).
-      Under DDP this count is per rank (not all-reduced).
+    * Detector losses are normalised by the number of positive locations per rank averaged over
+      the DDP ranks (as FCOS does), so an image's loss weight does not depend on which rank saw
+      it; at least 1. Without a process group it is the batch's own count.
     * ``merge_things_in_cae``: all thing classes form one category in L_CAE (paper default,
       Table IV); False uses the T thing classes.
 
@@ -382,11 +383,7 @@ class CIAECriterion(nn.Module):
         and (last column) the pixel count. It is summed across DDP ranks first (see class doc).
         Returns lambda_t used.
         """
-        stats = class_stats.detach().clone()
-        if self.reduce_fn is not None:
-            stats = self.reduce_fn(stats)
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stats)
+        stats = self._sum_over_ranks(class_stats.detach().clone())
         lam = memory_momentum(self.iteration, self.total_iterations, self.memory_momentum_scale)
         means = l2_normalize(stats[:, :-1])
         present = stats[:, -1] > 0
@@ -422,6 +419,15 @@ class CIAECriterion(nn.Module):
         losses["loss_iae"] = self.iae_weight * l_iae
         return losses, stats
 
+    def _sum_over_ranks(self, t: Tensor) -> Tensor:
+        """``t`` summed over the DDP ranks (``reduce_fn`` if set, else all_reduce when a process
+        group is initialised; unchanged otherwise)."""
+        if self.reduce_fn is not None:
+            return self.reduce_fn(t)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return t
+
     def detection_losses(self, cls_logits, box_regression, centerness, points, level_sizes, targets) -> dict[str, Tensor]:
         """FCOS losses with mask-aware positives: focal (cls), BCE (centerness), IoU/GIoU (box)."""
         dev = points.device
@@ -441,7 +447,9 @@ class CIAECriterion(nn.Module):
         pos = torch.stack(pos_l)
         lab = torch.stack(lab_l)
         box_t = torch.stack(box_l)
-        num_pos = max(1.0, float(pos.sum()))
+        # positives per rank, averaged over the ranks: [count, 1] summed gives (total, world size)
+        total, ranks = self._sum_over_ranks(torch.stack([pos.sum().float(), torch.ones((), device=dev)])).tolist()
+        num_pos = max(1.0, total / ranks)
         gt = torch.zeros_like(cls_logits)
         pi = pos.nonzero(as_tuple=True)
         gt[pi[0], pi[1], lab[pos]] = 1.0

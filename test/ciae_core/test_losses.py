@@ -284,6 +284,23 @@ def test_detection_losses_and_bad_targets():
         crit.embedding_losses(torch.zeros(1, 4, 16, 16), torch.zeros(4, 4), [wrong])
 
 
+def test_detection_losses_normalise_by_positives_averaged_over_ranks():
+    """FCOS under DDP: each rank divides by the mean positive count of all ranks, not its own."""
+    pts = torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0]])
+    t = _tiny_scene()
+    cls = torch.randn(1, 4, 2, generator=torch.Generator().manual_seed(0))
+    reg = torch.full((1, 4, 4), 3.0)
+    ctr = torch.zeros(1, 4)
+    local = CIAECriterion(num_things=2, num_stuff=2).detection_losses(cls, reg, ctr, pts, [4, 0, 0, 0, 0], [t])
+    # another rank with 6 positives: the sum is (2 + 6, 2 ranks) -> mean 4 positives per rank
+    other_rank = torch.tensor([6.0, 1.0])
+    crit = CIAECriterion(num_things=2, num_stuff=2, reduce_fn=lambda x: x + other_rank)
+    both = crit.detection_losses(cls, reg, ctr, pts, [4, 0, 0, 0, 0], [t])
+    for k in ("loss_cls", "loss_ctr", "loss_reg"):  # this batch has 2 positives
+        assert both[k].item() == pytest.approx(local[k].item() * 2 / 4, rel=1e-6), k
+    assert local["loss_cls"].item() > 0 and local["loss_reg"].item() > 0
+
+
 def test_update_memory_all_reduces_under_torch_distributed(tmp_path):
     import torch.distributed as dist
 
