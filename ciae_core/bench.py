@@ -431,17 +431,22 @@ def _error_row(bb: str, model: str, engine: str, size: int, e: Exception) -> dic
     return {"backbone": bb, "model": model, "engine": engine, "size": size, "error": f"{type(e).__name__}: {msg}"}
 
 
-def interleaved_rounds(contenders: list[Contender], device: torch.device, repeats: int) -> list[tuple[Contender, Exception]]:
+def interleaved_rounds(contenders: list[Contender], device: torch.device, repeats: int,
+                       settle_s: float = 0.0) -> list[tuple[Contender, Exception]]:
     """``repeats`` rounds; round r times ``call(r)`` of every contender once, starting with
     contender ``r mod n`` (the order rotates so no model always runs first or right after the
     same neighbour). Times go to ``contender.times``; a contender whose call raises is dropped
-    (``times = None``) and returned with its exception."""
+    (``times = None``) and returned with its exception. ``settle_s``: idle time before each
+    timed call, so the previous model's worker threads (OpenMP, onnxruntime), which spin for a
+    while after their work, are asleep and do not compete with the next one for the cores."""
     failed = []
     for r in range(repeats):
         for j in range(len(contenders)):
             c = contenders[(r + j) % len(contenders)]
             if c.times is None:
                 continue
+            if settle_s > 0:
+                time.sleep(settle_s)
             try:
                 c.times += time_calls(lambda _i, c=c, r=r: c.call(r), device, 0, 1)
             except Exception as e:  # noqa: BLE001 - reported in the failing model's row
@@ -476,7 +481,7 @@ def bench_group(entries: list[tuple[str, str]], bb: str, bb_name: str, size: int
             raise
         except Exception as e:  # noqa: BLE001 - keep the other measurements
             rows.append(_error_row(bb, model, engine, size, e))
-    for c, e in interleaved_rounds(live, device, args.repeats):
+    for c, e in interleaved_rounds(live, device, args.repeats, settle_s=0.1 if device.type == "cpu" else 0.0):
         rows.append(_error_row(bb, c.model, c.engine, size, e))
     for c in live:
         if c.times is None:
