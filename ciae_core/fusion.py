@@ -241,7 +241,12 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
         slot_range = torch.arange(k, device=dev)
         cand = (up > best_lo[:, None]) | ((up == best_lo[:, None]) & (slot_range <= best_slot[:, None]))
         count = cand.sum(1)
-        order = count.argsort()  # cells with few candidates together: a chunk is padded to its own maximum
+        # cells of one block shape (interior cells are stride x stride, border cells differ) and few
+        # candidates together: a chunk is padded only to its own largest shape and count
+        rows_per = torch.bincount(i0y, minlength=h)
+        cols_per = torch.bincount(i0x, minlength=w)
+        shape_key = rows_per[cells[1]] * (int(cols_per.max()) + 1) + cols_per[cells[2]]
+        order = (shape_key * (k + 1) + count).argsort()
         cells = tuple(t[order] for t in cells)
         cand, count = cand[order], count[order]
         slots = torch.where(cand, slot_range, slot_range + k).sort(1).values[:, : int(count.max())]
@@ -280,12 +285,12 @@ def _candidate_argmax(sim_low: Tensor, taps, cells: tuple[Tensor, Tensor, Tensor
     cols_per = torch.bincount(i0x, minlength=w)
     row_start = torch.cumsum(rows_per, 0) - rows_per
     col_start = torch.cumsum(cols_per, 0) - cols_per
-    oy = torch.arange(int(rows_per.max()), device=dev)
-    ox = torch.arange(int(cols_per.max()), device=dev)
     out_n, out_y, out_x, out_v, out_s = [], [], [], [], []
     for start in range(0, cells[0].numel(), _CELL_CHUNK):
         cn, cr, cc = (t[start:start + _CELL_CHUNK] for t in cells)
         width = int(cell_count[start:start + _CELL_CHUNK].max())
+        oy = torch.arange(int(rows_per[cr].max()), device=dev)
+        ox = torch.arange(int(cols_per[cc].max()), device=dev)
         sc = cell_slots[start:start + _CELL_CHUNK, :width]
         okc = cell_ok[start:start + _CELL_CHUNK, :width]
         y = row_start[cr, None] + oy  # (m, by)
