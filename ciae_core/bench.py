@@ -14,6 +14,7 @@ except through the number of detections, which we fix, see below):
 * ``ours`` — :class:`ciae_core.predictor.Predictor`, torch eager (``--engines torch``) and
   onnxruntime (``--engines onnxruntime``; the checkpoint is exported once to a temporary cache).
   ``r50``: the paper's ResNet-50-FPN config with the 133 COCO panoptic categories;
+  ``r50-p3``: the same with the embedding branch starting at P3 (our speed variant, no FPN P2);
   ``small``: the shipped model (``--small-weights``, default the first ``models/*.safetensors``),
   else the ``config/train/synthetic_small.yaml`` architecture with random weights.
 * ``fcos`` — ``torchvision.models.detection.FCOS`` with the same backbone
@@ -75,7 +76,10 @@ logger = logging.getLogger(__name__)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE_RELATIVE = pathlib.Path("test") / "data" / "coco-panoptic-sample"
-BACKBONES = {"r50": "resnet50"}
+BACKBONES = {"r50": "resnet50", "r50-p3": "resnet50"}  # bench name -> torchvision backbone (peers)
+# ours' architecture per bench name (random weights): the paper's R50-FPN, and our variant whose
+# embedding branch starts at P3 (CIAEConfig.embedding_from_level=3)
+OURS_ARCH = {"r50": {"backbone": "resnet50"}, "r50-p3": {"backbone": "resnet50", "embedding_from_level": 3}}
 ALL_MODELS = ("ours", "fcos", "maskrcnn")
 # the shipped small model's architecture (config/train/synthetic_small.yaml) for a random stand-in
 SMALL_ARCH = dict(backbone="mobilenet_v3_large", backbone_norm="gn", trainable_backbone_layers=5, fpn_channels=64,
@@ -248,7 +252,7 @@ def ours_checkpoint(backbone: str, directory: pathlib.Path, small_weights: str |
     from ciae_core.model import CIAE
 
     torch.manual_seed(0)
-    arch = SMALL_ARCH if backbone == "small" else {"backbone": BACKBONES[backbone]}
+    arch = SMALL_ARCH if backbone == "small" else OURS_ARCH[backbone]
     model = CIAE(coco_categories(), **arch)
     return save_model(directory / f"ours-{backbone}-random.safetensors", model)
 
@@ -583,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision on CUDA (torch engines; fp16 also enables TensorRT fp16)")
     p.add_argument("--sizes", default="512,640,800", help="shorter-side sizes, comma separated")
     p.add_argument("--max-size", type=int, default=1333)
-    p.add_argument("--backbones", default="r50,small", help="r50 and/or small")
+    p.add_argument("--backbones", default="r50,small", help="r50, r50-p3 (embedding branch from P3) and/or small")
     p.add_argument("--models", default=",".join(ALL_MODELS), help="ours,fcos,maskrcnn")
     p.add_argument("--engines", default="torch,onnxruntime", help="engines for ours: torch,onnxruntime")
     p.add_argument("--ort-providers", default="cuda", help="onnxruntime providers on CUDA, e.g. tensorrt,cuda")
@@ -623,8 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in _csv(args.sizes)]
         backbones, models, engines = _csv(args.backbones), _csv(args.models), _csv(args.engines)
         for b in backbones:
-            if b not in ("r50", "small"):
-                raise BenchError(f"unknown backbone {b!r}; use r50 and/or small")
+            if b not in ("small", *OURS_ARCH):
+                raise BenchError(f"unknown backbone {b!r}; use r50, r50-p3 and/or small")
         for m in models:
             if m not in ALL_MODELS:
                 raise BenchError(f"unknown model {m!r}; use {', '.join(ALL_MODELS)}")

@@ -76,6 +76,11 @@ class CIAEConfig:
     up-samples before normalising; 4: L2norm(P'+P'') at stride 4, the fusion up-samples the
     similarities. Both fuse coarse-to-fine at about the same cost; on the shipped synthetic
     model 1 scores PQ 83.8 and 4 scores 81.8 on 100 held-out scenes at 320.)
+    ``embedding_from_level``: 2 = the embedding branch aggregates P2..P5 at stride 4 (paper);
+    3 = P3..P5 at stride 8 and the FPN has no P2 (our speed variant, not in the paper: it drops
+    FPN's stride-4 output conv and the branch's stride-4 blocks, about 1.36x → ~1.1x the
+    multiply-adds of FCOS for R50; the fusion up-samples by 8). "Stride 4" in the
+    ``embedding_stride`` text then reads "the branch's stride".
     Loss and target arguments are forwarded to :class:`ciae_core.losses.CIAECriterion`; the
     inference thresholds are the defaults of :meth:`CIAE.postprocess`.
     """
@@ -93,6 +98,7 @@ class CIAEConfig:
     use_coordconv: bool = True
     use_box_embedding: bool = True
     embedding_stride: int = 1
+    embedding_from_level: int = 2
     fpn_strides: tuple[int, ...] = (8, 16, 32, 64, 128)
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
@@ -130,6 +136,11 @@ class CIAEConfig:
         self.validate()
 
     @property
+    def branch_stride(self) -> int:
+        """Stride of the embedding branch's output P' + P'' (4 from P2, 8 from P3)."""
+        return 2 ** self.embedding_from_level
+
+    @property
     def num_things(self) -> int:
         return sum(1 for c in self.categories if c.isthing)
 
@@ -161,6 +172,9 @@ class CIAEConfig:
             raise ModelConfigError("fpn_strides needs 5 entries (P3..P7) and sizes_of_interest 4 boundaries")
         if self.embedding_stride not in (1, 4):
             raise ModelConfigError(f"embedding_stride must be 1 or 4, got {self.embedding_stride}")
+        if self.embedding_from_level not in (2, 3):
+            raise ModelConfigError(f"embedding_from_level must be 2 (P2..P5, the paper) or 3 (P3..P5), got "
+                                   f"{self.embedding_from_level}")
         if self.embed_dim < 2 or self.tower_depth < 0 or self.fpn_channels < 8:
             raise ModelConfigError("embed_dim >= 2, tower_depth >= 0 and fpn_channels >= 8 are required")
         if self.iou_loss not in ("iou", "giou"):
@@ -284,12 +298,15 @@ class BackboneFPN(nn.Module):
     """torchvision backbone (no weights downloaded) + FPN with P2..P5 and P6/P7 from P5 (FCOS).
 
     forward(x ``(N,3,H,W)`` normalised, H and W multiples of 32) → OrderedDict
-    ``p2..p7`` of ``(N, fpn_channels, H/s, W/s)`` for s = 4, 8, 16, 32, 64, 128 (P6/P7 rounded up).
+    ``p2..p7`` of ``(N, fpn_channels, H/s, W/s)`` for s = 4, 8, 16, 32, 64, 128 (P6/P7 rounded up);
+    ``p3..p7`` with ``min_level=3`` (no stride-4 lateral or output conv).
     """
 
-    def __init__(self, name: str, norm: str, trainable_layers: int, dcn_stages: tuple[int, ...], fpn_channels: int):
+    def __init__(self, name: str, norm: str, trainable_layers: int, dcn_stages: tuple[int, ...], fpn_channels: int,
+                 min_level: int = 2):
         super().__init__()
         self.name = name
+        self.min_level = min_level
         norm_layer = _norm_layer(norm)
         if name.startswith("resnet"):
             net = getattr(tvm, name)(weights=None, norm_layer=norm_layer)
@@ -321,7 +338,7 @@ class BackboneFPN(nn.Module):
             for mod_name in group:
                 for p in self.body.get_submodule(mod_name).parameters():
                     p.requires_grad_(False)
-        self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels,
+        self.fpn = FeaturePyramidNetwork(list(in_channels)[min_level - 2:], fpn_channels,
                                          extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
 
     def _body_features(self, x: Tensor) -> list[Tensor]:
@@ -341,9 +358,10 @@ class BackboneFPN(nn.Module):
         return outs
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        c = self._body_features(x)
-        feats = self.fpn(OrderedDict((f"p{i + 2}", t) for i, t in enumerate(c)))
-        return OrderedDict(zip(("p2", "p3", "p4", "p5", "p6", "p7"), feats.values()))
+        c = self._body_features(x)[self.min_level - 2:]
+        names = [f"p{lvl}" for lvl in range(self.min_level, 8)]
+        feats = self.fpn(OrderedDict(zip(names, c)))
+        return OrderedDict(zip(names, feats.values()))
 
 
 @torch.no_grad()
@@ -487,19 +505,20 @@ class EmbeddingBranch(nn.Module):
     (``use_box_embedding``; off → P = f(P'), Table VI).
 
     forward(p2..p5, box_embeddings) → pre-normalisation embedding ``P' + P''`` ``(N, D, H/4, W/4)``.
+    With ``num_levels=3`` the same construction over P3..P5 gives ``(N, D, H/8, W/8)``.
     """
 
     def __init__(self, in_channels: int, channels: int, embed_dim: int, use_coordconv: bool = True,
-                 use_box_embedding: bool = True):
+                 use_box_embedding: bool = True, num_levels: int = 4):
         super().__init__()
         self.use_box_embedding = use_box_embedding
         self.scale_heads = nn.ModuleList()
-        for level in range(4):  # P2..P5
+        for level in range(num_levels):  # P2..P5 (or P3..P5)
             n_blocks = max(1, level)
             blocks = []
             for b in range(n_blocks):
                 blocks.append(ConvGNReLU(in_channels if b == 0 else channels, channels,
-                                         coord=use_coordconv and level == 3))
+                                         coord=use_coordconv and level == num_levels - 1))
             self.scale_heads.append(nn.ModuleList(blocks))
         self.predictor = nn.Conv2d(channels, embed_dim, 1)
         nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
@@ -572,14 +591,16 @@ class CIAE(nn.Module):
         self.embed_dim = cfg.embed_dim
         self.embedding_stride = cfg.embedding_stride
         self.strides = cfg.fpn_strides
+        self.branch_stride = cfg.branch_stride
         self.backbone = BackboneFPN(cfg.backbone, cfg.backbone_norm, cfg.trainable_backbone_layers, cfg.dcn_stages,
-                                    cfg.fpn_channels)
+                                    cfg.fpn_channels, cfg.embedding_from_level)
         if backbone_weights:
             load_backbone_weights(self.backbone, backbone_weights)
         self.head = ProposalHead(cfg.fpn_channels, cfg.head_channels, cfg.num_things, cfg.embed_dim, cfg.fpn_strides,
                                  cfg.tower_depth)
         self.embedding_branch = EmbeddingBranch(cfg.fpn_channels, cfg.embed_branch_channels, cfg.embed_dim,
-                                                cfg.use_coordconv, cfg.use_box_embedding)
+                                                cfg.use_coordconv, cfg.use_box_embedding,
+                                                num_levels=6 - cfg.embedding_from_level)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
         from ciae_core.losses import CIAECriterion, init_memory_embeddings
@@ -628,7 +649,7 @@ class CIAE(nn.Module):
         feats = self.backbone(x)
         levels = [feats[k] for k in ("p3", "p4", "p5", "p6", "p7")]
         cls, reg, ctr, box_emb = self.head(levels)
-        pre = self.embedding_branch([feats[k] for k in ("p2", "p3", "p4", "p5")], box_emb)
+        pre = self.embedding_branch([feats[f"p{lvl}"] for lvl in range(self._config.embedding_from_level, 6)], box_emb)
         return {"cls": cls, "reg": reg, "ctr": ctr, "pre": pre, "padded_size": x.shape[-2:]}
 
     @staticmethod
@@ -638,8 +659,8 @@ class CIAE(nn.Module):
         return torch.cat([t.permute(0, 2, 3, 1).reshape(n, -1, c) for t in levels], dim=1)
 
     def _upsampled_embedding(self, pre: Tensor, size) -> Tensor:
-        """4x bilinear up-sampling of the stride-4 map, cropped to ``size`` (before Eq. 1)."""
-        up = F.interpolate(pre, scale_factor=4.0, mode="bilinear", align_corners=False)
+        """Bilinear up-sampling of the branch's map (4x, or 8x from P3), cropped to ``size`` (before Eq. 1)."""
+        up = F.interpolate(pre, scale_factor=float(self.branch_stride), mode="bilinear", align_corners=False)
         return up[:, :, : size[0], : size[1]]
 
     def forward_raw(self, images: Tensor) -> dict[str, Tensor]:
@@ -663,7 +684,8 @@ class CIAE(nn.Module):
             emb = pre
         else:
             h, w = images.shape[-2:]
-            emb = F.normalize(pre[:, :, : (h + 3) // 4, : (w + 3) // 4], dim=1)
+            s = self.branch_stride
+            emb = F.normalize(pre[:, :, : (h + s - 1) // s, : (w + s - 1) // s], dim=1)
         return {
             "cls_logits": self._flatten(out["cls"]),
             "box_regression": self._flatten(out["reg"]),
@@ -719,7 +741,7 @@ class CIAE(nn.Module):
         if unknown:
             raise ModelConfigError(f"unknown postprocess argument(s): {', '.join(sorted(unknown))}")
         kw.update(thresholds)
-        return panoptic_from_raw(raw, image_sizes, num_things=self.num_things, embedding_stride=4,
+        return panoptic_from_raw(raw, image_sizes, num_things=self.num_things, embedding_stride=self.branch_stride,
                                  normalize_after_upsampling=self.embedding_stride == 1,
                                  **kw)
 

@@ -778,7 +778,8 @@ class Predictor:
 
         with torch.inference_mode():
             return panoptic_from_raw(raw, [b.resized_size for b in boxes], num_things=self.num_things,
-                                     embedding_stride=4, normalize_after_upsampling=self.config.embedding_stride == 1,
+                                     embedding_stride=self.config.branch_stride,
+                                     normalize_after_upsampling=self.config.embedding_stride == 1,
                                      return_confidence=return_confidence, **self.thresholds)
 
     # -- call -----------------------------------------------------------------------------------

@@ -332,3 +332,29 @@ def test_fold_frozen_batchnorm_keeps_outputs():
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
     gn = small(backbone_norm="gn")
     assert fold_frozen_batchnorm(gn) == 0
+
+
+def test_embedding_branch_from_p3_variant():
+    """embedding_from_level=3 (our speed variant): no FPN P2, the branch works at stride 8, and
+    training, raw outputs and fusion follow that stride."""
+    x = torch.rand(2, 3, 96, 130) * 255
+    for order in (1, 4):
+        m = small(embedding_from_level=3, embedding_stride=order).eval()
+        with torch.no_grad():
+            pyramid = m.backbone(m._pad((x - m.pixel_mean) / m.pixel_std))
+            raw = m.forward_raw(x)
+        assert list(pyramid) == ["p3", "p4", "p5", "p6", "p7"]
+        assert m.config.branch_stride == 8 and len(m.embedding_branch.scale_heads) == 3
+        # paper order: the whole padded map (96x160 / 8); normalised first: cropped to ceil(H/8)
+        assert tuple(raw["embedding"].shape[-2:]) == ((12, 20) if order == 1 else (12, 17))
+        res = m.postprocess(raw, [(96, 130), (90, 100)], score_threshold=0.0, instance_score_threshold=0.0)
+        assert res[0]["id_map"].shape == (96, 130) and res[1]["id_map"].shape == (90, 100)
+        assert int((res[0]["id_map"] > 0).sum()) > 0
+    m = small(embedding_from_level=3, backbone_norm="gn", trainable_backbone_layers=5,
+              sizes_of_interest=(4, 8, 16, 24), loss_pixel_samples=2048).train()
+    losses = m(torch.rand(2, 3, 128, 256) * 255, [_scene(), _scene()], [(128, 256), (128, 256)])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert m.embedding_branch.predictor.weight.grad.abs().sum() > 0
+    with pytest.raises(ModelConfigError, match="embedding_from_level"):
+        small(embedding_from_level=1)
