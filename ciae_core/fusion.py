@@ -572,8 +572,11 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     if not coarse:
         values = top1
         if normalize_after_upsampling:  # stuff scores from the up-sampled stride-s cosines, as coarse-to-fine
-            values = panoptic_similarity(F.normalize(low, dim=1), queries, embedding_stride)
-            values = values.gather(1, assign.clamp_max(k_num - 1)[:, None]).squeeze(1)
+            value_low = torch.einsum("ndhw,nkd->nkhw", F.normalize(low, dim=1), queries).contiguous()
+            taps = (bilinear_taps(hh, he, dev), bilinear_taps(ww, we, dev))
+            grid = torch.meshgrid(torch.arange(n, device=dev), ys, xs, indexing="ij")
+            values = _values_at(value_low, taps, tuple(g.reshape(-1) for g in grid), assign.reshape(-1), s_num,
+                                in_y, in_x, outside_box_value).view(n, hh, ww)
         slot_sums = _sum_by_slot(torch.arange(n, device=dev)[:, None].expand_as(a_flat), a_flat, values.flatten(1), n,
                                  k_num + 1)[:, :k_num]
     stuff_scores = slot_sums[:, :s_num].to(dtype) / area[:, :s_num].clamp_min(1).to(dtype)
