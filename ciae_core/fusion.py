@@ -187,7 +187,9 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
     corner value (floating-point rounding is monotone). An instance's box filter is, inside a
     cell, everywhere on, everywhere off (the constant ``outside_box_value``) or mixed (either
     value), which widens its bounds accordingly. A slot whose lower bound exceeds every other
-    slot's upper bound wins every pixel of the cell. Only the other cells — segment boundaries,
+    slot's upper bound wins every pixel of the cell; so does a slot that is the first maximum at
+    all four corners (a convex combination keeps it on top), checked on the remaining cells with
+    box edges at their upper value and the winner's own box not crossing the cell. Only the other cells — segment boundaries,
     box edges, exact ties — are evaluated per pixel (:func:`_candidate_argmax`), over the slots
     whose upper bound reaches the best lower bound. Same assignment as the dense path except
     where two up-sampled similarities tie to the last bit. The similarity sums of a decided
@@ -224,6 +226,26 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
     best_lo, label = first_argmax(lower, 1)
     others = upper.scatter(1, label[:, None], MASKED_SIMILARITY).amax(1)
     sure = others < best_lo  # ties stay undecided (the first index rule is applied per pixel)
+    # second test, on the undecided cells only: one slot is the first maximum at all four corners
+    # (box edges at their upper value, the winner's own box not crossing the cell)
+    cn, cr, cc = (~sure).nonzero(as_tuple=True)
+    if cn.numel():
+        corner_labels = []
+        for c in corners:
+            v = c[cn, :, cr, cc]  # (cells, K)
+            if q:
+                iv = v[:, s_num:]
+                iv = torch.where(outside[cn, :, cr, cc], ov, torch.where(inside[cn, :, cr, cc], iv, iv.clamp_min(ov)))
+                v = torch.cat([v[:, :s_num], iv.masked_fill(~instance_ok[cn], MASKED_SIMILARITY)], dim=1)
+            corner_labels.append(first_argmax(v, 1)[1])
+        win = corner_labels[0]
+        agree = (win == corner_labels[1]) & (win == corner_labels[2]) & (win == corner_labels[3])
+        if q:
+            j = (win - s_num).clamp_min(0)
+            crossing = ~(inside[cn, j, cr, cc] | outside[cn, j, cr, cc]) & (win >= s_num)
+            agree &= ~crossing
+        label[cn[agree], cr[agree], cc[agree]] = win[agree]
+        sure[cn[agree], cr[agree], cc[agree]] = True
     assign = label.index_select(1, i0y).index_select(2, i0x)  # (N, H, W)
     values = [c.gather(1, label[:, None]).squeeze(1).float() for c in corners_of(value_low if value_low is not None
                                                                                    else sim_low)]
