@@ -13,9 +13,10 @@ Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
 * outputs (float32), with A = number of FCOS locations of P3..P7, T thing classes, S stuff
   classes, D embedding dims:
   ``cls_logits (N, A, T)``, ``box_regression (N, A, 4)`` ltrb input pixels, ``centerness (N, A)``,
-  ``points (A, 2)`` xy input pixels, ``embedding (N, D, H/4, W/4)`` at stride 4 (un-normalised
-  ``P' + P''`` for ``embedding_stride == 1``, whose fusion normalises after up-sampling;
-  normalised for ``embedding_stride == 4``), ``memory (T+S, D)``.
+  ``points (A, 2)`` xy input pixels, ``embedding (N, D, H/s, W/s)`` at the embedding branch's
+  stride s (4; 8 with ``embedding_from_level == 3``), un-normalised ``P' + P''`` for
+  ``embedding_stride == 1`` (the fusion normalises after up-sampling) and normalised for
+  ``embedding_stride == 4``; ``memory (T+S, D)``.
 * shapes: ``--dynamic`` makes N, H and W symbolic (``batch``, ``height``, ``width``) and A, the
   embedding size follow; ``--size HxW`` (default 640x640) fixes them (what TensorRT likes best).
 * ``metadata_props``: ``ciae_config`` (the :class:`~ciae_core.model.CIAEConfig` JSON: categories,
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 OPSET_RANGE = (13, 20)
-# /2: the embedding output is always at stride 4 (/1 files of embedding_stride-1 models carried
+# /2: the embedding output is always at the branch's stride (/1 files of embedding_stride-1 models carried
 # the full-resolution P and cannot be fused by this version)
 FORMAT = "ciae-onnx/2"
 INPUT_NAME = "images"

@@ -16,6 +16,8 @@ Pure functions on tensors (no model, no numpy), batched over images, device-agno
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -107,11 +109,13 @@ def first_argmax(sim: Tensor, dim: int = 1) -> tuple[Tensor, Tensor]:
     return top.squeeze(dim), k - key.amax(dim).long()
 
 
+@functools.lru_cache(maxsize=64)
 def bilinear_taps(out_size: int, in_size: int, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The two source taps and weights of ``F.interpolate(mode="bilinear", align_corners=False)``
     along one axis, computed the way torch computes them: source coordinate
     ``max(0, (i + 0.5) * in/out - 0.5)``, ``i0 = floor``, ``i1 = min(i0 + 1, in - 1)``,
     ``l1 = frac``, ``l0 = 1 - l1`` (float32). Returns ``i0, i1 (out,)`` long and ``l0, l1 (out,)``.
+    Cached per (sizes, device): a camera stream asks for the same few every frame (read-only).
     """
     scale = torch.tensor(float(in_size), dtype=torch.float32) / torch.tensor(float(out_size), dtype=torch.float32)
     src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)
@@ -126,21 +130,19 @@ def bilinear_taps(out_size: int, in_size: int, device=None) -> tuple[Tensor, Ten
 _PIXEL_CHUNK = 1 << 16
 
 
-def _interpolate_at(pixels_major: Tensor, hw: tuple[int, int], taps, n_idx: Tensor, y: Tensor, x: Tensor) -> Tensor:
-    """Bilinear values of every query plane at output pixels (n_idx, y, x) → ``(M, K)`` float32.
+def _bilinear_at(sample, taps, y: Tensor, x: Tensor, weight_view=lambda t: t) -> Tensor:
+    """Bilinear up-sampled values at output rows ``y`` and columns ``x`` (same length).
 
-    pixels_major ``(N*h*w, K)`` (the low-res similarities with the queries innermost). The sum
-    is ordered as in torch's CPU kernel, ``(a*lx0 + b*lx1)*ly0 + (c*lx0 + d*lx1)*ly1``.
+    ``sample(rows, cols)`` returns the low-res values at those source positions (float32);
+    ``weight_view`` shapes the per-pixel weights to broadcast against them. The sum is ordered as
+    in torch's CPU kernel, ``(a*lx0 + b*lx1)*ly0 + (c*lx0 + d*lx1)*ly1``.
     """
-    h, w = hw
     (i0y, i1y, l0y, l1y), (i0x, i1x, l0x, l1x) = taps
-    base = n_idx * (h * w)
-    ya, yb = base + i0y[y] * w, base + i1y[y] * w
-    xa, xb = i0x[x], i1x[x]
-    wx0, wx1 = l0x[x, None], l1x[x, None]
-    top = pixels_major[ya + xa].float() * wx0 + pixels_major[ya + xb].float() * wx1
-    bottom = pixels_major[yb + xa].float() * wx0 + pixels_major[yb + xb].float() * wx1
-    return top * l0y[y, None] + bottom * l1y[y, None]
+    r0, r1, c0, c1 = i0y[y], i1y[y], i0x[x], i1x[x]
+    wx0, wx1 = weight_view(l0x[x]), weight_view(l1x[x])
+    top = sample(r0, c0) * wx0 + sample(r0, c1) * wx1
+    bottom = sample(r1, c0) * wx0 + sample(r1, c1) * wx1
+    return top * weight_view(l0y[y]) + bottom * weight_view(l1y[y])
 
 
 def _pixel_argmax(sim_low: Tensor, taps, idx: tuple[Tensor, Tensor, Tensor], s_num: int, in_y: Tensor, in_x: Tensor,
@@ -153,7 +155,9 @@ def _pixel_argmax(sim_low: Tensor, taps, idx: tuple[Tensor, Tensor, Tensor], s_n
     values, slots = [], []
     for start in range(0, n_idx.numel(), _PIXEL_CHUNK):
         nc, yc, xc = (t[start:start + _PIXEL_CHUNK] for t in idx)
-        v = _interpolate_at(pixels_major, (h, w), taps, nc, yc, xc)
+        base = nc * (h * w)
+        v = _bilinear_at(lambda r, c: pixels_major[base + r * w + c].float(), taps, yc, xc,
+                         lambda t: t[:, None])  # (m, K)
         if k > s_num:
             in_box = in_y[nc, :, yc] & in_x[nc, :, xc]  # (m, Q)
             inst = torch.where(in_box, v[:, s_num:], torch.full((), outside_box_value, dtype=v.dtype, device=v.device))
@@ -202,6 +206,8 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
     (i0y, _, _, _), (i0x, _, _, _) = taps
     next_row = torch.arange(1, h + 1, device=dev).clamp_max(h - 1)
     next_col = torch.arange(1, w + 1, device=dev).clamp_max(w - 1)
+    rows_per = torch.bincount(i0y, minlength=h)  # output rows / columns per cell row / column
+    cols_per = torch.bincount(i0x, minlength=w)
 
     def corners_of(t: Tensor) -> list[Tensor]:  # values at (r, c), (r, c'), (r', c), (r', c') per cell
         c = [t, t.index_select(3, next_col)]
@@ -214,8 +220,6 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
         # per cell and instance: how many of the cell's output rows / columns are inside the box
         rows_in = torch.zeros(n, q, h, device=dev).index_add_(2, i0y, in_y.float())
         cols_in = torch.zeros(n, q, w, device=dev).index_add_(2, i0x, in_x.float())
-        rows_per = torch.bincount(i0y, minlength=h).float()
-        cols_per = torch.bincount(i0x, minlength=w).float()
         inside = (rows_in == rows_per)[..., :, None] & (cols_in == cols_per)[..., None, :]  # (N, Q, h, w)
         outside = (rows_in == 0)[..., :, None] | (cols_in == 0)[..., None, :]
         ov = torch.full((), outside_box_value, dtype=sim_low.dtype, device=dev)
@@ -265,8 +269,6 @@ def coarse_to_fine_assignment(sim_low: Tensor, taps, s_num: int, in_y: Tensor, i
         count = cand.sum(1)
         # cells of one block shape (interior cells are stride x stride, border cells differ) and few
         # candidates together: a chunk is padded only to its own largest shape and count
-        rows_per = torch.bincount(i0y, minlength=h)
-        cols_per = torch.bincount(i0x, minlength=w)
         shape_key = rows_per[cells[1]] * (int(cols_per.max()) + 1) + cols_per[cells[2]]
         order = (shape_key * (k + 1) + count).argsort()
         cells = tuple(t[order] for t in cells)
@@ -351,13 +353,10 @@ def _values_at(value_low: Tensor, taps, idx: tuple[Tensor, Tensor, Tensor], slot
                in_x: Tensor, outside_box_value: float) -> Tensor:
     """Up-sampled, box-filtered value of each given pixel's own slot → ``(M,)`` float32."""
     n, k, h, w = value_low.shape
-    (i0y, i1y, l0y, l1y), (i0x, i1x, l0x, l1x) = taps
     n_idx, y, x = idx
     flat = value_low.reshape(-1)
     plane = (n_idx * k + slots) * (h * w)
-    ya, yb, xa, xb = plane + i0y[y] * w, plane + i1y[y] * w, i0x[x], i1x[x]
-    v = (flat[ya + xa].float() * l0x[x] + flat[ya + xb].float() * l1x[x]) * l0y[y] + \
-        (flat[yb + xa].float() * l0x[x] + flat[yb + xb].float() * l1x[x]) * l1y[y]
+    v = _bilinear_at(lambda r, c: flat[plane + r * w + c].float(), taps, y, x)
     inst = (slots >= s_num).nonzero(as_tuple=True)[0]
     if inst.numel():
         j = slots[inst] - s_num
@@ -389,6 +388,14 @@ def cell_similarity_sums(corner_values: list[Tensor], taps, sizes: Tensor, low_s
     v00, v01, v10, v11 = corner_values
     wx0, wx1 = wx0[:, None, :], wx1[:, None, :]
     return wy0[:, :, None] * (wx0 * v00 + wx1 * v01) + wy1[:, :, None] * (wx0 * v10 + wx1 * v11)
+
+
+def _unit_similarities(embedding: Tensor, queries: Tensor, sim: Tensor | None = None) -> Tensor:
+    """Cosine similarities ``(N, K, h, w)`` of the stride-s map ``embedding`` (un-normalised) with
+    unit ``queries``: ``E V^T / |E|``, from ``sim = E V^T`` when it is already at hand."""
+    if sim is None:
+        sim = torch.einsum("ndhw,nkd->nkhw", embedding, queries)
+    return sim / embedding.pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-12)
 
 
 def _sum_by_slot(image_index: Tensor, slots: Tensor, weights: Tensor, n: int, k: int) -> Tensor:
@@ -439,8 +446,8 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     plane, boxes by one broadcast mask); the argmax is :func:`first_argmax` (amax + equality
     pass); box areas are row count x column count; the step-4 argmax is redone only for the
     pixels a dropped instance had won (removing a query changes no other pixel's maximum);
-    segment areas/boxes come from bincounts and (slot, row)/(slot, column) presence tables
-    instead of scatter-min/max over all pixels. Same results as the straightforward version.
+    segment areas and boxes come from one (slot, row) and one (slot, column) histogram instead of
+    scatter-min/max over all pixels. Same results as the straightforward version.
 
     Stuff scores with ``normalize_after_upsampling`` (both methods) are the mean over the segment
     of the up-sampled stride-s cosine similarity to the class query (a smooth stand-in for the
@@ -479,7 +486,7 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     if coarse:
         sim_low = torch.einsum("ndhw,nkd->nkhw", embedding, queries).contiguous()
         if normalize_after_upsampling:  # argmax on E V^T; values (stuff scores) from the unit low-res map
-            value_low = sim_low / embedding.pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-12)
+            value_low = _unit_similarities(embedding, queries, sim_low)
         hh, ww = he * embedding_stride, we * embedding_stride
         dtype = sim_low.dtype
     else:
@@ -594,7 +601,7 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     if not coarse:
         values = top1
         if normalize_after_upsampling:  # stuff scores from the up-sampled stride-s cosines, as coarse-to-fine
-            value_low = torch.einsum("ndhw,nkd->nkhw", F.normalize(low, dim=1), queries).contiguous()
+            value_low = _unit_similarities(low, queries).contiguous()
             taps = (bilinear_taps(hh, he, dev), bilinear_taps(ww, we, dev))
             grid = torch.meshgrid(torch.arange(n, device=dev), ys, xs, indexing="ij")
             values = _values_at(value_low, taps, tuple(g.reshape(-1) for g in grid), assign.reshape(-1), s_num,
@@ -649,13 +656,11 @@ def instance_queries_at(embedding: Tensor, locations_xy: Tensor, embedding_strid
     py = locations_xy[:, 1].long()
     if interpolate and embedding_stride > 1:
         hh, ww = h * embedding_stride, w * embedding_stride
-        (i0y, i1y, l0y, l1y), (i0x, i1x, l0x, l1x) = (bilinear_taps(hh, h, embedding.device),
-                                                        bilinear_taps(ww, w, embedding.device))
+        taps = (bilinear_taps(hh, h, embedding.device), bilinear_taps(ww, w, embedding.device))
         py, px = py.clamp(0, hh - 1), px.clamp(0, ww - 1)
         e = embedding.float()
-        top = e[:, i0y[py], i0x[px]] * l0x[px] + e[:, i0y[py], i1x[px]] * l1x[px]
-        bottom = e[:, i1y[py], i0x[px]] * l0x[px] + e[:, i1y[py], i1x[px]] * l1x[px]
-        return F.normalize((top * l0y[py] + bottom * l1y[py]).t(), dim=1).to(embedding.dtype)
+        p = _bilinear_at(lambda r, c: e[:, r, c], taps, py, px)  # (D, Q)
+        return F.normalize(p.t(), dim=1).to(embedding.dtype)
     x = torch.div(px, embedding_stride, rounding_mode="floor").clamp(0, w - 1)
     y = torch.div(py, embedding_stride, rounding_mode="floor").clamp(0, h - 1)
     return F.normalize(embedding[:, y, x].t(), dim=1)

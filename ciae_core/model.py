@@ -78,8 +78,8 @@ class CIAEConfig:
     model 1 scores PQ 83.8 and 4 scores 81.8 on 100 held-out scenes at 320.)
     ``embedding_from_level``: 2 = the embedding branch aggregates P2..P5 at stride 4 (paper);
     3 = P3..P5 at stride 8 and the FPN has no P2 (our speed variant, not in the paper: it drops
-    FPN's stride-4 output conv and the branch's stride-4 blocks, about 1.36x → ~1.1x the
-    multiply-adds of FCOS for R50; the fusion up-samples by 8). "Stride 4" in the
+    FPN's stride-4 output conv and the branch's stride-4 blocks: R50 at 800x1088 needs 1.04x
+    instead of 1.36x the multiply-adds of FCOS; the fusion up-samples by 8). "Stride 4" in the
     ``embedding_stride`` text then reads "the branch's stride".
     Loss and target arguments are forwarded to :class:`ciae_core.losses.CIAECriterion`; the
     inference thresholds are the defaults of :meth:`CIAE.postprocess`.
@@ -669,12 +669,13 @@ class CIAE(nn.Module):
         images: ``(N, 3, H, W)`` float RGB 0..255 (any H, W; padded to 32 inside).
         Returns ``cls_logits (N, A, T)``, ``box_regression (N, A, 4)`` ltrb in input pixels,
         ``centerness (N, A)`` logits, ``points (A, 2)`` xy in input pixels, ``embedding`` at
-        stride 4 and ``memory (T+S, D)``. The embedding is ``(N, D, H/4, W/4)`` of the padded
-        input = ``P' + P''`` un-normalised when ``embedding_stride == 1`` (the paper's
-        ``P = L2norm(up4(P' + P''))`` of Eq. 1 is formed by the fusion, which up-samples before
-        normalising, see :func:`ciae_core.fusion.fuse_panoptic`; exporting the stride-4 map keeps
-        the network's output 16x smaller), or ``(N, D, ceil(H/4), ceil(W/4))`` =
-        ``L2norm(P' + P'')`` when ``embedding_stride == 4`` (normalised before up-sampling).
+        the branch's stride s (4; 8 with ``embedding_from_level == 3``) and ``memory (T+S, D)``.
+        The embedding is ``(N, D, Hp/s, Wp/s)`` of the padded input = ``P' + P''`` un-normalised
+        when ``embedding_stride == 1`` (the paper's ``P = L2norm(up(P' + P''))`` of Eq. 1 is
+        formed by the fusion, which up-samples before normalising, see
+        :func:`ciae_core.fusion.fuse_panoptic`; exporting the low-res map keeps the network's
+        output 16x smaller), or ``(N, D, ceil(H/s), ceil(W/s))`` = ``L2norm(P' + P'')`` when
+        ``embedding_stride == 4`` (normalised before up-sampling).
         """
         out = self._forward_features(images)
         sizes = [t.shape[-2:] for t in out["cls"]]
