@@ -24,6 +24,7 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx", "onnxscript", "onnxruntime-gpu"],
+        "numba": ["numba>=0.60"],  # compiled CPU fusion (ciae_core.fusion_kernels)
         "train": ["tensorboard"],
         "ros": ["rosbags"],
         "test": ["pytest"],

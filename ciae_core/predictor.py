@@ -556,6 +556,10 @@ class Predictor:
         onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime.
         mixed_size_batching: "group" (one forward per distinct padded size: exact, results do
             not depend on the other images) or "pad" (one forward for the whole list).
+        fusion_method: ``ciae_core.fusion.fuse_panoptic``'s method ("auto": the compiled numba
+            kernels when fusing on the CPU and numba is installed, else the tensor paths; they
+            give the same results). On the CPU the kernels are compiled (or loaded from numba's
+            cache) here, not on the first frame.
         **thresholds: any of ``THRESHOLD_NAMES`` (defaults: the model config).
     """
 
@@ -566,7 +570,8 @@ class Predictor:
                  providers: Sequence[str] | None = None, trt_cache_dir: str | None = None, trt_fp16: bool = False,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
-                 mixed_size_batching: str = "group", cuda_graphs: bool | None = None, **thresholds):
+                 mixed_size_batching: str = "group", cuda_graphs: bool | None = None, fusion_method: str = "auto",
+                 **thresholds):
         if engine not in ENGINES:
             raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if precision not in PRECISIONS:
@@ -588,6 +593,11 @@ class Predictor:
         if mixed_size_batching not in ("group", "pad"):
             raise PredictorError(f"mixed_size_batching must be 'group' or 'pad', got {mixed_size_batching!r}")
         self.mixed_size_batching = mixed_size_batching
+        from ciae_core.fusion import FUSION_METHODS, compile_fusion_kernels
+
+        if fusion_method not in FUSION_METHODS:
+            raise PredictorError(f"unknown fusion_method {fusion_method!r}; choose one of {', '.join(FUSION_METHODS)}")
+        self.fusion_method = fusion_method
         self.weights = weights
         self.engine_name = engine
         self.precision = precision
@@ -622,6 +632,9 @@ class Predictor:
         self.timings: dict[str, float] = {}
         self._pinned: list[torch.Tensor] = []
         self.model_name = pathlib.Path(weights).stem
+        if self.device.type == "cpu" and fusion_method in ("auto", "numba"):
+            if not compile_fusion_kernels() and fusion_method == "numba":
+                raise PredictorError("fusion_method='numba' needs the numba package (pip install numba); use 'auto'")
         logger.info("Predictor: %s engine=%s device=%s providers=%s input_size=%d", weights, engine, self.device,
                     self._engine.providers, self.input_size)
 
@@ -780,7 +793,8 @@ class Predictor:
             return panoptic_from_raw(raw, [b.resized_size for b in boxes], num_things=self.num_things,
                                      embedding_stride=self.config.branch_stride,
                                      normalize_after_upsampling=self.config.embedding_stride == 1,
-                                     return_confidence=return_confidence, **self.thresholds)
+                                     return_confidence=return_confidence, fusion_method=self.fusion_method,
+                                     **self.thresholds)
 
     # -- call -----------------------------------------------------------------------------------
     def __call__(self, images, color: str = "rgb", return_confidence: bool = False):

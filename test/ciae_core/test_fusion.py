@@ -365,7 +365,7 @@ def _direct_fusion(emb, stuff_q, inst_q, boxes, valid, stride, min_visible_fract
     return id_map, torch.where(id_map > 0, confidence, torch.zeros_like(confidence)), dropped
 
 
-@pytest.mark.parametrize("stride,method", [(1, "dense"), (4, "dense"), (4, "coarse_to_fine")])
+@pytest.mark.parametrize("stride,method", [(1, "dense"), (4, "dense"), (4, "coarse_to_fine"), (4, "numba")])
 def test_fusion_equals_direct_rules_with_drops_invalid_slots_and_ties(stride, method):
     """The optimised fusion (amax argmax, partial re-assignment, histogram boxes; coarse-to-fine
     argmax) gives exactly the pixels, areas, boxes (and confidences) of the rules applied directly.
@@ -423,13 +423,41 @@ def test_coarse_to_fine_fusion_equals_dense_fusion(seed):
               stuff_area_reference=0, min_visible_fraction=0.3, min_instance_area=20,
               outside_box_value=[0.0, -0.2, 0.3, 0.0][seed])
     dense = fuse_panoptic(**inputs, method="dense", **kw)
-    fast = fuse_panoptic(**inputs, method="coarse_to_fine", **kw)
     auto = fuse_panoptic(**inputs, **kw)
-    assert torch.equal(fast["id_map"], auto["id_map"])
-    assert (fast["id_map"] > 0).any() and fast["segment_ids"].max() > 5
-    for key in ("id_map", "segment_ids", "labels", "isthing", "areas", "boxes"):
-        assert torch.equal(dense[key], fast[key]), key
-    torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-6)
+    for method in ("coarse_to_fine", "numba"):
+        fast = fuse_panoptic(**inputs, method=method, **kw)
+        assert (fast["id_map"] > 0).any() and fast["segment_ids"].max() > 5
+        for key in ("id_map", "segment_ids", "labels", "isthing", "areas", "boxes"):
+            assert torch.equal(dense[key], fast[key]), (method, key)
+            assert torch.equal(auto[key], fast[key]), (method, key)
+        torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-6)
+
+
+def test_fusion_without_numba_uses_the_tensor_path(monkeypatch):
+    """numba is optional: without it "auto" takes the tensor coarse-to-fine path (same result)
+    and asking for "numba" is a clear error. (numba's absence is simulated: it is installed here.)"""
+    from ciae_core import fusion_kernels
+
+    inputs = _smooth_scene(5)
+    kw = dict(num_things=3, embedding_stride=4, min_stuff_area=30, stuff_area_reference=0)
+    compiled = fuse_panoptic(**inputs, method="numba", **kw)
+    monkeypatch.setattr(fusion_kernels, "numba", None)
+    assert not fusion_kernels.available()
+    fallback = fuse_panoptic(**inputs, **kw)
+    for key in ("id_map", "segment_ids", "areas", "boxes"):
+        assert torch.equal(compiled[key], fallback[key]), key
+    with pytest.raises(ValueError, match="needs the numba package"):
+        fuse_panoptic(**inputs, method="numba", **kw)
+
+
+def test_numba_fusion_rejects_what_it_cannot_do():
+    inputs = _smooth_scene(6, n=1)
+    with pytest.raises(ValueError, match="embedding_stride > 1"):
+        fuse_panoptic(**inputs, num_things=3, embedding_stride=1, method="numba")
+    with pytest.raises(ValueError, match="return_confidence=False"):
+        fuse_panoptic(**inputs, num_things=3, embedding_stride=4, method="numba", return_confidence=True)
+    with pytest.raises(ValueError, match="unknown method"):
+        fuse_panoptic(**inputs, num_things=3, embedding_stride=4, method="fast")
 
 
 def test_coarse_to_fine_fusion_on_the_shipped_model(shipped_model):
@@ -441,11 +469,12 @@ def test_coarse_to_fine_fusion_on_the_shipped_model(shipped_model):
         kw = dict(num_things=shipped_model.num_things, embedding_stride=4,
                   normalize_after_upsampling=shipped_model.config.embedding_stride == 1)
         dense = panoptic_from_raw(raw, [(240, 320)], fusion_method="dense", **kw)[0]
-        fast = panoptic_from_raw(raw, [(240, 320)], fusion_method="coarse_to_fine", **kw)[0]
-    assert fast["ids"].numel() >= 5
-    for key in ("id_map", "ids", "labels", "areas", "boxes"):
-        assert torch.equal(dense[key], fast[key]), key
-    torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-5)
+        for method in ("coarse_to_fine", "numba"):
+            fast = panoptic_from_raw(raw, [(240, 320)], fusion_method=method, **kw)[0]
+            assert fast["ids"].numel() >= 5
+            for key in ("id_map", "ids", "labels", "areas", "boxes"):
+                assert torch.equal(dense[key], fast[key]), (method, key)
+            torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-5)
 
 
 def test_bilinear_taps_reproduce_torch_interpolate():
@@ -491,13 +520,17 @@ def test_normalize_after_upsampling_equals_the_papers_full_resolution_fusion(see
     paper = fuse_panoptic(full, **common, instance_queries=paper_queries[None], embedding_stride=1, **kw)
     fast = fuse_panoptic(pre, **common, instance_queries=paper_queries[None], embedding_stride=4,
                          normalize_after_upsampling=True, method="coarse_to_fine", **kw)
+    compiled = fuse_panoptic(pre, **common, instance_queries=paper_queries[None], embedding_stride=4,
+                             normalize_after_upsampling=True, method="numba", **kw)
     dense = fuse_panoptic(pre, **common, instance_queries=paper_queries[None], embedding_stride=4,
                           normalize_after_upsampling=True, method="dense", return_confidence=True, **kw)
     assert paper["segment_ids"].max() > 5
     for key in ("id_map", "segment_ids", "labels", "areas", "boxes"):
         assert torch.equal(paper[key], fast[key]), key
+        assert torch.equal(paper[key], compiled[key]), key
         assert torch.equal(paper[key], dense[key]), key
     # stuff scores: both methods average the up-sampled stride-4 cosines; the paper's per-pixel
     # cosines (the stride-1 path) differ from that only a little
     torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense["scores"], compiled["scores"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(paper["scores"], fast["scores"], rtol=0, atol=5e-2)

@@ -182,6 +182,8 @@ def test_unknown_engine_precision_device(weights):
         Predictor(weights, precision="fp16")
     with pytest.raises(PredictorError, match="device"):
         Predictor(weights, device="tpu")
+    with pytest.raises(PredictorError, match="unknown fusion_method 'fastest'"):
+        Predictor(weights, fusion_method="fastest")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="machine has CUDA")
@@ -273,6 +275,16 @@ def test_bgr_input_equals_rgb_input(predictor, coco_image):
     a = predictor(coco_image, color="rgb")
     b = predictor(np.ascontiguousarray(coco_image[..., ::-1]), color="bgr")
     np.testing.assert_array_equal(a.id_map, b.id_map)
+
+
+def test_fusion_methods_give_the_same_result(weights, coco_image):
+    """The predictor's fusion_method picks an implementation, never a different answer."""
+    maps = {m: Predictor(weights, fusion_method=m)(coco_image) for m in ("numba", "coarse_to_fine", "dense")}
+    assert len(maps["numba"].segments) >= 2
+    for m in ("coarse_to_fine", "dense"):
+        np.testing.assert_array_equal(maps["numba"].id_map, maps[m].id_map)
+        assert [(s.id, s.category_id, s.area) for s in maps["numba"].segments] == \
+            [(s.id, s.category_id, s.area) for s in maps[m].segments]
 
 
 def test_batch_of_mixed_sizes(predictor, coco_image):
