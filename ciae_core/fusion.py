@@ -415,10 +415,11 @@ def _sum_by_slot(image_index: Tensor, slots: Tensor, weights: Tensor, n: int, k:
 def _compiled_assignment(sim_low: Tensor, value_low: Tensor | None, taps, s_num: int, in_y: Tensor, in_x: Tensor,
                          valid: Tensor, sizes: Tensor, outside_box_value: float, hidden):
     """Steps 3–4 of :func:`fuse_panoptic` and the segment extents with :mod:`ciae_core.fusion_kernels`
-    (CPU). ``hidden(counts)`` is the step-4 rule. Returns the slot per output pixel ``(N, H, W)``
-    int32 (void = K outside each valid region), stuff similarity sums ``(N, K)``, the instances
-    kept ``(N, Q)`` and ``(area (N, K), boxes (N, K, 4))`` of the final assignment."""
-    n, k, _, _ = sim_low.shape
+    (CPU). sim_low / value_low ``(N, h, w, K)``; ``hidden(counts)`` is the step-4 rule. Returns
+    the slot per output pixel ``(N, H, W)`` int32 (void = K outside each valid region), stuff
+    similarity sums ``(N, K)``, the instances kept ``(N, Q)`` and ``(area (N, K), boxes (N, K, 4))``
+    of the final assignment."""
+    n, _, _, k = sim_low.shape
     hh, ww = taps[0][0].numel(), taps[1][0].numel()
     sim = sim_low.float().contiguous().numpy()
     val = sim if value_low is None else value_low.float().contiguous().numpy()
@@ -543,12 +544,17 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     queries = torch.cat([stuff_queries[None].expand(n, -1, -1).to(embedding.dtype),
                          instance_queries.to(embedding.dtype)], dim=1)
     value_low = None
-    if coarse:
+    if compiled:  # the kernels read a cell's K values contiguously: (N, h, w, K)
+        sim_low = torch.einsum("ndhw,nkd->nhwk", embedding.float(), queries.float()).contiguous()
+        if normalize_after_upsampling:
+            value_low = sim_low / embedding.float().pow(2).sum(1)[..., None].sqrt().clamp_min(1e-12)
+    if coarse and not compiled:
         sim_low = torch.einsum("ndhw,nkd->nkhw", embedding, queries).contiguous()
         if normalize_after_upsampling:  # argmax on E V^T; values (stuff scores) from the unit low-res map
             value_low = _unit_similarities(embedding, queries, sim_low)
+    if coarse:
         hh, ww = he * embedding_stride, we * embedding_stride
-        dtype = sim_low.dtype
+        dtype = embedding.dtype
     else:
         if normalize_after_upsampling:  # the paper's P at full resolution
             size = (he * embedding_stride, we * embedding_stride)

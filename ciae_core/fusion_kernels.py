@@ -73,8 +73,48 @@ def _coverage(inside, start, count):
 
 
 @_jit
-def _bilinear(t, n, k, r0, r1, c0, c1, wy0, wy1, wx0, wx1):
-    return (t[n, k, r0, c0] * wx0 + t[n, k, r0, c1] * wx1) * wy0 + (t[n, k, r1, c0] * wx0 + t[n, k, r1, c1] * wx1) * wy1
+def _bilinear(pa, pb, pc, pd, k, wy0, wy1, wx0, wx1):
+    """Up-sampled value of slot k from its four corner vectors, in torch's order."""
+    return (pa[k] * wx0 + pb[k] * wx1) * wy0 + (pc[k] * wx0 + pd[k] * wx1) * wy1
+
+
+@_jit
+def _corner_winner(pa, pb, pc, pd, cand, m, s_num, inst_ok, cov_y, cov_x, cr, cc, ov):
+    """The candidate that is the first maximum at all four corners of a cell, or -1 (also when
+    it is an instance whose box crosses the cell). Instances whose box crosses the cell count
+    with their larger possible value (corner or ``ov``), so a convex combination of the corners
+    keeps the winner on top at every pixel; the candidates (cand[:m], ascending) are the only
+    slots that can win anywhere in the cell."""
+    neg = np.float32(-np.inf)
+    winner = -1
+    for corner in range(4):
+        p = pa if corner == 0 else (pb if corner == 1 else (pc if corner == 2 else pd))
+        top = neg
+        won = -1
+        for ci in range(m):
+            k = cand[ci]
+            v = p[k]
+            if k >= s_num:
+                j = k - s_num
+                if not inst_ok[j]:
+                    v = neg
+                elif cov_y[j, cr] == 0 or cov_x[j, cc] == 0:
+                    v = ov
+                elif cov_y[j, cr] == 1 or cov_x[j, cc] == 1:
+                    v = max(v, ov)
+            if won < 0 or v > top:
+                top = v
+                won = k
+        if corner == 0:
+            winner = won
+        elif won != winner:
+            return -1
+    if winner >= s_num:
+        j = winner - s_num
+        outside = cov_y[j, cr] == 0 or cov_x[j, cc] == 0
+        if not outside and (cov_y[j, cr] == 1 or cov_x[j, cc] == 1):
+            return -1
+    return winner
 
 
 @_jit
@@ -82,27 +122,39 @@ def assign_cells(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, i
                  assign, counts, sums):
     """First assignment (step 3) of every valid output pixel, cell by cell.
 
-    sim ``(N, K, h, w)`` float32 similarities at the embedding resolution (argmax), val same shape
-    (the values summed for stuff scores; may be ``sim``), the bilinear taps of the ``(H, W)``
-    output rows and columns, in_y ``(N, Q, H)`` / in_x ``(N, Q, W)`` box rows / columns,
-    inst_ok ``(N, Q)``, sizes ``(N, 2)`` valid (h, w). Writes assign ``(N, H, W)`` int32 (the
-    slot; pixels outside the valid region are left as they are), adds each slot's valid pixel
-    count to counts ``(N, K)`` int64 and each stuff slot's summed up-sampled value to sums
-    ``(N, K)`` float64 (instance entries are not used by the fusion and stay as they are).
+    sim ``(N, h, w, K)`` float32 similarities at the embedding resolution, queries innermost (the
+    argmax), val same shape (the values summed for stuff scores; may be ``sim``), the bilinear
+    taps of the ``(H, W)`` output rows and columns, in_y ``(N, Q, H)`` / in_x ``(N, Q, W)`` box
+    rows / columns, inst_ok ``(N, Q)``, sizes ``(N, 2)`` valid (h, w). Writes assign
+    ``(N, H, W)`` int32 (the slot; pixels outside the valid region are left as they are), adds
+    each slot's valid pixel count to counts ``(N, K)`` int64 and each stuff slot's summed
+    up-sampled value to sums ``(N, K)`` float64 (instance entries are not used by the fusion and
+    stay as they are).
+
+    Per cell only the slots that can matter are visited: the stuff slots, the instances whose box
+    reaches into the cell, and of the instances whose box misses the cell only the first (they
+    all have the constant ``outside`` there, so a later one can never win; disabled instances,
+    at -inf, never win while a stuff slot exists). A cell is decided by bounds (the best lower
+    bound beats every other upper bound), else by :func:`_corner_winner`, else pixel by pixel
+    over the candidates (upper bound reaching the best lower bound).
     """
-    n_img, k_num, h, w = sim.shape
+    n_img, h, w, k_num = sim.shape
+    q_num = k_num - s_num
     neg = np.float32(-np.inf)
     ov = np.float32(outside)
     row_start, rows_per = _cells_of(i0y, h)
     col_start, cols_per = _cells_of(i0x, w)
-    lo = np.empty(k_num, np.float32)
-    hi = np.empty(k_num, np.float32)
-    cand = np.empty(k_num, np.int64)
+    slot = np.empty(k_num + 1, np.int64)  # the slots visited in a cell, ascending
+    lo = np.empty(k_num + 1, np.float32)
+    hi = np.empty(k_num + 1, np.float32)
+    cand = np.empty(k_num + 1, np.int64)
+    row_active = np.empty(q_num, np.int64)
     sx0 = np.zeros(w, np.float64)
     sx1 = np.zeros(w, np.float64)
     vx = np.zeros(w, np.int64)
     for n in range(n_img):
         vh, vw = sizes[n, 0], sizes[n, 1]
+        ok = inst_ok[n]
         cov_y = _coverage(in_y[n], row_start, rows_per)
         cov_x = _coverage(in_x[n], col_start, cols_per)
         for cc in range(w):  # valid columns per cell and their summed weights (separable sums)
@@ -124,59 +176,108 @@ def assign_cells(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, i
             for y in range(y_begin, y_end):
                 sy0 += l0y[y]
                 sy1 += l1y[y]
+            n_active = 0  # enabled instances whose box reaches this cell row; the first one that does not
+            first_out_row = q_num
+            for j in range(q_num):
+                if ok[j]:
+                    if cov_y[j, cr] > 0:
+                        row_active[n_active] = j
+                        n_active += 1
+                    elif first_out_row == q_num:
+                        first_out_row = j
             for cc in range(w):
                 if vx[cc] == 0:
                     continue
                 x_begin = col_start[cc]
                 x_end = x_begin + vx[cc]
                 c1 = i1x[x_begin]
+                first_out = first_out_row
+                for i in range(n_active):
+                    j = row_active[i]
+                    if j >= first_out:
+                        break
+                    if cov_x[j, cc] == 0:
+                        first_out = j
+                m = 0
+                for k in range(s_num):
+                    slot[m] = k
+                    m += 1
+                placed = first_out == q_num  # the first outside instance goes in at its rank
+                for i in range(n_active):
+                    j = row_active[i]
+                    if not placed and first_out < j:
+                        slot[m] = s_num + first_out
+                        m += 1
+                        placed = True
+                    if cov_x[j, cc] > 0:
+                        slot[m] = s_num + j
+                        m += 1
+                if not placed:
+                    slot[m] = s_num + first_out
+                    m += 1
+                if m == 0:  # no stuff and no enabled instance: every value is -inf, the first slot wins
+                    slot[0] = 0
+                    m = 1
+                pa = sim[n, cr, cc]
+                pb = sim[n, cr, c1]
+                pc = sim[n, r1, cc]
+                pd = sim[n, r1, c1]
+                # bounds of the visited slots; the best lower bound (first) and the two largest upper bounds
                 best = 0
                 best_lo = neg
-                for k in range(k_num):
-                    a = sim[n, k, cr, cc]
-                    b = sim[n, k, cr, c1]
-                    c = sim[n, k, r1, cc]
-                    d = sim[n, k, r1, c1]
-                    low = min(min(a, b), min(c, d))
-                    high = max(max(a, b), max(c, d))
-                    if k >= s_num:
-                        j = k - s_num
-                        if not inst_ok[n, j]:
-                            low = neg
-                            high = neg
-                        else:
-                            cy = cov_y[j, cr]
-                            cx = cov_x[j, cc]
-                            if cy == 0 or cx == 0:
-                                low = ov
-                                high = ov
-                            elif cy == 1 or cx == 1:
-                                low = min(low, ov)
-                                high = max(high, ov)
-                    lo[k] = low
-                    hi[k] = high
-                    if k == 0 or low > best_lo:
+                top_hi = neg
+                top_i = -1
+                second_hi = neg
+                for i in range(m):
+                    k = slot[i]
+                    j = k - s_num
+                    if j >= 0 and not ok[j]:
+                        low = neg
+                        high = neg
+                    elif j >= 0 and j == first_out:  # outside its box: the constant
+                        low = ov
+                        high = ov
+                    else:
+                        a = pa[k]
+                        b = pb[k]
+                        c = pc[k]
+                        d = pd[k]
+                        low = min(min(a, b), min(c, d))
+                        high = max(max(a, b), max(c, d))
+                        if j >= 0 and (cov_y[j, cr] == 1 or cov_x[j, cc] == 1):  # the box crosses the cell
+                            low = min(low, ov)
+                            high = max(high, ov)
+                    lo[i] = low
+                    hi[i] = high
+                    if i == 0 or low > best_lo:
                         best_lo = low
-                        best = k
-                others = neg
-                for k in range(k_num):
-                    if k != best and hi[k] > others:
-                        others = hi[k]
-                if others < best_lo:  # the whole cell is the best slot's
+                        best = i
+                    if high > top_hi:
+                        second_hi = top_hi
+                        top_hi = high
+                        top_i = i
+                    elif high > second_hi:
+                        second_hi = high
+                others = second_hi if top_i == best else top_hi
+                winner = slot[best] if others < best_lo else -1  # bounds: the whole cell is the best slot's
+                if winner < 0:
+                    c_num = 0  # candidates: an upper bound that reaches the best lower bound (ascending)
+                    for i in range(m):
+                        if hi[i] >= best_lo:
+                            cand[c_num] = slot[i]
+                            c_num += 1
+                    winner = _corner_winner(pa, pb, pc, pd, cand, c_num, s_num, ok, cov_y, cov_x, cr, cc, ov)
+                if winner >= 0:
                     for y in range(y_begin, y_end):
                         for x in range(x_begin, x_end):
-                            assign[n, y, x] = best
-                    counts[n, best] += (y_end - y_begin) * vx[cc]
-                    if best < s_num:
-                        sums[n, best] += (val[n, best, cr, cc] * sx0[cc] * sy0 + val[n, best, cr, c1] * sx1[cc] * sy0
-                                          + val[n, best, r1, cc] * sx0[cc] * sy1
-                                          + val[n, best, r1, c1] * sx1[cc] * sy1)
+                            assign[n, y, x] = winner
+                    counts[n, winner] += (y_end - y_begin) * vx[cc]
+                    if winner < s_num:
+                        sums[n, winner] += (val[n, cr, cc, winner] * sx0[cc] * sy0
+                                            + val[n, cr, c1, winner] * sx1[cc] * sy0
+                                            + val[n, r1, cc, winner] * sx0[cc] * sy1
+                                            + val[n, r1, c1, winner] * sx1[cc] * sy1)
                     continue
-                m = 0  # candidates: an upper bound that reaches the best lower bound (ascending)
-                for k in range(k_num):
-                    if hi[k] >= best_lo:
-                        cand[m] = k
-                        m += 1
                 for y in range(y_begin, y_end):
                     wy0 = l0y[y]
                     wy1 = l1y[y]
@@ -185,21 +286,22 @@ def assign_cells(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, i
                         wx1 = l1x[x]
                         won = -1
                         top = neg
-                        for ci in range(m):
+                        for ci in range(c_num):
                             k = cand[ci]
-                            if k >= s_num and not inst_ok[n, k - s_num]:
+                            if k >= s_num and not ok[k - s_num]:
                                 v = neg
                             elif k >= s_num and not (in_y[n, k - s_num, y] and in_x[n, k - s_num, x]):
                                 v = ov
                             else:
-                                v = _bilinear(sim, n, k, cr, r1, cc, c1, wy0, wy1, wx0, wx1)
+                                v = _bilinear(pa, pb, pc, pd, k, wy0, wy1, wx0, wx1)
                             if won < 0 or v > top:
                                 top = v
                                 won = k
                         assign[n, y, x] = won
                         counts[n, won] += 1
                         if won < s_num:
-                            sums[n, won] += _bilinear(val, n, won, cr, r1, cc, c1, wy0, wy1, wx0, wx1)
+                            sums[n, won] += _bilinear(val[n, cr, cc], val[n, cr, c1], val[n, r1, cc], val[n, r1, c1],
+                                                      won, wy0, wy1, wx0, wx1)
 
 
 @_jit
@@ -209,7 +311,7 @@ def reassign_dropped(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_
     all slots still allowed (inst_ok ``(N, Q)`` without the dropped ones); a pixel won by a stuff
     slot adds its value to sums. Other pixels keep their slot (removing a query changes no other
     pixel's maximum). Arguments as :func:`assign_cells`."""
-    n_img, k_num, h, w = sim.shape
+    n_img, h, w, k_num = sim.shape
     neg = np.float32(-np.inf)
     ov = np.float32(outside)
     for n in range(n_img):
@@ -223,6 +325,10 @@ def reassign_dropped(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_
                     continue
                 c0 = i0x[x]
                 c1 = i1x[x]
+                pa = sim[n, r0, c0]
+                pb = sim[n, r0, c1]
+                pc = sim[n, r1, c0]
+                pd = sim[n, r1, c1]
                 won = 0
                 top = neg
                 for k in range(k_num):
@@ -231,13 +337,14 @@ def reassign_dropped(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_
                     elif k >= s_num and not (in_y[n, k - s_num, y] and in_x[n, k - s_num, x]):
                         v = ov
                     else:
-                        v = _bilinear(sim, n, k, r0, r1, c0, c1, wy0, wy1, l0x[x], l1x[x])
+                        v = _bilinear(pa, pb, pc, pd, k, wy0, wy1, l0x[x], l1x[x])
                     if k == 0 or v > top:
                         top = v
                         won = k
                 assign[n, y, x] = won
                 if won < s_num:
-                    sums[n, won] += _bilinear(val, n, won, r0, r1, c0, c1, wy0, wy1, l0x[x], l1x[x])
+                    sums[n, won] += _bilinear(val[n, r0, c0], val[n, r0, c1], val[n, r1, c0], val[n, r1, c1], won,
+                                              wy0, wy1, l0x[x], l1x[x])
 
 
 @_jit

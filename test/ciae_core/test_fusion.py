@@ -414,14 +414,15 @@ def _smooth_scene(seed, n=2, d=8, h=23, w=31, stuff=5, q=14, stride=4):
                 instance_valid=valid)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_coarse_to_fine_fusion_equals_dense_fusion(seed):
+@pytest.mark.parametrize("seed,stuff,q", [(0, 5, 14), (1, 5, 14), (2, 5, 14), (3, 5, 14), (4, 2, 60), (5, 0, 20)])
+def test_coarse_to_fine_fusion_equals_dense_fusion(seed, stuff, q):
     """Same id maps, tables and (to float rounding) stuff scores as the dense (N, K, H, W) path,
-    batched, with valid regions smaller than the map, dropped instances and outside_box_value."""
-    inputs = _smooth_scene(seed)
+    batched, with valid regions smaller than the map, dropped instances and outside_box_value;
+    also with many overlapping instances and with no stuff class at all."""
+    inputs = _smooth_scene(seed, stuff=stuff, q=q)
     kw = dict(num_things=3, embedding_stride=4, image_sizes=[(92, 124), (87, 117)], min_stuff_area=30,
               stuff_area_reference=0, min_visible_fraction=0.3, min_instance_area=20,
-              outside_box_value=[0.0, -0.2, 0.3, 0.0][seed])
+              outside_box_value=[0.0, -0.2, 0.3, 0.0, 0.1, 0.0][seed])
     dense = fuse_panoptic(**inputs, method="dense", **kw)
     auto = fuse_panoptic(**inputs, **kw)
     for method in ("coarse_to_fine", "numba"):
