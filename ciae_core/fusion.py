@@ -415,14 +415,15 @@ def _sum_by_slot(image_index: Tensor, slots: Tensor, weights: Tensor, n: int, k:
 def _compiled_assignment(sim_low: Tensor, value_low: Tensor | None, taps, s_num: int, in_y: Tensor, in_x: Tensor,
                          valid: Tensor, sizes: Tensor, outside_box_value: float, hidden):
     """Steps 3–4 of :func:`fuse_panoptic` and the segment extents with :mod:`ciae_core.fusion_kernels`
-    (CPU). sim_low / value_low ``(N, h, w, K)``; ``hidden(counts)`` is the step-4 rule. Returns
+    (CPU). sim_low ``(N, h, w, K)``, value_low ``(N, h, w)`` the norms that turn sim_low into the
+    summed values; ``hidden(counts)`` is the step-4 rule. Returns
     the slot per output pixel ``(N, H, W)`` int32 (void = K outside each valid region), stuff
     similarity sums ``(N, K)``, the instances kept ``(N, Q)`` and ``(area (N, K), boxes (N, K, 4))``
     of the final assignment."""
     n, _, _, k = sim_low.shape
     hh, ww = taps[0][0].numel(), taps[1][0].numel()
     sim = sim_low.float().contiguous().numpy()
-    val = sim if value_low is None else value_low.float().contiguous().numpy()
+    val = value_low.float().contiguous().numpy()
     tap_arrays = [t.numpy() for axis in taps for t in axis]
     in_y_np, in_x_np = in_y.contiguous().numpy(), in_x.contiguous().numpy()
     sizes_np = np.minimum(sizes.numpy(), np.array([hh, ww]))  # the kernels do not check bounds
@@ -544,10 +545,10 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     queries = torch.cat([stuff_queries[None].expand(n, -1, -1).to(embedding.dtype),
                          instance_queries.to(embedding.dtype)], dim=1)
     value_low = None
-    if compiled:  # the kernels read a cell's K values contiguously: (N, h, w, K)
+    if compiled:  # the kernels read a cell's K values contiguously: (N, h, w, K); cosines = sim / norm
         sim_low = torch.einsum("ndhw,nkd->nhwk", embedding.float(), queries.float()).contiguous()
-        if normalize_after_upsampling:
-            value_low = sim_low / embedding.float().pow(2).sum(1)[..., None].sqrt().clamp_min(1e-12)
+        value_low = embedding.float().pow(2).sum(1).sqrt().clamp_min(1e-12) if normalize_after_upsampling else \
+            torch.ones(n, he, we)
     if coarse and not compiled:
         sim_low = torch.einsum("ndhw,nkd->nkhw", embedding, queries).contiguous()
         if normalize_after_upsampling:  # argmax on E V^T; values (stuff scores) from the unit low-res map
@@ -571,7 +572,7 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     xs = torch.arange(ww, device=dev)
     row_valid = ys[None, :] < sizes[:, 0, None]  # (N, H)
     col_valid = xs[None, :] < sizes[:, 1, None]  # (N, W)
-    pixel_valid = row_valid[:, :, None] & col_valid[:, None, :]
+    pixel_valid = None if compiled else row_valid[:, :, None] & col_valid[:, None, :]
     all_valid = bool((sizes[:, 0] >= hh).all()) and bool((sizes[:, 1] >= ww).all())
     # 2. remote-instance filtering with the predicted boxes (a pixel's centre must be in the box)
     boxes = instance_boxes.to(dtype)
@@ -651,7 +652,6 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
         col_hist = col_hist.view(n, k_num + 1, ww)[:, :k_num]
         area = row_hist.sum(-1)
     else:  # the compiled path's assignment already has void (= K) outside the valid regions
-        a_flat = assign.flatten(1)
         area = extents[0]
     # 5. small stuff → void; instances must still satisfy the area rule
     img_area = (sizes[:, 0] * sizes[:, 1]).to(dtype)
@@ -665,7 +665,10 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     # 6. ids; the final segments are the kept slots, so their statistics are the histograms' rows
     seg_ids = torch.cumsum(keep.long(), dim=1) * keep.long()
     ext = torch.cat([seg_ids, torch.zeros(n, 1, dtype=torch.long, device=dev)], dim=1).to(torch.int32)
-    id_map = ext.gather(1, a_flat.long()).view(n, hh, ww)
+    if extents is None:
+        id_map = ext.gather(1, a_flat).view(n, hh, ww)
+    else:
+        id_map = torch.from_numpy(fusion_kernels.ids_of_slots(assign.numpy(), ext.contiguous().numpy()))
     area = area * keep
     if extents is None:  # tight boxes: first / last occupied row and column (max edge exclusive)
         r = (row_hist > 0).to(torch.uint8)

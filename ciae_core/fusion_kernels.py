@@ -79,6 +79,12 @@ def _bilinear(pa, pb, pc, pd, k, wy0, wy1, wx0, wx1):
 
 
 @_jit
+def _cosine_at(pa, pb, pc, pd, na, nb, nc, nd, k, wy0, wy1, wx0, wx1):
+    """Up-sampled ``sim / norm`` of slot k (each corner divided first, as the tensor path does)."""
+    return ((pa[k] / na) * wx0 + (pb[k] / nb) * wx1) * wy0 + ((pc[k] / nc) * wx0 + (pd[k] / nd) * wx1) * wy1
+
+
+@_jit
 def _corner_winner(pa, pb, pc, pd, cand, m, s_num, inst_ok, cov_y, cov_x, cr, cc, ov):
     """The candidate that is the first maximum at all four corners of a cell, or -1 (also when
     it is an instance whose box crosses the cell). Instances whose box crosses the cell count
@@ -118,12 +124,13 @@ def _corner_winner(pa, pb, pc, pd, cand, m, s_num, inst_ok, cov_y, cov_x, cr, cc
 
 
 @_jit
-def assign_cells(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, inst_ok, sizes, s_num, outside,
+def assign_cells(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, inst_ok, sizes, s_num, outside,
                  assign, counts, sums):
     """First assignment (step 3) of every valid output pixel, cell by cell.
 
     sim ``(N, h, w, K)`` float32 similarities at the embedding resolution, queries innermost (the
-    argmax), val same shape (the values summed for stuff scores; may be ``sim``), the bilinear
+    argmax), norm ``(N, h, w)`` float32 (the values summed for stuff scores are ``sim / norm``:
+    the cosines when sim is the un-normalised map's dot products, ``sim`` itself for ones), the bilinear
     taps of the ``(H, W)`` output rows and columns, in_y ``(N, Q, H)`` / in_x ``(N, Q, W)`` box
     rows / columns, inst_ok ``(N, Q)``, sizes ``(N, 2)`` valid (h, w). Writes assign
     ``(N, H, W)`` int32 (the slot; pixels outside the valid region are left as they are), adds
@@ -273,10 +280,10 @@ def assign_cells(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, i
                             assign[n, y, x] = winner
                     counts[n, winner] += (y_end - y_begin) * vx[cc]
                     if winner < s_num:
-                        sums[n, winner] += (val[n, cr, cc, winner] * sx0[cc] * sy0
-                                            + val[n, cr, c1, winner] * sx1[cc] * sy0
-                                            + val[n, r1, cc, winner] * sx0[cc] * sy1
-                                            + val[n, r1, c1, winner] * sx1[cc] * sy1)
+                        sums[n, winner] += (pa[winner] / norm[n, cr, cc] * sx0[cc] * sy0
+                                            + pb[winner] / norm[n, cr, c1] * sx1[cc] * sy0
+                                            + pc[winner] / norm[n, r1, cc] * sx0[cc] * sy1
+                                            + pd[winner] / norm[n, r1, c1] * sx1[cc] * sy1)
                     continue
                 for y in range(y_begin, y_end):
                     wy0 = l0y[y]
@@ -300,12 +307,12 @@ def assign_cells(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, i
                         assign[n, y, x] = won
                         counts[n, won] += 1
                         if won < s_num:
-                            sums[n, won] += _bilinear(val[n, cr, cc], val[n, cr, c1], val[n, r1, cc], val[n, r1, c1],
-                                                      won, wy0, wy1, wx0, wx1)
+                            sums[n, won] += _cosine_at(pa, pb, pc, pd, norm[n, cr, cc], norm[n, cr, c1],
+                                                       norm[n, r1, cc], norm[n, r1, c1], won, wy0, wy1, wx0, wx1)
 
 
 @_jit
-def reassign_dropped(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, inst_ok, dropped, sizes, s_num,
+def reassign_dropped(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, inst_ok, dropped, sizes, s_num,
                      outside, assign, sums):
     """Step 4: every valid pixel whose slot is ``dropped`` ``(N, K)`` gets the first maximum over
     all slots still allowed (inst_ok ``(N, Q)`` without the dropped ones); a pixel won by a stuff
@@ -343,14 +350,15 @@ def reassign_dropped(sim, val, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_
                         won = k
                 assign[n, y, x] = won
                 if won < s_num:
-                    sums[n, won] += _bilinear(val[n, r0, c0], val[n, r0, c1], val[n, r1, c0], val[n, r1, c1], won,
-                                              wy0, wy1, l0x[x], l1x[x])
+                    sums[n, won] += _cosine_at(pa, pb, pc, pd, norm[n, r0, c0], norm[n, r0, c1], norm[n, r1, c0],
+                                               norm[n, r1, c1], won, wy0, wy1, l0x[x], l1x[x])
 
 
 @_jit
 def segment_extents(assign, sizes, k_num):
     """Per slot of the valid region of each ``(N, H, W)`` assignment: ``area (N, K)`` int64 and
-    ``boxes (N, K, 4)`` int64 ``x0, y0, x1, y1`` (max edges exclusive; zeros for an empty slot)."""
+    ``boxes (N, K, 4)`` int64 ``x0, y0, x1, y1`` (max edges exclusive; zeros for an empty slot).
+    Walks each row as runs of one slot (segments are wide), one update per run."""
     n_img = assign.shape[0]
     area = np.zeros((n_img, k_num), np.int64)
     boxes = np.zeros((n_img, k_num, 4), np.int64)
@@ -358,20 +366,37 @@ def segment_extents(assign, sizes, k_num):
         for k in range(k_num):
             boxes[n, k, 0] = assign.shape[2]
             boxes[n, k, 1] = assign.shape[1]
+        vw = sizes[n, 1]
         for y in range(sizes[n, 0]):
-            for x in range(sizes[n, 1]):
+            x = 0
+            while x < vw:
                 k = assign[n, y, x]
-                area[n, k] += 1
+                end = x + 1
+                while end < vw and assign[n, y, end] == k:
+                    end += 1
+                area[n, k] += end - x
                 if x < boxes[n, k, 0]:
                     boxes[n, k, 0] = x
-                if x + 1 > boxes[n, k, 2]:
-                    boxes[n, k, 2] = x + 1
+                if end > boxes[n, k, 2]:
+                    boxes[n, k, 2] = end
                 if y < boxes[n, k, 1]:
                     boxes[n, k, 1] = y
-                if y + 1 > boxes[n, k, 3]:
-                    boxes[n, k, 3] = y + 1
+                boxes[n, k, 3] = y + 1
+                x = end
         for k in range(k_num):
             if area[n, k] == 0:
                 boxes[n, k, 0] = 0
                 boxes[n, k, 1] = 0
     return area, boxes
+
+
+@_jit
+def ids_of_slots(assign, slot_ids):
+    """``id_map (N, H, W)`` int32: ``slot_ids[n, assign[n, y, x]]`` (slot_ids ``(N, K + 1)`` int32)."""
+    n_img, hh, ww = assign.shape
+    out = np.empty((n_img, hh, ww), np.int32)
+    for n in range(n_img):
+        for y in range(hh):
+            for x in range(ww):
+                out[n, y, x] = slot_ids[n, assign[n, y, x]]
+    return out
