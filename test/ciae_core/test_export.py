@@ -83,6 +83,27 @@ def test_raw_outputs_match_torch(weights, dynamic_onnx, shape):
         assert float(np.abs(outs[k] - ref[k].numpy()).max()) / scale <= 1e-3, k
 
 
+def test_onnxruntime_static_shape_sessions_match_the_dynamic_session(dynamic_onnx):
+    """On the CPU provider the engine runs a session per input shape (dynamic axes fixed): same
+    outputs as the dynamic session, one session per shape, the least recently used dropped."""
+    p = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=1)
+    engine = p._engine
+    assert engine.static_shapes and engine._free_dims == ["batch", None, "height", "width"]
+    engine.max_sessions = 2
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 3, 256, 352), (2, 3, 192, 256), (1, 3, 256, 352), (1, 3, 320, 320)]
+    for shape in shapes:
+        x = torch.rand(shape, generator=g) * 255
+        fixed = engine(x)
+        sess = engine.session_for(shape)
+        assert sess is not engine.session and [d for d in sess.get_inputs()[0].shape] == list(shape)
+        dynamic = dict(zip(engine.output_names, engine.session.run(engine.output_names, {"images": x.numpy()})))
+        for k in OUTPUT_NAMES:
+            np.testing.assert_allclose(fixed[k].numpy(), dynamic[k], rtol=1e-4, atol=1e-4, err_msg=k)
+    assert list(engine._sessions) == [(1, 3, 256, 352), (1, 3, 320, 320)]  # (2, 3, 192, 256) was dropped
+    assert not Predictor(dynamic_onnx, engine="onnxruntime", ort_static_shapes=False)._engine.static_shapes
+
+
 def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onnx):
     torch_p = Predictor(weights, input_size=256, **FAST)
     ort_p = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=1, **FAST)
