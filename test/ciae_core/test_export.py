@@ -101,6 +101,9 @@ def test_onnxruntime_static_shape_sessions_match_the_dynamic_session(dynamic_onn
         for k in OUTPUT_NAMES:
             np.testing.assert_allclose(fixed[k].numpy(), dynamic[k], rtol=1e-4, atol=1e-4, err_msg=k)
     assert list(engine._sessions) == [(1, 3, 256, 352), (1, 3, 320, 320)]  # (2, 3, 192, 256) was dropped
+    # CPU sessions leave the cores to the torch fusion after a run (no spin-waiting threads)
+    for sess in [engine.session, *engine._sessions.values()]:
+        assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert not Predictor(dynamic_onnx, engine="onnxruntime", ort_static_shapes=False)._engine.static_shapes
 
 
