@@ -410,7 +410,7 @@ class _OrtEngine:
     once); measured on the shipped model at 512x672 on this project's 2-core CPU, interleaved:
     ~108 ms against ~132 ms with the dynamic session. A camera stream has one shape; the last
     ``max_sessions`` shapes are kept (a new one costs one session creation, ~0.2 s for the
-    small model).
+    small model); the dynamic session is released once it has validated the file.
 
     On the CPU provider its intra-op threads do not spin-wait after a run
     (``session.intra_op.allow_spinning = 0``): the torch fusion that follows runs on the same
@@ -433,11 +433,11 @@ class _OrtEngine:
         self.device = device
         self.path = path
         self._threads = (intra_op_threads, inter_op_threads)
-        self._spin = device.type == "cuda"
         if trt_cache_dir:
             os.makedirs(trt_cache_dir, exist_ok=True)
         self._chosen = select_providers(device.type, ort.get_available_providers(), providers, trt_cache_dir,
                                         trt_fp16, device.index or 0)
+        self._spin = self._chosen[0][0] != "CPUExecutionProvider"
         self.session = self._new_session({})
         self.providers = self.session.get_providers()
         inputs = [i.name for i in self.session.get_inputs()]
@@ -466,6 +466,8 @@ class _OrtEngine:
         self.static_shapes = bool(wanted) and any(self._free_dims)
         self.max_sessions = max(1, int(max_sessions))
         self._sessions: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        if self.static_shapes:  # the dynamic session only validated the file: free its weights and arena
+            self.session = None
 
     def _new_session(self, fixed: dict[str, int]):
         import onnxruntime as ort
