@@ -15,6 +15,7 @@ except through the number of detections, which we fix, see below):
   onnxruntime (``--engines onnxruntime``; the checkpoint is exported once to a temporary cache).
   ``r50``: the paper's ResNet-50-FPN config with the 133 COCO panoptic categories;
   ``r50-p3``: the same with the embedding branch starting at P3 (our speed variant, no FPN P2);
+  ``r50-p3c2``: the P3 branch plus a 1x1 skip from C2 back to stride 4 (our second variant);
   ``small``: the shipped model (``--small-weights``, default the first ``models/*.safetensors``),
   else the ``config/train/synthetic_small.yaml`` architecture with random weights.
 * ``fcos`` — ``torchvision.models.detection.FCOS`` with the same backbone
@@ -76,10 +77,11 @@ logger = logging.getLogger(__name__)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE_RELATIVE = pathlib.Path("test") / "data" / "coco-panoptic-sample"
-BACKBONES = {"r50": "resnet50", "r50-p3": "resnet50"}  # bench name -> torchvision backbone (peers)
-# ours' architecture per bench name (random weights): the paper's R50-FPN, and our variant whose
-# embedding branch starts at P3 (CIAEConfig.embedding_from_level=3)
-OURS_ARCH = {"r50": {"backbone": "resnet50"}, "r50-p3": {"backbone": "resnet50", "embedding_from_level": 3}}
+BACKBONES = {"r50": "resnet50", "r50-p3": "resnet50", "r50-p3c2": "resnet50"}  # -> torchvision backbone (peers)
+# ours' architecture per bench name (random weights): the paper's R50-FPN, and our variants whose
+# embedding branch starts at P3 (CIAEConfig.embedding_from_level=3), without or with the C2 skip
+OURS_ARCH = {"r50": {"backbone": "resnet50"}, "r50-p3": {"backbone": "resnet50", "embedding_from_level": 3},
+             "r50-p3c2": {"backbone": "resnet50", "embedding_from_level": 3, "embedding_c2_skip": True}}
 ALL_MODELS = ("ours", "fcos", "maskrcnn")
 # the shipped small model's architecture (config/train/synthetic_small.yaml) for a random stand-in
 SMALL_ARCH = dict(backbone="mobilenet_v3_large", backbone_norm="gn", trainable_backbone_layers=5, fpn_channels=64,
@@ -587,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast precision on CUDA (torch engines; fp16 also enables TensorRT fp16)")
     p.add_argument("--sizes", default="512,640,800", help="shorter-side sizes, comma separated")
     p.add_argument("--max-size", type=int, default=1333)
-    p.add_argument("--backbones", default="r50,small", help="r50, r50-p3 (embedding branch from P3) and/or small")
+    p.add_argument("--backbones", default="r50,small",
+                   help="r50, r50-p3 (embedding branch from P3), r50-p3c2 (P3 + C2 skip) and/or small")
     p.add_argument("--models", default=",".join(ALL_MODELS), help="ours,fcos,maskrcnn")
     p.add_argument("--engines", default="torch,onnxruntime", help="engines for ours: torch,onnxruntime")
     p.add_argument("--ort-providers", default="cuda", help="onnxruntime providers on CUDA, e.g. tensorrt,cuda")
@@ -628,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         backbones, models, engines = _csv(args.backbones), _csv(args.models), _csv(args.engines)
         for b in backbones:
             if b not in ("small", *OURS_ARCH):
-                raise BenchError(f"unknown backbone {b!r}; use r50, r50-p3 and/or small")
+                raise BenchError(f"unknown backbone {b!r}; use {', '.join(OURS_ARCH)} and/or small")
         for m in models:
             if m not in ALL_MODELS:
                 raise BenchError(f"unknown model {m!r}; use {', '.join(ALL_MODELS)}")

@@ -6,13 +6,15 @@ full-resolution histogram tail, about 10 % of a small model's frame. These kerne
 algorithm as loops, one cell at a time, touching each corner value once:
 
 * :func:`assign_cells` — step 3 of :func:`~ciae_core.fusion.fuse_panoptic` (first assignment):
-  per cell the bounds of every slot, a cell whose best lower bound beats every other upper bound
-  is filled at once; the other cells are evaluated per pixel over the slots whose upper bound
-  reaches that lower bound. Also the per-slot pixel counts and the similarity sums of the stuff
-  slots (stuff scores).
+  per cell the bounds of the slots that can matter there (stuff, instances whose box reaches the
+  cell, the first one whose box misses it); a cell whose best lower bound beats every other upper
+  bound, or whose four corners agree on the winner, is filled at once; the other cells are
+  evaluated per pixel over the slots whose upper bound reaches that lower bound. Also the
+  per-slot pixel counts and the similarity sums of the stuff slots (stuff scores).
 * :func:`reassign_dropped` — step 4: pixels won by a dropped instance, re-evaluated over every
   slot still allowed.
-* :func:`segment_extents` — steps 5–6 inputs: per-slot area and tight box.
+* :func:`segment_extents` — steps 5–6 inputs: per-slot area and tight box (row runs).
+* :func:`ids_of_slots` — the id map from the final slot of each pixel.
 
 Same arithmetic as the tensor paths (float32, the bilinear sum in torch's order
 ``(a*lx0 + b*lx1)*ly0 + (c*lx0 + d*lx1)*ly1``, no fast-math, first index wins ties), so the id

@@ -81,6 +81,12 @@ class CIAEConfig:
     FPN's stride-4 output conv and the branch's stride-4 blocks: R50 at 800x1088 needs 1.04x
     instead of 1.36x the multiply-adds of FCOS; the fusion up-samples by 8). "Stride 4" in the
     ``embedding_stride`` text then reads "the branch's stride".
+    ``embedding_c2_skip`` (with ``embedding_from_level: 3``; our variant, not in the paper): the
+    stride-8 aggregate is up-sampled 2x and added to a 1x1 conv + GN + ReLU projection of the
+    backbone's stride-4 stage C2 before the predictor, so P' + P'' is at stride 4 again — a
+    low-level detail path in the manner of DeepLabv3+'s decoder, instead of FPN's P2 output conv
+    (3x3, 256->256) and the branch's 3x3 block at stride 4 (R50 at 800x1088: 1.06x the
+    multiply-adds of FCOS).
     Loss and target arguments are forwarded to :class:`ciae_core.losses.CIAECriterion`; the
     inference thresholds are the defaults of :meth:`CIAE.postprocess`.
     """
@@ -99,6 +105,7 @@ class CIAEConfig:
     use_box_embedding: bool = True
     embedding_stride: int = 1
     embedding_from_level: int = 2
+    embedding_c2_skip: bool = False
     fpn_strides: tuple[int, ...] = (8, 16, 32, 64, 128)
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
@@ -137,8 +144,8 @@ class CIAEConfig:
 
     @property
     def branch_stride(self) -> int:
-        """Stride of the embedding branch's output P' + P'' (4 from P2, 8 from P3)."""
-        return 2 ** self.embedding_from_level
+        """Stride of the embedding branch's output P' + P'' (4 from P2 or with the C2 skip, 8 from P3)."""
+        return 4 if self.embedding_c2_skip else 2 ** self.embedding_from_level
 
     @property
     def num_things(self) -> int:
@@ -175,6 +182,9 @@ class CIAEConfig:
         if self.embedding_from_level not in (2, 3):
             raise ModelConfigError(f"embedding_from_level must be 2 (P2..P5, the paper) or 3 (P3..P5), got "
                                    f"{self.embedding_from_level}")
+        if self.embedding_c2_skip and self.embedding_from_level != 3:
+            raise ModelConfigError("embedding_c2_skip needs embedding_from_level: 3 (with P2 the branch is at stride 4 "
+                                   "already)")
         if self.embed_dim < 2 or self.tower_depth < 0 or self.fpn_channels < 8:
             raise ModelConfigError("embed_dim >= 2, tower_depth >= 0 and fpn_channels >= 8 are required")
         if self.iou_loss not in ("iou", "giou"):
@@ -299,14 +309,16 @@ class BackboneFPN(nn.Module):
 
     forward(x ``(N,3,H,W)`` normalised, H and W multiples of 32) → OrderedDict
     ``p2..p7`` of ``(N, fpn_channels, H/s, W/s)`` for s = 4, 8, 16, 32, 64, 128 (P6/P7 rounded up);
-    ``p3..p7`` with ``min_level=3`` (no stride-4 lateral or output conv).
+    ``p3..p7`` with ``min_level=3`` (no stride-4 lateral or output conv); with ``return_c2`` also
+    ``c2``, the backbone's stride-4 stage (``c2_channels`` channels).
     """
 
     def __init__(self, name: str, norm: str, trainable_layers: int, dcn_stages: tuple[int, ...], fpn_channels: int,
-                 min_level: int = 2):
+                 min_level: int = 2, return_c2: bool = False):
         super().__init__()
         self.name = name
         self.min_level = min_level
+        self.return_c2 = return_c2
         norm_layer = _norm_layer(norm)
         if name.startswith("resnet"):
             net = getattr(tvm, name)(weights=None, norm_layer=norm_layer)
@@ -338,6 +350,7 @@ class BackboneFPN(nn.Module):
             for mod_name in group:
                 for p in self.body.get_submodule(mod_name).parameters():
                     p.requires_grad_(False)
+        self.c2_channels = in_channels[0]
         self.fpn = FeaturePyramidNetwork(list(in_channels)[min_level - 2:], fpn_channels,
                                          extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
 
@@ -358,10 +371,13 @@ class BackboneFPN(nn.Module):
         return outs
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        c = self._body_features(x)[self.min_level - 2:]
+        body = self._body_features(x)
         names = [f"p{lvl}" for lvl in range(self.min_level, 8)]
-        feats = self.fpn(OrderedDict(zip(names, c)))
-        return OrderedDict(zip(names, feats.values()))
+        feats = self.fpn(OrderedDict(zip(names, body[self.min_level - 2:])))
+        out = OrderedDict(zip(names, feats.values()))
+        if self.return_c2:
+            out["c2"] = body[0]
+        return out
 
 
 @torch.no_grad()
@@ -505,12 +521,19 @@ class EmbeddingBranch(nn.Module):
     (``use_box_embedding``; off → P = f(P'), Table VI).
 
     forward(p2..p5, box_embeddings) → pre-normalisation embedding ``P' + P''`` ``(N, D, H/4, W/4)``.
-    With ``num_levels=3`` the same construction over P3..P5 gives ``(N, D, H/8, W/8)``.
+    With ``num_levels=3`` the same construction over P3..P5 gives ``(N, D, H/8, W/8)``; with
+    ``c2_channels`` as well (``CIAEConfig.embedding_c2_skip``) that stride-8 sum is up-sampled 2x
+    and added to ``relu(GN(conv1x1(C2)))`` (forward's ``c2``) before the predictor: stride 4.
     """
 
     def __init__(self, in_channels: int, channels: int, embed_dim: int, use_coordconv: bool = True,
-                 use_box_embedding: bool = True, num_levels: int = 4):
+                 use_box_embedding: bool = True, num_levels: int = 4, c2_channels: int | None = None):
         super().__init__()
+        self.c2_skip = None
+        if c2_channels:
+            self.c2_skip = nn.Sequential(nn.Conv2d(c2_channels, channels, 1, bias=False), group_norm(channels),
+                                         nn.ReLU())
+            nn.init.kaiming_normal_(self.c2_skip[0].weight, mode="fan_out", nonlinearity="relu")
         self.use_box_embedding = use_box_embedding
         self.scale_heads = nn.ModuleList()
         for level in range(num_levels):  # P2..P5 (or P3..P5)
@@ -528,7 +551,7 @@ class EmbeddingBranch(nn.Module):
             nn.init.normal_(self.box_fuse.weight, std=0.01)
             nn.init.zeros_(self.box_fuse.bias)
 
-    def forward(self, pyramid: list[Tensor], box_embeddings: list[Tensor]) -> Tensor:
+    def forward(self, pyramid: list[Tensor], box_embeddings: list[Tensor], c2: Tensor | None = None) -> Tensor:
         size = pyramid[0].shape[-2:]
         out = None
         for level, (x, blocks) in enumerate(zip(pyramid, self.scale_heads)):
@@ -539,6 +562,9 @@ class EmbeddingBranch(nn.Module):
                     # inputs padded to 32; keeps torch.export free of shape equations)
                     x = F.interpolate(x, size=pyramid[level - b - 1].shape[-2:], mode="bilinear", align_corners=False)
             out = x if out is None else out + x
+        if self.c2_skip is not None:
+            size = c2.shape[-2:]
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False) + self.c2_skip(c2)
         p1 = self.predictor(out)  # P'
         if not self.use_box_embedding:
             return p1
@@ -593,14 +619,15 @@ class CIAE(nn.Module):
         self.strides = cfg.fpn_strides
         self.branch_stride = cfg.branch_stride
         self.backbone = BackboneFPN(cfg.backbone, cfg.backbone_norm, cfg.trainable_backbone_layers, cfg.dcn_stages,
-                                    cfg.fpn_channels, cfg.embedding_from_level)
+                                    cfg.fpn_channels, cfg.embedding_from_level, return_c2=cfg.embedding_c2_skip)
         if backbone_weights:
             load_backbone_weights(self.backbone, backbone_weights)
         self.head = ProposalHead(cfg.fpn_channels, cfg.head_channels, cfg.num_things, cfg.embed_dim, cfg.fpn_strides,
                                  cfg.tower_depth)
         self.embedding_branch = EmbeddingBranch(cfg.fpn_channels, cfg.embed_branch_channels, cfg.embed_dim,
                                                 cfg.use_coordconv, cfg.use_box_embedding,
-                                                num_levels=6 - cfg.embedding_from_level)
+                                                num_levels=6 - cfg.embedding_from_level,
+                                                c2_channels=self.backbone.c2_channels if cfg.embedding_c2_skip else None)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
         from ciae_core.losses import CIAECriterion, init_memory_embeddings
@@ -649,7 +676,8 @@ class CIAE(nn.Module):
         feats = self.backbone(x)
         levels = [feats[k] for k in ("p3", "p4", "p5", "p6", "p7")]
         cls, reg, ctr, box_emb = self.head(levels)
-        pre = self.embedding_branch([feats[f"p{lvl}"] for lvl in range(self._config.embedding_from_level, 6)], box_emb)
+        pre = self.embedding_branch([feats[f"p{lvl}"] for lvl in range(self._config.embedding_from_level, 6)], box_emb,
+                                    feats.get("c2"))
         return {"cls": cls, "reg": reg, "ctr": ctr, "pre": pre, "padded_size": x.shape[-2:]}
 
     @staticmethod

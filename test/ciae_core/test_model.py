@@ -358,3 +358,27 @@ def test_embedding_branch_from_p3_variant():
     assert m.embedding_branch.predictor.weight.grad.abs().sum() > 0
     with pytest.raises(ModelConfigError, match="embedding_from_level"):
         small(embedding_from_level=1)
+
+
+def test_embedding_branch_from_p3_with_c2_skip_variant():
+    """embedding_c2_skip (our second speed variant): P3..P5 aggregated at stride 8, up-sampled and
+    added to a 1x1 projection of the backbone's C2, so the embedding is at stride 4 again;
+    training reaches the skip's weights, and the fusion and ONNX-facing raw outputs follow."""
+    x = torch.rand(2, 3, 96, 130) * 255
+    m = small(embedding_from_level=3, embedding_c2_skip=True).eval()
+    with torch.no_grad():
+        feats = m.backbone(m._pad((x - m.pixel_mean) / m.pixel_std))
+        raw = m.forward_raw(x)
+    assert list(feats) == ["p3", "p4", "p5", "p6", "p7", "c2"]
+    assert tuple(feats["c2"].shape[-2:]) == (24, 40) and feats["c2"].shape[1] == m.backbone.c2_channels
+    assert m.config.branch_stride == 4 and len(m.embedding_branch.scale_heads) == 3
+    assert tuple(raw["embedding"].shape[-2:]) == (24, 40)  # paper order: the padded 96x160 map / 4
+    res = m.postprocess(raw, [(96, 130), (90, 100)], score_threshold=0.0, instance_score_threshold=0.0)
+    assert res[0]["id_map"].shape == (96, 130) and int((res[0]["id_map"] > 0).sum()) > 0
+    m = small(embedding_from_level=3, embedding_c2_skip=True, backbone_norm="gn", trainable_backbone_layers=5,
+              sizes_of_interest=(4, 8, 16, 24), loss_pixel_samples=2048).train()
+    losses = m(torch.rand(2, 3, 128, 256) * 255, [_scene(), _scene()], [(128, 256), (128, 256)])
+    sum(losses.values()).backward()
+    assert m.embedding_branch.c2_skip[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ModelConfigError, match="embedding_c2_skip needs embedding_from_level: 3"):
+        small(embedding_c2_skip=True)
