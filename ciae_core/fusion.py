@@ -1,6 +1,7 @@
 """Inference of CIAE (paper §IV-C, Eq. 16): proposal selection and panoptic fusion.
 
-Pure functions on tensors (no model, no numpy), batched over images, device-agnostic:
+Pure functions on tensors (no model; numpy only at the boundary to the optional compiled CPU
+kernels), batched over images, device-agnostic:
 
 * :func:`select_proposals` — FCOS post-processing: score threshold, top-k before NMS, class-wise
   NMS, top-N after.
@@ -412,18 +413,17 @@ def _sum_by_slot(image_index: Tensor, slots: Tensor, weights: Tensor, n: int, k:
     return torch.bincount(keys, weights=weights.flatten().double(), minlength=n * k).view(n, k).float()
 
 
-def _compiled_assignment(sim_low: Tensor, value_low: Tensor | None, taps, s_num: int, in_y: Tensor, in_x: Tensor,
+def _compiled_assignment(sim_low: Tensor, norms: Tensor, taps, s_num: int, in_y: Tensor, in_x: Tensor,
                          valid: Tensor, sizes: Tensor, outside_box_value: float, hidden):
     """Steps 3–4 of :func:`fuse_panoptic` and the segment extents with :mod:`ciae_core.fusion_kernels`
-    (CPU). sim_low ``(N, h, w, K)``, value_low ``(N, h, w)`` the norms that turn sim_low into the
-    summed values; ``hidden(counts)`` is the step-4 rule. Returns
-    the slot per output pixel ``(N, H, W)`` int32 (void = K outside each valid region), stuff
-    similarity sums ``(N, K)``, the instances kept ``(N, Q)`` and ``(area (N, K), boxes (N, K, 4))``
-    of the final assignment."""
+    (CPU). sim_low ``(N, h, w, K)`` (queries innermost), norms ``(N, h, w)``: the stuff scores sum
+    ``sim_low / norms``; ``hidden(counts)`` is the step-4 rule. Returns the slot per output pixel
+    ``(N, H, W)`` int32 (void = K outside each valid region), stuff similarity sums ``(N, K)``, the
+    instances kept ``(N, Q)`` and ``(area (N, K), boxes (N, K, 4))`` of the final assignment."""
     n, _, _, k = sim_low.shape
     hh, ww = taps[0][0].numel(), taps[1][0].numel()
     sim = sim_low.float().contiguous().numpy()
-    val = value_low.float().contiguous().numpy()
+    val = norms.float().contiguous().numpy()
     tap_arrays = [t.numpy() for axis in taps for t in axis]
     in_y_np, in_x_np = in_y.contiguous().numpy(), in_x.contiguous().numpy()
     sizes_np = np.minimum(sizes.numpy(), np.array([hh, ww]))  # the kernels do not check bounds
@@ -540,14 +540,16 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
                          "(pip install numba); use 'auto'")
     if normalize_after_upsampling and embedding_stride <= 1:
         raise ValueError("fuse_panoptic: normalize_after_upsampling needs embedding_stride > 1")
-    coarse = method in ("coarse_to_fine", "numba") or (method == "auto" and embedding_stride > 1 and not return_confidence)
-    compiled = method == "numba" or (method == "auto" and coarse and dev.type == "cpu" and fusion_kernels.available())
+    coarse = method in ("coarse_to_fine", "numba") or (method == "auto" and embedding_stride > 1
+                                                       and not return_confidence)
+    compiled = method == "numba" or (method == "auto" and coarse and dev.type == "cpu"
+                                     and fusion_kernels.available())
     queries = torch.cat([stuff_queries[None].expand(n, -1, -1).to(embedding.dtype),
                          instance_queries.to(embedding.dtype)], dim=1)
     value_low = None
     if compiled:  # the kernels read a cell's K values contiguously: (N, h, w, K); cosines = sim / norm
         sim_low = torch.einsum("ndhw,nkd->nhwk", embedding.float(), queries.float()).contiguous()
-        value_low = embedding.float().pow(2).sum(1).sqrt().clamp_min(1e-12) if normalize_after_upsampling else \
+        norms = embedding.float().pow(2).sum(1).sqrt().clamp_min(1e-12) if normalize_after_upsampling else \
             torch.ones(n, he, we)
     if coarse and not compiled:
         sim_low = torch.einsum("ndhw,nkd->nkhw", embedding, queries).contiguous()
@@ -599,7 +601,7 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     if compiled:
         # 3.–4. as below, as compiled loops; also the areas and boxes of steps 5–6
         taps = (bilinear_taps(hh, he, dev), bilinear_taps(ww, we, dev))
-        assign, slot_sums, keep_inst, extents = _compiled_assignment(sim_low, value_low, taps, s_num, in_y, in_x,
+        assign, slot_sums, keep_inst, extents = _compiled_assignment(sim_low, norms, taps, s_num, in_y, in_x,
                                                                      valid, sizes, outside_box_value, hidden)
     elif coarse:
         # 3. first assignment, 4. drop mostly hidden instances and re-assign the pixels they had won

@@ -627,7 +627,8 @@ class CIAE(nn.Module):
         self.embedding_branch = EmbeddingBranch(cfg.fpn_channels, cfg.embed_branch_channels, cfg.embed_dim,
                                                 cfg.use_coordconv, cfg.use_box_embedding,
                                                 num_levels=6 - cfg.embedding_from_level,
-                                                c2_channels=self.backbone.c2_channels if cfg.embedding_c2_skip else None)
+                                                c2_channels=(self.backbone.c2_channels if cfg.embedding_c2_skip
+                                                             else None))
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
         from ciae_core.losses import CIAECriterion, init_memory_embeddings
