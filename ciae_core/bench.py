@@ -688,13 +688,11 @@ def main(argv: list[str] | None = None) -> int:
             "small_images": "given" if args.images else args.small_images,
             "small_image_sizes": [list(im.shape[:2]) for im in synth_images],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    try:
+    with contextlib.suppress(ImportError):  # versions are informative only
         import onnxruntime
         import torchvision
 
         meta.update(torchvision=torchvision.__version__, onnxruntime=onnxruntime.__version__)
-    except ImportError:
-        pass
     doc = {"meta": meta, "results": results, "ratios": ratio_rows}
     path = pathlib.Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

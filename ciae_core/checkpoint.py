@@ -11,6 +11,7 @@ Generic helpers for the trainer: :func:`atomic_write_bytes`, :func:`atomic_write
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,9 +38,8 @@ def _fsync_dir(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -59,10 +59,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):  # the temp file may not exist yet
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError):
             raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
         raise

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gc
 import hashlib
 import logging
@@ -388,13 +389,11 @@ class _PanopticLogic:
         with self._model_lock:
             self._model = None
         gc.collect()
-        try:
+        with contextlib.suppress(ImportError):  # torch comes with the model; nothing to free without it
             import torch
 
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
-        except ImportError:
-            pass
 
     # -- interfaces --------------------------------------------------------------------------
     def _camera_topics(self) -> list[tuple[str, str]]:

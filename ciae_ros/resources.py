@@ -13,6 +13,7 @@ The source tree wins when both exist, so edits in a checkout take effect without
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -32,13 +33,11 @@ def share_dirs() -> list[pathlib.Path]:
         roots.append(SOURCE_ROOT)
     try:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-
-        try:
+    except ImportError:  # no ament index (a plain pip install): the source tree and sys.prefix only
+        get_package_share_directory = None
+    if get_package_share_directory is not None:
+        with contextlib.suppress(PackageNotFoundError, KeyError, ValueError, LookupError, OSError):
             roots.append(pathlib.Path(get_package_share_directory(PACKAGE)))
-        except (PackageNotFoundError, KeyError, ValueError, LookupError, OSError):
-            pass
-    except ImportError:
-        pass
     # an install into this interpreter's prefix (the CMake route into a venv) without AMENT_PREFIX_PATH
     prefix_share = pathlib.Path(sys.prefix) / "share" / PACKAGE
     if prefix_share.is_dir() and prefix_share not in roots:

@@ -451,6 +451,25 @@ def test_fusion_without_numba_uses_the_tensor_path(monkeypatch):
         fuse_panoptic(**inputs, method="numba", **kw)
 
 
+def test_compile_fusion_kernels_prepares_what_real_frames_use():
+    """The warm-up (run by Predictor on CPU) compiles the signatures a real frame needs, so the
+    first frame does not wait for numba: fusing afterwards adds no compiled signature."""
+    from ciae_core import fusion_kernels
+    from ciae_core.fusion import compile_fusion_kernels
+
+    assert compile_fusion_kernels()
+    kernels = (fusion_kernels.assign_cells, fusion_kernels.reassign_dropped, fusion_kernels.segment_extents,
+               fusion_kernels.ids_of_slots)
+    before = [len(k.signatures) for k in kernels]
+    assert all(before)
+    for normalize in (False, True):
+        fused = fuse_panoptic(**_smooth_scene(8), num_things=3, embedding_stride=4, min_stuff_area=30,
+                              stuff_area_reference=0, min_visible_fraction=0.3, method="numba",
+                              normalize_after_upsampling=normalize)
+        assert fused["segment_ids"].max() > 3
+    assert [len(k.signatures) for k in kernels] == before
+
+
 def test_numba_fusion_rejects_what_it_cannot_do():
     inputs = _smooth_scene(6, n=1)
     with pytest.raises(ValueError, match="embedding_stride > 1"):
