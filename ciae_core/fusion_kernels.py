@@ -46,6 +46,14 @@ def _jit(fn):
     return numba.njit(cache=True, nogil=True, fastmath=False)(fn)
 
 
+def _inlined(fn):
+    """A small helper inlined into its callers at numba's IR level (a real call passes its array
+    arguments with reference counting, which per pixel cost more than the work)."""
+    if numba is None:
+        return fn
+    return numba.njit(inline="always", nogil=True, fastmath=False)(fn)
+
+
 @_jit
 def _cells_of(i0, n_cells):
     """Output rows (or columns) per cell: ``start (n_cells,)``, ``count (n_cells,)`` from the
@@ -74,13 +82,41 @@ def _coverage(inside, start, count):
     return cov
 
 
-@_jit
+@_inlined
 def _bilinear(pa, pb, pc, pd, k, wy0, wy1, wx0, wx1):
     """Up-sampled value of slot k from its four corner vectors, in torch's order."""
     return (pa[k] * wx0 + pb[k] * wx1) * wy0 + (pc[k] * wx0 + pd[k] * wx1) * wy1
 
 
-@_jit
+@_inlined
+def _corners(sim, n, r0, r1, c0, c1):
+    """The K-vectors of image n at the four source samples (r0|r1, c0|c1) of a pixel or cell."""
+    return sim[n, r0, c0], sim[n, r0, c1], sim[n, r1, c0], sim[n, r1, c1]
+
+
+@_inlined
+def _pixel_winner(pa, pb, pc, pd, slots, count, s_num, ok, in_y, in_x, y, x, ov, wy0, wy1, wx0, wx1):
+    """Eq. 16 at one output pixel over ``slots[:count]`` (ascending): a disabled instance is -inf,
+    an instance whose box misses the pixel ``ov``, else the up-sampled similarity; the first
+    maximum wins. in_y / in_x: this image's ``(Q, H)`` / ``(Q, W)`` box masks."""
+    won = -1
+    top = np.float32(-np.inf)
+    for i in range(count):
+        k = slots[i]
+        j = k - s_num
+        if j >= 0 and not ok[j]:
+            v = np.float32(-np.inf)
+        elif j >= 0 and not (in_y[j, y] and in_x[j, x]):
+            v = ov
+        else:
+            v = _bilinear(pa, pb, pc, pd, k, wy0, wy1, wx0, wx1)
+        if won < 0 or v > top:
+            top = v
+            won = k
+    return won
+
+
+@_inlined
 def _cosine_at(pa, pb, pc, pd, na, nb, nc, nd, k, wy0, wy1, wx0, wx1):
     """Up-sampled ``sim / norm`` of slot k (each corner divided first, as the tensor path does)."""
     return ((pa[k] / na) * wx0 + (pb[k] / nb) * wx1) * wy0 + ((pc[k] / nc) * wx0 + (pd[k] / nd) * wx1) * wy1
@@ -164,8 +200,10 @@ def assign_cells(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, 
     for n in range(n_img):
         vh, vw = sizes[n, 0], sizes[n, 1]
         ok = inst_ok[n]
-        cov_y = _coverage(in_y[n], row_start, rows_per)
-        cov_x = _coverage(in_x[n], col_start, cols_per)
+        box_y = in_y[n]
+        box_x = in_x[n]
+        cov_y = _coverage(box_y, row_start, rows_per)
+        cov_x = _coverage(box_x, col_start, cols_per)
         for cc in range(w):  # valid columns per cell and their summed weights (separable sums)
             sx0[cc] = 0.0
             sx1[cc] = 0.0
@@ -227,10 +265,7 @@ def assign_cells(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, 
                 if m == 0:  # no stuff and no enabled instance: every value is -inf, the first slot wins
                     slot[0] = 0
                     m = 1
-                pa = sim[n, cr, cc]
-                pb = sim[n, cr, c1]
-                pc = sim[n, r1, cc]
-                pd = sim[n, r1, c1]
+                pa, pb, pc, pd = _corners(sim, n, cr, r1, cc, c1)
                 # bounds of the visited slots; the best lower bound (first) and the two largest upper bounds
                 best = 0
                 best_lo = neg
@@ -293,19 +328,8 @@ def assign_cells(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, 
                     for x in range(x_begin, x_end):
                         wx0 = l0x[x]
                         wx1 = l1x[x]
-                        won = -1
-                        top = neg
-                        for ci in range(c_num):
-                            k = cand[ci]
-                            if k >= s_num and not ok[k - s_num]:
-                                v = neg
-                            elif k >= s_num and not (in_y[n, k - s_num, y] and in_x[n, k - s_num, x]):
-                                v = ov
-                            else:
-                                v = _bilinear(pa, pb, pc, pd, k, wy0, wy1, wx0, wx1)
-                            if won < 0 or v > top:
-                                top = v
-                                won = k
+                        won = _pixel_winner(pa, pb, pc, pd, cand, c_num, s_num, ok, box_y, box_x, y, x, ov,
+                                            wy0, wy1, wx0, wx1)
                         assign[n, y, x] = won
                         counts[n, won] += 1
                         if won < s_num:
@@ -321,9 +345,20 @@ def reassign_dropped(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in
     slot adds its value to sums. Other pixels keep their slot (removing a query changes no other
     pixel's maximum). Arguments as :func:`assign_cells`."""
     n_img, h, w, k_num = sim.shape
-    neg = np.float32(-np.inf)
     ov = np.float32(outside)
+    allowed = np.empty(k_num, np.int64)
     for n in range(n_img):
+        ok = inst_ok[n]
+        box_y = in_y[n]
+        box_x = in_x[n]
+        m = 0  # the slots that can win: stuff and the instances still enabled (the others are -inf)
+        for k in range(k_num):
+            if k < s_num or ok[k - s_num]:
+                allowed[m] = k
+                m += 1
+        if m == 0:  # nothing enabled: every value is -inf, the first slot wins
+            allowed[0] = 0
+            m = 1
         for y in range(sizes[n, 0]):
             r0 = i0y[y]
             r1 = i1y[y]
@@ -334,22 +369,9 @@ def reassign_dropped(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in
                     continue
                 c0 = i0x[x]
                 c1 = i1x[x]
-                pa = sim[n, r0, c0]
-                pb = sim[n, r0, c1]
-                pc = sim[n, r1, c0]
-                pd = sim[n, r1, c1]
-                won = 0
-                top = neg
-                for k in range(k_num):
-                    if k >= s_num and not inst_ok[n, k - s_num]:
-                        v = neg
-                    elif k >= s_num and not (in_y[n, k - s_num, y] and in_x[n, k - s_num, x]):
-                        v = ov
-                    else:
-                        v = _bilinear(pa, pb, pc, pd, k, wy0, wy1, l0x[x], l1x[x])
-                    if k == 0 or v > top:
-                        top = v
-                        won = k
+                pa, pb, pc, pd = _corners(sim, n, r0, r1, c0, c1)
+                won = _pixel_winner(pa, pb, pc, pd, allowed, m, s_num, ok, box_y, box_x, y, x, ov,
+                                    wy0, wy1, l0x[x], l1x[x])
                 assign[n, y, x] = won
                 if won < s_num:
                     sums[n, won] += _cosine_at(pa, pb, pc, pd, norm[n, r0, c0], norm[n, r0, c1], norm[n, r1, c0],
