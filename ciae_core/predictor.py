@@ -65,7 +65,6 @@ CUDA events.
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import json
 import logging
@@ -404,24 +403,18 @@ class _OrtEngine:
     torch tensors (IO binding; output shapes are learnt on the first run of each input shape),
     so nothing goes through the host.
 
-    ``static_shapes`` (default: on for the CPU provider): a graph exported with dynamic axes gets
-    one session per input shape with those axes fixed (``add_free_dimension_override_by_name``),
-    so onnxruntime's optimiser sees constant shapes (shape arithmetic folded away, layouts planned
-    once); measured on the shipped model at 512x672 on this project's 2-core CPU, interleaved:
-    ~108 ms against ~132 ms with the dynamic session. A camera stream has one shape; the last
-    ``max_sessions`` shapes are kept (a new one costs one session creation, ~0.2 s for the
-    small model); the dynamic session is released once it has validated the file.
-
     On the CPU provider its intra-op threads do not spin-wait after a run
     (``session.intra_op.allow_spinning = 0``): the torch fusion that follows runs on the same
-    cores, and spinning threads had made it 6x slower (8 -> 45 ms on the 2-core machine).
+    cores, and spinning threads had made it 6x slower (8 -> 45 ms on the 2-core machine). (A
+    session per input shape with the dynamic axes fixed was measured too: no difference to the
+    dynamic session once nothing spins, so there is one session.)
     """
 
     name = "onnxruntime"
 
     def __init__(self, path: str, device: torch.device, providers: Sequence[str] | None = None,
                  trt_cache_dir: str | None = None, trt_fp16: bool = False, intra_op_threads: int | None = None,
-                 inter_op_threads: int | None = None, static_shapes: bool | None = None, max_sessions: int = 4):
+                 inter_op_threads: int | None = None):
         import onnxruntime as ort
 
         from ciae_core.export import ExportError, read_onnx_config
@@ -438,7 +431,7 @@ class _OrtEngine:
         self._chosen = select_providers(device.type, ort.get_available_providers(), providers, trt_cache_dir,
                                         trt_fp16, device.index or 0)
         self._spin = self._chosen[0][0] != "CPUExecutionProvider"
-        self.session = self._new_session({})
+        self.session = self._new_session()
         self.providers = self.session.get_providers()
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
@@ -461,15 +454,8 @@ class _OrtEngine:
             logger.warning("onnxruntime has no GPU provider here (providers %s): the graph runs on the CPU; "
                            "install onnxruntime-gpu or use engine='torch'", self.providers)
         self._out_shapes: dict[tuple, list] = {}
-        self._free_dims = [d if isinstance(d, str) else None for d in self.session.get_inputs()[0].shape]
-        wanted = static_shapes if static_shapes is not None else not self._on_cuda
-        self.static_shapes = bool(wanted) and any(self._free_dims)
-        self.max_sessions = max(1, int(max_sessions))
-        self._sessions: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-        if self.static_shapes:  # the dynamic session only validated the file: free its weights and arena
-            self.session = None
 
-    def _new_session(self, fixed: dict[str, int]):
+    def _new_session(self):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -482,8 +468,6 @@ class _OrtEngine:
         opts.log_severity_level = 3
         if not self._spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for name, value in fixed.items():
-            opts.add_free_dimension_override_by_name(name, int(value))
         try:
             return ort.InferenceSession(self.path, sess_options=opts, providers=[n for n, _ in self._chosen],
                                         provider_options=[o for _, o in self._chosen])
@@ -491,25 +475,9 @@ class _OrtEngine:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PredictorError(f"onnxruntime cannot load {self.path}: {msg}") from None
 
-    def session_for(self, shape: tuple[int, ...]):
-        """The session that runs an input of ``shape``: the dynamic one, or with ``static_shapes``
-        the one made for that shape (least recently used ones beyond ``max_sessions`` dropped)."""
-        if not self.static_shapes:
-            return self.session
-        sess = self._sessions.get(shape)
-        if sess is None:
-            fixed = {name: v for name, v in zip(self._free_dims, shape) if name}
-            logger.info("onnxruntime: new session for input shape %s", shape)
-            sess = self._sessions[shape] = self._new_session(fixed)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
-        else:
-            self._sessions.move_to_end(shape)
-        return sess
-
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.float().contiguous()
-        session = self.session_for(tuple(images.shape))
+        session = self.session
         if not self._on_cuda:
             outs = session.run(self.output_names, {"images": images.cpu().numpy()})
             return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.output_names, outs)}
@@ -603,7 +571,6 @@ class Predictor:
         compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; disables cuda_graphs).
         input_size_range: ``(lo, hi)`` valid shorter sides (None: :func:`input_size_range`).
         providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime.
-        ort_static_shapes: onnxruntime session per input shape (None: on for the CPU provider).
         onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime.
         mixed_size_batching: "group" (one forward per distinct padded size: exact, results do
             not depend on the other images) or "pad" (one forward for the whole list).
@@ -622,7 +589,7 @@ class Predictor:
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
                  mixed_size_batching: str = "group", cuda_graphs: bool | None = None, fusion_method: str = "auto",
-                 ort_static_shapes: bool | None = None, **thresholds):
+                 **thresholds):
         if engine not in ENGINES:
             raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if precision not in PRECISIONS:
@@ -671,7 +638,7 @@ class Predictor:
             onnx_path = weights if is_onnx else self._onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
             self.onnx_path = onnx_path
             self._engine = _OrtEngine(onnx_path, self.device, providers, trt_cache_dir, trt_fp16,
-                                      intra_op_threads, inter_op_threads, static_shapes=ort_static_shapes)
+                                      intra_op_threads, inter_op_threads)
             self.config = self._engine.config
         self.categories: list[CategoryInfo] = list(self.config.categories)
         self.num_things = self.config.num_things

@@ -83,33 +83,14 @@ def test_raw_outputs_match_torch(weights, dynamic_onnx, shape):
         assert float(np.abs(outs[k] - ref[k].numpy()).max()) / scale <= 1e-3, k
 
 
-def test_onnxruntime_static_shape_sessions_match_the_dynamic_session(dynamic_onnx):
-    """On the CPU provider the engine runs a session per input shape (dynamic axes fixed): same
-    outputs as the dynamic session, one session per shape, the least recently used dropped."""
-    import onnxruntime as ort
-
-    p = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=1)
-    engine = p._engine
-    assert engine.static_shapes and engine._free_dims == ["batch", None, "height", "width"]
-    assert engine.session is None  # released after validating the file
-    reference = ort.InferenceSession(str(dynamic_onnx), providers=["CPUExecutionProvider"])
-    engine.max_sessions = 2
-    g = torch.Generator().manual_seed(0)
-    shapes = [(1, 3, 256, 352), (2, 3, 192, 256), (1, 3, 256, 352), (1, 3, 320, 320)]
-    for shape in shapes:
-        x = torch.rand(shape, generator=g) * 255
-        fixed = engine(x)
-        sess = engine.session_for(shape)
-        assert [d for d in sess.get_inputs()[0].shape] == list(shape)
-        dynamic = dict(zip(engine.output_names, reference.run(engine.output_names, {"images": x.numpy()})))
-        for k in OUTPUT_NAMES:
-            np.testing.assert_allclose(fixed[k].numpy(), dynamic[k], rtol=1e-4, atol=1e-4, err_msg=k)
-    assert list(engine._sessions) == [(1, 3, 256, 352), (1, 3, 320, 320)]  # (2, 3, 192, 256) was dropped
-    # CPU sessions leave the cores to the torch fusion after a run (no spin-waiting threads)
-    dynamic_engine = Predictor(dynamic_onnx, engine="onnxruntime", ort_static_shapes=False)._engine
-    assert not dynamic_engine.static_shapes and dynamic_engine.session_for((1, 3, 64, 64)) is dynamic_engine.session
-    for sess in [dynamic_engine.session, *engine._sessions.values()]:
-        assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+def test_onnxruntime_cpu_session_leaves_the_cores_after_a_run(dynamic_onnx):
+    """On the CPU provider the intra-op threads must not spin-wait after a run: the torch fusion
+    that follows needs the same cores (spinning made it 6x slower on a 2-core machine)."""
+    engine = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=2)._engine
+    assert engine.providers == ["CPUExecutionProvider"]
+    options = engine.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2
 
 
 def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onnx):
