@@ -816,8 +816,12 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     # We handle SIGINT/SIGTERM ourselves so that the worker thread is stopped before the context
-    # goes away (rclpy's handler would invalidate publishers under the worker's feet).
+    # goes away (rclpy's handler would invalidate publishers under the worker's feet). SIGINT is set
+    # explicitly too: a process started in the background by a non-interactive shell (`node &` in a
+    # script) inherits SIGINT as ignored, Python then installs no KeyboardInterrupt handler, and
+    # the node would not stop on Ctrl-C or on ros2 launch's first shutdown signal.
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     PanopticNode, PanopticLifecycleNode = _make_node_classes()
     log = logging.getLogger(NODE_NAME)
     try:

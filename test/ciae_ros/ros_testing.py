@@ -51,7 +51,7 @@ class NodeProcess:
     """``ciae-panoptic-node`` in its own process; output in ``log``."""
 
     def __init__(self, log: pathlib.Path, weights: str, params: dict | None = None, extra_args=(), ros_args=(),
-                 params_file: str | None = None, console_script: bool = False):
+                 params_file: str | None = None, console_script: bool = False, sigint_ignored: bool = False):
         self.log_path = pathlib.Path(log)
         self._log = open(self.log_path, "w")
         script = pathlib.Path(sys.executable).parent / "ciae-panoptic-node"
@@ -64,7 +64,10 @@ class NodeProcess:
             cmd += ["-p", f"{k}:={_param_text(v)}"]
         cmd += list(ros_args)
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=self._log, stderr=subprocess.STDOUT)
+        # sigint_ignored: start it as a non-interactive shell starts a background job (SIGINT ignored)
+        pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=pre)
 
     @property
     def pid(self) -> int:

@@ -473,6 +473,21 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
         assert "Traceback" not in log, f"{name}: {log}"
 
 
+def test_node_stops_on_sigint_even_when_started_with_sigint_ignored(node_weights, tmp_path):
+    """A node started in the background by a script inherits SIGINT as ignored; it must still stop
+    cleanly (exit 0) on SIGINT, which is what Ctrl-C and ros2 launch's shutdown send first."""
+    n = NodeProcess(tmp_path / "bg.log", node_weights, params={"input_size": INPUT_SIZE},
+                    ros_args=["-r", "__ns:=/bg"], sigint_ignored=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and n.alive() and "waiting for a publisher" not in n.log():
+            time.sleep(0.2)
+        assert n.alive() and "waiting for a publisher" in n.log(), n.log()
+    finally:
+        rc = n.stop(timeout=30.0)
+    assert rc == 0, n.log()[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # pieces of the node without DDS
 
