@@ -260,9 +260,11 @@ def test_compute_points():
     assert pts.tolist() == [[4, 4], [12, 4], [20, 4], [4, 12], [12, 12], [20, 12], [8, 8]]
 
 
-def test_onnx_export_matches_torch(tmp_path):
+@pytest.mark.parametrize("variant", [{}, {"embedding_from_level": 3, "embedding_c2_skip": True}],
+                         ids=["paper", "p3c2"])
+def test_onnx_export_matches_torch(tmp_path, variant):
     ort = pytest.importorskip("onnxruntime")
-    m = small().eval()
+    m = small(**variant).eval()
     names = ("cls_logits", "box_regression", "centerness", "points", "embedding", "memory")
 
     class Raw(torch.nn.Module):
