@@ -122,7 +122,7 @@ def _cosine_at(pa, pb, pc, pd, na, nb, nc, nd, k, wy0, wy1, wx0, wx1):
     return ((pa[k] / na) * wx0 + (pb[k] / nb) * wx1) * wy0 + ((pc[k] / nc) * wx0 + (pd[k] / nd) * wx1) * wy1
 
 
-@_jit
+@_inlined
 def _corner_winner(pa, pb, pc, pd, cand, m, s_num, inst_ok, cov_y, cov_x, cr, cc, ov):
     """The candidate that is the first maximum at all four corners of a cell, or -1 (also when
     it is an instance whose box crosses the cell). Instances whose box crosses the cell count
