@@ -14,9 +14,9 @@ Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
   classes, D embedding dims:
   ``cls_logits (N, A, T)``, ``box_regression (N, A, 4)`` ltrb input pixels, ``centerness (N, A)``,
   ``points (A, 2)`` xy input pixels, ``embedding (N, D, H/s, W/s)`` at the embedding branch's
-  stride s (4; 8 with ``embedding_from_level == 3``), un-normalised ``P' + P''`` for
-  ``embedding_stride == 1`` (the fusion normalises after up-sampling) and normalised for
-  ``embedding_stride == 4``; ``memory (T+S, D)``.
+  stride s (4; 8 with ``embedding_from_level == 3`` without ``embedding_c2_skip``), un-normalised
+  ``P' + P''`` for ``embedding_stride == 1`` (the fusion normalises after up-sampling) and
+  normalised for ``embedding_stride == 4``; ``memory (T+S, D)``.
 * shapes: ``--dynamic`` makes N, H and W symbolic (``batch``, ``height``, ``width``) and A, the
   embedding size follow; ``--size HxW`` (default 640x640) fixes them (what TensorRT likes best).
 * ``metadata_props``: ``ciae_config`` (the :class:`~ciae_core.model.CIAEConfig` JSON: categories,

@@ -698,7 +698,8 @@ class CIAE(nn.Module):
         images: ``(N, 3, H, W)`` float RGB 0..255 (any H, W; padded to 32 inside).
         Returns ``cls_logits (N, A, T)``, ``box_regression (N, A, 4)`` ltrb in input pixels,
         ``centerness (N, A)`` logits, ``points (A, 2)`` xy in input pixels, ``embedding`` at
-        the branch's stride s (4; 8 with ``embedding_from_level == 3``) and ``memory (T+S, D)``.
+        the branch's stride s (4; 8 with ``embedding_from_level == 3`` without the C2 skip) and
+        ``memory (T+S, D)``.
         The embedding is ``(N, D, Hp/s, Wp/s)`` of the padded input = ``P' + P''`` un-normalised
         when ``embedding_stride == 1`` (the paper's ``P = L2norm(up(P' + P''))`` of Eq. 1 is
         formed by the fusion, which up-samples before normalising, see
