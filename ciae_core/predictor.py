@@ -424,14 +424,25 @@ class _OrtEngine:
         except ExportError as e:
             raise PredictorError(str(e)) from None
         self.device = device
-        self.path = path
-        self._threads = (intra_op_threads, inter_op_threads)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            opts.intra_op_num_threads = int(intra_op_threads)
+        if inter_op_threads:
+            opts.inter_op_num_threads = int(inter_op_threads)
+        opts.log_severity_level = 3
         if trt_cache_dir:
             os.makedirs(trt_cache_dir, exist_ok=True)
-        self._chosen = select_providers(device.type, ort.get_available_providers(), providers, trt_cache_dir,
-                                        trt_fp16, device.index or 0)
-        self._spin = self._chosen[0][0] != "CPUExecutionProvider"
-        self.session = self._new_session()
+        chosen = select_providers(device.type, ort.get_available_providers(), providers, trt_cache_dir, trt_fp16,
+                                  device.index or 0)
+        if chosen[0][0] == "CPUExecutionProvider":  # leave the cores to the fusion after a run (docstring)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(path, sess_options=opts, providers=[n for n, _ in chosen],
+                                                provider_options=[o for _, o in chosen])
+        except Exception as e:  # noqa: BLE001 - any session failure is a bad/unsupported file
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PredictorError(f"onnxruntime cannot load {path}: {msg}") from None
         self.providers = self.session.get_providers()
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
@@ -455,42 +466,21 @@ class _OrtEngine:
                            "install onnxruntime-gpu or use engine='torch'", self.providers)
         self._out_shapes: dict[tuple, list] = {}
 
-    def _new_session(self):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        intra, inter = self._threads
-        if intra:
-            opts.intra_op_num_threads = int(intra)
-        if inter:
-            opts.inter_op_num_threads = int(inter)
-        opts.log_severity_level = 3
-        if not self._spin:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            return ort.InferenceSession(self.path, sess_options=opts, providers=[n for n, _ in self._chosen],
-                                        provider_options=[o for _, o in self._chosen])
-        except Exception as e:  # noqa: BLE001 - any session failure is a bad/unsupported file
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PredictorError(f"onnxruntime cannot load {self.path}: {msg}") from None
-
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.float().contiguous()
-        session = self.session
         if not self._on_cuda:
-            outs = session.run(self.output_names, {"images": images.cpu().numpy()})
+            outs = self.session.run(self.output_names, {"images": images.cpu().numpy()})
             return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.output_names, outs)}
         torch.cuda.current_stream(self.device).synchronize()
         dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        binding = session.io_binding()
+        binding = self.session.io_binding()
         binding.bind_input("images", "cuda", dev_id, np.float32, list(images.shape), images.data_ptr())
         key = tuple(images.shape)
         shapes = self._out_shapes.get(key)
         if shapes is None:
             for name in self.output_names:
                 binding.bind_output(name, "cuda", dev_id)
-            session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(binding)
             vals = binding.copy_outputs_to_cpu()
             self._out_shapes[key] = [v.shape for v in vals]
             return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.output_names, vals)}
@@ -499,7 +489,7 @@ class _OrtEngine:
             t = torch.empty(shape, dtype=torch.float32, device=self.device)
             binding.bind_output(name, "cuda", dev_id, np.float32, list(shape), t.data_ptr())
             result[name] = t
-        session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding)
         return result
 
 
@@ -615,6 +605,8 @@ class Predictor:
 
         if fusion_method not in FUSION_METHODS:
             raise PredictorError(f"unknown fusion_method {fusion_method!r}; choose one of {', '.join(FUSION_METHODS)}")
+        if fusion_method == "numba" and self.device.type != "cpu":
+            raise PredictorError("fusion_method='numba' runs on the CPU; use 'auto' (or 'coarse_to_fine') on CUDA")
         self.fusion_method = fusion_method
         self.weights = weights
         self.engine_name = engine
