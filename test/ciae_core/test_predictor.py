@@ -192,6 +192,22 @@ def test_cuda_requested_but_absent(weights):
         Predictor(weights, device="cuda")
 
 
+def test_numba_fusion_refused_on_cuda_at_construction(weights, monkeypatch):
+    """fusion_method='numba' on a CUDA device fails in the constructor, not on the first frame.
+
+    Mocked where there is no GPU: the presence of a CUDA device (it cannot exist on the CPU
+    machines). The refusal comes before anything touches the GPU, so pretending one exists is
+    enough to reach it; on a GPU machine the test runs unmocked.
+    """
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(PredictorError, match="fusion_method='numba' runs on the CPU"):
+        Predictor(weights, device="cuda", fusion_method="numba")
+    with pytest.raises(PredictorError, match="fusion_method='numba' runs on the CPU"):
+        Predictor(weights, device="cuda:0", fusion_method="numba")
+
+
 def test_input_size_out_of_range(weights):
     with pytest.raises(PredictorError, match="input_size must be an integer in"):
         Predictor(weights, input_size=64)
