@@ -277,11 +277,23 @@ class PanopticEvaluator:
 
     ``evaluate()`` returns flat percentages ``PQ, SQ, RQ, PQ_th, SQ_th, RQ_th, PQ_st, SQ_st, RQ_st``
     (for logs and model selection); the full result with per-class rows is then in ``.summary``.
+
+    Several ranks (``torchrun``): each rank processes its own share of the images and
+    ``evaluate()`` sums the accumulators of all ranks first, so every rank
+    returns the same metrics for the whole data set. Decision (as detectron2's evaluators, but
+    all-reduce rather than gather-to-rank-0): every rank can then take the same decisions, e.g.
+    which checkpoint is best, without another broadcast. ``sync_ranks``: ``"auto"`` (default)
+    synchronises when a ``torch.distributed`` process group with more than one rank is
+    initialised (:meth:`all_ranks_stat`); ``False`` keeps each rank's own numbers. Every rank
+    must call ``evaluate()`` (a collective), also a rank whose share is empty.
     """
 
-    def __init__(self, categories: Sequence[CategoryInfo]):
+    def __init__(self, categories: Sequence[CategoryInfo], sync_ranks: bool | str = "auto"):
+        if sync_ranks not in ("auto", True, False):
+            raise EvaluationError(f"sync_ranks must be 'auto', True or False, got {sync_ranks!r}")
         self.categories = list(categories)
         self._cats = {c.id: c for c in self.categories}
+        self.sync_ranks = sync_ranks
         self.reset()
 
     def reset(self) -> None:
@@ -306,9 +318,43 @@ class PanopticEvaluator:
             self.stat += pq_stat_single(gt_ids, gt_segs, pred_ids, pred_segs, self._cats, image=name)
             self.num_images += 1
 
+    def all_ranks_stat(self) -> tuple[PQStat, int]:
+        """The accumulators and image count summed over all ranks (an all-reduce), or this rank's own.
+
+        Sums only with ``sync_ranks`` not False and an initialised process group of more than one
+        rank; this evaluator's own accumulators are left as they are, so calling it (or
+        ``evaluate()``) again gives the same numbers. ``torch.distributed`` is looked up in
+        ``sys.modules`` rather than imported: a process that never imported it has no process
+        group, and the file-based evaluation stays free of torch. Only the evaluated categories
+        travel (rows of ``[Σ IoU, TP, FP, FN]`` in float64, plus the image count), on the device
+        the backend needs (the current CUDA device for NCCL).
+        """
+        if self.sync_ranks is False:
+            return self.stat, self.num_images
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+            if self.sync_ranks is True:
+                raise EvaluationError("sync_ranks=True but no torch.distributed process group of 2+ ranks "
+                                      "is initialised")
+            return self.stat, self.num_images
+        import torch
+
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        rows = [self.stat.data.get(c.id, np.zeros(4)) for c in self.categories]
+        flat = np.concatenate([np.asarray(rows, dtype=np.float64).reshape(-1), [float(self.num_images)]])
+        total = torch.from_numpy(flat).to(device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        total = total.cpu().numpy()
+        stat = PQStat({c.id: total[4 * k: 4 * k + 4] for k, c in enumerate(self.categories)
+                       if total[4 * k: 4 * k + 4].any()})
+        return stat, int(round(total[-1]))
+
     def evaluate(self) -> dict[str, float]:
-        self.summary = self.stat.summarize(self.categories)
-        self.summary["num_images"] = self.num_images
+        stat, num_images = self.all_ranks_stat()
+        self.summary = stat.summarize(self.categories)
+        self.summary["num_images"] = num_images
         return flat_metrics(self.summary)
 
 

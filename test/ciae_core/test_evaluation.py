@@ -284,6 +284,76 @@ def test_pqstat_addition_and_flat_metrics():
     assert empty["All"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}
 
 
+def _three_images():
+    """(gt, pred) pairs: a perfect image, one with a dropped instance, one with a split stuff region."""
+    gt = _gt()
+    dropped = gt[0].copy()
+    dropped[dropped == 2] = 0
+    split = gt[0].copy()
+    split[7:] = 4
+    return [(gt, (gt[0].copy(), _segs(gt[0], {1: A, 2: A, 3: S}))),
+            (gt, (dropped, _segs(dropped, {1: A, 3: S}))),
+            (gt, (split, _segs(split, {1: A, 2: A, 3: S, 4: T})))]
+
+
+def _evaluator_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One gloo rank: processes images ``rank, rank + world, ...``, evaluates twice."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ev = PanopticEvaluator(CATS)
+        for gt, pred in _three_images()[rank::world]:
+            ev.process(gt, pred)
+        first, second = ev.evaluate(), ev.evaluate()  # the second must not sum again
+        own = PanopticEvaluator(CATS, sync_ranks=False)
+        for gt, pred in _three_images()[rank::world]:
+            own.process(gt, pred)
+        own.evaluate()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"first": first, "second": second, "summary": ev.summary, "own_images": own.summary["num_images"]},
+                      f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluator_sums_the_statistics_of_all_ranks(tmp_path):
+    """Two real gloo ranks, each with its share of three images, both get the single-process result."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = PanopticEvaluator(CATS)
+    for gt, pred in _three_images():
+        single.process(gt, pred)
+    expected = single.evaluate()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_evaluator_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    for rank, own_images in ((0, 2), (1, 1)):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["own_images"] == own_images
+        assert got["summary"]["num_images"] == 3
+        assert got["first"] == pytest.approx(expected) and got["second"] == pytest.approx(expected)
+        for cat in (A, S, T):
+            row, ref = got["summary"]["per_class"][str(cat)], single.summary["per_class"][cat]
+            assert (row["tp"], row["fp"], row["fn"]) == (ref["tp"], ref["fp"], ref["fn"])
+    assert single.summary["per_class"][T]["fp"] == 1  # the shares really differ: only rank 0 saw the split
+
+
+def test_evaluator_sync_ranks_argument():
+    with pytest.raises(EvaluationError, match="sync_ranks"):
+        PanopticEvaluator(CATS, sync_ranks="always")
+    ev = PanopticEvaluator(CATS, sync_ranks=True)
+    ev.process(*_three_images()[0])
+    with pytest.raises(EvaluationError, match="no torch.distributed process group"):
+        ev.evaluate()
+    ev = PanopticEvaluator(CATS)  # "auto" without a process group: this process's numbers
+    ev.process(*_three_images()[0])
+    assert ev.evaluate()["PQ"] == 100.0 and ev.summary["num_images"] == 1
+
+
 def test_id_to_rgb_matches_reader(tmp_path):
     import cv2
     ids = np.array([[0, 1, 300], [70000, 5, 2 ** 24 - 1]], np.int32)

@@ -4,6 +4,7 @@ smoke trainings (synthetic + COCO sample), exact resume, atomic checkpoints, 2-r
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import socket
@@ -460,6 +461,40 @@ def test_ddp_two_gloo_ranks_end_with_identical_weights(tmp_path):
     assert not torch.equal(model.state_dict()["memory"], r0["memory"])
 
 
+def _eval_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
+    """One gloo rank running the in-training evaluation of the shipped model on 5 held-out scenes."""
+    import torch.distributed as dist
+
+    from ciae_core.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        cfg = T.load_config(CONFIGS / "synthetic_small.yaml", ["data.val.max_images=5"])
+        val, _ = T.build_dataset(cfg.data.val, cfg.data.input, train=False)
+        model = load_model(REPO / "models" / "ciae_synthetic_small.safetensors")
+        (Path(tmp) / f"eval{rank}.json").write_text(json.dumps(T.evaluate(model, val, torch.device("cpu"))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_is_sharded_over_ranks_and_gives_the_whole_sets_metrics(tmp_path):
+    """Two gloo ranks split 5 images 3 + 2 and both return what one process computes on all 5."""
+    import torch.multiprocessing as mp
+
+    from ciae_core.checkpoint import load_model
+
+    cfg = T.load_config(CONFIGS / "synthetic_small.yaml", ["data.val.max_images=5"])
+    val, _ = T.build_dataset(cfg.data.val, cfg.data.input, train=False)
+    single = T.evaluate(load_model(REPO / "models" / "ciae_synthetic_small.safetensors"), val, torch.device("cpu"))
+    assert single["num_images"] == 5
+    mp.start_processes(_eval_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"eval{rank}.json").read_text())
+        assert got["num_images"] == 5  # each image once: not 10 (everyone on everything), not 3 or 2
+        assert got == pytest.approx(single, abs=1e-9)
+
+
 # ------------------------------------------------------------------ the shipped model
 
 
@@ -515,5 +550,8 @@ def test_torchrun_cli_two_ranks(tmp_path):
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "global batch 4 (2 per process)" in proc.stderr
+    # both ranks evaluated one of the 2 validation scenes; rank 0 logs the whole set's result
+    assert (proc.stdout + proc.stderr).count("eval at iter 2 (") == 1
+    assert "s, 2 images): PQ" in proc.stdout + proc.stderr
     assert proc.stdout.count("finished at iteration 2") == 1  # rank 0 prints, rank 1 does not
     assert (out / "model.safetensors").is_file()
