@@ -5,6 +5,16 @@ holds the :class:`~ciae_core.model.CIAEConfig` as JSON) and a human-readable ``*
 ``load_model(path, device)`` rebuilds the model from the metadata and loads the weights; every
 failure is a :class:`CheckpointError` with a one-line message naming the file and the problem.
 
+Decision (tensor dtypes on load): every tensor must have the model's shape and the model's
+*kind* of dtype. Floating-point model tensors accept a float16, bfloat16, float32 or float64
+checkpoint tensor and are cast to the model's dtype (float32): a
+half-precision copy of the weights (half the file size) is a common and legitimate way to ship
+a model, and float16/bfloat16 → float32 is exact. Integer model buffers (BatchNorm's
+``num_batches_tracked``) accept any integer dtype. Everything else — integer or bool tensors for
+floating-point weights (e.g. a checkpoint re-saved with ``.long()``, which would load silently
+and give garbage), floating-point values for integer buffers, complex tensors — is refused with
+a :class:`CheckpointError` naming the file and the first offending tensor.
+
 Generic helpers for the trainer: :func:`atomic_write_bytes`, :func:`atomic_write_text`,
 :func:`save_tensors_atomic`, :func:`load_tensors`.
 """
@@ -178,11 +188,31 @@ def config_from_checkpoint(path: str | os.PathLike):
         raise CheckpointError(f"{path} has an invalid model config: {e}") from None
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dtype_compatible(stored: torch.dtype, expected: torch.dtype) -> bool:
+    """Same kind (module docstring): floating ← float16/bfloat16/float32/float64; integer ← any
+    integer; else equal. (float8 needs per-tensor scales that safetensors files do not carry.)"""
+    if expected.is_floating_point:
+        return stored in _FLOAT_DTYPES or stored == expected
+    if expected.is_complex or stored.is_complex or stored.is_floating_point:
+        return stored == expected
+    if expected == torch.bool or stored == torch.bool:
+        return stored == expected
+    return True  # integer ← integer
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild a CIAE model from ``path`` on ``device``, in eval mode.
 
     Raises :class:`CheckpointError` (missing file, truncated/corrupt, not safetensors, config
-    missing/invalid, missing/unexpected keys, shape mismatches).
+    missing/invalid, missing/unexpected keys, shape mismatches, dtypes of the wrong kind: module
+    docstring; half-precision weights are accepted and cast to float32).
     """
     from ciae_core.model import CIAE
 
@@ -197,9 +227,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         example = (missing or unexpected)[0]
         raise CheckpointError(f"{path} does not match its config: {len(missing)} missing and {len(unexpected)} "
                               f"unexpected tensors (e.g. {example!r})")
+    cast = set()
     for k, v in own.items():
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
                                   f"model expects {tuple(v.shape)}")
-    model.load_state_dict(tensors, strict=True)
+        if not _dtype_compatible(tensors[k].dtype, v.dtype):
+            kind = "a floating-point" if v.dtype.is_floating_point else "an integer"
+            raise CheckpointError(f"{path}: tensor {k!r} has dtype {_dtype_name(tensors[k].dtype)}, model expects "
+                                  f"{kind} tensor ({_dtype_name(v.dtype)})")
+        if tensors[k].dtype != v.dtype:
+            cast.add(_dtype_name(tensors[k].dtype))
+    if cast:
+        logger.info("%s: %s weights cast to the model's dtype", path, "/".join(sorted(cast)))
+    model.load_state_dict(tensors, strict=True)  # copies, casting to each parameter's dtype
     return model.to(device).eval()

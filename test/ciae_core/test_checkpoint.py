@@ -135,3 +135,48 @@ def test_save_tensors_atomic_handles_shared_storage_and_rejects_non_tensors(tmp_
 def test_wrong_suffix(model, tmp_path):
     with pytest.raises(CheckpointError, match=".safetensors"):
         save_model(tmp_path / "m.pt", model)
+
+
+def test_integer_tensors_for_float_weights_are_refused(model, tmp_path):
+    """A checkpoint re-saved with every tensor cast to int64 has the right keys and shapes; it must
+    not load silently (it would give garbage) but name the file and the first offending tensor."""
+    path = save_model(tmp_path / "m.safetensors", model)
+    tensors, meta = load_tensors(path)
+    save_tensors_atomic(tmp_path / "int.safetensors", {k: v.long() for k, v in tensors.items()}, meta)
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "int.safetensors")
+    msg = str(e.value)
+    first = next(iter(model.state_dict()))
+    assert "int.safetensors" in msg and repr(first) in msg and "int64" in msg and "floating-point" in msg, msg
+    assert "\n" not in msg
+    one = dict(tensors, memory=tensors["memory"].to(torch.bool))  # a single bad tensor is found too
+    save_tensors_atomic(tmp_path / "bool.safetensors", one, meta)
+    with pytest.raises(CheckpointError, match="'memory' has dtype bool"):
+        load_model(tmp_path / "bool.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_loads_as_float32(model, tmp_path, dtype):
+    """Decision (checkpoint docstring): half-precision weights are accepted and cast to float32."""
+    path = save_model(tmp_path / "m.safetensors", model)
+    tensors, meta = load_tensors(path)
+    save_tensors_atomic(tmp_path / "half.safetensors", {k: v.to(dtype) for k, v in tensors.items()}, meta)
+    loaded = load_model(tmp_path / "half.safetensors")
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == torch.float32, k
+        assert torch.equal(v, tensors[k].to(dtype).float()), k  # the exact cast of the stored values
+
+
+def test_integer_buffers_keep_their_kind(tmp_path):
+    """BatchNorm's num_batches_tracked (int64) accepts another integer dtype, not a float."""
+    torch.manual_seed(0)
+    bn = CIAE(CATS, **SMALL, backbone_norm="bn").eval()
+    path = save_model(tmp_path / "bn.safetensors", bn)
+    tensors, meta = load_tensors(path)
+    key = next(k for k, v in tensors.items() if not v.is_floating_point())
+    save_tensors_atomic(tmp_path / "i32.safetensors", dict(tensors, **{key: tensors[key].int()}), meta)
+    assert load_model(tmp_path / "i32.safetensors").state_dict()[key].dtype == torch.int64
+    save_tensors_atomic(tmp_path / "f.safetensors", dict(tensors, **{key: tensors[key].float()}), meta)
+    with pytest.raises(CheckpointError, match=f"f.safetensors: tensor '{key}' has dtype float32, model expects an "
+                                              "integer tensor"):
+        load_model(tmp_path / "f.safetensors")
