@@ -159,6 +159,30 @@ def letterbox(height: int, width: int, input_size: int, max_size: int, stride: i
     return Letterbox(height, width, rh, rw, ph, pw)
 
 
+def letterbox_into(height: int, width: int, canvas_height: int, canvas_width: int, stride: int = 32,
+                   min_image_side: int = MIN_IMAGE_SIDE) -> Letterbox:
+    """Fit an image into a fixed ``canvas_height x canvas_width`` input (a fixed-shape ONNX export).
+
+    Decision: the whole image is kept (no crop) at its aspect ratio, ``scale = min(Hc / h, Wc / w)``,
+    resized with the same rounding as :func:`letterbox` (clamped to the canvas) and padded
+    bottom/right to the canvas, so results map back exactly as for dynamic inputs. The padding
+    enters the heads' GroupNorm statistics, so results can differ slightly from a dynamic export at
+    the same scale (as for ``mixed_size_batching="pad"``). Same rejections as :func:`letterbox`.
+    """
+    height, width = int(height), int(width)
+    if min(height, width) < min_image_side:
+        raise PredictorError(f"image of {height}x{width} pixels is too small; both sides must be at least "
+                             f"{min_image_side} pixels")
+    scale = min(canvas_height / height, canvas_width / width)
+    rh = min(canvas_height, max(1, int(round(height * scale))))
+    rw = min(canvas_width, max(1, int(round(width * scale))))
+    if min(rh, rw) < stride:
+        raise PredictorError(f"image of {height}x{width} pixels has an aspect ratio too extreme for the fixed "
+                             f"{canvas_height}x{canvas_width} input: it would be resized to {rh}x{rw}, below the "
+                             f"{stride}-pixel stride; crop it or use a dynamic export")
+    return Letterbox(height, width, rh, rw, int(canvas_height), int(canvas_width))
+
+
 def nearest_source_index(out_len: int, in_len: int, device=None) -> torch.Tensor:
     """Pixel-centre nearest-neighbour: source index of each of ``out_len`` output pixels when a
     length-``in_len`` axis is resampled, ``floor((i + 0.5) * in_len / out_len)`` in exact integers."""
@@ -241,11 +265,37 @@ def validate_image(image: Any, index: int = 0) -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise PredictorError(f"{where}: expected a numpy uint8 array of shape (H, W, 3), got {type(image).__name__}")
     if image.dtype != np.uint8:
-        raise PredictorError(f"{where}: expected dtype uint8 (0..255 pixels), got {image.dtype}; convert with "
-                             f"np.clip(img, 0, 255).astype(np.uint8)")
+        hint = {np.dtype(np.uint16): "scale 16-bit images to 8 bits, e.g. (img >> 8).astype(np.uint8)",
+                np.dtype(np.bool_): "convert masks with img.astype(np.uint8) * 255"}.get(
+            image.dtype, "scale to 0..255 first, then np.clip(img, 0, 255).astype(np.uint8)")
+        raise PredictorError(f"{where}: expected dtype uint8 (0..255 pixels), got {image.dtype}; {hint}")
+    if image.ndim == 4 and image.shape[-1] == 3:
+        raise PredictorError(f"{where}: got a stacked array of shape {image.shape}; pass a batch as a list of "
+                             f"(H, W, 3) images, e.g. list(images)")
     if image.ndim != 3 or image.shape[2] != 3:
         raise PredictorError(f"{where}: expected shape (H, W, 3), got {image.shape}; convert grey/RGBA images to 3 channels")
     return np.ascontiguousarray(image)
+
+
+def _checked_thresholds(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``current`` updated with ``changes`` (names or :data:`THRESHOLD_ALIASES`), each value checked;
+    :class:`PredictorError` (one line) on an unknown name or a bad value."""
+    changes = {THRESHOLD_ALIASES.get(k, k): v for k, v in changes.items()}
+    unknown = sorted(set(changes) - set(THRESHOLD_NAMES))
+    if unknown:
+        raise PredictorError(f"unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(THRESHOLD_NAMES)}")
+    new = dict(current)
+    for k, v in changes.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+            raise PredictorError(f"{k} must be a finite number, got {v!r}")
+        if k in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
+            raise PredictorError(f"{k} must be in [0, 1], got {v}")
+        if k in _POSITIVE_INT and (int(v) != v or v < 1):
+            raise PredictorError(f"{k} must be a positive integer, got {v}")
+        if k in _NON_NEGATIVE_INT and (int(v) != v or v < 0):
+            raise PredictorError(f"{k} must be a non-negative integer, got {v}")
+        new[k] = int(v) if k in _POSITIVE_INT + _NON_NEGATIVE_INT else float(v)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,14 +413,24 @@ def select_providers(device: str, available: Sequence[str], providers: Sequence[
     """onnxruntime execution providers with options, in priority order.
 
     device="cuda": TensorRT → CUDA → CPU (those in ``available``); device="cpu": CPU only.
-    ``providers`` (short names "tensorrt", "cuda", "cpu" or full provider names) restricts and
-    orders the choice; asking for one this build lacks raises :class:`PredictorError`.
+    ``providers`` (short names "tensorrt", "cuda", "cpu" or full provider names; one string or a
+    sequence) restricts and orders the choice; asking for one this build lacks raises
+    :class:`PredictorError`.
+
+    Decision: by default TensorRT is offered only when its runtime library can be loaded
+    (:func:`tensorrt_runtime_loadable`). onnxruntime-gpu lists the TensorRT provider whenever it
+    was built with it, and without ``libnvinfer`` the session fails and falls back to CUDA
+    without the provider options (so ``device_id`` would be lost). Asked for explicitly, it is
+    always tried, and a failure is an error.
     """
     full = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
     if providers is None:
         wanted = ["tensorrt", "cuda", "cpu"] if device == "cuda" else ["cpu"]
-        chosen = [full[p] for p in wanted if full[p] in available]
+        chosen = [full[p] for p in wanted if full[p] in available
+                  and (p != "tensorrt" or tensorrt_runtime_loadable())]
     else:
+        if isinstance(providers, str):
+            providers = [providers]
         chosen = []
         for p in providers:
             name = full.get(str(p).lower(), str(p))
@@ -396,12 +456,36 @@ def select_providers(device: str, available: Sequence[str], providers: Sequence[
     return out
 
 
+def tensorrt_runtime_loadable() -> bool:
+    """Whether the TensorRT runtime library (``libnvinfer``, major version 8..10) can be loaded."""
+    import ctypes
+
+    names = [f"libnvinfer.so.{v}" for v in (10, 9, 8)] + [f"nvinfer_{v}.dll" for v in (10, 9, 8)] + ["nvinfer.dll"]
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 class _OrtEngine:
     """An onnxruntime session over an exported ``forward_raw`` graph; returns torch tensors.
 
     On CUDA the input is bound straight from the torch tensor and the outputs are written into
     torch tensors (IO binding; output shapes are learnt on the first run of each input shape),
     so nothing goes through the host.
+
+    A fixed-shape export (``ciae-export --size``) is served too: ``fixed_hw`` is its ``(H, W)``
+    (the predictor letterboxes into it, :func:`letterbox_into`), and a batch of another size
+    than its fixed N runs in chunks of N, the last one padded with black images whose outputs
+    are dropped (GroupNorm is per image, so they change nothing).
+
+    A GPU provider that was chosen but does not start (missing CUDA/cuDNN/TensorRT libraries:
+    onnxruntime then only warns and runs on the CPU) raises :class:`PredictorError`, as does a
+    failing provider (no silent fallback, ``enable_fallback=0``): a robot should not run 10x
+    slower without being told.
 
     On the CPU provider its intra-op threads do not spin-wait after a run
     (``session.intra_op.allow_spinning = 0``): the torch fusion that follows runs on the same
@@ -426,6 +510,10 @@ class _OrtEngine:
         self.device = device
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or value < 0):
+                raise PredictorError(f"{name} must be a non-negative integer (0: onnxruntime's default), got {value!r}")
         if intra_op_threads:
             opts.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads:
@@ -439,11 +527,20 @@ class _OrtEngine:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(path, sess_options=opts, providers=[n for n, _ in chosen],
-                                                provider_options=[o for _, o in chosen])
-        except Exception as e:  # noqa: BLE001 - any session failure is a bad/unsupported file
+                                                provider_options=[o for _, o in chosen], enable_fallback=0)
+        except Exception as e:  # noqa: BLE001 - any session failure is a bad/unsupported file or provider
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PredictorError(f"onnxruntime cannot load {path}: {msg}") from None
+            raise PredictorError(f"onnxruntime cannot load {path} with {[n for n, _ in chosen]}: {msg}") from None
         self.providers = self.session.get_providers()
+        missing = [n for n, _ in chosen if n not in self.providers]
+        if missing:
+            raise PredictorError(f"onnxruntime could not start {', '.join(missing)} (running would fall back to "
+                                 f"{self.providers}): check that its CUDA, cuDNN and TensorRT libraries match this "
+                                 f"onnxruntime-gpu build, or choose other providers / engine='torch'")
+        if device.type == "cuda" and self.providers[0] == "CPUExecutionProvider":
+            raise PredictorError("device='cuda' but this onnxruntime build has no GPU provider (available: "
+                                 f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu, use "
+                                 "engine='torch', or device='cpu'")
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != ["images"] or sorted(outputs) != sorted(RAW_OUTPUT_NAMES):
@@ -460,13 +557,30 @@ class _OrtEngine:
             raise PredictorError(f"{path}: graph outputs (cls_logits {shapes['cls_logits']}, memory {mem}) do not match "
                                  f"its metadata config ({t} thing classes, {len(self.config.categories)} categories, "
                                  f"embed_dim {d}); re-export with ciae-export")
-        self._on_cuda = device.type == "cuda" and self.providers[0] != "CPUExecutionProvider"
-        if device.type == "cuda" and not self._on_cuda:
-            logger.warning("onnxruntime has no GPU provider here (providers %s): the graph runs on the CPU; "
-                           "install onnxruntime-gpu or use engine='torch'", self.providers)
+        self._on_cuda = device.type == "cuda"
         self._out_shapes: dict[tuple, list] = {}
+        in_shape = list(self.session.get_inputs()[0].shape)
+        fixed = [isinstance(v, int) and v > 0 for v in in_shape]
+        if len(in_shape) != 4 or (fixed[2] != fixed[3]):
+            raise PredictorError(f"{path}: input shape {in_shape} is not (N, 3, H, W) with both H and W fixed or both "
+                                 f"dynamic; re-export with ciae-export")
+        self.fixed_batch: int | None = int(in_shape[0]) if fixed[0] else None
+        self.fixed_hw: tuple[int, int] | None = (int(in_shape[2]), int(in_shape[3])) if fixed[2] else None
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, fb = images.shape[0], self.fixed_batch
+        if fb is None or n == fb:
+            return self._run(images)
+        chunks = []
+        for start in range(0, n, fb):
+            part = images[start:start + fb]
+            if part.shape[0] < fb:
+                part = torch.cat([part, part.new_zeros((fb - part.shape[0], *part.shape[1:]))])
+            chunks.append(self._run(part))
+        per_image = ("cls_logits", "box_regression", "centerness", "embedding")
+        return {k: torch.cat([c[k] for c in chunks])[:n] if k in per_image else chunks[0][k] for k in chunks[0]}
+
+    def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.float().contiguous()
         if not self._on_cuda:
             outs = self.session.run(self.output_names, {"images": images.cpu().numpy()})
@@ -611,10 +725,23 @@ class Predictor:
         self.weights = weights
         self.engine_name = engine
         self.precision = precision
+        for name, value, low in (("stride", stride, 1), ("min_image_side", min_image_side, 1), ("max_size", max_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise PredictorError(f"{name} must be a positive integer, got {value!r}")
+        if stride % 32:
+            raise PredictorError(f"stride must be a multiple of 32 (the network's coarsest pyramid level P5), got {stride}")
         self.stride = int(stride)
         self.min_image_side = int(min_image_side)
         self.max_size = int(max_size)
-        is_onnx = weights.endswith(".onnx")
+        if input_size_range is not None:
+            try:
+                lo, hi = (int(v) for v in input_size_range)
+                if not 0 < lo <= hi or any(isinstance(v, bool) or int(v) != v for v in input_size_range):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise PredictorError(f"input_size_range must be two integers (low, high) with 0 < low <= high, got "
+                                     f"{input_size_range!r}") from None
+        is_onnx = weights.lower().endswith(".onnx")
         if engine == "torch":
             if is_onnx:
                 raise PredictorError(f"{weights} is an ONNX file; use engine='onnxruntime' or a .safetensors checkpoint")
@@ -634,10 +761,23 @@ class Predictor:
             self.config = self._engine.config
         self.categories: list[CategoryInfo] = list(self.config.categories)
         self.num_things = self.config.num_things
-        self.input_size_range = tuple(input_size_range) if input_size_range else input_size_range_for(self.config)
-        self.input_size = self._check_input_size(input_size if input_size is not None
-                                                 else default_input_size(self.config.backbone))
-        self.thresholds = {k: getattr(self.config, k) for k in THRESHOLD_NAMES}
+        self.fixed_input_hw: tuple[int, int] | None = getattr(self._engine, "fixed_hw", None)
+        if self.fixed_input_hw is not None:
+            fh, fw = self.fixed_input_hw
+            if input_size is not None or input_size_range is not None:
+                raise PredictorError(f"{weights} is a fixed {fh}x{fw} export: images are fitted into {fh}x{fw} and "
+                                     f"input_size does not apply; leave it unset or re-export with --dynamic")
+            self.input_size_range = (min(fh, fw), min(fh, fw))
+            self.input_size = min(fh, fw)
+        else:
+            self.input_size_range = (tuple(int(v) for v in input_size_range) if input_size_range
+                                     else input_size_range_for(self.config))
+            self.input_size = self._check_input_size(input_size if input_size is not None
+                                                     else default_input_size(self.config.backbone))
+        try:
+            self.thresholds = _checked_thresholds({}, {k: getattr(self.config, k) for k in THRESHOLD_NAMES})
+        except PredictorError as e:
+            raise PredictorError(f"{weights}: invalid inference setting in the model config: {e}") from None
         self.update(**thresholds)
         self.timings: dict[str, float] = {}
         self._pinned: list[torch.Tensor] = []
@@ -726,29 +866,34 @@ class Predictor:
                 "num_things": self.config.num_things, "num_stuff": self.config.num_stuff,
                 "embed_dim": self.config.embed_dim, "engine": self.engine_name, "device": str(self.device),
                 "precision": self.precision, "providers": self.providers, "input_size": self.input_size,
-                "max_size": self.max_size, "ciae_version": __version__}
+                "max_size": self.max_size, "ciae_version": __version__,
+                "fixed_input": "x".join(map(str, self.fixed_input_hw)) if self.fixed_input_hw else ""}
 
     def update(self, input_size: int | None = None, **thresholds) -> None:
         """Change thresholds (names in ``THRESHOLD_NAMES`` or ``THRESHOLD_ALIASES``) and/or
         ``input_size`` for later calls. Values are checked; on an error nothing changes."""
-        thresholds = {THRESHOLD_ALIASES.get(k, k): v for k, v in thresholds.items()}
-        unknown = sorted(set(thresholds) - set(THRESHOLD_NAMES))
-        if unknown:
-            raise PredictorError(f"unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(THRESHOLD_NAMES)}")
-        new = dict(self.thresholds)
-        for k, v in thresholds.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-                raise PredictorError(f"{k} must be a finite number, got {v!r}")
-            if k in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
-                raise PredictorError(f"{k} must be in [0, 1], got {v}")
-            if k in _POSITIVE_INT and (int(v) != v or v < 1):
-                raise PredictorError(f"{k} must be a positive integer, got {v}")
-            if k in _NON_NEGATIVE_INT and (int(v) != v or v < 0):
-                raise PredictorError(f"{k} must be a non-negative integer, got {v}")
-            new[k] = int(v) if k in _POSITIVE_INT + _NON_NEGATIVE_INT else float(v)
+        new = _checked_thresholds(self.thresholds, thresholds)
         if input_size is not None:
+            if self.fixed_input_hw is not None and int(input_size) != self.input_size:
+                fh, fw = self.fixed_input_hw
+                raise PredictorError(f"{self.weights} is a fixed {fh}x{fw} export: input_size cannot change "
+                                     f"(re-export with --dynamic)")
             self.input_size = self._check_input_size(input_size)
         self.thresholds = new
+
+    def letterbox(self, height: int, width: int) -> Letterbox:
+        """The geometry this predictor gives an ``height x width`` image (:func:`letterbox`, or
+        :func:`letterbox_into` for a fixed-shape export); :class:`PredictorError` if it cannot take it."""
+        if self.fixed_input_hw is not None:
+            return letterbox_into(height, width, *self.fixed_input_hw, self.stride, self.min_image_side)
+        return letterbox(height, width, self.input_size, self.max_size, self.stride, self.min_image_side)
+
+    @property
+    def default_input_size(self) -> int:
+        """The model's own input size: the canvas' shorter side for a fixed-shape export."""
+        if self.fixed_input_hw is not None:
+            return self.input_size
+        return default_input_size(self.config.backbone)
 
     # -- stages ----------------------------------------------------------------------------------
     def _pinned_buffer(self, i: int, numel: int) -> torch.Tensor:
@@ -761,8 +906,7 @@ class Predictor:
     def preprocess(self, images: Sequence[np.ndarray], color: str = "rgb") -> tuple[torch.Tensor, list[Letterbox]]:
         """Letterbox a list of validated images into one float32 RGB 0..255 batch ``(N, 3, Hp, Wp)``
         (padded to the largest padded size among them)."""
-        boxes = [letterbox(im.shape[0], im.shape[1], self.input_size, self.max_size, self.stride, self.min_image_side)
-                 for im in images]
+        boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in images]
         return self._letterbox_batch(images, boxes, color), boxes
 
     def _letterbox_batch(self, images: Sequence[np.ndarray], boxes: Sequence[Letterbox], color: str) -> torch.Tensor:
@@ -816,8 +960,7 @@ class Predictor:
         if not batch_in:
             return []
         batch_in = [validate_image(im, i) for i, im in enumerate(batch_in)]
-        boxes = [letterbox(im.shape[0], im.shape[1], self.input_size, self.max_size, self.stride, self.min_image_side)
-                 for im in batch_in]
+        boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in batch_in]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, lb in enumerate(boxes):
             key = (0, 0) if self.mixed_size_batching == "pad" else (lb.padded_height, lb.padded_width)

@@ -150,7 +150,9 @@ def test_segment_table_equals_structures_reference():
                                        (np.zeros((20, 20), np.uint8), r"\(H, W, 3\)"),
                                        (np.zeros((20, 20, 4), np.uint8), r"\(H, W, 3\)"),
                                        (torch.zeros(20, 20, 3, dtype=torch.uint8), "numpy"),
-                                       ([[1, 2, 3]], "numpy")])
+                                       ([[1, 2, 3]], "numpy"),
+                                       (np.zeros((20, 20, 3), np.uint16), r"img >> 8"),
+                                       (np.zeros((2, 20, 20, 3), np.uint8), "pass a batch as a list")])
 def test_validate_image_errors(bad, match):
     with pytest.raises(PredictorError, match=match):
         validate_image(bad)
@@ -208,6 +210,42 @@ def test_numba_fusion_refused_on_cuda_at_construction(weights, monkeypatch):
         Predictor(weights, device="cuda:0", fusion_method="numba")
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stride=0), "stride must be a positive integer"),
+    (dict(stride=-32), "stride must be a positive integer"),
+    (dict(stride=48), "multiple of 32"),
+    (dict(min_image_side=0), "min_image_side must be a positive integer"),
+    (dict(max_size=0), "max_size must be a positive integer"),
+    (dict(input_size_range="ab"), "input_size_range must be two integers"),
+    (dict(input_size_range=(800, 100)), "input_size_range must be two integers"),
+    (dict(engine="onnxruntime", intra_op_threads="x"), "intra_op_threads must be a non-negative integer"),
+    (dict(engine="onnxruntime", inter_op_threads=-1), "inter_op_threads must be a non-negative integer"),
+])
+def test_constructor_arguments_are_checked(weights, tmp_path, kwargs, match):
+    with pytest.raises(PredictorError, match=match):
+        Predictor(weights, onnx_cache_dir=tmp_path, **kwargs)
+
+
+def test_invalid_thresholds_in_the_checkpoint_config_name_the_file(weights, tmp_path):
+    """A checkpoint whose config carries a bad inference setting is refused when loaded, not on
+    the first frame (a str threshold used to raise a TypeError deep inside the fusion)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    for key, value, match in (("score_threshold", "x", "score_threshold must be a finite number"),
+                              ("nms_threshold", 5.0, r"nms_threshold must be in \[0, 1\]"),
+                              ("detections_per_img", -3, "detections_per_img must be a positive integer")):
+        cfg = json.loads(meta["ciae_config"])
+        cfg[key] = value
+        bad = tmp_path / f"bad_{key}.safetensors"
+        save_file(tensors, str(bad), metadata={**meta, "ciae_config": json.dumps(cfg)})
+        with pytest.raises(PredictorError, match=f"bad_{key}.safetensors: invalid inference setting.*{match}"):
+            Predictor(bad)
+
+
 def test_input_size_out_of_range(weights):
     with pytest.raises(PredictorError, match="input_size must be an integer in"):
         Predictor(weights, input_size=64)
@@ -242,8 +280,16 @@ def test_update_validates_and_applies(weights):
     assert set(p.thresholds) == set(THRESHOLD_NAMES)
 
 
-def test_select_providers_orders_and_checks():
+def test_select_providers_orders_and_checks(monkeypatch):
+    import ciae_core.predictor as P
+
     avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    # by default TensorRT is offered only when libnvinfer loads (it does not on this machine)
+    loadable = P.tensorrt_runtime_loadable()
+    names = [n for n, _ in select_providers("cuda", avail)]
+    assert names == (avail if loadable else avail[1:])
+    # mocked: the TensorRT runtime being present (it cannot be installed here)
+    monkeypatch.setattr(P, "tensorrt_runtime_loadable", lambda: True)
     names = [n for n, _ in select_providers("cuda", avail, trt_cache_dir="/tmp/trt", trt_fp16=True)]
     assert names == avail
     trt_opts = select_providers("cuda", avail, trt_cache_dir="/tmp/trt", trt_fp16=True)[0][1]
@@ -255,6 +301,29 @@ def test_select_providers_orders_and_checks():
         select_providers("cuda", ["CPUExecutionProvider"], ["tensorrt"])
     with pytest.raises(PredictorError, match="needs device='cuda'"):
         select_providers("cpu", avail, ["cuda"])
+    # one string is one provider, not a sequence of letters
+    assert [n for n, _ in select_providers("cpu", avail, "cpu")] == ["CPUExecutionProvider"]
+    monkeypatch.setattr(P, "tensorrt_runtime_loadable", lambda: False)
+    assert [n for n, _ in select_providers("cuda", avail, ["tensorrt"])][0] == "TensorrtExecutionProvider"
+
+
+def test_gpu_provider_that_does_not_start_is_an_error_not_a_silent_cpu_run(weights, tmp_path):
+    """onnxruntime-gpu lists the CUDA provider here, but with no GPU it cannot start: onnxruntime
+    only warns and runs on the CPU. The engine must refuse instead (real onnxruntime, no mock)."""
+    import onnxruntime as ort
+
+    from ciae_core.export import export_checkpoint
+    from ciae_core.predictor import _OrtEngine
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider")
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA provider can start on this machine")
+    path = export_checkpoint(weights, tmp_path / "m.onnx", dynamic=True)
+    with pytest.raises(PredictorError, match="could not start CUDAExecutionProvider"):
+        _OrtEngine(str(path), torch.device("cuda"), providers=["cuda"])
+    with pytest.raises(PredictorError, match="could not start CUDAExecutionProvider"):
+        _OrtEngine(str(path), torch.device("cuda"))  # the default choice for device='cuda'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +396,62 @@ def test_batch_pad_mode_runs_one_forward(weights, coco_image):
         _check_result(r, im.shape, p.categories)
     with pytest.raises(PredictorError, match="mixed_size_batching"):
         Predictor(weights, mixed_size_batching="stack")
+
+
+def test_a_batch_of_same_size_images_runs_as_one_forward(weights, coco_image):
+    """N camera frames of one size go through the network in one forward pass of batch N, and each
+    result equals that image's single-image result."""
+    p = Predictor(weights, input_size=256, **FAST)
+    shapes = []
+    run = p._engine.__call__
+
+    def counting(images):
+        shapes.append(tuple(images.shape))
+        return run(images)
+
+    p._engine = type("Counting", (), {"__call__": staticmethod(counting), "providers": []})()
+    frames = [coco_image, np.ascontiguousarray(coco_image[:, ::-1]), coco_image]
+    results = p(frames)
+    assert shapes == [(3, 3, 256, 384)]
+    for frame, r in zip(frames, results):
+        np.testing.assert_array_equal(p(frame).id_map, r.id_map)
+    assert shapes[1:] == [(1, 3, 256, 384)] * 3
+
+
+def _fixed_export(weights, path, size, batch_size=1):
+    from ciae_core.export import export_checkpoint
+
+    return str(export_checkpoint(weights, path, size=size, dynamic=False, batch_size=batch_size))
+
+
+def test_fixed_shape_onnx_export_is_served_by_letterboxing_into_its_canvas(weights, tmp_path):
+    """`ciae-export --size HxW` (the default, TensorRT's favourite) files work in the Predictor: each
+    image is fitted into the canvas; a fixed batch of 2 serves 3 images (a chunk of 2, one padded).
+    480x640 scenes into 320x448 get the same geometry as the dynamic letterbox at 320, so the
+    results equal the dynamic engine's."""
+    from ciae_core.synth import render_scene
+
+    scenes = [render_scene(seed, 480, 640)[0] for seed in (1, 2, 3)]
+    dynamic = Predictor(weights, engine="onnxruntime", input_size=320, onnx_cache_dir=tmp_path)
+    expected = dynamic(scenes)
+    for batch in (1, 2):
+        p = Predictor(_fixed_export(weights, tmp_path / f"b{batch}.onnx", (320, 448), batch), engine="onnxruntime")
+        assert p.fixed_input_hw == (320, 448) and p._engine.fixed_batch == batch and p.input_size == 320
+        assert p.letterbox(480, 640) == Letterbox(480, 640, 320, 427, 320, 448)
+        got = p(scenes)
+        for a, b in zip(expected, got):
+            assert (a.id_map == b.id_map).mean() >= 0.995
+            assert sorted((s.id, s.category_id) for s in a.segments) == sorted((s.id, s.category_id) for s in b.segments)
+        # a portrait image is fitted (whole) into the landscape canvas
+        tall = np.ascontiguousarray(np.rot90(scenes[0]))
+        assert p.letterbox(640, 480) == Letterbox(640, 480, 320, 240, 320, 448)
+        assert p(tall).id_map.shape == (640, 480)
+        with pytest.raises(PredictorError, match="fixed 320x448 export.*input_size does not apply"):
+            Predictor(tmp_path / f"b{batch}.onnx", engine="onnxruntime", input_size=320)
+        with pytest.raises(PredictorError, match="fixed 320x448 export: input_size cannot change"):
+            p.update(input_size=384)
+        p.update(input_size=320, score_threshold=0.2)  # its own size is accepted
+        assert p.default_input_size == 320
 
 
 def test_thresholds_change_results_at_run_time(weights, coco_image):
