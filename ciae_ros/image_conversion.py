@@ -20,6 +20,15 @@ Decisions (a careful camera-driver user's defaults, all arguments):
   8-bit Bayer patterns are converted with OpenCV; an odd width for YUV 4:2:2 is an error.
 * Anything else (e.g. float depth images) is ``unsupported_encoding``; when the ROS 2 ``cv_bridge``
   is importable (a real ROS install) it is tried for encodings not listed here.
+* Compressed images are sized from their stream header **before** anything is decoded, so a small
+  message claiming a huge image (a 425 KB PNG of 20000x20000 decodes to 1.2 GB) is rejected as
+  ``too_large`` without allocating it. Accepted containers are the three codecs that ROS 2's
+  ``compressed_image_transport`` produces (``sensor_msgs/CompressedImage``: jpeg, png, tiff), each
+  recognised by its magic bytes, not by the free-text ``format`` field: PNG (IHDR), JPEG (the SOFn
+  frame header, found by walking the marker segments) and classic TIFF (ImageWidth/ImageLength of
+  the first IFD). Everything else OpenCV could decode (WebP, BMP, PNM, JPEG 2000, BigTIFF,
+  ``compressedDepth``'s header-prefixed PNG, ...) is refused as ``unsupported_format``: we do not
+  decode what we cannot size first.
 """
 
 from __future__ import annotations
@@ -175,19 +184,127 @@ def _cv_bridge_to_rgb(msg, order: str) -> np.ndarray | None:
                                    f"cv_bridge could not convert encoding {msg.encoding!r}: {exc}") from None
 
 
-def compressed_to_rgb(msg, max_pixels: int | None = DEFAULT_MAX_PIXELS, order: str = "rgb") -> np.ndarray:
-    """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG, ...) to ``(H, W, 3)`` uint8.
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# JPEG frame headers: SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC), which share the range.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# markers without a length field: TEM and RST0..7 (SOI/EOI are handled explicitly)
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 
-    The header of the compressed stream is checked against ``max_pixels`` before full decoding
-    where OpenCV allows it (reasons: ``empty``, ``decode_failed``, ``too_large``).
+
+def _u16(b, big: bool) -> int:
+    return int.from_bytes(b[:2], "big" if big else "little")
+
+
+def _u32(b, big: bool) -> int:
+    return int.from_bytes(b[:4], "big" if big else "little")
+
+
+def _png_size(data: memoryview) -> tuple[int, int]:
+    # signature (8), IHDR length (4), "IHDR" (4), width (4, big-endian), height (4)
+    if len(data) < 24 or bytes(data[12:16]) != b"IHDR":
+        raise ImageConversionError("decode_failed", "PNG without an IHDR header chunk")
+    return _u32(data[16:20], True), _u32(data[20:24], True)
+
+
+def _jpeg_size(data: memoryview) -> tuple[int, int]:
+    i, n = 2, len(data)  # after SOI (FF D8)
+    while i < n:
+        if data[i] != 0xFF:
+            raise ImageConversionError("decode_failed", f"JPEG marker expected at byte {i}")
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker in (0xD9, 0xDA):  # EOI / start of scan before any frame header
+            break
+        if i + 2 > n:
+            break
+        length = _u16(data[i:i + 2], True)
+        if length < 2:
+            raise ImageConversionError("decode_failed", f"JPEG segment of length {length} at byte {i}")
+        if marker in _JPEG_SOF:
+            if i + 7 > n:
+                break
+            # length (2), sample precision (1), number of lines (2), samples per line (2)
+            height, width = _u16(data[i + 3:i + 5], True), _u16(data[i + 5:i + 7], True)
+            if height == 0:
+                raise ImageConversionError("decode_failed", "JPEG height defined by a DNL marker is not supported")
+            return width, height
+        i += length
+    raise ImageConversionError("decode_failed", "JPEG without a frame header (SOFn) before its image data")
+
+
+def _tiff_size(data: memoryview) -> tuple[int, int]:
+    big = bytes(data[:2]) == b"MM"
+    ifd = _u32(data[4:8], big)
+    if ifd < 8 or ifd + 2 > len(data):
+        raise ImageConversionError("decode_failed", f"TIFF first IFD offset {ifd} outside the {len(data)} bytes")
+    count = _u16(data[ifd:ifd + 2], big)
+    found: dict[int, int] = {}
+    for k in range(count):
+        e = ifd + 2 + 12 * k
+        if e + 12 > len(data):
+            break
+        tag, kind = _u16(data[e:e + 2], big), _u16(data[e + 2:e + 4], big)
+        if tag in (256, 257) and kind in (3, 4):  # ImageWidth, ImageLength as SHORT or LONG
+            found[tag] = _u16(data[e + 8:e + 10], big) if kind == 3 else _u32(data[e + 8:e + 12], big)
+    if 256 not in found or 257 not in found:
+        raise ImageConversionError("decode_failed", "TIFF without ImageWidth/ImageLength in its first IFD")
+    return found[256], found[257]
+
+
+def compressed_image_size(data) -> tuple[str, int, int]:
+    """``(codec, width, height)`` of a compressed image read from its header only (nothing decoded).
+
+    ``codec`` is ``"png"``, ``"jpeg"`` or ``"tiff"``, recognised by the magic bytes. Raises
+    :class:`ImageConversionError`: ``empty``, ``unsupported_format`` (any other container, see the
+    module docstring) or ``decode_failed`` (a recognised container whose header is cut short or
+    malformed).
     """
-    buf = np.frombuffer(msg.data, dtype=np.uint8)
+    buf = np.frombuffer(data, dtype=np.uint8)  # array.array (rclpy), numpy (rosbags), bytes: no copy
     if buf.size == 0:
-        raise ImageConversionError("empty", f"compressed image ({msg.format!r}) has no data")
+        raise ImageConversionError("empty", "compressed image has no data")
+    view = memoryview(buf)  # indexing gives ints, slicing gives views: header fields without copying
+    head = bytes(view[:8])
+    if head == _PNG_MAGIC:
+        return ("png", *_png_size(view))
+    if head[:2] == b"\xff\xd8":
+        return ("jpeg", *_jpeg_size(view))
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return ("tiff", *_tiff_size(view))
+    if head[:4] in (b"II+\x00", b"MM\x00+"):
+        raise ImageConversionError("unsupported_format", "BigTIFF is not supported (use jpeg, png or classic tiff)")
+    raise ImageConversionError(
+        "unsupported_format", f"compressed data starting with {head.hex(' ')} is not JPEG, PNG or TIFF "
+                              "(the only formats whose size is checked before decoding)")
+
+
+def compressed_to_rgb(msg, max_pixels: int | None = DEFAULT_MAX_PIXELS, order: str = "rgb") -> np.ndarray:
+    """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG or TIFF) to ``(H, W, 3)`` uint8.
+
+    The image size is read from the stream header (:func:`compressed_image_size`) and checked
+    against ``max_pixels`` **before** decoding, so an oversized frame costs no decoding memory.
+    The decoded size is checked again (belt and braces: the decoder, not our header reader, has the
+    last word on what it produced).
+    Reasons: ``empty``, ``unsupported_format``, ``decode_failed``, ``too_large``.
+    """
+    try:
+        codec, width, height = compressed_image_size(msg.data)
+    except ImageConversionError as exc:
+        raise ImageConversionError(exc.reason, f"{exc} (format field {msg.format!r})") from None
+    try:
+        _check_size(height, width, max_pixels)
+    except ImageConversionError as exc:
+        raise ImageConversionError(exc.reason, f"{exc} (from its {codec.upper()} header, not decoded)") from None
+    buf = np.frombuffer(msg.data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # BGR; 16-bit PNGs are reduced to 8 bits
     if img is None:
-        raise ImageConversionError("decode_failed",
-                                   f"cannot decode {buf.size} bytes of compressed image (format {msg.format!r})")
+        raise ImageConversionError("decode_failed", f"cannot decode {buf.size} bytes of {codec.upper()} "
+                                                    f"({width}x{height}, format field {msg.format!r})")
     _check_size(img.shape[0], img.shape[1], max_pixels)
     return img[:, :, ::-1] if order == "rgb" else img
 

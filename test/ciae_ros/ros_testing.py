@@ -47,6 +47,15 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """High-water mark of a process's resident memory in MiB (Linux ``VmHWM``): catches a large
+    allocation that was already freed again."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
 class NodeProcess:
     """``ciae-panoptic-node`` in its own process; output in ``log``."""
 
@@ -148,9 +157,11 @@ class Publisher:
                              "encoding": encoding, "fields": fields})
 
     def compressed(self, h: int, w: int, stamp: tuple[int, int], frame_id: str = "camera_optical_frame",
-                   garbage: bool = False) -> dict:
+                   garbage: bool = False, crafted: str = "") -> dict:
+        """Publish one JPEG of an ``h`` x ``w`` scene; ``garbage``: bytes that are no JPEG;
+        ``crafted``: ``huge_png`` / ``huge_jpeg`` (see :func:`huge_png`, ``h``/``w`` ignored)."""
         return self.request({"op": "compressed", "h": h, "w": w, "stamp": list(stamp), "frame_id": frame_id,
-                             "garbage": garbage})
+                             "garbage": garbage, "crafted": crafted})
 
     def flood(self, h: int, w: int, rate: float, seconds: float) -> dict:
         return self.request({"op": "flood", "h": h, "w": w, "rate": rate, "seconds": seconds},
@@ -278,6 +289,52 @@ def diagnostics_values(diag_msg, suffix: str) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# crafted compressed images: a few bytes that claim (or really hold) a huge image
+# ----------------------------------------------------------------------------------------------
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def huge_png(width: int = 20000, height: int = 20000, valid: bool = True) -> bytes:
+    """A PNG of ``width`` x ``height`` in ~50 KB: 1-bit grey, all zero rows, deflated.
+
+    ``valid=False``: the same header followed by a body that is not deflate data at all (only the
+    header can tell its size). OpenCV decodes the valid one to a 1.2 GB BGR image.
+    """
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
+    if valid:
+        z = zlib.compressobj(9)
+        row = bytes(1 + (width + 7) // 8)  # filter byte 0 + packed bits
+        body = b"".join([z.compress(row * 1000) for _ in range(height // 1000)]
+                        + [z.compress(row * (height % 1000)), z.flush()])
+    else:
+        body = b"not a deflate stream " * 4
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
+def huge_jpeg(width: int = 20000, height: int = 20000) -> bytes:
+    """A real 16x16 JPEG (631 bytes) whose frame header (SOF0) is patched to claim ``width`` x
+    ``height``: libjpeg decodes it, warning about the missing data, to a full-size image."""
+    import struct
+
+    import cv2
+    import numpy as np
+
+    ok, enc = cv2.imencode(".jpg", np.full((16, 16, 3), 90, np.uint8))
+    data = bytearray(enc.tobytes())
+    sof = data.index(b"\xff\xc0")  # FF C0, length (2), precision (1), height (2), width (2)
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+# ----------------------------------------------------------------------------------------------
 # the publisher process
 # ----------------------------------------------------------------------------------------------
 
@@ -351,12 +408,16 @@ def _publisher_main(topic: str, reliability: str, compressed: bool, depth: int) 
                     stamp(m, cmd)
                     pub.publish(m)
                 elif op == "compressed":
-                    if cmd.get("garbage"):
+                    fmt = "jpeg"
+                    if cmd.get("crafted"):
+                        data = {"huge_png": huge_png, "huge_jpeg": huge_jpeg}[cmd["crafted"]]()
+                        fmt = cmd["crafted"][5:]
+                    elif cmd.get("garbage"):
                         data = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8
                     else:
                         ok, jpg = cv2.imencode(".jpg", _scene(cmd["h"], cmd["w"], cache)[:, :, ::-1])
                         data = jpg.tobytes()
-                    m = CompressedImage(format="jpeg", data=array.array("B", data))
+                    m = CompressedImage(format=fmt, data=array.array("B", data))
                     stamp(m, cmd)
                     pub.publish(m)
                 elif op == "flood":

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import array
+import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 
-from ciae_ros.image_conversion import (ImageConversionError, compressed_to_rgb, image_msg_to_array, image_to_rgb,
-                                       numpy_to_image)
+from ros_testing import REPO, huge_jpeg, huge_png
+
+from ciae_ros.image_conversion import (ImageConversionError, compressed_image_size, compressed_to_rgb,
+                                       image_msg_to_array, image_to_rgb, numpy_to_image)
 
 sensor_msgs = pytest.importorskip("sensor_msgs.msg")
 
@@ -178,6 +184,103 @@ def test_compressed_errors(data, reason):
     with pytest.raises(ImageConversionError) as e:
         compressed_to_rgb(m)
     assert e.value.reason == reason
+
+
+def _compressed(data: bytes, fmt: str = "png"):
+    return sensor_msgs.CompressedImage(format=fmt, data=array.array("B", data))
+
+
+def test_compressed_size_comes_from_the_header_for_jpeg_png_tiff():
+    rgb = _rgb(37, 53)
+    for ext, codec, params in [(".jpg", "jpeg", []), (".jpg", "jpeg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+                               (".png", "png", []), (".tiff", "tiff", [])]:
+        ok, enc = cv2.imencode(ext, rgb[:, :, ::-1], params)
+        assert ok
+        assert compressed_image_size(enc.tobytes()) == (codec, 53, 37)
+        assert compressed_image_size(array.array("B", enc.tobytes())) == (codec, 53, 37)  # rclpy's type
+        assert compressed_image_size(enc) == (codec, 53, 37)  # numpy (rosbags)
+        out = compressed_to_rgb(_compressed(enc.tobytes(), codec))
+        assert out.shape == (37, 53, 3)
+        if codec != "jpeg":
+            np.testing.assert_array_equal(out, rgb)
+    # a frame header behind a large APP segment (EXIF/ICC data) is still found
+    ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1])
+    app = b"\xff\xe2" + (2 + 60000).to_bytes(2, "big") + bytes(60000)
+    data = enc.tobytes()[:2] + app + enc.tobytes()[2:]
+    assert compressed_image_size(data) == ("jpeg", 53, 37)
+    assert compressed_to_rgb(_compressed(data, "jpeg")).shape == (37, 53, 3)
+
+
+def _tiff_claiming(width: int, height: int) -> bytes:
+    """A real small TIFF whose ImageWidth/ImageLength entries are rewritten (classic little-endian)."""
+    ok, enc = cv2.imencode(".tiff", _rgb(8, 8))
+    data = bytearray(enc.tobytes())
+    ifd = int.from_bytes(data[4:8], "little")
+    for k in range(int.from_bytes(data[ifd:ifd + 2], "little")):
+        e = ifd + 2 + 12 * k
+        tag = int.from_bytes(data[e:e + 2], "little")
+        if tag in (256, 257):
+            data[e + 2:e + 4] = (4).to_bytes(2, "little")  # LONG
+            data[e + 8:e + 12] = (width if tag == 256 else height).to_bytes(4, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("codec,data", [
+    ("png", huge_png(20000, 20000, valid=False)),   # IHDR says 20000x20000, the body is not even deflate data
+    ("jpeg", huge_jpeg(20000, 20000)),
+    ("tiff", _tiff_claiming(20000, 20000)),
+])
+def test_oversized_compressed_frame_is_rejected_from_its_header(codec, data):
+    assert compressed_image_size(data) == (codec, 20000, 20000)
+    with pytest.raises(ImageConversionError) as e:
+        compressed_to_rgb(_compressed(data, codec))  # default limit: 33 MP
+    # without the header check the invalid PNG would be decode_failed (after allocating 1.2 GB)
+    assert e.value.reason == "too_large"
+    assert "20000x20000" in str(e.value) and "header" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tiny_but_huge_compressed_images_cost_no_decoding_memory():
+    """A 48 KB valid PNG and a 631-byte JPEG that decode to 20000x20000 (1.2 GB BGR; OpenCV peaks at
+    2.3 GB): the peak resident memory of a fresh process must not move when they are rejected.
+    Measured in a subprocess (ru_maxrss is a per-process high-water mark)."""
+    code = """
+import json, resource, sys, types
+from ros_testing import huge_jpeg, huge_png
+from ciae_ros.image_conversion import ImageConversionError, compressed_to_rgb
+data = huge_png(20000, 20000) if sys.argv[1] == "png" else huge_jpeg(20000, 20000)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    compressed_to_rgb(types.SimpleNamespace(format=sys.argv[1], data=data))
+    reason = None
+except ImageConversionError as exc:
+    reason = exc.reason
+print(json.dumps([reason, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024]))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "test" / "ciae_ros")])}
+    for name in ("png", "jpeg"):  # one process each: the high-water mark of the first would hide the second
+        res = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, timeout=300,
+                             cwd=REPO, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        reason, grown_mb = json.loads(res.stdout.strip().splitlines()[-1])
+        assert reason == "too_large", (name, reason)
+        assert grown_mb < 100, f"{name}: peak memory grew by {grown_mb:.0f} MB while rejecting a huge frame"
+
+
+@pytest.mark.parametrize("data,reason", [
+    (cv2.imencode(".webp", np.zeros((8, 8, 3), np.uint8))[1].tobytes(), "unsupported_format"),
+    (cv2.imencode(".bmp", np.zeros((8, 8, 3), np.uint8))[1].tobytes(), "unsupported_format"),
+    (b"II+\x00" + bytes(12), "unsupported_format"),                        # BigTIFF
+    (b"\x00\x00\x00\x0c" + bytes(100), "unsupported_format"),              # compressedDepth's header + PNG
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "decode_failed"),                       # cut in the IHDR
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "decode_failed"),                 # no frame header
+    (b"\xff\xd8\xff\xda\x00\x08" + bytes(20), "decode_failed"),              # scan before the frame header
+    (b"II*\x00\xff\xff\x00\x00", "decode_failed"),                           # IFD outside the data
+])
+def test_compressed_formats_we_cannot_size_are_refused(data, reason):
+    with pytest.raises(ImageConversionError) as e:
+        compressed_to_rgb(_compressed(data, "x"))
+    assert e.value.reason == reason
+    assert "\n" not in str(e.value) and len(str(e.value)) > 10
 
 
 def test_numpy_to_image_round_trips():

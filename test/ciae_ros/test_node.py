@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ros
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("ciae_ros.msg")
 
-from ros_testing import Client, NodeProcess, Publisher, diagnostics_values, rss_mb  # noqa: E402
+from ros_testing import Client, NodeProcess, Publisher, diagnostics_values, peak_rss_mb, rss_mb  # noqa: E402
 
 from ciae_ros.image_conversion import image_msg_to_array  # noqa: E402
 
@@ -375,6 +375,29 @@ def test_undecodable_compressed_frame_is_counted(multicam):
         v = diagnostics_values(m, "/multi/cam1/image_raw")
         return v is not None and int(v.get("bad_decode_failed", 0)) >= 1
     assert multicam.diag.wait_for(counted, timeout=15, since=since) is not None
+
+
+@pytest.mark.parametrize("crafted", ["huge_png", "huge_jpeg"])
+def test_tiny_but_huge_compressed_frame_is_rejected_without_decoding(multicam, crafted):
+    """48 KB / 631 bytes that decode to 20000x20000 (1.2 GB): counted as too_large from the stream
+    header; the node's peak resident memory does not move (decoding them took it from ~1 GB to 3.2 GB)."""
+    topic = "/multi/cam2/image_raw"
+
+    def too_large(m):
+        v = diagnostics_values(m, topic)
+        return None if v is None else int(v.get("bad_too_large", 0))
+    last = multicam.diag.wait_for(lambda m: too_large(m) is not None, timeout=15, since=len(multicam.diag))
+    n_before = too_large(last)
+    peak_before = peak_rss_mb(multicam.node.pid)
+    multicam.pubs["cam2"].compressed(0, 0, next_stamp(), crafted=crafted)
+    diag = multicam.diag.wait_for(lambda m: (too_large(m) or 0) > n_before, timeout=15, since=len(multicam.diag))
+    assert diag is not None, f"{crafted} not counted as too_large\n{multicam.node.log()[-2000:]}"
+    grown = peak_rss_mb(multicam.node.pid) - peak_before
+    assert grown < 300, f"peak memory grew by {grown:.0f} MiB: the huge frame was decoded"
+    good = next_stamp()
+    multicam.pubs["cam2"].compressed(480, 640, good)
+    assert multicam.segs["cam2"].wait_for(lambda m: stamp_of(m) == good, timeout=60) is not None
+    assert multicam.node.alive() and "header, not decoded" in multicam.node.log()
 
 
 # ----------------------------------------------------------------------------------------------
