@@ -27,7 +27,11 @@ Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
 Decision: we use the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): it
 exports this graph with dynamic batch/height/width in about a second and the result matches
 torch to ~1e-5; the dynamo exporter specialised the batch dimension of this model (torch 2.14).
-The exported file is checked with ``onnx.checker`` and written atomically (tmp + rename).
+The exported file is checked with ``onnx.checker`` and written atomically: to a uniquely named
+temporary file in the destination directory (``tempfile.mkstemp``, so concurrent exports to the
+same path never write the same temporary file), then renamed over the destination; the last
+rename wins and readers only ever see a complete file. Every failure, including an unusable
+destination directory, is an :class:`ExportError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import logging
 import os
 import pathlib
 import sys
+import tempfile
 import warnings
 
 import torch
@@ -89,6 +94,21 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _os_error_reason(path: pathlib.Path, e: OSError) -> str:
+    """One line for an OSError while writing ``path``: names a parent that is not a directory."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} exists and is not a directory"
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or type(e).__name__}{where}"
+
+
 def export_model(model: torch.nn.Module, path: str | os.PathLike, size: tuple[int, int] = (640, 640),
                  dynamic: bool = False, batch_size: int = 1, opset: int = DEFAULT_OPSET,
                  extra_metadata: dict[str, str] | None = None) -> str:
@@ -117,9 +137,13 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: tuple[in
                "cls_logits": {0: "batch", 1: "locations"}, "box_regression": {0: "batch", 1: "locations"},
                "centerness": {0: "batch", 1: "locations"}, "points": {0: "locations"},
                "embedding": {0: "batch", 2: "embedding_height", 3: "embedding_width"}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = pathlib.Path(tmp_name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the export gets the usual mode
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(RawOutputs(model), (example,), str(tmp), dynamo=False, opset_version=int(opset),
@@ -140,11 +164,13 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: tuple[in
         os.replace(tmp, path)
     except ExportError:
         raise
+    except OSError as e:  # destination unusable: a path component is a file, no permission, disk full, ...
+        raise ExportError(f"cannot write {path}: {_os_error_reason(path, e)}") from None
     except Exception as e:  # noqa: BLE001 - report any exporter failure in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"exporting to {path} failed: {type(e).__name__}: {msg}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
     logger.info("exported %s (opset %d, %s)", path, opset, "dynamic" if dynamic else f"{h}x{w}")
     return str(path)
@@ -212,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     shape.add_argument("--size", default="640x640", help="fixed input HxW, multiples of 32 (default 640x640)")
     shape.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
     p.add_argument("--batch-size", type=int, default=1, help="fixed batch size (ignored with --dynamic)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -210,6 +210,45 @@ def test_export_cli_errors(weights, tmp_path, capsys):
         read_onnx_metadata(tmp_path / "none.onnx")
 
 
+def test_export_below_a_regular_file_is_a_one_line_error(weights, tmp_path, capsys):
+    """--out /x/afile/m.onnx where afile is a regular file: one line naming it, no traceback."""
+    afile = _write(tmp_path / "afile", b"not a directory")
+    assert main(["--weights", str(weights), "--out", str(afile / "m.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ciae-export: error: ") and err.count("\n") == 1, err
+    assert f"{afile} exists and is not a directory" in err and "Traceback" not in err
+    assert main(["--weights", str(weights), "--out", str(afile / "sub" / "m.onnx")]) == 1
+    assert f"{afile} exists and is not a directory" in capsys.readouterr().err
+
+
+def test_export_writes_through_a_unique_temporary_file(weights, tmp_path):
+    """Two exports to the same file must not share a temporary path: a ``m.onnx.tmp`` of another
+    process (the old fixed name) is left alone, and nothing of ours is left behind."""
+    other = _write(tmp_path / "m.onnx.tmp", b"another exporter's half-written file")
+    out = tmp_path / "m.onnx"
+    export_checkpoint(weights, out, size=(64, 64))
+    assert other.read_bytes() == b"another exporter's half-written file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.tmp"]
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert out.stat().st_mode & 0o444 == 0o444 & ~_umask()  # the usual mode, not mkstemp's 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_export_help_states_the_opset_range(capsys):
+    from ciae_core.export import DEFAULT_OPSET, OPSET_RANGE
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})" in out
+
+
 @pytest.mark.cuda
 def test_onnxruntime_cuda_engine_matches_torch(weights, dynamic_onnx, tmp_path):
     import onnxruntime as ort
