@@ -2,14 +2,42 @@
 
 The graph is the export boundary of docs/DESIGN.md (``do_postprocess=False``): everything up to
 the raw network outputs, no data-dependent control flow. Proposal selection and the Eq. 16 fusion
-are *not* in the graph: they need ``nonzero``/NMS with data-dependent sizes and a per-image loop,
-which do not export cleanly; the onnxruntime engine of :mod:`ciae_core.predictor` runs the same
-torch code (:func:`ciae_core.fusion.panoptic_from_raw`) on the graph's outputs instead.
+are *not* in the graph; the onnxruntime engine of :mod:`ciae_core.predictor` runs the same torch
+code (:func:`ciae_core.fusion.panoptic_from_raw`) on the graph's outputs instead.
+
+Decision (measured, torch 2.14.1, onnxruntime 1.31.1, opset 17, the shipped
+``models/ciae_synthetic_small.safetensors`` on the test/data images at 320x448): neither exporter
+gives a correct graph of :func:`~ciae_core.fusion.select_proposals` or of the fusion as they are.
+
+* ``select_proposals`` with the TorchScript exporter (``dynamo=False``) exports in 0.3 s and, on
+  the three test images, matches torch exactly (same labels and locations, boxes identical,
+  scores within 1.2e-7) at the default thresholds and at score threshold 0. But the trace freezes
+  the data-dependent branch ``if cand.numel() > pre_nms_topk`` (and the image size, the
+  thresholds and N) into constants: with fewer candidates than ``pre_nms_topk`` (534 when the
+  class logits are shifted by -3, 0 when shifted by -100) onnxruntime fails with "k argument
+  [1000] should not be greater than specified axis dim value [534]" in the TopK node, where torch
+  returns 100 (resp. 0) proposals; traced on such an input it would silently skip the top-k on
+  busy images instead. Not clean, so there is no ``--with-selection``.
+* ``select_proposals`` with the dynamo exporter (``dynamo=True``, ``A`` dynamic):
+  ``torch.export`` fails (strict and non-strict) with ``GuardOnDataDependentSymNode: Could not
+  guard on data-dependent expression u0 > 1000`` at the same branch (fusion.py, the
+  ``cand.numel() > pre_nms_topk`` line).
+* ``panoptic_from_raw`` (selection + queries + ``fuse_panoptic(method="dense")``): TorchScript
+  tracing aborts with "INTERNAL ASSERT FAILED at alias_analysis.cpp:623 ... We don't have an op for
+  aten::view" (the dtype ``view`` of :func:`~ciae_core.fusion.first_argmax`); dynamo stops at the
+  selection guard above. The coarse-to-fine and numba methods index by data-dependent pixel sets
+  and call numpy kernels, so they are not traceable at all.
+
+Making selection exportable would need a rewrite (e.g. top-k over ``min(pre_nms_topk, N*A*T)``
+scores with the rejected ones masked, the image size as an input) and its own parity tests.
 
 Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
 
 * input ``images``: float32 ``(N, 3, H, W)``, RGB 0..255, H and W multiples of 32 (the predictor
-  pads; the graph also pads internally, so any size works). Normalisation is inside the graph.
+  letterboxes and pads to them). A ``--dynamic`` export takes any N, H, W (other sizes are
+  padded to 32 inside the graph); a fixed-shape (``--size``) export takes exactly the N, H, W it
+  was exported with — onnxruntime refuses any other shape ("Got invalid dimensions for input"),
+  so the caller must letterbox into that canvas. Normalisation is inside the graph.
 * outputs (float32), with A = number of FCOS locations of P3..P7, T thing classes, S stuff
   classes, D embedding dims:
   ``cls_logits (N, A, T)``, ``box_regression (N, A, 4)`` ltrb input pixels, ``centerness (N, A)``,
