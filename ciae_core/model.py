@@ -177,6 +177,14 @@ class CIAEConfig:
             raise ModelConfigError("dcn_stages needs a ResNet backbone")
         if len(self.fpn_strides) != 5 or len(self.sizes_of_interest) != 4:
             raise ModelConfigError("fpn_strides needs 5 entries (P3..P7) and sizes_of_interest 4 boundaries")
+        if tuple(self.fpn_strides) != (8, 16, 32, 64, 128):
+            raise ModelConfigError(f"fpn_strides must be (8, 16, 32, 64, 128), the strides P3..P7 have in this network, "
+                                   f"got {tuple(self.fpn_strides)}")
+        if list(self.sizes_of_interest) != sorted(self.sizes_of_interest) or min(self.sizes_of_interest) <= 0:
+            raise ModelConfigError(f"sizes_of_interest must be positive and increasing, got {self.sizes_of_interest}")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ModelConfigError(f"pixel_mean and pixel_std need 3 values (RGB) and pixel_std > 0, got "
+                                   f"{self.pixel_mean} / {self.pixel_std}")
         if self.embedding_stride not in (1, 4):
             raise ModelConfigError(f"embedding_stride must be 1 or 4, got {self.embedding_stride}")
         if self.embedding_from_level not in (2, 3):

@@ -328,6 +328,9 @@ class _TorchEngine:
     bound by kernel-launch overhead (an R50 forward launches ~700 kernels). Up to
     ``max_graphs`` shapes are kept (least recently used dropped); a capture failure falls back
     to eager execution with a warning. Outputs are copied out of the graph's static buffers.
+    Decision: a shape is captured the second time it is seen, not the first: a capture costs
+    three warm-up runs, a device sync and an ``empty_cache``, which a folder of differently sized
+    photos (``ciae-predict``) would pay on every image, while a camera repeats its shape at once.
     """
 
     name = "torch"
@@ -353,6 +356,7 @@ class _TorchEngine:
         self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
         self.max_graphs = int(max_graphs)
         self._graphs: dict[tuple, tuple] = {}
+        self._seen: dict[tuple, None] = {}  # shapes run once (an ordered set, the last 64)
         self.providers: list[str] = []
 
     def _eager(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -375,7 +379,9 @@ class _TorchEngine:
                     self._eager(static_in)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # captured on our side stream of self.device (torch's default capture stream would
+            # belong to the thread's current device)
+            with torch.cuda.graph(graph, stream=side):
                 static_out = self._eager(static_in)
         except Exception as e:  # noqa: BLE001 - any capture problem: run eagerly instead
             logger.warning("CUDA graph capture failed (%s: %s); running the forward pass eagerly",
@@ -397,6 +403,11 @@ class _TorchEngine:
         key = tuple(images.shape)
         entry = self._graphs.pop(key, None)
         if entry is None:
+            if key not in self._seen:  # first sighting: eager (see the class docstring)
+                self._seen[key] = None
+                while len(self._seen) > 64:
+                    self._seen.pop(next(iter(self._seen)))
+                return self._eager(images)
             entry = self._capture(images)
             if entry is None:
                 return self._eager(images)
@@ -508,6 +519,7 @@ class _OrtEngine:
         except ExportError as e:
             raise PredictorError(str(e)) from None
         self.device = device
+        self.path = path
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
@@ -581,6 +593,17 @@ class _OrtEngine:
         return {k: torch.cat([c[k] for c in chunks])[:n] if k in per_image else chunks[0][k] for k in chunks[0]}
 
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self._run_session(images)
+        h, w = images.shape[-2:]
+        s, d = self.config.branch_stride, self.config.embed_dim
+        want = (images.shape[0], d, -(-h // s), -(-w // s))
+        if tuple(out["embedding"].shape) != want:
+            raise PredictorError(f"{self.path}: the graph's embedding output {tuple(out['embedding'].shape)} does not "
+                                 f"match its metadata config (embed_dim {d}, stride {s}: {want} for a {h}x{w} "
+                                 f"input); the file was edited or mixed up, re-export it with ciae-export")
+        return out
+
+    def _run_session(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.float().contiguous()
         if not self._on_cuda:
             outs = self.session.run(self.output_names, {"images": images.cpu().numpy()})
@@ -616,12 +639,13 @@ class _StageClock:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
         self.marks: list[tuple[str, Any]] = []
 
     def mark(self, name: str) -> None:
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))
             self.marks.append((name, ev))
         else:
             self.marks.append((name, time.perf_counter()))
@@ -802,6 +826,8 @@ class Predictor:
                 raise PredictorError("device='cuda' requested but no CUDA GPU is available; use device='cpu'")
             if dev.index is not None and dev.index >= torch.cuda.device_count():
                 raise PredictorError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+            if dev.index is None:  # pin "cuda" to the GPU current now: later calls may come from other threads
+                dev = torch.device("cuda", torch.cuda.current_device())
         return dev
 
     def _load_torch_model(self, weights: str):
@@ -909,7 +935,11 @@ class Predictor:
         boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in images]
         return self._letterbox_batch(images, boxes, color), boxes
 
-    def _letterbox_batch(self, images: Sequence[np.ndarray], boxes: Sequence[Letterbox], color: str) -> torch.Tensor:
+    def _letterbox_batch(self, images: Sequence[np.ndarray], boxes: Sequence[Letterbox], color: str,
+                         slots: Sequence[int] | None = None) -> torch.Tensor:
+        """``slots``: pinned staging buffer of each image on CUDA (its position in the call), so
+        no buffer is rewritten within a call while its async upload may still be in flight; the
+        call ends with a stream sync, after which all buffers are free again."""
         hp, wp = max(b.padded_height for b in boxes), max(b.padded_width for b in boxes)
         batch = torch.zeros((len(images), 3, hp, wp), dtype=torch.float32, device=self.device)
         bgr = color == "bgr"
@@ -924,7 +954,7 @@ class Predictor:
                 t = torch.from_numpy(im).permute(2, 0, 1)
                 batch[i, :, :rh, :rw] = t.flip(0) if bgr else t
             else:
-                buf = self._pinned_buffer(i, im.size)
+                buf = self._pinned_buffer(slots[i] if slots is not None else i, im.size)
                 buf.view(im.shape).copy_(torch.from_numpy(im))
                 x = buf.view(im.shape).to(self.device, non_blocking=True).permute(2, 0, 1).float()
                 if bgr:
@@ -952,7 +982,18 @@ class Predictor:
 
     # -- call -----------------------------------------------------------------------------------
     def __call__(self, images, color: str = "rgb", return_confidence: bool = False):
-        """Segment one image (→ ``PanopticResult``) or a list of images (→ list, same order)."""
+        """Segment one image (→ ``PanopticResult``) or a list of images (→ list, same order).
+
+        On CUDA the whole call runs with ``self.device`` as the current device, whatever the
+        calling thread's current device is (a ROS executor thread starts on GPU 0): CUDA-graph
+        capture streams, timing events and onnxruntime's IO binding all use the current device.
+        """
+        if self.device.type != "cuda":
+            return self._call(images, color, return_confidence)
+        with torch.cuda.device(self.device):
+            return self._call(images, color, return_confidence)
+
+    def _call(self, images, color: str, return_confidence: bool):
         if color not in ("rgb", "bgr"):
             raise PredictorError(f"color must be 'rgb' or 'bgr', got {color!r}")
         single = not isinstance(images, (list, tuple))
@@ -969,7 +1010,7 @@ class Predictor:
         outs: list[dict] = [{}] * len(batch_in)
         for idx in groups.values():
             clock.mark("start")
-            batch = self._letterbox_batch([batch_in[i] for i in idx], [boxes[i] for i in idx], color)
+            batch = self._letterbox_batch([batch_in[i] for i in idx], [boxes[i] for i in idx], color, slots=idx)
             clock.mark("preprocess")
             raw = self.forward_raw(batch)
             clock.mark("forward")

@@ -140,6 +140,12 @@ def test_config_round_trip_and_validation():
         CIAEConfig.from_dict({**d, "bogus": 1})
     with pytest.raises(ModelConfigError, match="no thing class"):
         CIAEConfig(categories=CATS[3:])
+    with pytest.raises(ModelConfigError, match=r"fpn_strides must be \(8, 16, 32, 64, 128\)"):
+        CIAEConfig(categories=CATS, fpn_strides=(8, 16, 32, 64, 100))
+    with pytest.raises(ModelConfigError, match="pixel_std > 0"):
+        CIAEConfig(categories=CATS, pixel_std=(0.0, 0.0, 0.0))
+    with pytest.raises(ModelConfigError, match="sizes_of_interest must be positive and increasing"):
+        CIAEConfig(categories=CATS, sizes_of_interest=(64.0, 32.0, 256.0, 512.0))
     m2 = CIAE.from_config(cfg)
     assert m2.config == cfg
 

@@ -204,6 +204,7 @@ def test_numba_fusion_refused_on_cuda_at_construction(weights, monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     with pytest.raises(PredictorError, match="fusion_method='numba' runs on the CPU"):
         Predictor(weights, device="cuda", fusion_method="numba")
     with pytest.raises(PredictorError, match="fusion_method='numba' runs on the CPU"):
@@ -418,6 +419,26 @@ def test_a_batch_of_same_size_images_runs_as_one_forward(weights, coco_image):
     assert shapes[1:] == [(1, 3, 256, 384)] * 3
 
 
+def test_onnx_whose_metadata_does_not_fit_its_graph_is_refused(weights, tmp_path, coco_image):
+    """A file whose ciae_config was edited (here: it claims the stride-8 branch) would be fused at
+    the wrong scale (1 % of pixels agreed); the engine checks the embedding output on every run."""
+    import onnx
+
+    from ciae_core.export import export_checkpoint
+
+    path = export_checkpoint(weights, tmp_path / "m.onnx", dynamic=True)
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "ciae_config":
+            cfg = json.loads(prop.value)
+            cfg["embedding_from_level"] = 3
+            prop.value = json.dumps(cfg)
+    onnx.save(proto, str(tmp_path / "edited.onnx"))
+    p = Predictor(tmp_path / "edited.onnx", engine="onnxruntime", input_size=256)
+    with pytest.raises(PredictorError, match="edited.onnx: the graph's embedding output .* does not match"):
+        p(coco_image)
+
+
 def _fixed_export(weights, path, size, batch_size=1):
     from ciae_core.export import export_checkpoint
 
@@ -496,16 +517,47 @@ def test_ciae_predict_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
-def test_cuda_matches_cpu(weights, coco_image, precision):
+def test_cuda_matches_cpu(weights, precision):
+    """On a scene of the shipped model's own domain (on a COCO photo its embedding is near-ties
+    everywhere, which half precision reorders)."""
+    from ciae_core.synth import render_scene
+
+    scene = render_scene(7, 480, 640)[0]
     cpu = Predictor(weights, input_size=256, **FAST)
     gpu = Predictor(weights, device="cuda", input_size=256, precision=precision, **FAST)
-    a, b = cpu(coco_image), gpu(coco_image)
-    _check_result(b, coco_image.shape, gpu.categories)
+    a, b = cpu(scene), gpu(scene)
+    _check_result(b, scene.shape, gpu.categories)
     agree = matched_agreement(a.id_map, b.id_map)
-    # fp32 differs only by cuDNN's TF32 convolutions; half precision moves random-weight near-ties
-    assert agree >= (0.99 if precision == "fp32" else 0.9), agree
-    results = gpu([coco_image, np.ascontiguousarray(coco_image[:300, :200])])
-    assert [r.id_map.shape for r in results] == [coco_image.shape[:2], (300, 200)]
+    # fp32 differs only by cuDNN's TF32 convolutions; half precision moves near-ties
+    assert agree >= (0.99 if precision == "fp32" else 0.95), agree
+    results = gpu([scene, np.ascontiguousarray(scene[:300, :200])])
+    assert [r.id_map.shape for r in results] == [scene.shape[:2], (300, 200)]
+
+
+@pytest.mark.cuda
+def test_cuda_device_index_is_kept_whatever_the_current_device(weights):
+    """'cuda' is pinned to the current GPU at construction; calls from a thread whose current
+    device is another GPU still run (graphs, events) on the predictor's device."""
+    import threading
+
+    from ciae_core.synth import render_scene
+
+    p = Predictor(weights, device="cuda", input_size=256, **FAST)
+    assert p.device.index == torch.cuda.current_device()
+    scene = render_scene(3, 240, 320)[0]
+    ref = [p(scene).id_map for _ in range(3)]  # eager, capture, replay
+    out = []
+    other = (p.device.index + 1) % torch.cuda.device_count()
+
+    def worker():
+        torch.cuda.set_device(other)
+        out.extend(p(scene).id_map for _ in range(2))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    for m in ref[1:] + out:
+        assert matched_agreement(ref[0], m) >= 0.999
 
 
 @pytest.mark.cuda
@@ -513,10 +565,11 @@ def test_cuda_graphs_match_eager(weights, coco_image):
     small = np.ascontiguousarray(coco_image[50:351, 20:221])
     eager = Predictor(weights, device="cuda", input_size=256, cuda_graphs=False, **FAST)
     graphed = Predictor(weights, device="cuda", input_size=256, **FAST)  # graphs are the CUDA default
-    for im in (coco_image, small, coco_image, small):  # capture, capture, replay, replay
+    for k, im in enumerate((coco_image, small) * 3):  # eager (first sighting), capture, replay
         a, b = eager(im), graphed(im)
         assert matched_agreement(a.id_map, b.id_map) >= 0.999
-    assert graphed._engine.cuda_graphs and len(graphed._engine._graphs) == 2
+        assert len(graphed._engine._graphs) == max(0, min(2, k - 1))
+    assert graphed._engine.cuda_graphs
 
 
 SHIPPED = sorted((REPO / "models").glob("*.safetensors"))
