@@ -140,6 +140,35 @@ def _descriptor(spec: ParamSpec):
     return d
 
 
+def unknown_parameter_warnings(override_names, is_declared, candidates=None) -> list[str]:
+    """One warning line per parameter override (params file, ``-p``) that the node never declared.
+
+    ``is_declared(name)`` is the node's ``has_parameter``, so everything rclpy itself declares
+    (``use_sim_time``, ``start_type_description_service``, ...) counts as known. ``candidates``
+    (default: our parameter names) feed a difflib close-match suggestion.
+
+    Decision: warn, not fail. A mature node keeps running on a typo (the declared default stays
+    in effect), and one ``/**`` file is often shared by several nodes, so keys meant for another
+    node must not stop this one. ``qos_overrides.*`` keys get their own hint: this node takes its
+    QoS from ``input_reliability``/``output_reliability``/``*_depth``, not from QoS overrides.
+    """
+    import difflib
+
+    names = sorted(candidates if candidates is not None else SPECS)
+    out = []
+    for name in sorted(override_names):
+        if is_declared(name):
+            continue
+        if name.startswith("qos_overrides."):
+            out.append(f"parameter {name!r} ignored: this node does not take QoS overrides; use input_reliability, "
+                       "input_depth, output_reliability, output_depth")
+            continue
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(f"unknown parameter {name!r}{hint} \u2014 ignored")
+    return out
+
+
 def validate_value(name: str, value) -> str | None:
     """Checks beyond what the descriptor enforces: choices and value formats. ``None`` if valid."""
     spec = SPECS.get(name)
@@ -350,6 +379,7 @@ class _PanopticLogic:
             if err:
                 raise NodeStartupError(f"invalid parameter: {err}")
             self._values[spec.name] = value
+        self._warn_unknown_overrides()
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._model: ModelHandle | None = None
         self._model_lock = threading.Lock()
@@ -367,6 +397,19 @@ class _PanopticLogic:
         self._pub_diag = None
         self._diag_prev = (time.monotonic(), [])
         self._vision_msgs = self._vision_msgs_available()
+
+    def _warn_unknown_overrides(self) -> None:
+        """Warn about misspelled or foreign keys in the params file / ``-p`` (see
+        :func:`unknown_parameter_warnings`). rclpy keeps the overrides given to this node in the
+        private ``Node._parameter_overrides`` (a dict name -> Parameter on Kilted and Jazzy; there
+        is no public accessor); if a later rclpy drops or changes it, the check is skipped with a
+        debug message rather than breaking the node."""
+        overrides = getattr(self, "_parameter_overrides", None)
+        if not isinstance(overrides, dict):
+            self.get_logger().debug("rclpy exposes no parameter overrides: unknown parameter keys not checked")
+            return
+        for line in unknown_parameter_warnings(overrides, self.has_parameter):
+            self.get_logger().warning(line)
 
     @staticmethod
     def _vision_msgs_available() -> bool:

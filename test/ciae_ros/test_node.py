@@ -511,6 +511,34 @@ def test_node_stops_on_sigint_even_when_started_with_sigint_ignored(node_weights
     assert rc == 0, n.log()[-3000:]
 
 
+def _wait_for_log(n: NodeProcess, text: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and n.alive() and text not in n.log():
+        time.sleep(0.2)
+    assert n.alive() and text in n.log(), n.log()[-3000:]
+
+
+def test_misspelled_parameter_keys_are_reported_and_ignored(node_weights, tmp_path):
+    """A params file with a typo: one warning per unknown key with a close-match suggestion, the
+    node keeps running on its defaults; ROS-standard keys (use_sim_time) are not reported."""
+    params = tmp_path / "typo.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    input_sise: 256\n    use_sim_time: false\n"
+                      "    overlay_alpha: 0.3\n    totally_unrelated_key: 1\n")
+    n = NodeProcess(tmp_path / "typo.log", node_weights, params_file=params, ros_args=["-r", "__ns:=/typo"])
+    try:
+        _wait_for_log(n, "waiting for a publisher")
+        log = n.log()
+    finally:
+        rc = n.stop()
+    assert rc == 0, log[-3000:]
+    warnings = [ln for ln in log.splitlines() if "[WARN]" in ln and "parameter" in ln]
+    assert any("unknown parameter 'input_sise' (did you mean 'input_size'?)" in ln and "ignored" in ln
+               for ln in warnings), log
+    assert any("unknown parameter 'totally_unrelated_key' \u2014 ignored" in ln for ln in warnings), log
+    assert len(warnings) == 2, warnings  # not use_sim_time, not overlay_alpha, nothing rclpy declares
+    assert "input_size 320" in log, "the default input_size must stay in effect"
+
+
 # ----------------------------------------------------------------------------------------------
 # pieces of the node without DDS
 
@@ -546,6 +574,17 @@ def test_parameter_validation_messages():
     assert "-1" in validate_value("nms_threshold", -0.5)
     assert validate_value("stuff_area_min", 5000) is None
     assert "distinct" in validate_value("image_topics", ["/a", "/a"])
+
+
+def test_unknown_parameter_warnings_skip_declared_and_explain_qos_overrides():
+    from ciae_ros.node import unknown_parameter_warnings
+
+    declared = {"input_size", "use_sim_time", "start_type_description_service"}
+    lines = unknown_parameter_warnings(["input_size", "use_sim_time", "scor_threshold", "qos_overrides./x.publisher.depth"],
+                                       declared.__contains__)
+    assert lines[0].startswith("parameter 'qos_overrides./x.publisher.depth' ignored") and "output_depth" in lines[0]
+    assert lines[1] == "unknown parameter 'scor_threshold' (did you mean 'score_threshold'?) \u2014 ignored"
+    assert len(lines) == 2
 
 
 def test_output_prefix_is_the_camera_namespace():
