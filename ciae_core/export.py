@@ -28,7 +28,7 @@ gives a correct graph of :func:`~ciae_core.fusion.select_proposals` or of the fu
   selection guard above. The coarse-to-fine and numba methods index by data-dependent pixel sets
   and call numpy kernels, so they are not traceable at all.
 
-Making selection exportable would need a rewrite (e.g. top-k over ``min(pre_nms_topk, N*A*T)``
+Making selection exportable would need a rewrite (e.g. top-k over ``min(pre_nms_topk, A*T)``
 scores with the rejected ones masked, the image size as an input) and its own parity tests.
 
 Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
