@@ -53,8 +53,13 @@ Decisions (all constructor arguments):
   (dynamic batch/height/width) to ``<onnx_cache_dir>/<stem>-<sha256[:16]>-opset<N>.onnx``;
   ``onnx_cache_dir`` defaults to ``$CIAE_CACHE_DIR/onnx`` or ``~/.cache/ciae/onnx``. The cached
   file is reused while the checkpoint's hash matches. Providers: TensorRT → CUDA → CPU (the ones
-  this onnxruntime build offers) for device="cuda", CPU for device="cpu"; ``trt_cache_dir`` and
-  ``trt_fp16`` configure TensorRT; full graph optimisation; thread counts settable.
+  this onnxruntime build offers; TensorRT only when its runtime loads) for device="cuda", CPU for
+  device="cpu"; ``trt_cache_dir`` (default ``$CIAE_CACHE_DIR/tensorrt``, engines and timing cache
+  kept across restarts) and ``trt_fp16`` configure TensorRT; a chosen GPU provider that does not
+  start is an error, not a silent CPU run; full graph optimisation; thread counts settable. A
+  fixed-shape file (``ciae-export --size HxW [--batch-size N]``) is served by fitting each image
+  into its ``HxW`` canvas (:func:`letterbox_into`; ``input_size`` does not apply) and running
+  batches in chunks of ``N``.
 
 Timings (``predictor.timings``, milliseconds of the last call): ``preprocess``, ``forward``,
 ``postprocess`` (proposal selection + fusion), ``map_back`` (resize to input resolution +
@@ -531,10 +536,18 @@ class _OrtEngine:
         if inter_op_threads:
             opts.inter_op_num_threads = int(inter_op_threads)
         opts.log_severity_level = 3
-        if trt_cache_dir:
-            os.makedirs(trt_cache_dir, exist_ok=True)
-        chosen = select_providers(device.type, ort.get_available_providers(), providers, trt_cache_dir, trt_fp16,
-                                  device.index or 0)
+        available = ort.get_available_providers()
+        chosen = select_providers(device.type, available, providers, trt_cache_dir, trt_fp16, device.index or 0)
+        if chosen[0][0] == "TensorrtExecutionProvider":
+            # TensorRT builds an engine per input shape range (minutes for an R50): keep them on disk
+            # so a restarted node does not build again (default: beside the ONNX cache)
+            trt_cache_dir = str(trt_cache_dir or default_onnx_cache_dir().parent / "tensorrt")
+            try:
+                os.makedirs(trt_cache_dir, exist_ok=True)
+            except OSError as e:
+                raise PredictorError(f"cannot create the TensorRT cache {trt_cache_dir}: {e.strerror}; set "
+                                     f"trt_cache_dir") from None
+            chosen = select_providers(device.type, available, providers, trt_cache_dir, trt_fp16, device.index or 0)
         if chosen[0][0] == "CPUExecutionProvider":  # leave the cores to the fusion after a run (docstring)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
