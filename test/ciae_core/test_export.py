@@ -78,9 +78,10 @@ def test_raw_outputs_match_torch(weights, dynamic_onnx, shape):
         ref = model.forward_raw(batch)
     for k in OUTPUT_NAMES:
         assert outs[k].shape == tuple(ref[k].shape), k
-        # box regression is exp(.) * stride (pixels): compare relative to its size
-        scale = max(1.0, float(ref[k].abs().max())) if k == "box_regression" else 1.0
-        assert float(np.abs(outs[k] - ref[k].numpy()).max()) / scale <= 1e-3, k
+        # absolute tolerance for every output, box_regression (ltrb pixels, up to ~350) included:
+        # measured max abs error ~2.6e-4 there, ~1e-5 elsewhere
+        err = float(np.abs(outs[k] - ref[k].numpy()).max())
+        assert err <= 1e-3, (k, err)
 
 
 def test_onnxruntime_cpu_session_leaves_the_cores_after_a_run(dynamic_onnx):
@@ -93,21 +94,22 @@ def test_onnxruntime_cpu_session_leaves_the_cores_after_a_run(dynamic_onnx):
     assert options.intra_op_num_threads == 2
 
 
-def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onnx):
-    torch_p = Predictor(weights, input_size=256, **FAST)
-    ort_p = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=1, **FAST)
+@pytest.mark.parametrize("thresholds", [{}, FAST], ids=["model_defaults", "fast"])
+def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onnx, thresholds):
+    """Requirement: final id maps agree on >= 99.5% of pixels with identical segment categories —
+    the full sorted (id, category_id) lists are equal, with the model's own thresholds and with
+    the fast ones (score threshold 0, 20 detections) used elsewhere."""
+    torch_p = Predictor(weights, input_size=256, **thresholds)
+    ort_p = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=1, **thresholds)
     assert ort_p.providers == ["CPUExecutionProvider"]
     assert [c.id for c in ort_p.categories] == [c.id for c in torch_p.categories]
     for im in _real_images():
         a, b = torch_p(im), ort_p(im)
         agree = float((a.id_map == b.id_map).mean())
         assert agree >= 0.995, agree
-        cats_a = {s.id: s.category_id for s in a.segments}
-        cats_b = {s.id: s.category_id for s in b.segments}
-        common = set(cats_a) & set(cats_b)
-        assert common and all(cats_a[k] == cats_b[k] for k in common)
-        big_a = {s.id for s in a.segments if s.area > 0.01 * a.id_map.size}
-        assert big_a <= set(cats_b), "every large segment is found by both engines"
+        seg_a = sorted((s.id, s.category_id) for s in a.segments)
+        seg_b = sorted((s.id, s.category_id) for s in b.segments)
+        assert seg_a and seg_a == seg_b
 
 
 def test_safetensors_with_onnxruntime_exports_once_to_cache(weights, tmp_path):
