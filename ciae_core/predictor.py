@@ -375,6 +375,7 @@ class _TorchEngine:
             return {k: v.float() for k, v in raw.items()}
 
     def _capture(self, images: torch.Tensor):
+        caller_stream = torch.cuda.current_stream(self.device)
         try:
             static_in = images.clone()
             side = torch.cuda.Stream(self.device)
@@ -389,6 +390,9 @@ class _TorchEngine:
             with torch.cuda.graph(graph, stream=side):
                 static_out = self._eager(static_in)
         except Exception as e:  # noqa: BLE001 - any capture problem: run eagerly instead
+            # a capture that fails in capture_end leaves the capture stream current (torch's
+            # graph context skips restoring it): go back to the caller's stream
+            torch.cuda.set_stream(caller_stream)
             logger.warning("CUDA graph capture failed (%s: %s); running the forward pass eagerly",
                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.cuda_graphs = False
