@@ -56,18 +56,61 @@ def test_launch_file_points_at_installed_executable_and_params():
     assert re.search(r'project\(ciae_ros\)', cmake)
 
 
+def _launch_argument_defaults(tree) -> dict:
+    """``{name: default}`` of the DeclareLaunchArgument calls (an ast node where not a constant)."""
+    out = {}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "DeclareLaunchArgument":
+            kw = {k.arg: k.value for k in n.keywords}
+            d = kw.get("default_value")
+            out[n.args[0].value] = d.value if isinstance(d, ast.Constant) else d
+    return out
+
+
 def test_launch_arguments_and_overrides_are_node_parameters():
+    from ciae_ros.launch_support import PARAMETER_ARGUMENTS
+
     tree = _launch_tree()
-    args = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
-            and getattr(n.func, "id", "") == "DeclareLaunchArgument"}
+    defaults = _launch_argument_defaults(tree)
     assert {"image_topic", "params_file", "namespace", "weights", "engine", "device", "input_transport",
-            "lifecycle"} <= args
-    dicts = [n for n in ast.walk(tree) if isinstance(n, ast.Dict)]
-    overrides = {k.value for d in dicts for k in d.keys if isinstance(k, ast.Constant)}
-    assert overrides and overrides <= set(SPECS), overrides - set(SPECS)
+            "lifecycle"} <= set(defaults)
+    # the parameter arguments are node parameters, default to "" (= not given), and the node's
+    # parameters come from ciae_ros.launch_support.parameter_overrides, evaluated at launch time
+    assert set(PARAMETER_ARGUMENTS) <= set(SPECS) and set(PARAMETER_ARGUMENTS) <= set(defaults)
+    assert all(defaults[name] == "" for name in PARAMETER_ARGUMENTS), {n: defaults[n] for n in PARAMETER_ARGUMENTS}
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "ciae_ros.launch_support"
+                for a in n.names}
+    assert {"PARAMETER_ARGUMENTS", "parameter_overrides", "DEFAULT_IMAGE_TOPIC"} <= imported
+    calls = {getattr(n.func, "id", "") for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert {"parameter_overrides", "OpaqueFunction"} <= calls
+    literal_keys = {k.value for n in ast.walk(tree) if isinstance(n, ast.Dict) for k in n.keys
+                    if isinstance(k, ast.Constant)}
+    assert not literal_keys & set(SPECS), "parameters written into the launch file override params_file"
     remaps = [n for n in ast.walk(tree) if isinstance(n, ast.Tuple) and n.elts
               and isinstance(n.elts[0], ast.Constant) and n.elts[0].value == "image"]
     assert remaps, "the launch file must remap the node's 'image' topic"
+
+
+def test_launch_passes_only_the_parameter_arguments_the_user_gave():
+    from ciae_ros.launch_support import parameter_overrides
+
+    unset = {"weights": "", "engine": "", "device": "", "input_transport": ""}
+    assert parameter_overrides(unset) == {}, "defaults must leave params_file in charge"
+    assert parameter_overrides({**unset, "device": "cuda:1"}) == {"device": "cuda:1"}
+    assert parameter_overrides({**unset, "weights": " /m/model.onnx ", "engine": "onnxruntime",
+                                "input_transport": "compressed", "image_topic": "/x", "namespace": "front"}) == \
+        {"weights": "/m/model.onnx", "engine": "onnxruntime", "input_transport": "compressed"}
+    assert parameter_overrides({"weights": "123"}) == {"weights": "123"}  # stays a string (a file name)
+    assert parameter_overrides({}) == {}
+
+
+def test_launch_default_input_topic_is_relative_like_the_node():
+    from ciae_ros.launch_support import DEFAULT_IMAGE_TOPIC
+    from ciae_ros.node import DEFAULT_IMAGE_TOPIC as NODE_DEFAULT
+
+    defaults = _launch_argument_defaults(_launch_tree())
+    assert isinstance(defaults["image_topic"], ast.Name) and defaults["image_topic"].id == "DEFAULT_IMAGE_TOPIC"
+    assert DEFAULT_IMAGE_TOPIC == NODE_DEFAULT == "camera/image_raw"  # namespace:=front -> /front/camera/image_raw
 
 
 def test_params_file_matches_declared_parameters():
@@ -123,3 +166,55 @@ def test_rviz_config_shows_overlay_and_camera():
     displays = data["Visualization Manager"]["Displays"]
     topics = {d["Topic"]["Value"] for d in displays if d["Class"] == "rviz_default_plugins/Image"}
     assert topics == {"/panoptic/overlay", "/camera/image_raw"}
+
+
+def test_launch_file_wiring_with_stand_in_launch_modules(monkeypatch):
+    """Runs the launch file's own code. MOCKS: ``launch``/``launch_ros`` cannot be installed here (no
+    ROS 2 install; the PyPI package named ``launch`` is an unrelated program), so minimal stand-ins
+    record what the file builds: argument defaults, and the node actions with their parameters,
+    made by the OpaqueFunction from the launch arguments' values."""
+    import importlib.util
+    import sys
+    import types
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    class LaunchConfiguration(Recorder):
+        def perform(self, context):
+            return context[self.args[0]]
+
+    mods = {
+        "launch": dict(LaunchDescription=Recorder),
+        "launch.actions": dict(DeclareLaunchArgument=Recorder, OpaqueFunction=Recorder),
+        "launch.conditions": dict(IfCondition=Recorder, UnlessCondition=Recorder),
+        "launch.substitutions": dict(LaunchConfiguration=LaunchConfiguration, PathJoinSubstitution=Recorder),
+        "launch_ros": {},
+        "launch_ros.actions": dict(LifecycleNode=Recorder, Node=Recorder),
+        "launch_ros.substitutions": dict(FindPackageShare=Recorder),
+    }
+    for name, attrs in mods.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+    spec = importlib.util.spec_from_file_location("panoptic_launch_under_test", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    ld = module.generate_launch_description()
+    entities = ld.args[0]
+    defaults = {e.args[0]: e.kwargs["default_value"] for e in entities if "default_value" in e.kwargs}
+    assert defaults["image_topic"] == "camera/image_raw"
+    [opaque] = [e for e in entities if "function" in e.kwargs]
+    context = {**{k: v for k, v in defaults.items() if isinstance(v, str)}, "params_file": "/p.yaml"}
+
+    def node_parameters(ctx):
+        plain, managed = opaque.kwargs["function"](ctx)
+        assert plain.kwargs["parameters"] == managed.kwargs["parameters"]
+        assert managed.kwargs["arguments"] == ["--lifecycle"]
+        assert plain.kwargs["remappings"][0][0] == "image"
+        return plain.kwargs["parameters"]
+
+    params = node_parameters(context)
+    assert len(params) == 1 and params[0].args == ("params_file",), "only the params file when nothing is given"
+    params = node_parameters({**context, "device": "cuda:0", "engine": "onnxruntime"})
+    assert params[0].args == ("params_file",) and params[1] == {"engine": "onnxruntime", "device": "cuda:0"}
