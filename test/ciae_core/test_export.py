@@ -94,6 +94,42 @@ def test_onnxruntime_cpu_session_leaves_the_cores_after_a_run(dynamic_onnx):
     assert options.intra_op_num_threads == 2
 
 
+def test_onnxruntime_session_gets_full_optimisation_and_the_thread_counts(dynamic_onnx):
+    """The real session (read back from onnxruntime) has ORT_ENABLE_ALL and the given intra-/inter-op
+    thread counts; without counts onnxruntime's defaults (0) stay. (ORT_ENABLE_ALL is also
+    SessionOptions' default in onnxruntime 1.31: this guards against a lower level being set.)"""
+    import onnxruntime as ort
+
+    engine = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=2,
+                       inter_op_threads=3)._engine
+    options = engine.session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 3)
+    options = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256)._engine.session.get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (0, 0)
+
+
+def test_tensorrt_provider_options():
+    """Unit level (no GPU/TensorRT here, so no TensorRT session can be built): the options
+    select_providers hands to onnxruntime for TensorRT — fp16 as asked, engine and timing caches
+    in the given directory, the device id — and CUDA gets the same device."""
+    from ciae_core.predictor import select_providers
+
+    avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    # asked for explicitly (by default TensorRT may be skipped where its runtime library is missing)
+    chosen = dict(select_providers("cuda", avail, ["tensorrt", "cuda"], trt_cache_dir="/var/cache/trt", trt_fp16=True,
+                                   device_id=1))
+    assert list(chosen) == avail
+    trt = chosen["TensorrtExecutionProvider"]
+    assert trt["trt_fp16_enable"] is True and trt["device_id"] == 1
+    assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == "/var/cache/trt"
+    assert trt["trt_timing_cache_enable"] is True and trt["trt_timing_cache_path"] == "/var/cache/trt"
+    assert chosen["CUDAExecutionProvider"] == {"device_id": 1} and chosen["CPUExecutionProvider"] == {}
+    trt = dict(select_providers("cuda", avail, ["tensorrt"]))["TensorrtExecutionProvider"]
+    assert trt["trt_fp16_enable"] is False and "trt_engine_cache_path" not in trt
+
+
 @pytest.mark.parametrize("thresholds", [{}, FAST], ids=["model_defaults", "fast"])
 def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onnx, thresholds):
     """Requirement: final id maps agree on >= 99.5% of pixels with identical segment categories —
