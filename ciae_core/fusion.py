@@ -14,6 +14,16 @@ kernels), batched over images, device-agnostic:
   the same algorithm runs as compiled loops (:mod:`ciae_core.fusion_kernels`, numba, optional).
 * :func:`panoptic_from_raw` — glue used by ``CIAE.postprocess``: raw network outputs → per-image
   results at the network input resolution.
+
+Decision (precision): the public entry points :func:`fuse_panoptic` and :func:`panoptic_from_raw`
+promote half-precision (float16/bfloat16) floating inputs to float32 before anything else, so
+the fusion always runs in float32 (float64 inputs are left as they are). Half inputs arrive when
+``CIAE.inference`` runs under a user's autocast, and the fusion does pixel geometry in the
+input dtype: float16 overflows past 65504 (an image area of 256x256 px already is ``inf``,
+which turned every stuff region void) and neither type represents pixel centres ``x + 0.5``
+exactly from 1024 (float16) or 128 (bfloat16) px on, which moved box edges. The id maps of
+half inputs are therefore those of the same values in float32. :func:`select_proposals` already
+computes in float32.
 """
 
 from __future__ import annotations
@@ -71,6 +81,11 @@ def select_proposals(cls_logits: Tensor, box_regression: Tensor, centerness: Ten
         keep = batched_nms(boxes, s, lab, nms_threshold)[:detections_per_img]
         out.append({"boxes": boxes[keep], "scores": s[keep], "labels": lab[keep], "locations": loc[keep]})
     return out
+
+
+def _promote_half(t: Tensor) -> Tensor:
+    """float16/bfloat16 → float32; any other tensor unchanged (module docstring, precision)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _image_size_tensor(image_sizes, n: int, device) -> Tensor:
@@ -517,6 +532,9 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
     a small model's 512 px frame), and ``"auto"`` prefers it on CPU. All methods give the same
     id map and table (tests compare them).
 
+    float16/bfloat16 inputs are computed in float32 (module docstring); the float outputs are then
+    float32.
+
     Returns tensors (K = S + Q segment slots):
       ``id_map (N, H, W)`` int32 (0 = void; H, W = h*stride, w*stride), ``segment_ids (N, K)``
       int32 (0 = slot unused), ``labels (N, K)`` int64 training ids, ``isthing (N, K)`` bool,
@@ -524,6 +542,9 @@ def fuse_panoptic(embedding: Tensor, stuff_queries: Tensor, instance_queries: Te
       ``areas (N, K)`` int64, ``boxes (N, K, 4)`` tight xyxy of the segment's pixels (max edge
       exclusive: ``x_max + 1``), optional ``confidence (N, H, W)``: top-1 minus top-2 similarity.
     """
+    # half-precision inputs run in float32 (module docstring: area and pixel-centre arithmetic)
+    embedding, stuff_queries, instance_queries, instance_boxes, instance_scores = (
+        _promote_half(t) for t in (embedding, stuff_queries, instance_queries, instance_boxes, instance_scores))
     n, d, he, we = embedding.shape
     dev = embedding.device
     s_num = stuff_queries.shape[0]
@@ -761,8 +782,10 @@ def panoptic_from_raw(raw: dict[str, Tensor], image_sizes, *, num_things: int, e
     Proposals from :func:`select_proposals`; only those with score >= ``instance_score_threshold``
     become instance queries (our decision: low-score proposals of the 0.05 detection threshold
     would otherwise claim pixels as spurious segments; 0.3 is a panoptic-quality operating
-    point, lower it for recall). Stuff queries are ``memory[T:]``.
+    point, lower it for recall). Stuff queries are ``memory[T:]``. Half-precision outputs (autocast)
+    are promoted to float32 first (module docstring).
     """
+    raw = {k: _promote_half(v) if isinstance(v, Tensor) else v for k, v in raw.items()}
     emb = raw["embedding"]
     n = emb.shape[0]
     props = select_proposals(raw["cls_logits"], raw["box_regression"], raw["centerness"], raw["points"], image_sizes,

@@ -554,3 +554,47 @@ def test_normalize_after_upsampling_equals_the_papers_full_resolution_fusion(see
     torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dense["scores"], compiled["scores"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(paper["scores"], fast["scores"], rtol=0, atol=5e-2)
+
+
+def _exact_in(dtype, inputs):
+    """``inputs`` with every float tensor rounded to ``dtype`` and back: the float32 reference then
+    has exactly the values the half-precision run gets."""
+    return {k: v.to(dtype).float() if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["dense", "coarse_to_fine", "numba", "auto"])
+def test_half_precision_inputs_fuse_as_float32(dtype, method):
+    """Half inputs (e.g. CIAE.inference under autocast) give the float32 id map: a 384x480 image
+    (184320 px, past float16's 65504, so its area was inf and every stuff region became void) with
+    boxes beyond 128 px (where bfloat16 cannot hold pixel centres x + 0.5)."""
+    inputs = _smooth_scene(7, n=1, h=96, w=120, q=10)
+    inputs["instance_boxes"] = inputs["instance_boxes"].clamp(0, 470).round()  # exact in both types
+    inputs = _exact_in(dtype, inputs)
+    kw = dict(num_things=3, embedding_stride=4, min_stuff_area=4096, min_visible_fraction=0.2, min_instance_area=16,
+              method=method)
+    ref = fuse_panoptic(**inputs, **kw)
+    half = fuse_panoptic(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}, **kw)
+    assert int((ref["segment_ids"][:, :5] > 0).sum()) >= 2 and int((ref["segment_ids"][:, 5:] > 0).sum()) >= 2
+    for key in ("id_map", "segment_ids", "labels", "areas", "boxes"):
+        assert torch.equal(ref[key], half[key]), key
+    assert half["scores"].dtype == torch.float32
+    torch.testing.assert_close(ref["scores"], half["scores"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_raw_outputs_give_the_float32_result(shipped_model, dtype):
+    """panoptic_from_raw on the shipped model's raw outputs cast to half (what autocast hands it)
+    gives the result of the same values in float32, at 384x512."""
+    img, _, _ = render_scene(1001, 384, 512)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    with torch.inference_mode():
+        raw = shipped_model.forward_raw(x)
+    raw = _exact_in(dtype, raw)
+    kw = dict(num_things=shipped_model.num_things, embedding_stride=shipped_model.branch_stride,
+              normalize_after_upsampling=shipped_model.config.embedding_stride == 1)
+    ref = panoptic_from_raw(raw, [(384, 512)], **kw)[0]
+    half = panoptic_from_raw({k: v.to(dtype) for k, v in raw.items()}, [(384, 512)], **kw)[0]
+    assert ref["ids"].numel() >= 3 and (~ref["isthing"]).any()
+    for key in ("id_map", "ids", "labels", "areas", "boxes"):
+        assert torch.equal(ref[key], half[key]), key
