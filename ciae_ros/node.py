@@ -187,6 +187,29 @@ def validate_value(name: str, value) -> str | None:
     if name == "image_topics":
         if len(set(value)) != len(value) or any(not t for t in value):
             return f"image_topics must be distinct non-empty topic names, got {list(value)}"
+        return camera_topics_error([(t, t, _output_prefix(t)) for t in value])
+    return None
+
+
+def camera_topics_error(cameras) -> str | None:
+    """Reason why several cameras cannot share one node, or ``None``.
+
+    ``cameras``: ``(given, input_topic, output_prefix)`` per entry of ``image_topics``. Each camera's
+    outputs go under its topic's parent namespace (``/cam1/image_raw`` -> ``/cam1/panoptic/...``), so
+    two cameras in one namespace (``/cam/image_raw`` and ``/cam/image_rect``) would publish into the
+    same topics; that is refused, as are two names for the same input topic. The node calls this
+    with fully resolved names (``cam1/image_raw`` and ``/<ns>/cam1/image_raw`` are the same topic);
+    :func:`validate_value` with the names as given.
+    """
+    seen_topic: dict[str, str] = {}
+    seen_prefix: dict[str, str] = {}
+    for given, topic, prefix in cameras:
+        if topic in seen_topic:
+            return f"image_topics {seen_topic[topic]} and {given} are the same topic {topic}"
+        if prefix in seen_prefix:
+            return (f"image_topics {seen_prefix[prefix]} and {given} would both publish under {prefix}panoptic/: "
+                    "each camera needs its own namespace")
+        seen_topic[topic], seen_prefix[prefix] = given, given
     return None
 
 
@@ -379,6 +402,12 @@ class _PanopticLogic:
             if err:
                 raise NodeStartupError(f"invalid parameter: {err}")
             self._values[spec.name] = value
+        # the same checks on resolved names ('x' makes the prefix a valid topic name to resolve)
+        resolve = self.resolve_topic_name
+        err = camera_topics_error([(t, resolve(t), resolve(_output_prefix(t) + "x")[:-1])
+                                   for t in self._values["image_topics"]])
+        if err:
+            raise NodeStartupError(f"invalid parameter: {err}")
         self._warn_unknown_overrides()
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._model: ModelHandle | None = None

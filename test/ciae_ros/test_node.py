@@ -473,6 +473,10 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
         "engine": ({"engine": "tensorflow"}, "engine must be one of"),
         "range": ({"input_size": 333}, "input_size"),
         "autostart": ({"weights": str(corrupt)}, "autostart failed"),
+        "prefix": ({"image_topics": ["/cam/image_raw", "/cam/image_rect"]}, "would both publish under /cam/panoptic/"),
+        # in namespace /err_resolved the relative and the absolute name are one topic
+        "resolved": ({"image_topics": ["cam/image_raw", "/err_resolved/cam/image_raw"]},
+                     "are the same topic /err_resolved/cam/image_raw"),
     }
     if not torch.cuda.is_available():
         cases["cuda"] = ({"device": "cuda"}, "CUDA")
@@ -574,6 +578,8 @@ def test_parameter_validation_messages():
     assert "-1" in validate_value("nms_threshold", -0.5)
     assert validate_value("stuff_area_min", 5000) is None
     assert "distinct" in validate_value("image_topics", ["/a", "/a"])
+    assert "both publish under /cam/panoptic/" in validate_value("image_topics", ["/cam/image_raw", "/cam/image_rect"])
+    assert validate_value("image_topics", ["/cam1/image_raw", "/cam2/image_raw"]) is None
 
 
 def test_unknown_parameter_warnings_skip_declared_and_explain_qos_overrides():
