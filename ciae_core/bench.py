@@ -331,8 +331,10 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
         kw.update(precision=args.precision, channels_last=args.channels_last, cuda_graphs=not args.no_cuda_graphs)
     else:
         kw.update(onnx_cache_dir=cache_dir, intra_op_threads=args.threads or None)
+        providers = ort_providers(args.ort_providers, device)
+        if providers is not None:
+            kw["providers"] = providers
         if device.type == "cuda":
-            kw["providers"] = args.ort_providers.split(",")
             kw["trt_fp16"] = args.precision == "fp16"
     predictor = Predictor(weights, **kw)
     stage_sums: dict[str, list[float]] = {}
@@ -431,6 +433,15 @@ def prepare_peer(kind: str, backbone_name: str, size: int, images, device: torch
     return Contender(kind, "torch", call, {"backbone_name": backbone_name}, base_rss=base_rss)
 
 
+def ort_providers(text: str | None, device: torch.device) -> list[str] | None:
+    """``--ort-providers`` → the ``providers`` argument of the Predictor: the given list on any
+    device (so asking for a provider that cannot run there fails that row, not silently another
+    provider); not given: ``["cuda"]`` on a GPU, None (the CPU provider) on the CPU."""
+    if text:
+        return _csv(text)
+    return ["cuda"] if device.type == "cuda" else None
+
+
 def _error_row(bb: str, model: str, engine: str, size: int, e: Exception) -> dict[str, Any]:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     logger.warning("bench %s %s/%s @%d failed: %s: %s", bb, model, engine, size, type(e).__name__, msg)
@@ -468,9 +479,9 @@ def bench_group(entries: list[tuple[str, str]], bb: str, bb_name: str, size: int
     round calls each model once on the same image, the order rotating by one per round — so
     drifts in machine load (thermal, other processes) fall on all models alike and the ratios
     stay comparable. A failure is recorded in that model's row (``error``) and the others go on,
-    so one peer that breaks on some torchvision version does not lose the rest."""
-    from ciae_core.predictor import PredictorError
-
+    so one peer that breaks on some torchvision version does not lose the rest — and an
+    onnxruntime build without the requested provider (a :class:`~ciae_core.predictor.PredictorError`
+    from building ours) loses only the onnxruntime row."""
     rows, live = [], []
     for model, engine in entries:
         logger.info("bench %s %s/%s @%d: prepare", bb, model, engine, size)
@@ -483,9 +494,7 @@ def bench_group(entries: list[tuple[str, str]], bb: str, bb_name: str, size: int
             c.info.update(peak_mem_mb=mem.peak_mb, mem_delta_mb=mem.delta_mb,
                           mem_kind="cuda_max_allocated" if device.type == "cuda" else "rss")
             live.append(c)
-        except PredictorError:
-            raise
-        except Exception as e:  # noqa: BLE001 - keep the other measurements
+        except Exception as e:  # noqa: BLE001 - keep the other measurements (PredictorError included)
             rows.append(_error_row(bb, model, engine, size, e))
     for c, e in interleaved_rounds(live, device, args.repeats, settle_s=0.1 if device.type == "cpu" else 0.0):
         rows.append(_error_row(bb, c.model, c.engine, size, e))
@@ -593,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="r50, r50-p3 (embedding branch from P3), r50-p3c2 (P3 + C2 skip) and/or small")
     p.add_argument("--models", default=",".join(ALL_MODELS), help="ours,fcos,maskrcnn")
     p.add_argument("--engines", default="torch,onnxruntime", help="engines for ours: torch,onnxruntime")
-    p.add_argument("--ort-providers", default="cuda", help="onnxruntime providers on CUDA, e.g. tensorrt,cuda")
+    p.add_argument("--ort-providers", default=None,
+                   help="onnxruntime providers for ours, e.g. tensorrt,cuda (default: cuda on a GPU, the CPU "
+                        "provider on the CPU); one this build cannot run fails only the onnxruntime rows")
     p.add_argument("--small-weights", default=None, help="small model checkpoint (default: models/*.safetensors)")
     p.add_argument("--images", default=None, help="image directory for every row (default: the COCO sample; "
                    "rendered 640x480 scenes for the small rows, see --small-images)")

@@ -115,3 +115,34 @@ def test_timed_calls_interleave_models_round_by_round():
     assert log[6:] == [("a", 2), ("b", 2), ("a", 3), ("b", 3)]  # round 2 starts at c, which fails
     assert [(x.model, str(e)) for x, e in failed] == [("c", "c broke")]
     assert len(a.times) == len(b.times) == 4 and c.times is None and all(t >= 0 for t in a.times)
+
+
+def test_unavailable_onnxruntime_provider_fails_only_its_row(tmp_path):
+    """--ort-providers naming a provider this onnxruntime build cannot run (ROCm is not in it) used to
+    abort the whole benchmark with the PredictorError; now it is the onnxruntime row's error and the
+    other rows are measured."""
+    import onnxruntime
+
+    assert "ROCMExecutionProvider" not in onnxruntime.get_available_providers()
+    out = tmp_path / "bench.json"
+    rc = main(["--device", "cpu", "--sizes", "192", "--backbones", "small", "--models", "ours,fcos", "--repeats", "1",
+               "--warmup", "0", "--detections", "5", "--threads", "1", "--ort-providers", "rocm", "--json", str(out)])
+    assert rc == 0
+    rows = {(r["model"], r["engine"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {("ours", "torch"), ("ours", "onnxruntime"), ("fcos", "torch")}
+    assert "PredictorError" in rows["ours", "onnxruntime"]["error"] and "'rocm'" in rows["ours", "onnxruntime"]["error"]
+    for key in (("ours", "torch"), ("fcos", "torch")):
+        assert "error" not in rows[key] and rows[key]["median_ms"] > 0
+        assert rows[key]["mem_kind"] == "rss" and "mem_note" not in rows[key]  # no CUDA graphs on the CPU
+
+
+def test_ort_providers_option():
+    import torch
+
+    from ciae_core.bench import ort_providers
+
+    assert ort_providers(None, torch.device("cpu")) is None  # the predictor's choice: CPU
+    assert ort_providers(None, torch.device("cuda")) == ["cuda"]
+    assert ort_providers("tensorrt, cuda", torch.device("cuda")) == ["tensorrt", "cuda"]
+    assert ort_providers("cuda", torch.device("cpu")) == ["cuda"]  # passed on: that row fails, visibly
+
