@@ -384,20 +384,15 @@ class _PanopticLogic:
     def _init_logic(self) -> None:
         from .qos import latched_qos
 
-        from rclpy.exceptions import ParameterUninitializedException
-        from rclpy.parameter import Parameter
-
         self._latched_qos = latched_qos()
         for spec in PARAMS:
-            # an empty list default would be typed BYTE_ARRAY: declare string arrays by type
-            default = Parameter.Type.STRING_ARRAY if isinstance(spec.default, list) else spec.default
-            self.declare_parameter(spec.name, default, _descriptor(spec))
+            if isinstance(spec.default, list):
+                self._declare_string_array(spec)
+            else:
+                self.declare_parameter(spec.name, spec.default, _descriptor(spec))
         self._values = {}
         for spec in PARAMS:
-            try:
-                value = self.get_parameter(spec.name).value
-            except ParameterUninitializedException:
-                value = list(spec.default)
+            value = self.get_parameter(spec.name).value
             err = validate_value(spec.name, value)
             if err:
                 raise NodeStartupError(f"invalid parameter: {err}")
@@ -426,6 +421,28 @@ class _PanopticLogic:
         self._pub_diag = None
         self._diag_prev = (time.monotonic(), [])
         self._vision_msgs = self._vision_msgs_available()
+
+    def _declare_string_array(self, spec: ParamSpec) -> None:
+        """Declare a string-array parameter whose value is always initialised (``[]`` by default).
+
+        rclpy types a ``[]`` default as BYTE_ARRAY, so such a parameter can only be declared by
+        type, which leaves it *unset*; rclpy's GetParameters service then answers an empty list for
+        any request naming it (``ros2 param dump`` came back empty). With public API only: declare
+        it writable by type, set ``[]`` unless an override gave a value, then apply the real
+        descriptor (read-only for ``image_topics``) with ``set_descriptor``.
+        """
+        from rclpy.exceptions import ParameterUninitializedException
+        from rclpy.parameter import Parameter
+
+        final = _descriptor(spec)
+        writable = _descriptor(spec)
+        writable.read_only = False
+        self.declare_parameter(spec.name, Parameter.Type.STRING_ARRAY, writable)
+        try:
+            self.get_parameter(spec.name)
+        except ParameterUninitializedException:
+            self.set_parameters([Parameter(spec.name, Parameter.Type.STRING_ARRAY, list(spec.default))])
+        self.set_descriptor(spec.name, final)
 
     def _warn_unknown_overrides(self) -> None:
         """Warn about misspelled or foreign keys in the params file / ``-p`` (see

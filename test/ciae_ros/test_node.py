@@ -169,6 +169,24 @@ def test_parameter_file_values_are_in_effect(client, node):
     assert client.get_parameters(NODE, *names) == [shipped[k] for k in names]
 
 
+def test_get_parameters_answers_every_declared_parameter(client, node):
+    """What ``ros2 param dump`` does: ListParameters, then GetParameters of all names, from another
+    node over DDS. image_topics used to be declared by type only (unset), which made rclpy answer
+    an empty list for any request naming it."""
+    from rcl_interfaces.srv import ListParameters
+
+    from ciae_ros.node import PARAMS
+
+    names = list(client.call(ListParameters, f"{NODE}/list_parameters", ListParameters.Request()).result.names)
+    assert {p.name for p in PARAMS} <= set(names)
+    values = client.get_parameters(NODE, *names)
+    assert len(values) == len(names), "GetParameters gave an empty answer"
+    got = dict(zip(names, values))
+    assert got["image_topics"] == [] and got["engine"] == "torch" and got["input_size"] == INPUT_SIZE
+    [res] = client.set_parameters(NODE, image_topics=["/a/image_raw"])
+    assert not res.successful and "read-only" in res.reason
+
+
 def test_categories_are_latched(outputs, node):
     cats = outputs.categories.wait_for(lambda m: True, timeout=1)
     assert len(cats.categories) > 0 and cats.model_name
