@@ -44,11 +44,29 @@ interleaved rounds (each round calls every model once on the same image, the ord
 slow drifts of the machine's load affect all models alike (:func:`bench_group`).
 
 Peak memory, over one call after the warm-up (whose cuDNN autotuning allocates large trial
-workspaces): on CUDA ``torch.cuda.max_memory_allocated`` and its increase over the allocation
-before the model was built; on the CPU the peak resident set size
-sampled from ``/proc/self/statm`` every 2 ms (``peak_rss_mb``, which includes the models of the
-group built before this one) and its increase over the level before this model was built
-(``rss_delta_mb``, the number to compare).
+workspaces). On the CPU (``mem_kind: "rss"``): the peak resident set size sampled from
+``/proc/self/statm`` every 2 ms (``peak_mem_mb``, which includes the models of the group built
+before this one) and its increase over the level before this model was built (``mem_delta_mb``,
+the number to compare); it counts every allocator, onnxruntime's included.
+
+On CUDA the rows are made comparable as follows (decision; a measured CUDA-graph replay would be
+biased in our favour):
+
+* torch rows (``mem_kind: "cuda_max_allocated"``): ``torch.cuda.max_memory_allocated`` over the
+  call and its increase over the allocation before the model was built. A CUDA-graph replay
+  allocates nothing — the activations of ours' captured forward live in the graph's private
+  pool, allocated at capture time — so ``max_memory_allocated`` would miss them while counting
+  all of the eager peers'. Ours' memory call therefore runs its forward **eagerly** (graphs off
+  for that one call, after one untimed eager call; ``mem_note`` says so); the timed calls still
+  replay graphs, whose pool is one more copy of the activations on top (see below).
+* the onnxruntime row (``mem_kind: "not_measured_by_torch"``): onnxruntime allocates the graph's
+  GPU memory in its own arena, which torch cannot see, so ``peak_mem_mb``/``mem_delta_mb`` are
+  ``null``; ``torch_alloc_peak_mb`` is what torch saw (the fusion's share only).
+* every CUDA row also has ``device_used_delta_mb``: the device's used memory (``total - free`` of
+  ``torch.cuda.mem_get_info``, i.e. cudaMemGetInfo) after the call minus before the model was
+  built. It counts every allocator (torch's cache, CUDA-graph pools, onnxruntime's arena, cuDNN
+  workspaces) but not memory freed back before the end of the call, and any other process
+  on the GPU, so it is a level, not a peak; it is the only number for the onnxruntime row.
 
 Output: a markdown table of latencies and ratios (ours / FCOS, fusion share of ours' total,
 onnxruntime / torch, ours / Mask R-CNN) and a stage table on stdout; everything in ``--json``.
@@ -111,14 +129,26 @@ def _memory_level(device: torch.device) -> int:
     return _rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
 
 
-class PeakMemory:
-    """Context manager: peak CUDA allocation or peak sampled RSS while active (MB)."""
+def _device_used_bytes(device: torch.device) -> int | None:
+    """Used memory of the whole CUDA device (``total - free``, cudaMemGetInfo); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total - free)
 
-    def __init__(self, device: torch.device, baseline_rss: int | None = None):
+
+class PeakMemory:
+    """Context manager: peak CUDA allocation or peak sampled RSS while active (MB); on CUDA also
+    the device's used-memory increase over ``baseline_device_used`` (module docstring)."""
+
+    def __init__(self, device: torch.device, baseline_rss: int | None = None,
+                 baseline_device_used: int | None = None):
         self.device = device
         self.baseline = baseline_rss
+        self.baseline_device_used = baseline_device_used
         self.peak_mb = 0.0
         self.delta_mb = 0.0
+        self.device_used_delta_mb: float | None = None
         self._stop = threading.Event()
         self._peak = 0
 
@@ -140,6 +170,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
             self.delta_mb = self.peak_mb - (self.baseline or 0) / 2**20
+            if self.baseline_device_used is not None:
+                self.device_used_delta_mb = (_device_used_bytes(self.device) - self.baseline_device_used) / 2**20
         else:
             self._stop.set()
             self._thread.join()
@@ -147,6 +179,28 @@ class PeakMemory:
             self.peak_mb = self._peak / 2**20
             self.delta_mb = (self._peak - (self.baseline or 0)) / 2**20
         return False
+
+
+EAGER_MEMORY_NOTE = ("forward run eagerly (CUDA graphs off) for the memory call, so its activations are counted "
+                     "as the eager peers' are; the timed calls replay CUDA graphs")
+ORT_MEMORY_NOTE = ("onnxruntime's GPU arena is invisible to torch: peak_mem_mb not measured; torch_alloc_peak_mb is "
+                   "torch's share (fusion), device_used_delta_mb (cudaMemGetInfo) includes the arena")
+
+
+def memory_fields(device_type: str, engine: str, peak_mb: float, delta_mb: float,
+                  device_used_delta_mb: float | None = None, eager_forward: bool = False) -> dict[str, Any]:
+    """The memory fields of a result row, labelled by what was measured (module docstring)."""
+    if device_type != "cuda":
+        return {"peak_mem_mb": peak_mb, "mem_delta_mb": delta_mb, "mem_kind": "rss"}
+    if engine == "onnxruntime":
+        return {"peak_mem_mb": None, "mem_delta_mb": None, "mem_kind": "not_measured_by_torch",
+                "torch_alloc_peak_mb": peak_mb, "device_used_delta_mb": device_used_delta_mb,
+                "mem_note": ORT_MEMORY_NOTE}
+    out = {"peak_mem_mb": peak_mb, "mem_delta_mb": delta_mb, "mem_kind": "cuda_max_allocated",
+           "device_used_delta_mb": device_used_delta_mb}
+    if eager_forward:
+        out["mem_note"] = EAGER_MEMORY_NOTE
+    return out
 
 
 def time_calls(fn: Callable[[int], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
@@ -313,10 +367,15 @@ class Contender:
     ``finish()`` adds model-specific fields to its row after the timed rounds."""
 
     def __init__(self, model: str, engine: str, call: Callable[[int], Any], info: dict[str, Any],
-                 finish: Callable[[], dict[str, Any]] | None = None, base_rss: int | None = None):
+                 finish: Callable[[], dict[str, Any]] | None = None, base_rss: int | None = None,
+                 base_device_used: int | None = None,
+                 memory_mode: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.model, self.engine, self.call, self.info = model, engine, call, info
         self.finish = finish or (lambda: {})
         self.base_rss = base_rss
+        self.base_device_used = base_device_used
+        # context for the memory call (ours/torch on CUDA: CUDA graphs off), None: as timed
+        self.memory_mode = memory_mode
         self.times: list[float] = []
 
 
@@ -325,6 +384,7 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
     from ciae_core.predictor import Predictor
 
     base_rss = _memory_level(device)
+    base_device_used = _device_used_bytes(device)
     kw = dict(engine=engine, device=str(device), input_size=size, max_size=args.max_size,
               input_size_range=(64, 4096), **_fusion_thresholds(args.detections))
     if engine == "torch":
@@ -345,15 +405,29 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
             stage_sums.setdefault(k, []).append(v)
 
     def finish() -> dict[str, Any]:
-        extra = {"predictor_timings_ms": {k: float(np.median(v[args.warmup:] or v)) for k, v in stage_sums.items()}}
+        # the timed calls only: not the warm-up calls nor the memory call
+        extra = {"predictor_timings_ms": {k: float(np.median(v[args.warmup + 1:] or v))
+                                          for k, v in stage_sums.items()}}
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if engine == "torch":
             extra["stages_ms"] = ours_stage_breakdown(predictor, images, device, args)
         return extra
 
+    memory_mode = None
+    if engine == "torch" and getattr(predictor._engine, "cuda_graphs", False):
+        @contextlib.contextmanager
+        def memory_mode():  # eager forward for the memory call (module docstring)
+            torch_engine = predictor._engine
+            graphs, torch_engine.cuda_graphs = torch_engine.cuda_graphs, False
+            try:
+                predictor(images[0])  # one untimed eager call first (eager allocations, cuDNN plans)
+                yield
+            finally:
+                torch_engine.cuda_graphs = graphs
+
     info = {"providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone}
-    return Contender("ours", engine, call, info, finish, base_rss)
+    return Contender("ours", engine, call, info, finish, base_rss, base_device_used, memory_mode)
 
 
 def ours_stage_breakdown(predictor, images, device: torch.device, args) -> dict[str, float]:
@@ -417,6 +491,7 @@ def ours_stage_breakdown(predictor, images, device: torch.device, args) -> dict[
 
 def prepare_peer(kind: str, backbone_name: str, size: int, images, device: torch.device, args) -> Contender:
     base_rss = _memory_level(device)
+    base_device_used = _device_used_bytes(device)
     model = build_peer(kind, backbone_name, size, args.max_size, args.detections).to(device)
     use_amp = device.type == "cuda" and args.precision in ("fp16", "bf16")
     dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
@@ -430,7 +505,8 @@ def prepare_peer(kind: str, backbone_name: str, size: int, images, device: torch
             out = model([x])[0]
         {k: v.cpu() for k, v in out.items()}
 
-    return Contender(kind, "torch", call, {"backbone_name": backbone_name}, base_rss=base_rss)
+    return Contender(kind, "torch", call, {"backbone_name": backbone_name}, base_rss=base_rss,
+                     base_device_used=base_device_used)
 
 
 def ort_providers(text: str | None, device: torch.device) -> list[str] | None:
@@ -489,10 +565,11 @@ def bench_group(entries: list[tuple[str, str]], bb: str, bb_name: str, size: int
             c = (prepare_ours(weights, engine, size, images, device, args, cache_dir) if model == "ours"
                  else prepare_peer(model, bb_name, size, images, device, args))
             time_calls(c.call, device, args.warmup, 0)  # warm-up (cudnn autotuning) outside the memory window
-            with PeakMemory(device, c.base_rss) as mem:
-                time_calls(c.call, device, 0, 1)
-            c.info.update(peak_mem_mb=mem.peak_mb, mem_delta_mb=mem.delta_mb,
-                          mem_kind="cuda_max_allocated" if device.type == "cuda" else "rss")
+            with (c.memory_mode() if c.memory_mode else contextlib.nullcontext()):
+                with PeakMemory(device, c.base_rss, c.base_device_used) as mem:
+                    time_calls(c.call, device, 0, 1)
+            c.info.update(memory_fields(device.type, engine, mem.peak_mb, mem.delta_mb, mem.device_used_delta_mb,
+                                        eager_forward=c.memory_mode is not None))
             live.append(c)
         except Exception as e:  # noqa: BLE001 - keep the other measurements (PredictorError included)
             rows.append(_error_row(bb, model, engine, size, e))
@@ -567,14 +644,20 @@ def markdown_tables(results: list[dict[str, Any]], ratio_rows: list[dict[str, An
         for r in stage_rows:
             lines.append(f"| {r['backbone']} | {r['size']} | " + " | ".join(f"{r['stages_ms'][n]:.1f}" for n in names)
                          + " | |")
-    mem_rows = [r for r in results]
+    mem_rows = [r for r in results if "mem_kind" in r]
     if mem_rows:
-        kind = mem_rows[0]["mem_kind"]
-        lines += ["", f"| backbone | size | model | engine | peak memory MB ({kind}) | increase MB |",
-                  "|---|---|---|---|---|---|"]
+        device_level = any(r.get("device_used_delta_mb") is not None for r in mem_rows)
+        extra = " device used increase MB |" if device_level else ""
+        lines += ["", f"| backbone | size | model | engine | peak memory MB | increase MB | measured as |{extra}",
+                  "|---|---|---|---|---|---|---|" + ("---|" if device_level else "")]
         for r in mem_rows:
-            lines.append(f"| {r['backbone']} | {r['size']} | {r['model']} | {r['engine']} | {r['peak_mem_mb']:.0f} | "
-                         f"{r['mem_delta_mb']:.0f} |")
+            kind = r["mem_kind"].replace("_", " ") + (" (eager forward)" if r.get("mem_note") == EAGER_MEMORY_NOTE
+                                                      else "")
+            line = (f"| {r['backbone']} | {r['size']} | {r['model']} | {r['engine']} | {_fmt(r['peak_mem_mb'], '.0f')} | "
+                    f"{_fmt(r['mem_delta_mb'], '.0f')} | {kind} |")
+            if device_level:
+                line += f" {_fmt(r.get('device_used_delta_mb'), '.0f')} |"
+            lines.append(line)
     for r in failed:
         lines.append(f"\nfailed: {r['backbone']} {r['size']} {r['model']}/{r['engine']}: {r['error']}")
     return "\n".join(lines)
