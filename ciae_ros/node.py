@@ -420,6 +420,7 @@ class _PanopticLogic:
         self._pub_categories = None
         self._pub_diag = None
         self._diag_prev = (time.monotonic(), [])
+        self._diag_prev_errors = 0  # processing errors counted up to the previous diagnostics message
         self._vision_msgs = self._vision_msgs_available()
 
     def _declare_string_array(self, spec: ParamSpec) -> None:
@@ -527,6 +528,7 @@ class _PanopticLogic:
         self._update_subscriptions()
         self._qos_timer = self.create_timer(1.0, self._update_subscriptions)
         self._diag_prev = (time.monotonic(), [CameraStats(s.received, s.processed) for s in self._stats])
+        self._diag_prev_errors = sum(self._errors.values())
         self._diag_timer = self.create_timer(float(self._values["diagnostics_period"]), self._publish_diagnostics)
 
     def _stop_processing(self) -> None:
@@ -785,12 +787,18 @@ class _PanopticLogic:
         vals += [(f"latency_{stage}_p99_ms", f"{p99:.2f}") for stage, (_, p99) in sorted(pct.items())]
         vals += [(f"errors_{k}", str(v)) for k, v in sorted(self._errors.items())]
         mstat.values = [KeyValue(key=a, value=b) for a, b in vals]
-        if self._errors:
-            mstat.level, mstat.message = DiagnosticStatus.ERROR, f"{sum(self._errors.values())} processing error(s)"
+        # like bad frames: the level reflects the last period (one error must not leave the model in
+        # ERROR for good); the running totals stay in the errors_<type> values
+        errors_total = sum(self._errors.values())
+        errors_now = errors_total - self._diag_prev_errors
+        if errors_now > 0:
+            mstat.level = DiagnosticStatus.ERROR
+            mstat.message = f"{errors_now} processing error(s) in the last period ({errors_total} in total)"
         else:
             mstat.level, mstat.message = DiagnosticStatus.OK, "ok"
         arr.status.append(mstat)
         self._pub_diag.publish(arr)
+        self._diag_prev_errors = errors_total
         self._diag_prev = (now, [CameraStats(s.received, s.processed, s.dropped, collections.Counter(s.bad))
                                  for s in self._stats])
 

@@ -561,6 +561,76 @@ def test_misspelled_parameter_keys_are_reported_and_ignored(node_weights, tmp_pa
     assert "input_size 320" in log, "the default input_size must stay in effect"
 
 
+class _FailOnce:
+    """MOCK of a predictor failure (e.g. CUDA running out of memory mid-run), which cannot be caused
+    on demand here: the first call raises, every other call and attribute goes to the real predictor."""
+
+    def __init__(self, real):
+        self._real, self.calls = real, 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("simulated predictor failure")
+        return self._real(*args, **kwargs)
+
+
+def test_one_processing_error_does_not_leave_the_model_diagnostics_in_error(node_weights, client):
+    """The model status is ERROR for the period with the error, then OK again (it used the running
+    total, so one error left it at ERROR for good); the totals stay in errors_<type>. The node runs
+    in this process (own context, real DDS) so that its predictor can be made to fail once."""
+    import threading
+
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import Image
+
+    from ciae_ros.image_conversion import numpy_to_image
+    from ciae_ros.node import PanopticNode
+
+    def model_status(m):
+        return next((st for st in m.status if st.name == "/diagerr/ciae_panoptic: model"), None)
+
+    diag = client.subscribe(DiagnosticArray, "/diagnostics")
+    ctx = Context()
+    rclpy.init(context=ctx)
+    node = PanopticNode(context=ctx, namespace="/diagerr", parameter_overrides=[
+        Parameter("weights", value=node_weights), Parameter("input_size", value=INPUT_SIZE),
+        Parameter("diagnostics_period", value=0.3), Parameter("input_reliability", value="reliable")])
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        node._model.predictor = _FailOnce(node._model.predictor)
+        pub = client.node.create_publisher(Image, "/diagerr/image", 10)  # 'image' unremapped in-process
+        deadline = time.monotonic() + 30
+        while pub.get_subscription_count() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        frame = numpy_to_image(np.full((240, 320, 3), 90, np.uint8), "rgb8")
+        pub.publish(frame)
+        err = diag.wait_for(lambda m: (st := model_status(m)) is not None and st.level == DiagnosticStatus.ERROR,
+                            timeout=30)
+        assert err is not None, "the processing error was not reported"
+        assert "1 processing error(s) in the last period" in model_status(err).message
+        since = len(diag)
+        pub.publish(frame)  # a good frame; and no new error
+        ok = diag.wait_for(lambda m: (st := model_status(m)) is not None and st.level == DiagnosticStatus.OK,
+                           timeout=10, since=since)
+        assert ok is not None, f"still {model_status(diag.snapshot()[-1][1]).message!r} a period after the error"
+        assert {kv.key: kv.value for kv in model_status(ok).values}["errors_RuntimeError"] == "1"
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        ctx.try_shutdown()
+        spinner.join(5)
+
+
 # ----------------------------------------------------------------------------------------------
 # pieces of the node without DDS
 
