@@ -19,7 +19,7 @@ from ciae_core.export import (OUTPUT_NAMES, ExportError, export_checkpoint, main
 from ciae_core.predictor import Predictor, PredictorError
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_predictor import FAST, SAMPLE_IMAGES, tiny_model_path  # noqa: E402
+from test_predictor import FAST, SAMPLE_IMAGES, matched_agreement, tiny_model_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -299,4 +299,6 @@ def test_onnxruntime_cuda_engine_matches_torch(weights, dynamic_onnx, tmp_path):
     for im in _real_images():
         for _ in range(2):  # first call learns output shapes, second binds torch outputs
             a, b = torch_p(im), ort_p(im)
-            assert float((a.id_map == b.id_map).mean()) >= 0.995
+            # both sides may use TF32 convolutions (cuDNN's and onnxruntime's defaults): near-ties
+            # can swap instance ids, so compare matched segments as the CPU/GPU torch test does
+            assert matched_agreement(a.id_map, b.id_map) >= 0.99
