@@ -566,7 +566,7 @@ class _PanopticLogic:
 
         compressed = self._values["input_transport"] == "compressed"
         for cam in self._cameras:
-            topic = cam.topic + "/compressed" if compressed else cam.topic
+            topic = self._input_topic(cam)
             wanted_name = self._values["input_reliability"]
             if wanted_name == "auto":
                 wanted = offered_reliability(self.get_publishers_info_by_topic(topic))
@@ -672,9 +672,14 @@ class _PanopticLogic:
                 self._times.add("predictor." + str(k), float(v))
         self._times.add("publish", (t_pub - t_pred) * 1e3)  # all outputs of the batch
 
+    def _input_topic(self, cam: _Camera) -> str:
+        """The topic actually subscribed for a camera (``<image>/compressed`` for compressed input);
+        ``cam.topic`` stays the camera's base name (diagnostics, output prefix)."""
+        return cam.topic + "/compressed" if self._values["input_transport"] == "compressed" else cam.topic
+
     def _bad_frame(self, cam: int, reason: str, text: str) -> None:
         self._stats[cam].bad[reason] += 1
-        self._warn("bad:" + reason, f"skipping frame from {self._cameras[cam].topic}: {text}")
+        self._warn("bad:" + reason, f"skipping frame from {self._input_topic(self._cameras[cam])}: {text}")
 
     def _publish_outputs(self, cam: _Camera, header, image, result, model: ModelHandle, input_hw, infer_ms) -> None:
         from .conversions import detections_msg, render_overlay, segments_msg

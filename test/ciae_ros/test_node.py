@@ -393,6 +393,9 @@ def test_undecodable_compressed_frame_is_counted(multicam):
         v = diagnostics_values(m, "/multi/cam1/image_raw")
         return v is not None and int(v.get("bad_decode_failed", 0)) >= 1
     assert multicam.diag.wait_for(counted, timeout=15, since=since) is not None
+    # the warning names the topic the frame came from, not the camera's base name
+    warned = [ln for ln in multicam.node.log().splitlines() if "skipping frame from /multi/cam1/" in ln]
+    assert warned and all("skipping frame from /multi/cam1/image_raw/compressed: " in ln for ln in warned), warned
 
 
 @pytest.mark.parametrize("crafted", ["huge_png", "huge_jpeg"])
