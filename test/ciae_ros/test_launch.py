@@ -218,3 +218,19 @@ def test_launch_file_wiring_with_stand_in_launch_modules(monkeypatch):
     assert len(params) == 1 and params[0].args == ("params_file",), "only the params file when nothing is given"
     params = node_parameters({**context, "device": "cuda:0", "engine": "onnxruntime"})
     assert params[0].args == ("params_file",) and params[1] == {"engine": "onnxruntime", "device": "cuda:0"}
+
+
+def test_readme_and_params_file_document_every_parameter():
+    """README's parameter list and config/panoptic.yaml name every declared parameter (image_topics
+    as a commented example: an empty list has no YAML type), and README names exactly the
+    parameters whose change reloads the model."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("**Parameters**"):readme.index("**Never behind the camera.**")]
+    missing = [p.name for p in PARAMS if f"`{p.name}`" not in section]
+    assert not missing, f"README parameter list lacks {missing}"
+    reload_sentence = re.search(r"changing ([^.]*?) loads the new model first", section, re.S).group(1)
+    assert set(re.findall(r"`(\w+)`", reload_sentence)) == {p.name for p in PARAMS if p.reloads_model}
+    assert "`cuda:<index>`" in section
+    yaml_text = (REPO / "config" / "panoptic.yaml").read_text()
+    undocumented = [p.name for p in PARAMS if not re.search(rf"^\s*(# )?{p.name}:", yaml_text, re.M)]
+    assert not undocumented, f"config/panoptic.yaml lacks {undocumented}"
