@@ -25,7 +25,8 @@ A thin layer over :class:`ciae_core.predictor.Predictor`:
 * **Bad frames** never stop the node: they are skipped, counted per reason in /diagnostics and
   reported by a throttled warning.
 * **Lifecycle**: ``--lifecycle`` runs a managed node (model loaded in ``configure``, released in
-  ``cleanup``); ``--autostart`` configures and activates it at once.
+  ``cleanup``); ``--autostart`` configures and activates it at once (without ``--lifecycle`` it is a
+  usage error rather than silently ignored).
 """
 
 from __future__ import annotations
@@ -893,7 +894,11 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                     "--ros-args --params-file config/panoptic.yaml -r image:=/my_camera/image_raw")
     ap.add_argument("--lifecycle", action="store_true", help="run as a managed (lifecycle) node")
     ap.add_argument("--autostart", action="store_true", help="with --lifecycle: configure and activate at start")
-    return ap.parse_args(argv)
+    opts = ap.parse_args(argv)
+    if opts.autostart and not opts.lifecycle:
+        # an error, not a silent no-op: the user asked for something this combination cannot mean
+        ap.error("--autostart needs --lifecycle (a plain node is active from the start anyway)")
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:

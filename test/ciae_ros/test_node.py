@@ -684,6 +684,23 @@ def test_unknown_parameter_warnings_skip_declared_and_explain_qos_overrides():
     assert len(lines) == 2
 
 
+def test_autostart_without_lifecycle_is_a_usage_error(capsys):
+    import subprocess
+
+    from ciae_ros.node import _parse_args
+
+    assert _parse_args(["--lifecycle", "--autostart"]).autostart
+    with pytest.raises(SystemExit) as e:
+        _parse_args(["--autostart"])
+    assert e.value.code == 2 and "--autostart needs --lifecycle" in capsys.readouterr().err
+    # the real entry point stops before starting ROS (ROS arguments are stripped first)
+    res = subprocess.run([sys.executable, "-m", "ciae_ros.node", "--autostart", "--ros-args", "-r", "__ns:=/as"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == ("ciae-panoptic-node: error: --autostart needs --lifecycle "
+                                                   "(a plain node is active from the start anyway)")
+
+
 def test_output_prefix_is_the_camera_namespace():
     from ciae_ros.node import _output_prefix
 
