@@ -234,3 +234,13 @@ def test_readme_and_params_file_document_every_parameter():
     yaml_text = (REPO / "config" / "panoptic.yaml").read_text()
     undocumented = [p.name for p in PARAMS if not re.search(rf"^\s*(# )?{p.name}:", yaml_text, re.M)]
     assert not undocumented, f"config/panoptic.yaml lacks {undocumented}"
+
+
+def test_message_comments_name_topics_relative_to_the_node_namespace():
+    """Our outputs are relative names (a namespace moves them); the .msg comments must not call
+    them /panoptic/..., which is only where they land in the root namespace."""
+    for path in sorted((REPO / "msg").glob("*.msg")):
+        comments = [ln for ln in path.read_text().splitlines() if ln.lstrip().startswith("#")]
+        wrong = [ln for ln in comments if re.search(r"(?<![\w/])/panoptic/", ln)
+                 and "root namespace" not in ln]
+        assert not wrong, f"{path.name}: {wrong}"
