@@ -78,8 +78,8 @@ def test_launch_arguments_and_overrides_are_node_parameters():
     # parameters come from ciae_ros.launch_support.parameter_overrides, evaluated at launch time
     assert set(PARAMETER_ARGUMENTS) <= set(SPECS) and set(PARAMETER_ARGUMENTS) <= set(defaults)
     assert all(defaults[name] == "" for name in PARAMETER_ARGUMENTS), {n: defaults[n] for n in PARAMETER_ARGUMENTS}
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "ciae_ros.launch_support"
-                for a in n.names}
+    imported = {a.name for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module == "ciae_ros.launch_support" for a in n.names}
     assert {"PARAMETER_ARGUMENTS", "parameter_overrides", "DEFAULT_IMAGE_TOPIC"} <= imported
     calls = {getattr(n.func, "id", "") for n in ast.walk(tree) if isinstance(n, ast.Call)}
     assert {"parameter_overrides", "OpaqueFunction"} <= calls

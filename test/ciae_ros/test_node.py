@@ -677,8 +677,8 @@ def test_unknown_parameter_warnings_skip_declared_and_explain_qos_overrides():
     from ciae_ros.node import unknown_parameter_warnings
 
     declared = {"input_size", "use_sim_time", "start_type_description_service"}
-    lines = unknown_parameter_warnings(["input_size", "use_sim_time", "scor_threshold", "qos_overrides./x.publisher.depth"],
-                                       declared.__contains__)
+    given = ["input_size", "use_sim_time", "scor_threshold", "qos_overrides./x.publisher.depth"]
+    lines = unknown_parameter_warnings(given, declared.__contains__)
     assert lines[0].startswith("parameter 'qos_overrides./x.publisher.depth' ignored") and "output_depth" in lines[0]
     assert lines[1] == "unknown parameter 'scor_threshold' (did you mean 'score_threshold'?) \u2014 ignored"
     assert len(lines) == 2
