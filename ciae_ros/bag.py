@@ -127,7 +127,7 @@ def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, o
     """
     from rosbags.rosbag2 import Reader
 
-    from ciae_core.predictor import PredictorError, letterbox
+    from ciae_core.predictor import PredictorError
 
     from .conversions import categories_msg, render_overlay, segments_msg
     from .image_conversion import numpy_to_image
@@ -169,7 +169,7 @@ def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, o
                 compressed = conn.msgtype.endswith("CompressedImage")
                 try:
                     rgb = compressed_to_rgb(msg) if compressed else image_to_rgb(msg)
-                    letterbox(rgb.shape[0], rgb.shape[1], predictor.input_size, predictor.max_size, predictor.stride)
+                    hw = predictor.letterbox(rgb.shape[0], rgb.shape[1]).resized_size
                 except PredictorError as exc:
                     summary["bad"]["bad_size"] = summary["bad"].get("bad_size", 0) + 1
                     _LOG.warning("skipping frame on %s at %d: %s", conn.topic, timestamp, exc)
@@ -183,8 +183,6 @@ def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, o
                 base = conn.topic.removesuffix("/compressed") if compressed else conn.topic
                 prefix = _output_prefix(base, several)
                 ms = float(sum(predictor.timings.values()))
-                hw = letterbox(rgb.shape[0], rgb.shape[1], predictor.input_size, predictor.max_size,
-                               predictor.stride).resized_size
                 out.write_msg(prefix + "panoptic/segments",
                               segments_msg(result, header, model_name, model_version, hw, ms), timestamp)
                 if overlay:

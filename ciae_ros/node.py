@@ -239,12 +239,14 @@ def _file_version(path: pathlib.Path) -> str:
     return "sha256:" + h.hexdigest()[:12]
 
 
-def predictor_settings(values: dict, model_config=None) -> dict:
+def predictor_settings(values: dict, model_config=None, model_input_size: int | None = None) -> dict:
     """``Predictor.update`` keywords from node parameter values.
 
     ``input_size`` 0 and thresholds -1 mean "the model's own default"; with ``model_config`` given
     they are resolved to its values (so switching back to -1 at run time restores them), without
-    it they are left out (the Predictor then uses its defaults).
+    it they are left out (the Predictor then uses its defaults). ``model_input_size``: the loaded
+    predictor's own input size (``Predictor.default_input_size``: a fixed-shape ONNX export's
+    canvas), else the backbone's default.
     """
     out = {}
     size = int(values["input_size"])
@@ -253,7 +255,7 @@ def predictor_settings(values: dict, model_config=None) -> dict:
     elif model_config is not None:
         from ciae_core.predictor import default_input_size
 
-        out["input_size"] = default_input_size(model_config.backbone)
+        out["input_size"] = model_input_size or default_input_size(model_config.backbone)
     for name in THRESHOLD_PARAMS:
         v = values[name]
         if v != -1:
@@ -629,7 +631,7 @@ class _PanopticLogic:
         t_start = time.monotonic()
         values = self._values
         max_px, scale16 = int(values["max_image_pixels"]), int(values["scale16_max"])
-        from ciae_core.predictor import PredictorError, letterbox
+        from ciae_core.predictor import PredictorError
 
         with self._model_lock:
             model = self._model
@@ -641,8 +643,7 @@ class _PanopticLogic:
                 try:
                     img = (compressed_to_rgb(msg, max_pixels=max_px) if compressed
                            else image_to_rgb(msg, max_pixels=max_px, scale16_max=scale16))
-                    lb = letterbox(img.shape[0], img.shape[1], pred.input_size, pred.max_size, pred.stride,
-                                   pred.min_image_side)
+                    lb = pred.letterbox(img.shape[0], img.shape[1])
                 except ImageConversionError as exc:
                     self._bad_frame(cam, exc.reason, str(exc))
                     continue
@@ -745,7 +746,7 @@ class _PanopticLogic:
             with self._model_lock:
                 pred = self._model.predictor
                 try:
-                    pred.update(**predictor_settings(new, pred.config))
+                    pred.update(**predictor_settings(new, pred.config, pred.default_input_size))
                 except PredictorError as exc:
                     return SetParametersResult(successful=False, reason=str(exc))
         self._values = new

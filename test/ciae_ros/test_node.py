@@ -521,6 +521,49 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
         assert "Traceback" not in log, f"{name}: {log}"
 
 
+def test_fixed_shape_onnx_export_on_the_onnxruntime_engine(client, node_weights, tmp_path):
+    """The node on engine onnxruntime with a `ciae-export --size 288x384` file, across processes:
+    a 480x640 frame is fitted into the canvas (the message's input size says so), thresholds
+    change at run time, and input_size is refused with a reason (the canvas is fixed)."""
+    from ciae_core.export import export_checkpoint
+    from ciae_ros.msg import CategoryArray, PanopticSegments
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+    onnx_path = export_checkpoint(node_weights, tmp_path / "fixed.onnx", size=(288, 384), dynamic=False)
+    cats = client.subscribe(CategoryArray, "/fixed/panoptic/categories",
+                            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                       durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    segs = client.subscribe(PanopticSegments, "/fixed/panoptic/segments")
+    n = NodeProcess(tmp_path / "fixed.log", str(onnx_path), params={"engine": "onnxruntime"},
+                    ros_args=["-r", "__ns:=/fixed"])
+    cam = None
+    try:
+        n.wait_ready(cats)
+        cam = Publisher("/fixed/camera/image_raw", reliability="reliable")
+        assert cam.wait_subscribers(1, timeout=30) >= 1, n.log()[-3000:]
+
+        def frame():
+            stamp = next_stamp()
+            cam.image(480, 640, stamp, frame_id="fixed_cam")
+            msg = segs.wait_for(lambda m: stamp_of(m) == stamp, timeout=60)
+            assert msg is not None, n.log()[-3000:]
+            return msg
+
+        msg = frame()
+        assert (msg.id_image.height, msg.id_image.width) == (480, 640)
+        assert (msg.input_height, msg.input_width) == (288, 384)
+        [res] = client.set_parameters("/fixed/ciae_panoptic", score_threshold=0.3)
+        assert res.successful, res.reason
+        [res] = client.set_parameters("/fixed/ciae_panoptic", input_size=320)
+        assert not res.successful and "fixed 288x384 export" in res.reason, res.reason
+        assert frame().input_height == 288
+    finally:
+        if cam is not None:
+            cam.close()
+        rc = n.stop()
+    assert rc == 0, n.log()[-3000:]
+
+
 def test_node_stops_on_sigint_even_when_started_with_sigint_ignored(node_weights, tmp_path):
     """A node started in the background by a script inherits SIGINT as ignored; it must still stop
     cleanly (exit 0) on SIGINT, which is what Ctrl-C and ros2 launch's shutdown send first."""
