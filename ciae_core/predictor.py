@@ -58,7 +58,7 @@ Decisions (all constructor arguments):
   kept across restarts) and ``trt_fp16`` configure TensorRT; a chosen GPU provider that does not
   start is an error, not a silent CPU run; full graph optimisation; thread counts settable. A
   fixed-shape file (``ciae-export --size HxW [--batch-size N]``) is served by fitting each image
-  into its ``HxW`` canvas (:func:`letterbox_into`; ``input_size`` does not apply) and running
+  into its ``HxW`` canvas (:func:`letterbox_into`; ``input_size`` and ``max_size`` do not apply) and running
   batches in chunks of ``N``.
 
 Timings (``predictor.timings``, milliseconds of the last call): ``preprocess``, ``forward``,
@@ -70,6 +70,7 @@ CUDA events.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -172,7 +173,8 @@ def letterbox_into(height: int, width: int, canvas_height: int, canvas_width: in
     resized with the same rounding as :func:`letterbox` (clamped to the canvas) and padded
     bottom/right to the canvas, so results map back exactly as for dynamic inputs. The padding
     enters the heads' GroupNorm statistics, so results can differ slightly from a dynamic export at
-    the same scale (as for ``mixed_size_batching="pad"``). Same rejections as :func:`letterbox`.
+    the same scale (as for ``mixed_size_batching="pad"``). Same rejections as :func:`letterbox`;
+    the predictor's ``max_size`` does not apply (the canvas is the limit).
     """
     height, width = int(height), int(width)
     if min(height, width) < min_image_side:
@@ -916,11 +918,13 @@ class Predictor:
         """Change thresholds (names in ``THRESHOLD_NAMES`` or ``THRESHOLD_ALIASES``) and/or
         ``input_size`` for later calls. Values are checked; on an error nothing changes."""
         new = _checked_thresholds(self.thresholds, thresholds)
-        if input_size is not None:
-            if self.fixed_input_hw is not None and int(input_size) != self.input_size:
+        if input_size is not None and self.fixed_input_hw is not None:
+            if isinstance(input_size, bool) or not isinstance(input_size, (int, np.integer)) \
+                    or int(input_size) != self.input_size:
                 fh, fw = self.fixed_input_hw
                 raise PredictorError(f"{self.weights} is a fixed {fh}x{fw} export: input_size cannot change "
                                      f"(re-export with --dynamic)")
+        elif input_size is not None:
             self.input_size = self._check_input_size(input_size)
         self.thresholds = new
 
@@ -950,7 +954,15 @@ class Predictor:
         """Letterbox a list of validated images into one float32 RGB 0..255 batch ``(N, 3, Hp, Wp)``
         (padded to the largest padded size among them)."""
         boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in images]
-        return self._letterbox_batch(images, boxes, color), boxes
+        with self._on_device():
+            return self._letterbox_batch(images, boxes, color), boxes
+
+    def _on_device(self):
+        """``self.device`` as the current CUDA device for the block (a no-op on the CPU): the
+        public stages and ``__call__`` run there whatever the calling thread's current device."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.device)
 
     def _letterbox_batch(self, images: Sequence[np.ndarray], boxes: Sequence[Letterbox], color: str,
                          slots: Sequence[int] | None = None) -> torch.Tensor:
@@ -983,14 +995,15 @@ class Predictor:
 
     def forward_raw(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the engine on a preprocessed batch; fp32 raw outputs on ``self.device``."""
-        return self._engine(batch)
+        with self._on_device():
+            return self._engine(batch)
 
     def postprocess(self, raw: dict[str, torch.Tensor], boxes: Sequence[Letterbox],
                     return_confidence: bool = False) -> list[dict[str, torch.Tensor]]:
         """Proposal selection + fusion at the resized resolution (``ciae_core.fusion``)."""
         from ciae_core.fusion import panoptic_from_raw
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_device():
             return panoptic_from_raw(raw, [b.resized_size for b in boxes], num_things=self.num_things,
                                      embedding_stride=self.config.branch_stride,
                                      normalize_after_upsampling=self.config.embedding_stride == 1,
@@ -1005,9 +1018,7 @@ class Predictor:
         calling thread's current device is (a ROS executor thread starts on GPU 0): CUDA-graph
         capture streams, timing events and onnxruntime's IO binding all use the current device.
         """
-        if self.device.type != "cuda":
-            return self._call(images, color, return_confidence)
-        with torch.cuda.device(self.device):
+        with self._on_device():
             return self._call(images, color, return_confidence)
 
     def _call(self, images, color: str, return_confidence: bool):

@@ -473,6 +473,10 @@ def test_fixed_shape_onnx_export_is_served_by_letterboxing_into_its_canvas(weigh
             p.update(input_size=384)
         p.update(input_size=320, score_threshold=0.2)  # its own size is accepted
         assert p.default_input_size == 320
+        # max_size does not apply to a fixed canvas (the node sends input_size with every threshold)
+        q = Predictor(tmp_path / f"b{batch}.onnx", engine="onnxruntime", max_size=300)
+        q.update(input_size=q.default_input_size, score_threshold=0.2)
+        assert q(scenes[0]).id_map.shape == (480, 640)
 
 
 def test_thresholds_change_results_at_run_time(weights, coco_image):
@@ -542,6 +546,8 @@ def test_cuda_device_index_is_kept_whatever_the_current_device(weights):
 
     from ciae_core.synth import render_scene
 
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: with one, every thread's current device is the predictor's")
     p = Predictor(weights, device="cuda", input_size=256, **FAST)
     assert p.device.index == torch.cuda.current_device()
     scene = render_scene(3, 240, 320)[0]
