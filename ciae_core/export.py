@@ -65,6 +65,7 @@ destination directory, is an :class:`ExportError` with a one-line message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -123,6 +124,13 @@ def file_sha256(path: str) -> str:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux: /proc/self/status);
+    elsewhere set and restored at once (a thread creating a file in between would get 022)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):  # no /proc (or no Umask line): the fallback
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -207,10 +207,13 @@ def _png_size(data: memoryview) -> tuple[int, int]:
 
 
 def _jpeg_size(data: memoryview) -> tuple[int, int]:
+    """Width and height from the first SOFn segment. Stray bytes between segments are skipped up
+    to the next 0xFF, as libjpeg does (it only warns "extraneous bytes before marker"): some
+    cameras write them, and their frames decode."""
     i, n = 2, len(data)  # after SOI (FF D8)
     while i < n:
-        if data[i] != 0xFF:
-            raise ImageConversionError("decode_failed", f"JPEG marker expected at byte {i}")
+        while i < n and data[i] != 0xFF:  # extraneous bytes before a marker
+            i += 1
         while i < n and data[i] == 0xFF:  # fill bytes
             i += 1
         if i >= n:

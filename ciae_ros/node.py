@@ -418,6 +418,9 @@ class _PanopticLogic:
         self._stop = threading.Event()
         self._warn_last: dict[str, float] = {}
         self._errors = collections.Counter()
+        # the worker adds keys to _errors and CameraStats.bad while the diagnostics timer (executor
+        # thread) iterates them: both sides hold this lock (iterating a Counter that grows raises)
+        self._counts_lock = threading.Lock()
         self._qos_timer = None
         self._diag_timer = None
         self._pub_categories = None
@@ -531,7 +534,8 @@ class _PanopticLogic:
         self._update_subscriptions()
         self._qos_timer = self.create_timer(1.0, self._update_subscriptions)
         self._diag_prev = (time.monotonic(), [CameraStats(s.received, s.processed) for s in self._stats])
-        self._diag_prev_errors = sum(self._errors.values())
+        with self._counts_lock:
+            self._diag_prev_errors = sum(self._errors.values())
         self._diag_timer = self.create_timer(float(self._values["diagnostics_period"]), self._publish_diagnostics)
 
     def _stop_processing(self) -> None:
@@ -624,7 +628,8 @@ class _PanopticLogic:
             try:
                 self._process(items)
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything a frame causes
-                self._errors[type(exc).__name__] += 1
+                with self._counts_lock:
+                    self._errors[type(exc).__name__] += 1
                 self._warn("process", f"frame processing failed: {type(exc).__name__}: {exc}")
 
     def _process(self, items) -> None:
@@ -680,7 +685,8 @@ class _PanopticLogic:
         return cam.topic + "/compressed" if self._values["input_transport"] == "compressed" else cam.topic
 
     def _bad_frame(self, cam: int, reason: str, text: str) -> None:
-        self._stats[cam].bad[reason] += 1
+        with self._counts_lock:
+            self._stats[cam].bad[reason] += 1
         self._warn("bad:" + reason, f"skipping frame from {self._input_topic(self._cameras[cam])}: {text}")
 
     def _publish_outputs(self, cam: _Camera, header, image, result, model: ModelHandle, input_hw, infer_ms) -> None:
@@ -766,17 +772,21 @@ class _PanopticLogic:
         pct = self._times.percentiles()
         model = self._model
         name = self.get_fully_qualified_name()
+        with self._counts_lock:  # snapshots: the worker may add keys meanwhile
+            bads = [collections.Counter(st.bad) for st in self._stats]
+            errors = collections.Counter(self._errors)
         for k, (cam, st) in enumerate(zip(self._cameras, self._stats)):
             p = prev[k] if k < len(prev) else CameraStats()
+            bad = bads[k]
             status = DiagnosticStatus(name=f"{name}: {cam.topic}", hardware_id=cam.topic)
             vals = [("input_rate_hz", f"{(st.received - p.received) / dt:.2f}"),
                     ("processed_rate_hz", f"{(st.processed - p.processed) / dt:.2f}"),
                     ("frames_received", str(st.received)), ("frames_processed", str(st.processed)),
-                    ("frames_dropped", str(st.dropped)), ("frames_bad", str(sum(st.bad.values())))]
-            vals += [(f"bad_{reason}", str(n)) for reason, n in sorted(st.bad.items())]
+                    ("frames_dropped", str(st.dropped)), ("frames_bad", str(sum(bad.values())))]
+            vals += [(f"bad_{reason}", str(n)) for reason, n in sorted(bad.items())]
             vals.append(("input_reliability", "none (no publisher yet)" if cam.reliability is None
                          else policy_name(cam.reliability)))
-            bad_now = sum(st.bad.values()) - sum(p.bad.values())
+            bad_now = sum(bad.values()) - sum(p.bad.values())
             if st.received == 0 or now - st.last_received > 5.0:
                 status.level, status.message = DiagnosticStatus.WARN, "no input"
             elif bad_now > 0:
@@ -792,11 +802,11 @@ class _PanopticLogic:
                 ("input_size", str(model.predictor.input_size) if model else "")]
         vals += [(f"latency_{stage}_p50_ms", f"{p50:.2f}") for stage, (p50, _) in sorted(pct.items())]
         vals += [(f"latency_{stage}_p99_ms", f"{p99:.2f}") for stage, (_, p99) in sorted(pct.items())]
-        vals += [(f"errors_{k}", str(v)) for k, v in sorted(self._errors.items())]
+        vals += [(f"errors_{k}", str(v)) for k, v in sorted(errors.items())]
         mstat.values = [KeyValue(key=a, value=b) for a, b in vals]
         # like bad frames: the level reflects the last period (one error must not leave the model in
         # ERROR for good); the running totals stay in the errors_<type> values
-        errors_total = sum(self._errors.values())
+        errors_total = sum(errors.values())
         errors_now = errors_total - self._diag_prev_errors
         if errors_now > 0:
             mstat.level = DiagnosticStatus.ERROR
@@ -806,8 +816,8 @@ class _PanopticLogic:
         arr.status.append(mstat)
         self._pub_diag.publish(arr)
         self._diag_prev_errors = errors_total
-        self._diag_prev = (now, [CameraStats(s.received, s.processed, s.dropped, collections.Counter(s.bad))
-                                 for s in self._stats])
+        self._diag_prev = (now, [CameraStats(s.received, s.processed, s.dropped, b)
+                                 for s, b in zip(self._stats, bads)])
 
 
 # ----------------------------------------------------------------------------------------------

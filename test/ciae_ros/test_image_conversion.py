@@ -209,6 +209,13 @@ def test_compressed_size_comes_from_the_header_for_jpeg_png_tiff():
     data = enc.tobytes()[:2] + app + enc.tobytes()[2:]
     assert compressed_image_size(data) == ("jpeg", 53, 37)
     assert compressed_to_rgb(_compressed(data, "jpeg")).shape == (37, 53, 3)
+    # stray bytes before a marker (some cameras write them): libjpeg skips them with a warning,
+    # so the header walk must too
+    second = 4 + int.from_bytes(enc.tobytes()[4:6], "big")  # the marker after the first segment
+    stray = enc.tobytes()[:second] + b"\x00\x00" + enc.tobytes()[second:]
+    assert cv2.imdecode(np.frombuffer(stray, np.uint8), cv2.IMREAD_COLOR).shape == (37, 53, 3)
+    assert compressed_image_size(stray) == ("jpeg", 53, 37)
+    assert compressed_to_rgb(_compressed(stray, "jpeg")).shape == (37, 53, 3)
 
 
 def _tiff_claiming(width: int, height: int) -> bytes:

@@ -607,74 +607,73 @@ def test_misspelled_parameter_keys_are_reported_and_ignored(node_weights, tmp_pa
     assert "input_size 320" in log, "the default input_size must stay in effect"
 
 
-class _FailOnce:
-    """MOCK of a predictor failure (e.g. CUDA running out of memory mid-run), which cannot be caused
-    on demand here: the first call raises, every other call and attribute goes to the real predictor."""
+def _onnx_with_mismatched_metadata(weights: str, directory: pathlib.Path) -> tuple[str, str]:
+    """A good dynamic export of ``weights`` and a copy whose ciae_config claims the stride-8 branch:
+    it loads, and every frame then fails in the Predictor (the embedding output does not fit)."""
+    import json
 
-    def __init__(self, real):
-        self._real, self.calls = real, 0
+    import onnx
 
-    def __getattr__(self, name):
-        return getattr(self._real, name)
+    from ciae_core.export import export_checkpoint
 
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == 1:
-            raise RuntimeError("simulated predictor failure")
-        return self._real(*args, **kwargs)
+    good = str(export_checkpoint(weights, directory / "good.onnx", dynamic=True))
+    proto = onnx.load(good)
+    for prop in proto.metadata_props:
+        if prop.key == "ciae_config":
+            prop.value = json.dumps({**json.loads(prop.value), "embedding_from_level": 3})
+    onnx.save(proto, str(directory / "mismatched.onnx"))
+    return good, str(directory / "mismatched.onnx")
 
 
-def test_one_processing_error_does_not_leave_the_model_diagnostics_in_error(node_weights, client):
-    """The model status is ERROR for the period with the error, then OK again (it used the running
-    total, so one error left it at ERROR for good); the totals stay in errors_<type>. The node runs
-    in this process (own context, real DDS) so that its predictor can be made to fail once."""
-    import threading
-
+def test_processing_errors_set_the_model_diagnostics_to_error_only_while_they_happen(client, node_weights,
+                                                                                     tmp_path):
+    """Real failures, another process, real DDS: on a file whose every frame fails, the model status
+    is ERROR; after switching to a good file at run time it is OK again (it used the running
+    total, so one error left it at ERROR for good), and the totals stay in errors_<type>."""
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-    from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.parameter import Parameter
-    from sensor_msgs.msg import Image
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
-    from ciae_ros.image_conversion import numpy_to_image
-    from ciae_ros.node import PanopticNode
+    from ciae_ros.msg import CategoryArray, PanopticSegments
+
+    good, mismatched = _onnx_with_mismatched_metadata(node_weights, tmp_path)
 
     def model_status(m):
         return next((st for st in m.status if st.name == "/diagerr/ciae_panoptic: model"), None)
 
     diag = client.subscribe(DiagnosticArray, "/diagnostics")
-    ctx = Context()
-    rclpy.init(context=ctx)
-    node = PanopticNode(context=ctx, namespace="/diagerr", parameter_overrides=[
-        Parameter("weights", value=node_weights), Parameter("input_size", value=INPUT_SIZE),
-        Parameter("diagnostics_period", value=0.3), Parameter("input_reliability", value="reliable")])
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    cats = client.subscribe(CategoryArray, "/diagerr/panoptic/categories",
+                            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                       durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    segs = client.subscribe(PanopticSegments, "/diagerr/panoptic/segments")
+    n = NodeProcess(tmp_path / "diagerr.log", mismatched, params={"engine": "onnxruntime", "diagnostics_period": 0.3},
+                    ros_args=["-r", "__ns:=/diagerr"])
+    cam = None
     try:
-        node._model.predictor = _FailOnce(node._model.predictor)
-        pub = client.node.create_publisher(Image, "/diagerr/image", 10)  # 'image' unremapped in-process
-        deadline = time.monotonic() + 30
-        while pub.get_subscription_count() < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        frame = numpy_to_image(np.full((240, 320, 3), 90, np.uint8), "rgb8")
-        pub.publish(frame)
-        err = diag.wait_for(lambda m: (st := model_status(m)) is not None and st.level == DiagnosticStatus.ERROR,
-                            timeout=30)
-        assert err is not None, "the processing error was not reported"
-        assert "1 processing error(s) in the last period" in model_status(err).message
+        n.wait_ready(cats)
+        cam = Publisher("/diagerr/camera/image_raw", reliability="reliable")
+        assert cam.wait_subscribers(1, timeout=30) >= 1, n.log()[-3000:]
         since = len(diag)
-        pub.publish(frame)  # a good frame; and no new error
+        cam.image(240, 320, next_stamp())
+        err = diag.wait_for(lambda m: (st := model_status(m)) is not None and st.level == DiagnosticStatus.ERROR,
+                            timeout=30, since=since)
+        assert err is not None, f"the processing error was not reported\n{n.log()[-3000:]}"
+        assert "1 processing error(s) in the last period" in model_status(err).message
+        assert n.alive(), "a processing error must not stop the node"
+        [res] = client.set_parameters("/diagerr/ciae_panoptic", weights=good)
+        assert res.successful, res.reason
+        stamp = next_stamp()
+        cam.image(240, 320, stamp)
+        assert segs.wait_for(lambda m: stamp_of(m) == stamp, timeout=60) is not None, n.log()[-3000:]
+        since = len(diag)
         ok = diag.wait_for(lambda m: (st := model_status(m)) is not None and st.level == DiagnosticStatus.OK,
                            timeout=10, since=since)
         assert ok is not None, f"still {model_status(diag.snapshot()[-1][1]).message!r} a period after the error"
-        assert {kv.key: kv.value for kv in model_status(ok).values}["errors_RuntimeError"] == "1"
+        assert {kv.key: kv.value for kv in model_status(ok).values}["errors_PredictorError"] == "1"
     finally:
-        executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
-        ctx.try_shutdown()
-        spinner.join(5)
+        if cam is not None:
+            cam.close()
+        rc = n.stop()
+    assert rc == 0, n.log()[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------
