@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -84,6 +85,35 @@ def test_not_safetensors(tmp_path):
     d.mkdir()
     with pytest.raises(CheckpointError, match="not a file"):
         load_model(d)
+
+
+def test_a_torch_pickle_is_refused_without_being_unpickled(model, tmp_path):
+    """A torch.save file (a zip with a pickle inside) given as weights: refused as not safetensors;
+    nothing from it is unpickled (a pickle that would run code on load proves it)."""
+    pt = tmp_path / "model.safetensors"
+    torch.save({"state_dict": model.state_dict(), "evil": _RunsOnUnpickle(tmp_path / "ran")}, str(pt))
+    with pytest.raises(CheckpointError, match="model.safetensors.*not a safetensors") as e:
+        load_model(pt)
+    assert "\n" not in str(e.value) and not (tmp_path / "ran").exists()
+
+
+class _RunsOnUnpickle:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.mark.parametrize("where", ["after_header", "last_byte"])
+def test_truncated_right_after_the_header_or_by_one_byte(model, tmp_path, where):
+    path = save_model(tmp_path / "m.safetensors", model)
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:header_end] if where == "after_header" else data[:-1])
+    with pytest.raises(CheckpointError, match="m.safetensors.*(truncated|corrupt)") as e:
+        load_model(path)
+    assert "\n" not in str(e.value)
 
 
 def test_config_missing(tmp_path):
