@@ -1,6 +1,8 @@
 """``ciae-bench``: latency of CIAE against its detector base (FCOS) and a two-stage peer (Mask R-CNN).
 
-Everything runs in one process on the same inputs with the same thread settings: for each
+Everything runs in one process on the same inputs with the same thread settings and the same
+memory format for every torch model (``--channels-last``; by default the Predictor's: channels_last
+on the CPU, NCHW on CUDA; the peers are converted alike): for each
 backbone (``r50`` and ``small``) and each shorter-side size, every model gets ``--warmup`` untimed
 calls and ``--repeats`` timed calls on the same real images (the COCO sample shipped in
 test/data, cycled; for the ``small`` rows two rendered 640x480 synthetic scenes, the shipped
@@ -388,7 +390,8 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
     kw = dict(engine=engine, device=str(device), input_size=size, max_size=args.max_size,
               input_size_range=(64, 4096), **_fusion_thresholds(args.detections))
     if engine == "torch":
-        kw.update(precision=args.precision, channels_last=args.channels_last, cuda_graphs=not args.no_cuda_graphs)
+        kw.update(precision=args.precision, channels_last=channels_last_for(args.channels_last, device),
+                  cuda_graphs=not args.no_cuda_graphs)
     else:
         kw.update(onnx_cache_dir=cache_dir, intra_op_threads=args.threads or None)
         providers = ort_providers(args.ort_providers, device)
@@ -427,7 +430,17 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
                 torch_engine.cuda_graphs = graphs
 
     info = {"providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone}
+    if engine == "torch":
+        info["channels_last"] = _is_channels_last(predictor._engine.model)
     return Contender("ours", engine, call, info, finish, base_rss, base_device_used, memory_mode)
+
+
+def _is_channels_last(model: torch.nn.Module) -> bool:
+    """Whether the model's first 4-d convolution weight is stored channels_last (what the run used)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.dim() == 4:
+            return m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+    return False
 
 
 def ours_stage_breakdown(predictor, images, device: torch.device, args) -> dict[str, float]:
@@ -493,6 +506,8 @@ def prepare_peer(kind: str, backbone_name: str, size: int, images, device: torch
     base_rss = _memory_level(device)
     base_device_used = _device_used_bytes(device)
     model = build_peer(kind, backbone_name, size, args.max_size, args.detections).to(device)
+    if channels_last_for(args.channels_last, device):  # the same memory format as ours (fair ratios)
+        model = model.to(memory_format=torch.channels_last)
     use_amp = device.type == "cuda" and args.precision in ("fp16", "bf16")
     dtype = torch.float16 if args.precision == "fp16" else torch.bfloat16
 
@@ -505,8 +520,18 @@ def prepare_peer(kind: str, backbone_name: str, size: int, images, device: torch
             out = model([x])[0]
         {k: v.cpu() for k, v in out.items()}
 
-    return Contender(kind, "torch", call, {"backbone_name": backbone_name}, base_rss=base_rss,
+    return Contender(kind, "torch", call, {"backbone_name": backbone_name, "channels_last": _is_channels_last(model)},
+                     base_rss=base_rss,
                      base_device_used=base_device_used)
+
+
+def channels_last_for(choice: str, device: torch.device) -> bool:
+    """``--channels-last`` → the memory format of every torch model of the run (ours and the
+    peers alike, so the ratios compare like with like): ``auto`` follows the Predictor's default
+    (on for the CPU, off for CUDA)."""
+    if choice not in ("auto", "on", "off"):
+        raise BenchError(f"--channels-last must be auto, on or off, got {choice!r}")
+    return device.type == "cpu" if choice == "auto" else choice == "on"
 
 
 def ort_providers(text: str | None, device: torch.device) -> list[str] | None:
@@ -698,7 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "of images so every input shape is warm and its CUDA graph captured; 0 = none)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--detections", type=int, default=30, help="instances per image for every model")
-    p.add_argument("--channels-last", action="store_true", help="ours (torch): channels_last memory format")
+    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="memory format of all torch models, ours and the peers alike (auto: the Predictor's "
+                        "default, channels_last on the CPU and not on CUDA)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="ours (torch): eager forward on CUDA")
     p.add_argument("--threads", type=int, default=0, help="torch and onnxruntime CPU threads (0: torch default)")
     p.add_argument("--json", default="bench.json", help="output JSON path")
@@ -778,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "precision": args.precision, "torch": torch.__version__,
+            "channels_last": channels_last_for(args.channels_last, device),
             "warmup": args.warmup, "repeats": args.repeats, "detections": args.detections,
             "images": len(coco_images), "image_sizes": [list(im.shape[:2]) for im in coco_images],
             "small_images": "given" if args.images else args.small_images,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ciae_core.bench import main, markdown_tables, ratios, summarize
 
@@ -19,6 +20,9 @@ def test_tiny_bench_run_writes_expected_json(tmp_path, capsys):
     assert {"device", "threads", "precision", "repeats", "warmup", "detections", "torch"} <= set(doc["meta"])
     got = {(r["model"], r["engine"]) for r in doc["results"]}
     assert got == {("ours", "torch"), ("ours", "onnxruntime"), ("fcos", "torch"), ("maskrcnn", "torch")}
+    # the CPU default memory format (the Predictor's: channels_last), for ours and the peers alike
+    assert doc["meta"]["channels_last"] is True
+    assert all(r["channels_last"] is True for r in doc["results"] if r["engine"] == "torch")
     for r in doc["results"]:
         assert r["backbone"] == "small" and r["size"] == 192
         assert r["repeats"] == 1 and r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"]
@@ -33,6 +37,21 @@ def test_tiny_bench_run_writes_expected_json(tmp_path, capsys):
     assert 0 < ratio["fusion_share"] < 1.5  # eager fusion stage over the end-to-end median
     printed = capsys.readouterr().out
     assert "| small | 192 |" in printed and "ours/FCOS" in printed
+
+
+def test_channels_last_option_applies_to_ours_and_the_peers(tmp_path):
+    from ciae_core.bench import channels_last_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert channels_last_for("auto", cpu) and not channels_last_for("auto", cuda)
+    assert channels_last_for("on", cuda) and not channels_last_for("off", cpu)
+    out = tmp_path / "nchw.json"
+    assert main(["--device", "cpu", "--sizes", "192", "--backbones", "small", "--repeats", "1", "--warmup", "0",
+                 "--detections", "5", "--threads", "1", "--engines", "torch", "--models", "ours,fcos",
+                 "--channels-last", "off", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["channels_last"] is False
+    assert [r["channels_last"] for r in doc["results"]] == [False, False]
 
 
 def test_bench_rejects_bad_options(tmp_path, capsys):

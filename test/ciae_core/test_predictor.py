@@ -479,6 +479,22 @@ def test_fixed_shape_onnx_export_is_served_by_letterboxing_into_its_canvas(weigh
         assert q(scenes[0]).id_map.shape == (480, 640)
 
 
+def test_cpu_default_is_channels_last_with_the_same_results_as_nchw(weights):
+    """channels_last is the CPU default (oneDNN's NHWC convolutions are faster there); it must not
+    change a single pixel of the result on the shipped model's scenes."""
+    from ciae_core.synth import render_scene
+
+    default, nchw = Predictor(weights), Predictor(weights, channels_last=False)
+    assert default._engine.channels_last and not nchw._engine.channels_last
+    conv = next(m for m in default._engine.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for seed in (1, 2):
+        scene = render_scene(seed, 240, 320)[0]
+        a, b = default(scene), nchw(scene)
+        np.testing.assert_array_equal(a.id_map, b.id_map)
+        assert [(s.id, s.category_id) for s in a.segments] == [(s.id, s.category_id) for s in b.segments]
+
+
 def test_thresholds_change_results_at_run_time(weights, coco_image):
     p = Predictor(weights, input_size=256, **FAST)
     assert any(s.isthing for s in p(coco_image).segments)
