@@ -7,6 +7,7 @@ large-data profile), received by default-configured subscriptions of the pytest 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import pathlib
 import sys
@@ -521,32 +522,45 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
         assert "Traceback" not in log, f"{name}: {log}"
 
 
+@contextlib.contextmanager
+def namespaced_node(client, log: pathlib.Path, ns: str, weights: str, params: dict):
+    """A node process of its own in namespace ``ns`` with a reliable camera on ``ns/camera/image_raw``
+    and a subscription to its segments; stopped (exit status 0 checked) afterwards."""
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+    from ciae_ros.msg import CategoryArray, PanopticSegments
+
+    cats = client.subscribe(CategoryArray, f"{ns}/panoptic/categories",
+                            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                       durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    segs = client.subscribe(PanopticSegments, f"{ns}/panoptic/segments")
+    n = NodeProcess(log, weights, params=params, ros_args=["-r", f"__ns:={ns}"])
+    cam = None
+    try:
+        n.wait_ready(cats)
+        cam = Publisher(f"{ns}/camera/image_raw", reliability="reliable")
+        assert cam.wait_subscribers(1, timeout=30) >= 1, n.log()[-3000:]
+        yield SimpleNamespace(node=n, cam=cam, segments=segs)
+    finally:
+        if cam is not None:
+            cam.close()
+        rc = n.stop()
+    assert rc == 0, n.log()[-3000:]
+
+
 def test_fixed_shape_onnx_export_on_the_onnxruntime_engine(client, node_weights, tmp_path):
     """The node on engine onnxruntime with a `ciae-export --size 288x384` file, across processes:
     a 480x640 frame is fitted into the canvas (the message's input size says so), thresholds
     change at run time, and input_size is refused with a reason (the canvas is fixed)."""
     from ciae_core.export import export_checkpoint
-    from ciae_ros.msg import CategoryArray, PanopticSegments
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
     onnx_path = export_checkpoint(node_weights, tmp_path / "fixed.onnx", size=(288, 384), dynamic=False)
-    cats = client.subscribe(CategoryArray, "/fixed/panoptic/categories",
-                            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                                       durability=DurabilityPolicy.TRANSIENT_LOCAL))
-    segs = client.subscribe(PanopticSegments, "/fixed/panoptic/segments")
-    n = NodeProcess(tmp_path / "fixed.log", str(onnx_path), params={"engine": "onnxruntime"},
-                    ros_args=["-r", "__ns:=/fixed"])
-    cam = None
-    try:
-        n.wait_ready(cats)
-        cam = Publisher("/fixed/camera/image_raw", reliability="reliable")
-        assert cam.wait_subscribers(1, timeout=30) >= 1, n.log()[-3000:]
-
+    with namespaced_node(client, tmp_path / "fixed.log", "/fixed", str(onnx_path), {"engine": "onnxruntime"}) as run:
         def frame():
             stamp = next_stamp()
-            cam.image(480, 640, stamp, frame_id="fixed_cam")
-            msg = segs.wait_for(lambda m: stamp_of(m) == stamp, timeout=60)
-            assert msg is not None, n.log()[-3000:]
+            run.cam.image(480, 640, stamp, frame_id="fixed_cam")
+            msg = run.segments.wait_for(lambda m: stamp_of(m) == stamp, timeout=60)
+            assert msg is not None, run.node.log()[-3000:]
             return msg
 
         msg = frame()
@@ -557,11 +571,6 @@ def test_fixed_shape_onnx_export_on_the_onnxruntime_engine(client, node_weights,
         [res] = client.set_parameters("/fixed/ciae_panoptic", input_size=320)
         assert not res.successful and "fixed 288x384 export" in res.reason, res.reason
         assert frame().input_height == 288
-    finally:
-        if cam is not None:
-            cam.close()
-        rc = n.stop()
-    assert rc == 0, n.log()[-3000:]
 
 
 def test_node_stops_on_sigint_even_when_started_with_sigint_ignored(node_weights, tmp_path):
@@ -631,9 +640,6 @@ def test_processing_errors_set_the_model_diagnostics_to_error_only_while_they_ha
     is ERROR; after switching to a good file at run time it is OK again (it used the running
     total, so one error left it at ERROR for good), and the totals stay in errors_<type>."""
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-
-    from ciae_ros.msg import CategoryArray, PanopticSegments
 
     good, mismatched = _onnx_with_mismatched_metadata(node_weights, tmp_path)
 
@@ -641,39 +647,25 @@ def test_processing_errors_set_the_model_diagnostics_to_error_only_while_they_ha
         return next((st for st in m.status if st.name == "/diagerr/ciae_panoptic: model"), None)
 
     diag = client.subscribe(DiagnosticArray, "/diagnostics")
-    cats = client.subscribe(CategoryArray, "/diagerr/panoptic/categories",
-                            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                                       durability=DurabilityPolicy.TRANSIENT_LOCAL))
-    segs = client.subscribe(PanopticSegments, "/diagerr/panoptic/segments")
-    n = NodeProcess(tmp_path / "diagerr.log", mismatched, params={"engine": "onnxruntime", "diagnostics_period": 0.3},
-                    ros_args=["-r", "__ns:=/diagerr"])
-    cam = None
-    try:
-        n.wait_ready(cats)
-        cam = Publisher("/diagerr/camera/image_raw", reliability="reliable")
-        assert cam.wait_subscribers(1, timeout=30) >= 1, n.log()[-3000:]
+    params = {"engine": "onnxruntime", "diagnostics_period": 0.3}
+    with namespaced_node(client, tmp_path / "diagerr.log", "/diagerr", mismatched, params) as run:
         since = len(diag)
-        cam.image(240, 320, next_stamp())
+        run.cam.image(240, 320, next_stamp())
         err = diag.wait_for(lambda m: (st := model_status(m)) is not None and st.level == DiagnosticStatus.ERROR,
                             timeout=30, since=since)
-        assert err is not None, f"the processing error was not reported\n{n.log()[-3000:]}"
+        assert err is not None, f"the processing error was not reported\n{run.node.log()[-3000:]}"
         assert "1 processing error(s) in the last period" in model_status(err).message
-        assert n.alive(), "a processing error must not stop the node"
+        assert run.node.alive(), "a processing error must not stop the node"
         [res] = client.set_parameters("/diagerr/ciae_panoptic", weights=good)
         assert res.successful, res.reason
         stamp = next_stamp()
-        cam.image(240, 320, stamp)
-        assert segs.wait_for(lambda m: stamp_of(m) == stamp, timeout=60) is not None, n.log()[-3000:]
+        run.cam.image(240, 320, stamp)
+        assert run.segments.wait_for(lambda m: stamp_of(m) == stamp, timeout=60) is not None, run.node.log()[-3000:]
         since = len(diag)
         ok = diag.wait_for(lambda m: (st := model_status(m)) is not None and st.level == DiagnosticStatus.OK,
                            timeout=10, since=since)
         assert ok is not None, f"still {model_status(diag.snapshot()[-1][1]).message!r} a period after the error"
         assert {kv.key: kv.value for kv in model_status(ok).values}["errors_PredictorError"] == "1"
-    finally:
-        if cam is not None:
-            cam.close()
-        rc = n.stop()
-    assert rc == 0, n.log()[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------
