@@ -147,6 +147,14 @@ class Letterbox:
         return (self.resized_height, self.resized_width) == (self.height, self.width)
 
 
+def _checked_image_sides(height: int, width: int, min_image_side: int) -> tuple[int, int]:
+    height, width = int(height), int(width)
+    if min(height, width) < min_image_side:
+        raise PredictorError(f"image of {height}x{width} pixels is too small; both sides must be at least "
+                             f"{min_image_side} pixels")
+    return height, width
+
+
 def letterbox(height: int, width: int, input_size: int, max_size: int, stride: int = 32,
               min_image_side: int = MIN_IMAGE_SIDE) -> Letterbox:
     """Shorter side → ``input_size``, longer side capped at ``max_size``, padded to ``stride``.
@@ -155,10 +163,7 @@ def letterbox(height: int, width: int, input_size: int, max_size: int, stride: i
     :class:`PredictorError` for images with a side below ``min_image_side`` or whose resized
     shorter side would be below ``stride`` (extreme aspect ratios).
     """
-    height, width = int(height), int(width)
-    if min(height, width) < min_image_side:
-        raise PredictorError(f"image of {height}x{width} pixels is too small; both sides must be at least "
-                             f"{min_image_side} pixels")
+    height, width = _checked_image_sides(height, width, min_image_side)
     scale = input_size / min(height, width)
     if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
@@ -181,10 +186,7 @@ def letterbox_into(height: int, width: int, canvas_height: int, canvas_width: in
     the same scale (as for ``mixed_size_batching="pad"``). Same rejections as :func:`letterbox`;
     the predictor's ``max_size`` does not apply (the canvas is the limit).
     """
-    height, width = int(height), int(width)
-    if min(height, width) < min_image_side:
-        raise PredictorError(f"image of {height}x{width} pixels is too small; both sides must be at least "
-                             f"{min_image_side} pixels")
+    height, width = _checked_image_sides(height, width, min_image_side)
     scale = min(canvas_height / height, canvas_width / width)
     rh = min(canvas_height, max(1, int(round(height * scale))))
     rw = min(canvas_width, max(1, int(round(width * scale))))
@@ -547,18 +549,17 @@ class _OrtEngine:
         if inter_op_threads:
             opts.inter_op_num_threads = int(inter_op_threads)
         opts.log_severity_level = 3
-        available = ort.get_available_providers()
-        chosen = select_providers(device.type, available, providers, trt_cache_dir, trt_fp16, device.index or 0)
+        # TensorRT builds an engine per input shape range (minutes for an R50): keep them on disk so a
+        # restarted node does not build again (default: beside the ONNX cache; created only if used)
+        trt_cache_dir = str(trt_cache_dir or default_onnx_cache_dir().parent / "tensorrt")
+        chosen = select_providers(device.type, ort.get_available_providers(), providers, trt_cache_dir, trt_fp16,
+                                  device.index or 0)
         if chosen[0][0] == "TensorrtExecutionProvider":
-            # TensorRT builds an engine per input shape range (minutes for an R50): keep them on disk
-            # so a restarted node does not build again (default: beside the ONNX cache)
-            trt_cache_dir = str(trt_cache_dir or default_onnx_cache_dir().parent / "tensorrt")
             try:
                 os.makedirs(trt_cache_dir, exist_ok=True)
             except OSError as e:
                 raise PredictorError(f"cannot create the TensorRT cache {trt_cache_dir}: {e.strerror}; set "
                                      f"trt_cache_dir") from None
-            chosen = select_providers(device.type, available, providers, trt_cache_dir, trt_fp16, device.index or 0)
         if chosen[0][0] == "CPUExecutionProvider":  # leave the cores to the fusion after a run (docstring)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
