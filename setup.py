@@ -12,7 +12,7 @@ setup(
     description="CIAE real-time panoptic segmentation: ROS-free library (ciae_core) and ROS 2 node (ciae_ros)",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["ciae_core", "ciae_ros"],
+    packages=["ciae_core", "ciae_core.cli", "ciae_ros"],
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
@@ -31,12 +31,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "ciae-train = ciae_core.train:main",
-            "ciae-eval = ciae_core.evaluation:main",
-            "ciae-predict = ciae_core.predictor:main",
-            "ciae-export = ciae_core.export:main",
-            "ciae-bench = ciae_core.bench:main",
-            "ciae-synth = ciae_core.synth:main",
+            "ciae-train = ciae_core.cli.train:main",
+            "ciae-eval = ciae_core.cli.eval:main",
+            "ciae-predict = ciae_core.cli.predict:main",
+            "ciae-export = ciae_core.cli.export:main",
+            "ciae-bench = ciae_core.cli.bench:main",
+            "ciae-synth = ciae_core.cli.synth:main",
             "ciae-panoptic-node = ciae_ros.node:main",
             "ciae-demo = ciae_ros.demo:main",
             "ciae-bag = ciae_ros.bag:main",
