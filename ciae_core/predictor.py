@@ -35,30 +35,15 @@ Decisions (all constructor arguments):
   further changes the GroupNorm statistics of the heads and so its result (with random weights up
   to a quarter of the pixels): a result must not depend on which other images share the batch.
   ``mixed_size_batching="pad"`` pads all to the largest padded size and runs one forward.
-* **CUDA path** (torch engine): cudnn.benchmark, one CUDA graph per input shape replayed for the
-  forward pass (``cuda_graphs``; the eager R50 forward is launch-bound on an H100), optional
-  fp16/bf16 autocast (the raw outputs are cast back to fp32 before fusion), optional
-  channels_last (off by default on CUDA: no gain measured on an H100 for these GroupNorm heads), uint8
-  upload from a pinned staging buffer with an async copy, resize on the GPU, fusion and map-back
-  on the GPU, then one device→host copy of all final id maps (plus one for the small segment
-  table). Optional ``torch.compile(forward_raw, dynamic=True)`` (``compile=True``).
-* **Memory format on the CPU** (torch engine): channels_last by default (``channels_last=None``):
-  oneDNN's NHWC convolutions made the whole call 10-31 % faster on the 2-core development machine
-  (end to end, NCHW → channels_last: small model 96 → 66 ms at 320 and 180 → 148 ms at 512;
-  random-weight R50 1278 → 1155 ms at 512 and 3459 → 3078 ms at 800), with identical id maps on
-  the shipped model's scenes and the COCO sample. ``channels_last=False`` restores NCHW.
-* **onnxruntime engine**: ``weights`` may be a ``.onnx`` written by ``ciae-export`` (its
-  metadata carries the model config) or a ``.safetensors`` checkpoint, which is exported on the fly
-  (dynamic batch/height/width) to ``<onnx_cache_dir>/<stem>-<sha256[:16]>-opset<N>.onnx``;
-  ``onnx_cache_dir`` defaults to ``$CIAE_CACHE_DIR/onnx`` or ``~/.cache/ciae/onnx``. The cached
-  file is reused while the checkpoint's hash matches. Providers: TensorRT → CUDA → CPU (the ones
-  this onnxruntime build offers; TensorRT only when its runtime loads) for device="cuda", CPU for
-  device="cpu"; ``trt_cache_dir`` (default ``$CIAE_CACHE_DIR/tensorrt``, engines and timing cache
-  kept across restarts) and ``trt_fp16`` configure TensorRT; a chosen GPU provider that does not
-  start is an error, not a silent CPU run; full graph optimisation; thread counts settable. A
-  fixed-shape file (``ciae-export --size HxW [--batch-size N]``) is served by fitting each image
-  into its ``HxW`` canvas (:func:`letterbox_into`; ``input_size`` and ``max_size`` do not apply) and running
-  batches in chunks of ``N``.
+* **Engines**: ``engine="torch"`` (:mod:`ciae_core.engine_torch`: CUDA graphs, fp16/bf16
+  autocast, channels_last, ``torch.compile``) or ``engine="onnxruntime"``
+  (:mod:`ciae_core.engine_onnxruntime`: ``.onnx`` from ``ciae-export`` or a ``.safetensors``
+  exported on the fly to ``onnx_cache_dir``, TensorRT → CUDA → CPU providers; a fixed-shape file
+  is served by fitting each image into its canvas, :func:`letterbox_into`). Both return the same
+  raw outputs, so everything after ``forward_raw`` is shared.
+* **CUDA path**: cudnn.benchmark, uint8 upload from a pinned staging buffer with an async copy,
+  resize on the GPU, fusion and map-back on the GPU, then one device→host copy of all final id
+  maps (plus one for the small segment table).
 
 Timings (``predictor.timings``, milliseconds of the last call): ``preprocess``, ``forward``,
 ``postprocess`` (proposal selection + fusion), ``map_back`` (resize to input resolution +
@@ -70,21 +55,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
 import pathlib
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-# the inference error and the geometry keep their old import path ciae_core.predictor (re-exported)
+# PredictorError, the geometry and the onnxruntime helpers keep their old import path ciae_core.predictor
+# (re-exported, see __all__)
+from ciae_core.engine_onnxruntime import (RAW_OUTPUT_NAMES, _OrtEngine, default_onnx_cache_dir, onnx_for_checkpoint,
+                                          select_providers, tensorrt_runtime_loadable)
+from ciae_core.engine_torch import _TorchEngine
 from ciae_core.geometry import (MIN_IMAGE_SIDE, Letterbox, area_resize_weights, letterbox, letterbox_into,
                                 nearest_source_index, resize_image_like_cv2, resize_nearest, segment_table,
                                 validate_image)
@@ -92,6 +78,12 @@ from ciae_core.predictor_error import PredictorError
 from ciae_core.structures import CategoryInfo, PanopticResult, Segment
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["ENGINES", "MIN_IMAGE_SIDE", "PRECISIONS", "RAW_OUTPUT_NAMES", "SMALL_BACKBONES", "THRESHOLD_ALIASES",
+           "THRESHOLD_NAMES", "Letterbox", "Predictor", "PredictorError", "area_resize_weights", "default_input_size",
+           "default_onnx_cache_dir", "input_size_range", "input_size_range_for", "letterbox", "letterbox_into",
+           "nearest_source_index", "resize_image_like_cv2", "resize_nearest", "segment_table", "select_providers",
+           "tensorrt_runtime_loadable", "validate_image"]
 
 THRESHOLD_NAMES = ("score_threshold", "pre_nms_topk", "nms_threshold", "detections_per_img",
                    "instance_score_threshold", "min_stuff_area", "stuff_area_reference", "min_visible_fraction",
@@ -104,7 +96,6 @@ _NON_NEGATIVE_INT = ("min_stuff_area", "min_instance_area")
 SMALL_BACKBONES = ("resnet18", "resnet34", "mobilenet_v3_large")
 ENGINES = ("torch", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16")
-RAW_OUTPUT_NAMES = ("cls_logits", "box_regression", "centerness", "points", "embedding", "memory")
 
 
 def _checked_thresholds(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -145,333 +136,6 @@ def input_size_range(backbone: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# engines
-
-
-class _TorchEngine:
-    """``CIAE.forward_raw`` in PyTorch, fp32 outputs, frozen BN folded into the convolutions
-    (:func:`ciae_core.model.fold_frozen_batchnorm`; the engine owns its model copy).
-
-    On CUDA with ``cuda_graphs`` the forward pass of each input shape is captured once into a
-    CUDA graph (after 3 eager warm-up runs that also let cuDNN pick its algorithms) and replayed:
-    ``forward_raw`` has no data-dependent control flow, and at camera rates the eager forward is
-    bound by kernel-launch overhead (an R50 forward launches ~700 kernels). Up to
-    ``max_graphs`` shapes are kept (least recently used dropped); a capture failure falls back
-    to eager execution with a warning. Outputs are copied out of the graph's static buffers.
-    Decision: a shape is captured the second time it is seen, not the first: a capture costs
-    three warm-up runs, a device sync and an ``empty_cache``, which a folder of differently sized
-    photos (``ciae-predict``) would pay on every image, while a camera repeats its shape at once.
-    """
-
-    name = "torch"
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool,
-                 compile: bool, cuda_graphs: bool = False, max_graphs: int = 4):
-        from ciae_core.model import fold_frozen_batchnorm
-
-        self.model = model.eval().to(device)
-        # frozen BN is affine: folded into its conv (same outputs to float rounding; onnxruntime
-        # does the same to the exported graph)
-        folded = fold_frozen_batchnorm(self.model)
-        if folded:
-            logger.debug("folded %d frozen BatchNorm layers into their convolutions", folded)
-        self.device = device
-        self.precision = precision
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self._fn = self.model.forward_raw
-        if compile:
-            self._fn = torch.compile(self.model.forward_raw, dynamic=True)
-        self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
-        self.max_graphs = int(max_graphs)
-        self._graphs: dict[tuple, tuple] = {}
-        self._seen: dict[tuple, None] = {}  # shapes run once (an ordered set, the last 64)
-        self.providers: list[str] = []
-
-    def _eager(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
-        with torch.inference_mode():
-            if dtype is None:
-                raw = self._fn(images)
-            else:
-                with torch.autocast(self.device.type, dtype=dtype):
-                    raw = self._fn(images)
-            return {k: v.float() for k, v in raw.items()}
-
-    def _capture(self, images: torch.Tensor):
-        caller_stream = torch.cuda.current_stream(self.device)
-        try:
-            static_in = images.clone()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._eager(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # captured on our side stream of self.device (torch's default capture stream would
-            # belong to the thread's current device)
-            with torch.cuda.graph(graph, stream=side):
-                static_out = self._eager(static_in)
-        except Exception as e:  # noqa: BLE001 - any capture problem: run eagerly instead
-            # a capture that fails in capture_end leaves the capture stream current (torch's
-            # graph context skips restoring it): go back to the caller's stream
-            torch.cuda.set_stream(caller_stream)
-            logger.warning("CUDA graph capture failed (%s: %s); running the forward pass eagerly",
-                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.cuda_graphs = False
-            self._graphs.clear()
-            return None
-        if len(self._graphs) >= self.max_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
-        entry = (graph, static_in, static_out)
-        self._graphs[tuple(images.shape)] = entry
-        return entry
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if not self.cuda_graphs:
-            return self._eager(images)
-        key = tuple(images.shape)
-        entry = self._graphs.pop(key, None)
-        if entry is None:
-            if key not in self._seen:  # first sighting: eager (see the class docstring)
-                self._seen[key] = None
-                while len(self._seen) > 64:
-                    self._seen.pop(next(iter(self._seen)))
-                return self._eager(images)
-            entry = self._capture(images)
-            if entry is None:
-                return self._eager(images)
-        self._graphs[key] = entry  # most recently used last
-        graph, static_in, static_out = entry
-        static_in.copy_(images)
-        graph.replay()
-        return {k: v.clone() for k, v in static_out.items()}
-
-
-def select_providers(device: str, available: Sequence[str], providers: Sequence[str] | None = None,
-                     trt_cache_dir: str | None = None, trt_fp16: bool = False,
-                     device_id: int = 0) -> list[tuple[str, dict]]:
-    """onnxruntime execution providers with options, in priority order.
-
-    device="cuda": TensorRT → CUDA → CPU (those in ``available``); device="cpu": CPU only.
-    ``providers`` (short names "tensorrt", "cuda", "cpu" or full provider names; one string or a
-    sequence) restricts and orders the choice; asking for one this build lacks raises
-    :class:`PredictorError`.
-
-    Decision: by default TensorRT is offered only when its runtime library can be loaded
-    (:func:`tensorrt_runtime_loadable`). onnxruntime-gpu lists the TensorRT provider whenever it
-    was built with it, and without ``libnvinfer`` the session fails and falls back to CUDA
-    without the provider options (so ``device_id`` would be lost). Asked for explicitly, it is
-    always tried, and a failure is an error.
-    """
-    full = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-    if providers is None:
-        wanted = ["tensorrt", "cuda", "cpu"] if device == "cuda" else ["cpu"]
-        chosen = [full[p] for p in wanted if full[p] in available
-                  and (p != "tensorrt" or tensorrt_runtime_loadable())]
-    else:
-        if isinstance(providers, str):
-            providers = [providers]
-        chosen = []
-        for p in providers:
-            name = full.get(str(p).lower(), str(p))
-            if name not in available:
-                raise PredictorError(f"onnxruntime provider {p!r} is not available in this onnxruntime build "
-                                     f"(available: {', '.join(available)})")
-            if device == "cpu" and name != "CPUExecutionProvider":
-                raise PredictorError(f"onnxruntime provider {p!r} needs device='cuda'")
-            chosen.append(name)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    out = []
-    for name in chosen:
-        opts: dict = {}
-        if name == "TensorrtExecutionProvider":
-            opts = {"device_id": device_id, "trt_fp16_enable": bool(trt_fp16)}
-            if trt_cache_dir:
-                opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache_dir),
-                            trt_timing_cache_enable=True, trt_timing_cache_path=str(trt_cache_dir))
-        elif name == "CUDAExecutionProvider":
-            opts = {"device_id": device_id}
-        out.append((name, opts))
-    return out
-
-
-def tensorrt_runtime_loadable() -> bool:
-    """Whether the TensorRT runtime library (``libnvinfer``, major version 8..10) can be loaded."""
-    import ctypes
-
-    names = [f"libnvinfer.so.{v}" for v in (10, 9, 8)] + [f"nvinfer_{v}.dll" for v in (10, 9, 8)] + ["nvinfer.dll"]
-    for name in names:
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
-
-
-class _OrtEngine:
-    """An onnxruntime session over an exported ``forward_raw`` graph; returns torch tensors.
-
-    On CUDA the input is bound straight from the torch tensor and the outputs are written into
-    torch tensors (IO binding; output shapes are learnt on the first run of each input shape),
-    so nothing goes through the host.
-
-    A fixed-shape export (``ciae-export --size``) is served too: ``fixed_hw`` is its ``(H, W)``
-    (the predictor letterboxes into it, :func:`letterbox_into`), and a batch of another size
-    than its fixed N runs in chunks of N, the last one padded with black images whose outputs
-    are dropped (GroupNorm is per image, so they change nothing).
-
-    A GPU provider that was chosen but does not start (missing CUDA/cuDNN/TensorRT libraries:
-    onnxruntime then only warns and runs on the CPU) raises :class:`PredictorError`, as does a
-    failing provider (no silent fallback, ``enable_fallback=0``): a robot should not run 10x
-    slower without being told.
-
-    On the CPU provider its intra-op threads do not spin-wait after a run
-    (``session.intra_op.allow_spinning = 0``): the torch fusion that follows runs on the same
-    cores, and spinning threads had made it 6x slower (8 -> 45 ms on the 2-core machine). (A
-    session per input shape with the dynamic axes fixed was measured too: no difference to the
-    dynamic session once nothing spins, so there is one session.)
-    """
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str, device: torch.device, providers: Sequence[str] | None = None,
-                 trt_cache_dir: str | None = None, trt_fp16: bool = False, intra_op_threads: int | None = None,
-                 inter_op_threads: int | None = None):
-        import onnxruntime as ort
-
-        from ciae_core.export import ExportError, read_onnx_config
-
-        try:
-            self.config = read_onnx_config(path)
-        except ExportError as e:
-            raise PredictorError(str(e)) from None
-        self.device = device
-        self.path = path
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                      or value < 0):
-                raise PredictorError(f"{name} must be a non-negative integer (0: onnxruntime's default), got {value!r}")
-        if intra_op_threads:
-            opts.intra_op_num_threads = int(intra_op_threads)
-        if inter_op_threads:
-            opts.inter_op_num_threads = int(inter_op_threads)
-        opts.log_severity_level = 3
-        # TensorRT builds an engine per input shape range (minutes for an R50): keep them on disk so a
-        # restarted node does not build again (default: beside the ONNX cache; created only if used)
-        trt_cache_dir = str(trt_cache_dir or default_onnx_cache_dir().parent / "tensorrt")
-        chosen = select_providers(device.type, ort.get_available_providers(), providers, trt_cache_dir, trt_fp16,
-                                  device.index or 0)
-        if chosen[0][0] == "TensorrtExecutionProvider":
-            try:
-                os.makedirs(trt_cache_dir, exist_ok=True)
-            except OSError as e:
-                raise PredictorError(f"cannot create the TensorRT cache {trt_cache_dir}: {e.strerror}; set "
-                                     f"trt_cache_dir") from None
-        if chosen[0][0] == "CPUExecutionProvider":  # leave the cores to the fusion after a run (docstring)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(path, sess_options=opts, providers=[n for n, _ in chosen],
-                                                provider_options=[o for _, o in chosen], enable_fallback=0)
-        except Exception as e:  # noqa: BLE001 - any session failure is a bad/unsupported file or provider
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PredictorError(f"onnxruntime cannot load {path} with {[n for n, _ in chosen]}: {msg}") from None
-        self.providers = self.session.get_providers()
-        missing = [n for n, _ in chosen if n not in self.providers]
-        if missing:
-            raise PredictorError(f"onnxruntime could not start {', '.join(missing)} (running would fall back to "
-                                 f"{self.providers}): check that its CUDA, cuDNN and TensorRT libraries match this "
-                                 f"onnxruntime-gpu build, or choose other providers / engine='torch'")
-        if device.type == "cuda" and self.providers[0] == "CPUExecutionProvider":
-            raise PredictorError("device='cuda' but this onnxruntime build has no GPU provider (available: "
-                                 f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu, use "
-                                 "engine='torch', or device='cpu'")
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != ["images"] or sorted(outputs) != sorted(RAW_OUTPUT_NAMES):
-            raise PredictorError(f"{path} is not a ciae forward_raw export: inputs {inputs}, outputs {outputs} "
-                                 f"(expected ['images'] and {list(RAW_OUTPUT_NAMES)}); re-export with ciae-export")
-        self.output_names = outputs
-        shapes = {o.name: o.shape for o in self.session.get_outputs()}
-        t = self.config.num_things
-        d = self.config.embed_dim
-        mem = shapes["memory"]
-        cls_t = shapes["cls_logits"][-1]
-        if (isinstance(cls_t, int) and cls_t != t) or (all(isinstance(v, int) for v in mem)
-                                                       and tuple(mem) != (len(self.config.categories), d)):
-            raise PredictorError(f"{path}: graph outputs (cls_logits {shapes['cls_logits']}, memory {mem}) do not match "
-                                 f"its metadata config ({t} thing classes, {len(self.config.categories)} categories, "
-                                 f"embed_dim {d}); re-export with ciae-export")
-        self._on_cuda = device.type == "cuda"
-        self._out_shapes: dict[tuple, list] = {}
-        in_shape = list(self.session.get_inputs()[0].shape)
-        fixed = [isinstance(v, int) and v > 0 for v in in_shape]
-        if len(in_shape) != 4 or (fixed[2] != fixed[3]):
-            raise PredictorError(f"{path}: input shape {in_shape} is not (N, 3, H, W) with both H and W fixed or both "
-                                 f"dynamic; re-export with ciae-export")
-        self.fixed_batch: int | None = int(in_shape[0]) if fixed[0] else None
-        self.fixed_hw: tuple[int, int] | None = (int(in_shape[2]), int(in_shape[3])) if fixed[2] else None
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        n, fb = images.shape[0], self.fixed_batch
-        if fb is None or n == fb:
-            return self._run(images)
-        chunks = []
-        for start in range(0, n, fb):
-            part = images[start:start + fb]
-            if part.shape[0] < fb:
-                part = torch.cat([part, part.new_zeros((fb - part.shape[0], *part.shape[1:]))])
-            chunks.append(self._run(part))
-        per_image = ("cls_logits", "box_regression", "centerness", "embedding")
-        return {k: torch.cat([c[k] for c in chunks])[:n] if k in per_image else chunks[0][k] for k in chunks[0]}
-
-    def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self._run_session(images)
-        h, w = images.shape[-2:]
-        s, d = self.config.branch_stride, self.config.embed_dim
-        want = (images.shape[0], d, -(-h // s), -(-w // s))
-        if tuple(out["embedding"].shape) != want:
-            raise PredictorError(f"{self.path}: the graph's embedding output {tuple(out['embedding'].shape)} does not "
-                                 f"match its metadata config (embed_dim {d}, stride {s}: {want} for a {h}x{w} "
-                                 f"input); the file was edited or mixed up, re-export it with ciae-export")
-        return out
-
-    def _run_session(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        images = images.float().contiguous()
-        if not self._on_cuda:
-            outs = self.session.run(self.output_names, {"images": images.cpu().numpy()})
-            return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.output_names, outs)}
-        torch.cuda.current_stream(self.device).synchronize()
-        dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        binding = self.session.io_binding()
-        binding.bind_input("images", "cuda", dev_id, np.float32, list(images.shape), images.data_ptr())
-        key = tuple(images.shape)
-        shapes = self._out_shapes.get(key)
-        if shapes is None:
-            for name in self.output_names:
-                binding.bind_output(name, "cuda", dev_id)
-            self.session.run_with_iobinding(binding)
-            vals = binding.copy_outputs_to_cpu()
-            self._out_shapes[key] = [v.shape for v in vals]
-            return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.output_names, vals)}
-        result = {}
-        for name, shape in zip(self.output_names, shapes):
-            t = torch.empty(shape, dtype=torch.float32, device=self.device)
-            binding.bind_output(name, "cuda", dev_id, np.float32, list(shape), t.data_ptr())
-            result[name] = t
-        self.session.run_with_iobinding(binding)
-        return result
-
-
-# ----------------------------------------------------------------------------------------------
 # timing
 
 
@@ -503,23 +167,6 @@ class _StageClock:
 
 # ----------------------------------------------------------------------------------------------
 # the predictor
-
-
-def _file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def default_onnx_cache_dir() -> pathlib.Path:
-    """``$CIAE_CACHE_DIR/onnx`` or ``~/.cache/ciae/onnx``."""
-    base = os.environ.get("CIAE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ciae")
-    return pathlib.Path(base) / "onnx"
 
 
 class Predictor:
@@ -619,7 +266,7 @@ class Predictor:
                                         channels_last if channels_last is not None else not cuda, compile,
                                         cuda_graphs=(cuda_graphs if cuda_graphs is not None else cuda) and not compile)
         else:
-            onnx_path = weights if is_onnx else self._onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
+            onnx_path = weights if is_onnx else onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
             self.onnx_path = onnx_path
             self._engine = _OrtEngine(onnx_path, self.device, providers, trt_cache_dir, trt_fp16,
                                       intra_op_threads, inter_op_threads)
@@ -678,32 +325,6 @@ class Predictor:
             return load_model(weights, device="cpu")
         except CheckpointError as e:
             raise PredictorError(str(e)) from None
-
-    def _onnx_for_checkpoint(self, weights: str, cache_dir, opset: int | None) -> str:
-        from ciae_core.export import DEFAULT_OPSET, ExportError, export_checkpoint, read_onnx_metadata
-        from ciae_core.export import FORMAT as ONNX_FORMAT
-
-        opset = int(opset or DEFAULT_OPSET)
-        digest = _file_sha256(weights)
-        cache = pathlib.Path(cache_dir) if cache_dir else default_onnx_cache_dir()
-        path = cache / f"{pathlib.Path(weights).stem}-{digest[:16]}-opset{opset}.onnx"
-        if path.is_file():
-            try:
-                meta = read_onnx_metadata(str(path))
-                if meta.get("ciae_source_sha256") == digest and meta.get("ciae_format") == ONNX_FORMAT:
-                    logger.info("reusing cached ONNX export %s", path)
-                    return str(path)
-            except ExportError:
-                logger.warning("cached ONNX export %s is unreadable; exporting again", path)
-        logger.info("exporting %s to %s for onnxruntime (first use)", weights, path)
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            export_checkpoint(weights, str(path), dynamic=True, opset=opset)
-        except ExportError as e:
-            raise PredictorError(str(e)) from None
-        except OSError as e:
-            raise PredictorError(f"cannot write the ONNX cache {path}: {e.strerror}; set onnx_cache_dir") from None
-        return str(path)
 
     def _check_input_size(self, size) -> int:
         lo, hi = self.input_size_range

@@ -1,4 +1,4 @@
-"""ONNX export of forward_raw, the onnxruntime engine and torch ↔ onnxruntime parity."""
+"""ONNX export of forward_raw, reading exported files back, torch ↔ onnxruntime parity (the engine: test_engine_onnxruntime.py)."""
 
 from __future__ import annotations
 
@@ -84,52 +84,6 @@ def test_raw_outputs_match_torch(weights, dynamic_onnx, shape):
         assert err <= 1e-3, (k, err)
 
 
-def test_onnxruntime_cpu_session_leaves_the_cores_after_a_run(dynamic_onnx):
-    """On the CPU provider the intra-op threads must not spin-wait after a run: the torch fusion
-    that follows needs the same cores (spinning made it 6x slower on a 2-core machine)."""
-    engine = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=2)._engine
-    assert engine.providers == ["CPUExecutionProvider"]
-    options = engine.session.get_session_options()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert options.intra_op_num_threads == 2
-
-
-def test_onnxruntime_session_gets_full_optimisation_and_the_thread_counts(dynamic_onnx):
-    """The real session (read back from onnxruntime) has ORT_ENABLE_ALL and the given intra-/inter-op
-    thread counts; without counts onnxruntime's defaults (0) stay. (ORT_ENABLE_ALL is also
-    SessionOptions' default in onnxruntime 1.31: this guards against a lower level being set.)"""
-    import onnxruntime as ort
-
-    engine = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=2,
-                       inter_op_threads=3)._engine
-    options = engine.session.get_session_options()
-    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 3)
-    options = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256)._engine.session.get_session_options()
-    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (0, 0)
-
-
-def test_tensorrt_provider_options():
-    """Unit level (no GPU/TensorRT here, so no TensorRT session can be built): the options
-    select_providers hands to onnxruntime for TensorRT — fp16 as asked, engine and timing caches
-    in the given directory, the device id — and CUDA gets the same device."""
-    from ciae_core.predictor import select_providers
-
-    avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    # asked for explicitly (by default TensorRT may be skipped where its runtime library is missing)
-    chosen = dict(select_providers("cuda", avail, ["tensorrt", "cuda"], trt_cache_dir="/var/cache/trt", trt_fp16=True,
-                                   device_id=1))
-    assert list(chosen) == avail
-    trt = chosen["TensorrtExecutionProvider"]
-    assert trt["trt_fp16_enable"] is True and trt["device_id"] == 1
-    assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == "/var/cache/trt"
-    assert trt["trt_timing_cache_enable"] is True and trt["trt_timing_cache_path"] == "/var/cache/trt"
-    assert chosen["CUDAExecutionProvider"] == {"device_id": 1} and chosen["CPUExecutionProvider"] == {}
-    trt = dict(select_providers("cuda", avail, ["tensorrt"]))["TensorrtExecutionProvider"]
-    assert trt["trt_fp16_enable"] is False and "trt_engine_cache_path" not in trt
-
-
 @pytest.mark.parametrize("thresholds", [{}, FAST], ids=["model_defaults", "fast"])
 def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onnx, thresholds):
     """Requirement: final id maps agree on >= 99.5% of pixels with identical segment categories —
@@ -146,20 +100,6 @@ def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onn
         seg_a = sorted((s.id, s.category_id) for s in a.segments)
         seg_b = sorted((s.id, s.category_id) for s in b.segments)
         assert seg_a and seg_a == seg_b
-
-
-def test_safetensors_with_onnxruntime_exports_once_to_cache(weights, tmp_path):
-    cache = tmp_path / "cache"
-    p = Predictor(weights, engine="onnxruntime", input_size=256, onnx_cache_dir=cache, **FAST)
-    files = list(cache.glob("*.onnx"))
-    assert len(files) == 1 and p.onnx_path == str(files[0])
-    assert read_onnx_metadata(files[0])["ciae_source_name"] == pathlib.Path(weights).name
-    mtime = files[0].stat().st_mtime_ns
-    Predictor(weights, engine="onnxruntime", input_size=256, onnx_cache_dir=cache)
-    assert files[0].stat().st_mtime_ns == mtime  # reused
-    im = _real_images()[0]
-    r = p(im)
-    assert r.id_map.shape == im.shape[:2] and r.segments
 
 
 def _write(path: pathlib.Path, data: bytes) -> pathlib.Path:
@@ -194,19 +134,6 @@ def test_onnx_without_ciae_metadata(tmp_path):
     path = tmp_path / "foreign.onnx"
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(PredictorError, match="foreign.onnx has no 'ciae_config'"):
-        Predictor(path, engine="onnxruntime")
-
-
-def test_onnx_with_mismatched_config(dynamic_onnx, tmp_path):
-    proto = onnx.load(str(dynamic_onnx))
-    meta = {p.key: p for p in proto.metadata_props}
-    cfg = json.loads(meta["ciae_config"].value)
-    extra = dict(cfg["categories"][0], id=9999, name="extra-thing")
-    cfg["categories"] = [extra] + cfg["categories"]  # one more thing class than the graph predicts
-    meta["ciae_config"].value = json.dumps(cfg)
-    path = tmp_path / "mismatch.onnx"
-    onnx.save(proto, str(path))
-    with pytest.raises(PredictorError, match="mismatch.onnx: graph outputs .* do not match"):
         Predictor(path, engine="onnxruntime")
 
 
