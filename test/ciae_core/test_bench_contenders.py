@@ -1,0 +1,38 @@
+"""ciae_core.bench_contenders: interleaved timed rounds and the onnxruntime provider option."""
+
+from __future__ import annotations
+
+
+def test_timed_calls_interleave_models_round_by_round():
+    """Every round calls each model once on the same image, the starting model rotating; a model
+    that fails is dropped with its error while the others go on."""
+    import torch
+
+    from ciae_core.bench_contenders import Contender, interleaved_rounds
+
+    log = []
+
+    def model(name, fail_at=None):
+        def call(i):
+            if i == fail_at:
+                raise RuntimeError(f"{name} broke")
+            log.append((name, i))
+        return Contender(name, "torch", call, {})
+
+    a, b, c = model("a"), model("b"), model("c", fail_at=2)
+    failed = interleaved_rounds([a, b, c], torch.device("cpu"), repeats=4)
+    assert log[:6] == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1)]
+    assert log[6:] == [("a", 2), ("b", 2), ("a", 3), ("b", 3)]  # round 2 starts at c, which fails
+    assert [(x.model, str(e)) for x, e in failed] == [("c", "c broke")]
+    assert len(a.times) == len(b.times) == 4 and c.times is None and all(t >= 0 for t in a.times)
+
+
+def test_ort_providers_option():
+    import torch
+
+    from ciae_core.bench_contenders import ort_providers
+
+    assert ort_providers(None, torch.device("cpu")) is None  # the predictor's choice: CPU
+    assert ort_providers(None, torch.device("cuda")) == ["cuda"]
+    assert ort_providers("tensorrt, cuda", torch.device("cuda")) == ["tensorrt", "cuda"]
+    assert ort_providers("cuda", torch.device("cpu")) == ["cuda"]  # passed on: that row fails, visibly
