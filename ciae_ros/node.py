@@ -19,7 +19,8 @@ A thin layer over :class:`ciae_core.predictor.Predictor`:
   the input rate and memory is bounded.
 * **Outputs** (header = input header): ``panoptic/segments`` (``ciae_ros/PanopticSegments``),
   ``panoptic/overlay`` (bgr8, computed only while subscribed unless ``overlay: on``),
-  ``panoptic/confidence`` (32FC1, ``publish_confidence``), ``panoptic/detections``
+  ``panoptic/confidence`` (32FC1; advertised only while ``publish_confidence`` is on, created and
+  removed when it changes at run time), ``panoptic/detections``
   (``vision_msgs/Detection2DArray``, only when vision_msgs is importable), ``panoptic/categories``
   (transient local, once), ``/diagnostics``.
 * **Bad frames** never stop the node: they are skipped, counted per reason in /diagnostics and
@@ -76,7 +77,7 @@ class _Camera:
     reliability: object = None  # rclpy ReliabilityPolicy of the current subscription
     pub_segments: object = None
     pub_overlay: object = None
-    pub_confidence: object = None
+    pub_confidence: object = None   # only while publish_confidence is on
     pub_detections: object = None
     waiting_logged: bool = False
 
@@ -105,6 +106,8 @@ class _PanopticLogic:
         # the worker adds keys to _errors and CameraStats.bad while the diagnostics timer (executor
         # thread) iterates them: both sides hold this lock (iterating a Counter that grows raises)
         self._counts_lock = threading.Lock()
+        # the parameter callback creates/destroys the confidence publishers while the worker publishes
+        self._confidence_lock = threading.Lock()
         self._qos_timer = None
         self._diag_timer = None
         self._pub_categories = None
@@ -162,12 +165,12 @@ class _PanopticLogic:
             cam = _Camera(index=k, topic=topic, prefix=prefix)
             cam.pub_segments = self.create_publisher(PanopticSegments, prefix + "panoptic/segments", oq)
             cam.pub_overlay = self.create_publisher(Image, prefix + "panoptic/overlay", oq)
-            cam.pub_confidence = self.create_publisher(Image, prefix + "panoptic/confidence", oq)
             if self._vision_msgs and self._values["publish_detections"]:
                 from vision_msgs.msg import Detection2DArray
 
                 cam.pub_detections = self.create_publisher(Detection2DArray, prefix + "panoptic/detections", oq)
             self._cameras.append(cam)
+        self._set_confidence_publishers(bool(self._values["publish_confidence"]))
         self._stats = [CameraStats() for _ in self._cameras]
         self._pub_categories = self.create_publisher(CategoryArray, "panoptic/categories", self._latched_qos)
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id="")
@@ -354,8 +357,10 @@ class _PanopticLogic:
             cam.pub_overlay.publish(numpy_to_image(ov, "bgr8", header=header))
             self._times.add("overlay", (time.monotonic() - t2) * 1e3)
         if self._values["publish_confidence"] and result.confidence is not None:
-            cam.pub_confidence.publish(numpy_to_image(np.asarray(result.confidence, np.float32), "32FC1",
-                                                      header=header))
+            conf = numpy_to_image(np.asarray(result.confidence, np.float32), "32FC1", header=header)
+            with self._confidence_lock:
+                if cam.pub_confidence is not None:  # switched off since this frame started
+                    cam.pub_confidence.publish(conf)
         if cam.pub_detections is not None:
             cam.pub_detections.publish(detections_msg(result, header))
 
@@ -402,8 +407,28 @@ class _PanopticLogic:
                     pred.update(**predictor_settings(new, pred.config, pred.default_input_size))
                 except PredictorError as exc:
                     return SetParametersResult(successful=False, reason=str(exc))
+        if "publish_confidence" in changed:
+            self._set_confidence_publishers(bool(new["publish_confidence"]))
         self._values = new
         return SetParametersResult(successful=True)
+
+    def _set_confidence_publishers(self, on: bool) -> None:
+        """Advertise ``panoptic/confidence`` of every camera while ``publish_confidence`` is on, and
+        only then (a topic nobody will ever get data on misleads ``ros2 topic list`` and tools).
+        Without interfaces (an unconfigured lifecycle node) there is nothing to do: configure
+        creates them from the current value."""
+        from sensor_msgs.msg import Image
+
+        from .qos import output_qos
+
+        oq = output_qos(self._values["output_reliability"], self._values["output_depth"])
+        with self._confidence_lock:
+            for cam in self._cameras:
+                if on and cam.pub_confidence is None:
+                    cam.pub_confidence = self.create_publisher(Image, cam.prefix + "panoptic/confidence", oq)
+                elif not on and cam.pub_confidence is not None:
+                    self.destroy_publisher(cam.pub_confidence)
+                    cam.pub_confidence = None
 
     # -- diagnostics -----------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:

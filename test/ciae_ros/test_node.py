@@ -744,6 +744,34 @@ def test_output_prefix_is_the_camera_namespace():
     assert _output_prefix("left") == "left/"
 
 
+def _node_publishes(client, topic: str, expected: bool, timeout: float = 60.0) -> bool:
+    """Poll the ROS graph (the node's own publishers, seen from another process) until ``topic`` is
+    among them (``expected`` True) or not; the final state either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = {t for t, _ in client.node.get_publisher_names_and_types_by_node("ciae_panoptic", "/")}
+        if (topic in topics) == expected or time.monotonic() > deadline:
+            return topic in topics
+        time.sleep(0.2)
+
+
+def test_confidence_topic_is_advertised_only_while_publish_confidence_is_on(client, node):
+    """With publish_confidence false (config/panoptic.yaml) the node has no panoptic/confidence
+    publisher at all; setting it true through the parameter service creates one, false removes it."""
+    assert client.get_parameters(NODE, "publish_confidence") == [False]
+    # the node's other publishers (categories and diagnostics are created after the confidence one
+    # used to be): once this process knows them, it would know a confidence publisher too
+    for other in ("/panoptic/segments", "/panoptic/overlay", "/panoptic/categories", "/diagnostics"):
+        assert _node_publishes(client, other, True), f"{other} not in the graph\n{node.log()[-2000:]}"
+    assert not _node_publishes(client, "/panoptic/confidence", False), "advertised with publish_confidence false"
+    [res] = client.set_parameters(NODE, publish_confidence=True)
+    assert res.successful, res.reason
+    assert _node_publishes(client, "/panoptic/confidence", True), "not advertised after publish_confidence true"
+    [res] = client.set_parameters(NODE, publish_confidence=False)
+    assert res.successful, res.reason
+    assert not _node_publishes(client, "/panoptic/confidence", False), "still advertised after false again"
+
+
 def test_confidence_output_and_max_rate_at_run_time(client, cameras, outputs, node):
     from sensor_msgs.msg import Image
 
@@ -751,9 +779,14 @@ def test_confidence_output_and_max_rate_at_run_time(client, cameras, outputs, no
     conf = client.subscribe(Image, "/panoptic/confidence")
     [res] = client.set_parameters(NODE, publish_confidence=True)
     assert res.successful, res.reason
-    time.sleep(1.0)
-    stamp, _ = roundtrip(cam, outputs, node, 480, 640)
-    msg = conf.wait_for(lambda m: stamp_of(m) == stamp, timeout=10)
+    # the confidence publisher is created now: frames may go out before it has matched our
+    # subscription, so send frames until one's confidence arrives (or the deadline passes)
+    deadline = time.monotonic() + 60
+    while True:
+        stamp, _ = roundtrip(cam, outputs, node, 480, 640)
+        msg = conf.wait_for(lambda m, s=stamp: stamp_of(m) == s, timeout=10)
+        if msg is not None or time.monotonic() > deadline:
+            break
     assert msg is not None and (msg.height, msg.width, msg.encoding) == (480, 640, "32FC1")
     c = image_msg_to_array(msg)
     assert np.isfinite(c).all() and c.min() >= -1e-6
