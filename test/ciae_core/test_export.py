@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from ciae_core.checkpoint import load_model
-from ciae_core.export import (OUTPUT_NAMES, ExportError, export_checkpoint, main, read_onnx_config,
-                              read_onnx_metadata)
+from ciae_core.export import OUTPUT_NAMES, export_checkpoint, read_onnx_config
 from ciae_core.predictor import Predictor, PredictorError
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -43,23 +42,6 @@ def _real_images() -> list[np.ndarray]:
         return images
     image, _, _ = render_scene(3, 240, 320)
     return images + [image]
-
-
-def test_export_fixed_size_checker_and_metadata(weights, tmp_path):
-    out = tmp_path / "fixed.onnx"
-    assert main(["--weights", str(weights), "--out", str(out), "--size", "256x320", "--opset", "17"]) == 0
-    proto = onnx.load(str(out))
-    onnx.checker.check_model(proto)
-    assert [i.name for i in proto.graph.input] == ["images"]
-    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
-    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [1, 3, 256, 320]
-    meta = read_onnx_metadata(out)
-    assert meta["ciae_input_size"] == "256x320" and meta["ciae_format"] == "ciae-onnx/2"
-    cfg = read_onnx_config(out)
-    model = load_model(weights)
-    assert cfg.to_dict() == model.config.to_dict()
-    assert len(cfg.categories) == len(model.categories)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 256, 352), (2, 3, 192, 256)])
@@ -159,33 +141,6 @@ def test_onnx_file_with_torch_engine_is_refused(dynamic_onnx):
         Predictor(dynamic_onnx, engine="torch")
 
 
-def test_export_cli_errors(weights, tmp_path, capsys):
-    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.onnx"), "--size", "250x320"]) == 1
-    assert "multiples of 32" in capsys.readouterr().err
-    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.onnx"), "--opset", "7"]) == 1
-    assert "opset 7" in capsys.readouterr().err
-    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.txt")]) == 1
-    assert ".onnx" in capsys.readouterr().err
-    bad = _write(tmp_path / "bad.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
-    assert main(["--weights", str(bad), "--out", str(tmp_path / "b.onnx")]) == 1
-    err = capsys.readouterr().err
-    assert "bad.safetensors" in err and err.count("\n") == 1
-    assert not os.path.exists(tmp_path / "a.onnx") and not os.path.exists(tmp_path / "b.onnx")
-    with pytest.raises(ExportError, match="not found"):
-        read_onnx_metadata(tmp_path / "none.onnx")
-
-
-def test_export_below_a_regular_file_is_a_one_line_error(weights, tmp_path, capsys):
-    """--out /x/afile/m.onnx where afile is a regular file: one line naming it, no traceback."""
-    afile = _write(tmp_path / "afile", b"not a directory")
-    assert main(["--weights", str(weights), "--out", str(afile / "m.onnx")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("ciae-export: error: ") and err.count("\n") == 1, err
-    assert f"{afile} exists and is not a directory" in err and "Traceback" not in err
-    assert main(["--weights", str(weights), "--out", str(afile / "sub" / "m.onnx")]) == 1
-    assert f"{afile} exists and is not a directory" in capsys.readouterr().err
-
-
 def test_export_writes_through_a_unique_temporary_file(weights, tmp_path):
     """Two exports to the same file must not share a temporary path: a ``m.onnx.tmp`` of another
     process (the old fixed name) is left alone, and nothing of ours is left behind."""
@@ -202,16 +157,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def test_export_help_states_the_opset_range(capsys):
-    from ciae_core.export import DEFAULT_OPSET, OPSET_RANGE
-
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
-    assert e.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())
-    assert f"{OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})" in out
 
 
 @pytest.mark.cuda
