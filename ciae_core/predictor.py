@@ -23,12 +23,8 @@ Decisions (all constructor arguments):
   id map, so ``segment.area`` equals the segment's pixel count in ``result.id_map``; segments
   that vanish in the mapping (sub-pixel slivers when up-/down-scaling) are dropped. Fusing at the
   input resolution instead would cost ``1/scale^2`` more similarity work for no new information.
-* **Thresholds** are in network-input pixels (``min_stuff_area`` is interpreted by the fusion
-  relative to ``stuff_area_reference``); defaults come from the model config
-  (:class:`ciae_core.model.CIAEConfig`); :meth:`Predictor.update` changes them between calls.
-* **Input size**: default 640 for ResNet-50/101 models and 320 for the small backbones
-  (resnet18/34, mobilenet_v3_large); the valid range is [512, 800] for the large backbones (the
-  paper's operating points) and [192, 800] for the small ones; ``input_size_range`` overrides it.
+* **Thresholds** and **input size**: names, checks and the per-backbone defaults and ranges are in
+  :mod:`ciae_core.predictor_settings`; :meth:`Predictor.update` changes them between calls.
 * **Batches**: a list of N images is letterboxed image by image; images with the same padded size
   (e.g. several identical cameras) run as one forward pass. Images of different padded sizes run
   as one forward per size by default (``mixed_size_batching="group"``), because padding an image
@@ -55,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import pathlib
 import time
@@ -64,8 +59,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-# PredictorError, the geometry and the onnxruntime helpers keep their old import path ciae_core.predictor
-# (re-exported, see __all__)
+# PredictorError, the geometry, the settings and the onnxruntime helpers keep their old import path
+# ciae_core.predictor (re-exported, see __all__)
 from ciae_core.engine_onnxruntime import (RAW_OUTPUT_NAMES, _OrtEngine, default_onnx_cache_dir, onnx_for_checkpoint,
                                           select_providers, tensorrt_runtime_loadable)
 from ciae_core.engine_torch import _TorchEngine
@@ -73,6 +68,9 @@ from ciae_core.geometry import (MIN_IMAGE_SIDE, Letterbox, area_resize_weights, 
                                 nearest_source_index, resize_image_like_cv2, resize_nearest, segment_table,
                                 validate_image)
 from ciae_core.predictor_error import PredictorError
+from ciae_core.predictor_settings import (ENGINES, PRECISIONS, SMALL_BACKBONES, THRESHOLD_ALIASES, THRESHOLD_NAMES,
+                                          _checked_thresholds, default_input_size, input_size_range,
+                                          input_size_range_for)
 from ciae_core.structures import CategoryInfo, PanopticResult, Segment
 
 logger = logging.getLogger(__name__)
@@ -82,56 +80,6 @@ __all__ = ["ENGINES", "MIN_IMAGE_SIDE", "PRECISIONS", "RAW_OUTPUT_NAMES", "SMALL
            "default_onnx_cache_dir", "input_size_range", "input_size_range_for", "letterbox", "letterbox_into",
            "nearest_source_index", "resize_image_like_cv2", "resize_nearest", "segment_table", "select_providers",
            "tensorrt_runtime_loadable", "validate_image"]
-
-THRESHOLD_NAMES = ("score_threshold", "pre_nms_topk", "nms_threshold", "detections_per_img",
-                   "instance_score_threshold", "min_stuff_area", "stuff_area_reference", "min_visible_fraction",
-                   "min_instance_area", "outside_box_value")
-_UNIT_INTERVAL = ("score_threshold", "nms_threshold", "instance_score_threshold", "min_visible_fraction")
-# accepted alternative spellings (the ROS node's parameter names)
-THRESHOLD_ALIASES = {"stuff_area_min": "min_stuff_area"}
-_POSITIVE_INT = ("pre_nms_topk", "detections_per_img", "stuff_area_reference")
-_NON_NEGATIVE_INT = ("min_stuff_area", "min_instance_area")
-SMALL_BACKBONES = ("resnet18", "resnet34", "mobilenet_v3_large")
-ENGINES = ("torch", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-def _checked_thresholds(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``current`` updated with ``changes`` (names or :data:`THRESHOLD_ALIASES`), each value checked;
-    :class:`PredictorError` (one line) on an unknown name or a bad value."""
-    changes = {THRESHOLD_ALIASES.get(k, k): v for k, v in changes.items()}
-    unknown = sorted(set(changes) - set(THRESHOLD_NAMES))
-    if unknown:
-        raise PredictorError(f"unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(THRESHOLD_NAMES)}")
-    new = dict(current)
-    for k, v in changes.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-            raise PredictorError(f"{k} must be a finite number, got {v!r}")
-        if k in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
-            raise PredictorError(f"{k} must be in [0, 1], got {v}")
-        if k in _POSITIVE_INT and (int(v) != v or v < 1):
-            raise PredictorError(f"{k} must be a positive integer, got {v}")
-        if k in _NON_NEGATIVE_INT and (int(v) != v or v < 0):
-            raise PredictorError(f"{k} must be a non-negative integer, got {v}")
-        new[k] = int(v) if k in _POSITIVE_INT + _NON_NEGATIVE_INT else float(v)
-    return new
-
-
-# ----------------------------------------------------------------------------------------------
-# input-size policy
-
-
-def default_input_size(backbone: str) -> int:
-    """640 for ResNet-50/101 models (between the paper's 512 and 800 points), 320 for the small
-    backbones (the shipped MobileNetV3 model, trained at 224-288, scores PQ 85.3 at 320 against
-    82.9 at 256 on its held-out scenes, models/README.md: small things gain from the upscale)."""
-    return 320 if backbone in SMALL_BACKBONES else 640
-
-
-def input_size_range(backbone: str) -> tuple[int, int]:
-    """Valid shorter-side sizes: the paper's [512, 800] for large backbones, [192, 800] for small."""
-    return (192, 800) if backbone in SMALL_BACKBONES else (512, 800)
-
 
 # ----------------------------------------------------------------------------------------------
 # timing
@@ -204,16 +152,50 @@ class Predictor:
                  onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
                  mixed_size_batching: str = "group", cuda_graphs: bool | None = None, fusion_method: str = "auto",
                  **thresholds):
+        self.device = self._checked_engine_and_device(engine, precision, device)
+        weights = self._resolved_weights(weights)
+        self.mixed_size_batching, self.fusion_method = self._checked_batching_and_fusion(mixed_size_batching,
+                                                                                         fusion_method)
+        self.weights = weights
+        self.engine_name = engine
+        self.precision = precision
+        self._set_geometry(stride, min_image_side, max_size, input_size_range)
+        self._build_engine(weights, engine, precision, channels_last, cudnn_benchmark, compile, cuda_graphs,
+                           providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads, onnx_cache_dir,
+                           onnx_opset)
+        self.categories: list[CategoryInfo] = list(self.config.categories)
+        self.num_things = self.config.num_things
+        self._set_input_size(weights, input_size, input_size_range)
+        try:
+            self.thresholds = _checked_thresholds({}, {k: getattr(self.config, k) for k in THRESHOLD_NAMES})
+        except PredictorError as e:
+            raise PredictorError(f"{weights}: invalid inference setting in the model config: {e}") from None
+        self.update(**thresholds)
+        self.timings: dict[str, float] = {}
+        self._pinned: list[torch.Tensor] = []
+        self.model_name = pathlib.Path(weights).stem
+        self._prepare_fusion_kernels()
+        logger.info("Predictor: %s engine=%s device=%s providers=%s input_size=%d", weights, engine, self.device,
+                    self._engine.providers, self.input_size)
+
+    # -- construction steps (in the constructor's order) -------------------------------------------
+    def _checked_engine_and_device(self, engine: str, precision: str, device: str) -> torch.device:
+        """The resolved device, after checking ``engine`` and ``precision`` (and that they fit it)."""
         if engine not in ENGINES:
             raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if precision not in PRECISIONS:
             raise PredictorError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        self.device = self._resolve_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
+        dev = self._resolve_device(device)
+        if precision == "fp16" and dev.type != "cuda":
             raise PredictorError("precision='fp16' needs device='cuda'; use 'fp32' or 'bf16' on the CPU")
         if precision != "fp32" and engine != "torch":
             raise PredictorError(f"precision={precision!r} applies to the torch engine; for onnxruntime use "
                                  f"trt_fp16=True (TensorRT) or precision='fp32'")
+        return dev
+
+    @staticmethod
+    def _resolved_weights(weights: str | os.PathLike) -> str:
+        """The weights file (``model.safetensors`` inside a directory); it must exist."""
         weights = os.fspath(weights)
         if not os.path.exists(weights):
             raise PredictorError(f"weights file not found: {weights}")
@@ -222,19 +204,21 @@ class Predictor:
             if not os.path.isfile(cand):
                 raise PredictorError(f"weights path {weights} is a directory without model.safetensors")
             weights = cand
+        return weights
+
+    def _checked_batching_and_fusion(self, mixed_size_batching: str, fusion_method: str) -> tuple[str, str]:
         if mixed_size_batching not in ("group", "pad"):
             raise PredictorError(f"mixed_size_batching must be 'group' or 'pad', got {mixed_size_batching!r}")
-        self.mixed_size_batching = mixed_size_batching
-        from ciae_core.fusion import FUSION_METHODS, compile_fusion_kernels
+        from ciae_core.fusion import FUSION_METHODS
 
         if fusion_method not in FUSION_METHODS:
             raise PredictorError(f"unknown fusion_method {fusion_method!r}; choose one of {', '.join(FUSION_METHODS)}")
         if fusion_method == "numba" and self.device.type != "cpu":
             raise PredictorError("fusion_method='numba' runs on the CPU; use 'auto' (or 'coarse_to_fine') on CUDA")
-        self.fusion_method = fusion_method
-        self.weights = weights
-        self.engine_name = engine
-        self.precision = precision
+        return mixed_size_batching, fusion_method
+
+    def _set_geometry(self, stride, min_image_side, max_size, input_size_range) -> None:
+        """Check and keep ``stride``, ``min_image_side``, ``max_size``; check ``input_size_range``."""
         for name, value, low in (("stride", stride, 1), ("min_image_side", min_image_side, 1), ("max_size", max_size, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise PredictorError(f"{name} must be a positive integer, got {value!r}")
@@ -251,6 +235,11 @@ class Predictor:
             except (TypeError, ValueError):
                 raise PredictorError(f"input_size_range must be two integers (low, high) with 0 < low <= high, got "
                                      f"{input_size_range!r}") from None
+
+    def _build_engine(self, weights: str, engine: str, precision: str, channels_last, cudnn_benchmark, compile,
+                      cuda_graphs, providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads,
+                      onnx_cache_dir, onnx_opset) -> None:
+        """``self._engine`` and ``self.config`` (plus ``self.onnx_path`` for onnxruntime)."""
         is_onnx = weights.lower().endswith(".onnx")
         if engine == "torch":
             if is_onnx:
@@ -269,8 +258,9 @@ class Predictor:
             self._engine = _OrtEngine(onnx_path, self.device, providers, trt_cache_dir, trt_fp16,
                                       intra_op_threads, inter_op_threads)
             self.config = self._engine.config
-        self.categories: list[CategoryInfo] = list(self.config.categories)
-        self.num_things = self.config.num_things
+
+    def _set_input_size(self, weights: str, input_size, input_size_range) -> None:
+        """``self.fixed_input_hw``, ``self.input_size_range`` and ``self.input_size`` (checked)."""
         self.fixed_input_hw: tuple[int, int] | None = getattr(self._engine, "fixed_hw", None)
         if self.fixed_input_hw is not None:
             fh, fw = self.fixed_input_hw
@@ -284,19 +274,14 @@ class Predictor:
                                      else input_size_range_for(self.config))
             self.input_size = self._check_input_size(input_size if input_size is not None
                                                      else default_input_size(self.config.backbone))
-        try:
-            self.thresholds = _checked_thresholds({}, {k: getattr(self.config, k) for k in THRESHOLD_NAMES})
-        except PredictorError as e:
-            raise PredictorError(f"{weights}: invalid inference setting in the model config: {e}") from None
-        self.update(**thresholds)
-        self.timings: dict[str, float] = {}
-        self._pinned: list[torch.Tensor] = []
-        self.model_name = pathlib.Path(weights).stem
-        if self.device.type == "cpu" and fusion_method in ("auto", "numba"):
-            if not compile_fusion_kernels() and fusion_method == "numba":
+
+    def _prepare_fusion_kernels(self) -> None:
+        """On the CPU, compile (or load from numba's cache) the fusion kernels now, not on the first frame."""
+        from ciae_core.fusion import compile_fusion_kernels
+
+        if self.device.type == "cpu" and self.fusion_method in ("auto", "numba"):
+            if not compile_fusion_kernels() and self.fusion_method == "numba":
                 raise PredictorError("fusion_method='numba' needs the numba package (pip install numba); use 'auto'")
-        logger.info("Predictor: %s engine=%s device=%s providers=%s input_size=%d", weights, engine, self.device,
-                    self._engine.providers, self.input_size)
 
     # -- construction helpers -------------------------------------------------------------------
     @staticmethod
@@ -463,6 +448,8 @@ class Predictor:
             return self._call(images, color, return_confidence)
 
     def _call(self, images, color: str, return_confidence: bool):
+        """Validate → letterbox → per padded-size group: preprocess, forward, postprocess → map back
+        → one device→host copy → results (stage times in ``self.timings``)."""
         if color not in ("rgb", "bgr"):
             raise PredictorError(f"color must be 'rgb' or 'bgr', got {color!r}")
         single = not isinstance(images, (list, tuple))
@@ -471,11 +458,27 @@ class Predictor:
             return []
         batch_in = [validate_image(im, i) for i, im in enumerate(batch_in)]
         boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in batch_in]
+        clock = _StageClock(self.device)
+        outs = self._fused_outputs(batch_in, boxes, color, return_confidence, clock)
+        clock.mark("start")
+        maps, tables, confs = self._map_back(outs, boxes, return_confidence)
+        clock.mark("map_back")
+        host_maps, host_tables, host_confs = self._to_host(maps, tables, confs)
+        clock.mark("to_host")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.timings = clock.durations_ms()
+        results = self._results(boxes, host_maps, host_tables, host_confs, return_confidence)
+        return results[0] if single else results
+
+    def _fused_outputs(self, batch_in: list[np.ndarray], boxes: list[Letterbox], color: str, return_confidence: bool,
+                       clock: _StageClock) -> list[dict]:
+        """Fusion outputs (at the resized resolution) per image, one forward pass per padded size
+        (or one for all with ``mixed_size_batching="pad"``)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, lb in enumerate(boxes):
             key = (0, 0) if self.mixed_size_batching == "pad" else (lb.padded_height, lb.padded_width)
             groups.setdefault(key, []).append(i)
-        clock = _StageClock(self.device)
         outs: list[dict] = [{}] * len(batch_in)
         for idx in groups.values():
             clock.mark("start")
@@ -486,7 +489,11 @@ class Predictor:
             for i, o in zip(idx, self.postprocess(raw, [boxes[i] for i in idx], return_confidence)):
                 outs[i] = o
             clock.mark("postprocess")
-        clock.mark("start")
+        return outs
+
+    def _map_back(self, outs: list[dict], boxes: list[Letterbox], return_confidence: bool):
+        """Id maps (and confidences) at the input resolution, flattened, and segment tables ``(K, 8)``
+        float64 ``id, label, score, area, x, y, w, h`` recomputed from the mapped id maps; on the device."""
         maps, confs, tables = [], [], []
         with torch.inference_mode():
             for out, lb in zip(outs, boxes):
@@ -506,12 +513,11 @@ class Predictor:
                     if conf is None:
                         raise PredictorError("this fusion returned no confidence map")
                     confs.append(resize_nearest(conf.float(), (lb.height, lb.width)).reshape(-1))
-        clock.mark("map_back")
-        host_maps, host_tables, host_confs = self._to_host(maps, tables, confs)
-        clock.mark("to_host")
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        self.timings = clock.durations_ms()
+        return maps, tables, confs
+
+    def _results(self, boxes: list[Letterbox], host_maps, host_tables, host_confs,
+                 return_confidence: bool) -> list[PanopticResult]:
+        """Cut the host copies back into one ``PanopticResult`` per image."""
         results = []
         off_m = off_c = 0
         for i, lb in enumerate(boxes):
@@ -523,7 +529,7 @@ class Predictor:
                 conf = host_confs[off_c:off_c + n].reshape(lb.height, lb.width)
                 off_c += n
             results.append(PanopticResult(id_map=id_map, segments=self._segments(host_tables[i]), confidence=conf))
-        return results[0] if single else results
+        return results
 
     def _to_host(self, maps, tables, confs):
         """One device→host copy for all id maps (and one for the tables, one for confidences)."""
@@ -552,8 +558,3 @@ class Predictor:
             segs.append(Segment(id=int(seg_id), category_id=cat.id, label=cat.name, isthing=cat.isthing,
                                 score=float(score), area=int(area), bbox=(int(x), int(y), int(w), int(h))))
         return segs
-
-
-def input_size_range_for(config) -> tuple[int, int]:
-    """:func:`input_size_range` of a model config."""
-    return input_size_range(config.backbone)
