@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
@@ -46,5 +47,6 @@ def test_input_size_policy_per_backbone():
 def test_settings_import_without_torch():
     code = ("import sys, ciae_core.predictor_settings as s; "
             "assert 'torch' not in sys.modules, 'torch was imported'; print(len(s.THRESHOLD_NAMES))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    repo = pathlib.Path(__file__).resolve().parents[2]  # the source tree, not an installed copy
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo).stdout
     assert int(out) == len(THRESHOLD_NAMES)
