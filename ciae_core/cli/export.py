@@ -1,6 +1,6 @@
 """``ciae-export``: a checkpoint's ``forward_raw`` as an ONNX file (:mod:`ciae_core.export`).
 
-``--size HxW`` (default 640x640, multiples of 32) with ``--batch-size N`` gives a fixed-shape
+``--size WIDTHxHEIGHT`` (default 640x640, multiples of 32) with ``--batch-size N`` gives a fixed-shape
 graph, ``--dynamic`` a symbolic batch/height/width; ``--opset`` in ``OPSET_RANGE``. Exit codes:
 0 written, 1 a one-line error (nothing is left behind), 2 bad arguments.
 """
@@ -12,18 +12,18 @@ import logging
 import os
 import sys
 
+from ciae_core.cli.sizes import parse_size
 from ciae_core.export import DEFAULT_OPSET, OPSET_RANGE, ExportError, export_checkpoint
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``"640x480"`` (H x W) → ``(640, 480)``; both multiples of 32."""
+def parse_export_size(text: str) -> tuple[int, int]:
+    """``"640x480"`` (WIDTHxHEIGHT) → ``(height, width)`` = ``(480, 640)``, as
+    :func:`ciae_core.export.export_checkpoint` takes it; both multiples of 32."""
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ExportError(f"--size must look like 640x640 (HxW), got {text!r}") from None
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise ExportError(f"--size {text}: height and width must be positive multiples of 32")
-    return h, w
+        width, height = parse_size(text, "--size", minimum=32, multiple_of=32)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    return height, width
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help=".safetensors checkpoint")
     p.add_argument("--out", required=True, help="output .onnx path")
     shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--size", default="640x640", help="fixed input HxW, multiples of 32 (default 640x640)")
+    shape.add_argument("--size", default="640x640", metavar="WIDTHxHEIGHT",
+                       help="fixed input size WIDTHxHEIGHT, multiples of 32 (default 640x640)")
     shape.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
     p.add_argument("--batch-size", type=int, default=1, help="fixed batch size (ignored with --dynamic)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise ExportError("--batch-size must be >= 1")
-        size = parse_size(args.size)
+        size = parse_export_size(args.size)
         out = export_checkpoint(args.weights, args.out, size=size, dynamic=args.dynamic,
                                 batch_size=args.batch_size, opset=args.opset)
     except ExportError as e:
