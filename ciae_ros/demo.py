@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from ciae_core.cli.sizes import size_type
+
 _LOG = logging.getLogger("ciae_demo")
 
 
@@ -71,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("source", nargs="?", default="synth", help="'synth' (default), a folder of images or a video")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of output to record")
     ap.add_argument("--out", default="demo_out", help="output folder (overwritten)")
-    ap.add_argument("--size", default="640x480", help="camera frame size WIDTHxHEIGHT")
+    ap.add_argument("--size", type=size_type("--size", minimum=32, as_text=True), default="640x480",
+                    metavar="WIDTHxHEIGHT", help="camera frame size WIDTHxHEIGHT (default 640x480)")
     ap.add_argument("--rate", type=float, default=10.0, help="camera frame rate (Hz)")
     ap.add_argument("--weights", default="", help="model file (default: the shipped model in models/)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
+    ap.add_argument("--device", default="cpu", help="node device: cpu, cuda or cuda:<index> (default cpu)")
+    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"), help="node inference engine")
     ap.add_argument("--input-size", type=int, default=0, help="network input size (default: the node's default)")
     ap.add_argument("--png-every", type=float, default=1.0, help="save one overlay PNG per this many seconds")
     ap.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: derived from the pid)")

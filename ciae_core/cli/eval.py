@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="evaluate this model (.safetensors) instead of prediction files")
     p.add_argument("--data", help="with --weights: data set dir with images/, panoptic/, panoptic.json")
     p.add_argument("--image-dir", help="with --weights: image directory (default DATA/images)")
-    p.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
+                   help="with --weights: inference engine (default torch)")
+    p.add_argument("--device", default="cpu", help="with --weights: cpu, cuda or cuda:<index> (default cpu)")
     p.add_argument("--input-size", type=int, default=None,
                    help="with --weights: shorter side fed to the model (default: the model's)")
     p.add_argument("--max-images", type=int, default=0, help="with --weights: evaluate only the first N (0 = all)")

@@ -27,13 +27,15 @@ def parse_size(text: str, option: str = "--size", minimum: int = 1, multiple_of:
     return width, height
 
 
-def size_type(option: str = "--size", minimum: int = 1, multiple_of: int = 1):
-    """An argparse ``type=`` for a ``WIDTHxHEIGHT`` option: returns ``(width, height)``; a bad value
-    is a usage error (exit status 2) with :func:`parse_size`'s message."""
-    def convert(text: str) -> tuple[int, int]:
+def size_type(option: str = "--size", minimum: int = 1, multiple_of: int = 1, as_text: bool = False):
+    """An argparse ``type=`` for a ``WIDTHxHEIGHT`` option: returns ``(width, height)`` (with
+    ``as_text``, the checked size as the text ``"640x480"``, to hand on to another command line); a
+    bad value is a usage error (exit status 2) with :func:`parse_size`'s message."""
+    def convert(text: str) -> tuple[int, int] | str:
         try:
-            return parse_size(text, option, minimum, multiple_of)
+            width, height = parse_size(text, option, minimum, multiple_of)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+        return f"{width}x{height}" if as_text else (width, height)
     convert.__name__ = "WIDTHxHEIGHT"  # argparse names the type in its own messages
     return convert
