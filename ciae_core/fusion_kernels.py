@@ -1,6 +1,6 @@
 """Compiled CPU kernels for the coarse-to-fine panoptic fusion (numba, optional).
 
-:func:`ciae_core.fusion.coarse_to_fine_assignment` decides whole stride-s cells from bounds with
+:func:`ciae_core.fusion_coarse.coarse_to_fine_assignment` decides whole stride-s cells from bounds with
 batched tensor ops; on a CPU its cost is dozens of passes over ``(N, K, h, w)`` tensors and the
 full-resolution histogram tail, about 10 % of a small model's frame. These kernels run the same
 algorithm as loops, one cell at a time, touching each corner value once:
