@@ -129,15 +129,6 @@ def segment_colors(segments: Sequence[Segment], categories: Iterable[CategoryInf
     return {s.id: shade_color(_hue_of(s.category_id, hues), s.isthing, shades.get(s.id, 0)) for s in segments}
 
 
-def color_lut(result: PanopticResult, categories: Iterable[CategoryInfo | int] | None = None) -> np.ndarray:
-    """``(max_id + 1, 3)`` uint8 RGB table: segment id -> display colour (0 = void = black)."""
-    colors = segment_colors(result.segments, categories)
-    lut = np.zeros((max(colors, default=0) + 1, 3), np.uint8)
-    for sid, rgb in colors.items():
-        lut[sid] = rgb
-    return lut
-
-
 def segment_boundaries(id_map: np.ndarray) -> np.ndarray:
     """``(H, W)`` bool: pixels whose right or lower neighbour belongs to another segment."""
     b = np.zeros(id_map.shape, bool)

@@ -287,7 +287,8 @@ class BagSummary:
         skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
         files = ", ".join(self.storage_files) or "no storage file"
-        return (f"ciae-bag: {self.frames_read} frame(s) read from {', '.join(self.inputs)}, {self.segmented} segmented, "
+        return (f"ciae-bag: {self.frames_read} frame(s) read from {', '.join(self.inputs)}, "
+                f"{self.segmented} segmented, "
                 f"{skipped} skipped{f' ({reasons})' if reasons else ''}; {self.segments} segment(s); wrote "
                 f"{', '.join(self.outputs)} to {self.out} ({files}) in {self.seconds:.1f} s")
 
@@ -391,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--in", dest="inp", required=True, help="input bag (folder)")
     ap.add_argument("--out", required=True, help="output bag folder (must not exist)")
     ap.add_argument("--weights", default="", help="model file (default: the shipped model)")
-    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"), help="inference engine (default torch)")
+    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
+                    help="inference engine (default torch)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index> (default cpu)")
     ap.add_argument("--input-size", type=int, default=0, help="network input size (0: the model's default)")
     ap.add_argument("--instance-score-threshold", type=float, default=-1.0,

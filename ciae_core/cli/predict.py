@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="proposal score threshold before NMS (default: the model's)")
-    p.add_argument("--nms-threshold", type=float, default=None, help="class-wise NMS IoU threshold (default: the model's)")
+    p.add_argument("--nms-threshold", type=float, default=None,
+                   help="class-wise NMS IoU threshold (default: the model's)")
     p.add_argument("--instance-score-threshold", type=float, default=None,
                    help="minimum score of a thing instance in the output (default: the model's)")
     p.add_argument("--min-stuff-area", type=int, default=None,
@@ -162,7 +163,8 @@ def _predict_all(files: list[pathlib.Path], predictor: Predictor, args) -> _Run:
 def main(argv: list[str] | None = None) -> int:
     """``ciae-predict``: segment ``--images`` with ``--weights`` and write COCO panoptic to ``--out``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.batch_size < 1:
         print("ciae-predict: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
