@@ -265,7 +265,7 @@ class Predictor:
         if self.fixed_input_hw is not None:
             fh, fw = self.fixed_input_hw
             if input_size is not None or input_size_range is not None:
-                raise PredictorError(f"{weights} is a fixed {fh}x{fw} export: images are fitted into {fh}x{fw} and "
+                raise PredictorError(f"{weights} is a fixed {fw}x{fh} export: images are fitted into {fw}x{fh} and "
                                      f"input_size does not apply; leave it unset or re-export with --dynamic")
             self.input_size_range = (min(fh, fw), min(fh, fw))
             self.input_size = min(fh, fw)
@@ -348,7 +348,7 @@ class Predictor:
             if isinstance(input_size, bool) or not isinstance(input_size, (int, np.integer)) \
                     or int(input_size) != self.input_size:
                 fh, fw = self.fixed_input_hw
-                raise PredictorError(f"{self.weights} is a fixed {fh}x{fw} export: input_size cannot change "
+                raise PredictorError(f"{self.weights} is a fixed {fw}x{fh} export: input_size cannot change "
                                      f"(re-export with --dynamic)")
         elif input_size is not None:
             self.input_size = self._check_input_size(input_size)

@@ -549,7 +549,7 @@ def namespaced_node(client, log: pathlib.Path, ns: str, weights: str, params: di
 
 
 def test_fixed_shape_onnx_export_on_the_onnxruntime_engine(client, node_weights, tmp_path):
-    """The node on engine onnxruntime with a `ciae-export --size 288x384` file, across processes:
+    """The node on engine onnxruntime with a `ciae-export --size 384x288` file, across processes:
     a 480x640 frame is fitted into the canvas (the message's input size says so), thresholds
     change at run time, and input_size is refused with a reason (the canvas is fixed)."""
     from ciae_core.export import export_checkpoint
@@ -569,7 +569,7 @@ def test_fixed_shape_onnx_export_on_the_onnxruntime_engine(client, node_weights,
         [res] = client.set_parameters("/fixed/ciae_panoptic", score_threshold=0.3)
         assert res.successful, res.reason
         [res] = client.set_parameters("/fixed/ciae_panoptic", input_size=320)
-        assert not res.successful and "fixed 288x384 export" in res.reason, res.reason
+        assert not res.successful and "fixed 384x288 export" in res.reason, res.reason
         assert frame().input_height == 288
 
 
