@@ -134,11 +134,8 @@ def _quiet_nncf():
 
 
 def _onnx_source(source: str, tmp_dir: str) -> str:
-    suffix = pathlib.Path(source).suffix.lower()
-    if suffix == ".onnx":
+    if pathlib.Path(source).suffix.lower() == ".onnx":
         return source
-    if suffix != ".safetensors":
-        raise QuantizeError(f"{source}: quantise a .safetensors checkpoint or a .onnx from ciae-export")
     from ciae_core.export import export_checkpoint
 
     path = os.path.join(tmp_dir, pathlib.Path(source).stem + ".onnx")
@@ -169,6 +166,8 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, calibration: str
         raise QuantizeError(f"the int8 model is an OpenVINO IR: the output must end in .xml, got {out}")
     if not os.path.isfile(source):
         raise QuantizeError(f"model file not found: {source}")
+    if pathlib.Path(source).suffix.lower() not in (".onnx", ".safetensors"):
+        raise QuantizeError(f"{source}: quantise a .safetensors checkpoint or a .onnx from ciae-export")
     images = calibration_images(calibration, num_images)
     ov, nncf = import_openvino(), import_nncf()
     with tempfile.TemporaryDirectory(prefix="ciae-quantize-") as tmp:
