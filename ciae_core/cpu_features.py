@@ -30,6 +30,9 @@ from ciae_core.predictor_error import PredictorError
 logger = logging.getLogger(__name__)
 
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
+# the CPU default without native bf16: (engine, precision, why), from the measurements on the AVX2-only
+# development machine (README.md, "CPU engines and precisions")
+AVX2_DEFAULT = ("torch", "fp32", "PENDING")
 
 
 @dataclass(frozen=True)
@@ -176,3 +179,45 @@ def choose_precision(features: CpuFeatures, engine: str = "openvino") -> tuple[s
                         f"{engine} runs it")
     return "fp32", (f"{features.describe()}: no native bf16 (needs AMX or AVX512_BF16), so fp32; for int8 give a "
                     f"quantised model (ciae-export --int8)")
+
+
+def default_cpu_engine(features: CpuFeatures | None = None, openvino_installed: bool | None = None
+                       ) -> tuple[str, str, str]:
+    """The CPU default of the node and the demo: ``(engine, precision, reason)``, decided from the
+    CPU's features at start (README.md "CPU engines and precisions" has the measurements):
+
+    * native bf16 (AMX or AVX512_BF16) → OpenVINO bf16;
+    * otherwise → :data:`AVX2_DEFAULT` (the fastest engine within the accuracy bound measured on
+      the AVX2-only development machine);
+    * OpenVINO not installed → torch fp32.
+    """
+    if openvino_installed is None:
+        import importlib.util
+
+        openvino_installed = importlib.util.find_spec("openvino") is not None
+    if not openvino_installed:
+        return "torch", "fp32", "OpenVINO is not installed (pip install openvino): torch fp32"
+    features = features or cpu_features()
+    if features.bf16:
+        return "openvino", "bf16", f"{features.describe()}: native bf16, OpenVINO bf16 is the fastest within the bound"
+    engine, precision, why = AVX2_DEFAULT
+    return engine, precision, f"{features.describe()}: no native bf16; {engine} {precision}: {why}"
+
+
+def auto_engine(device: str, weights: str, precision: str = "auto") -> tuple[str, str, str]:
+    """``engine="auto"``: ``(engine, precision, reason)`` for ``weights`` on ``device``.
+
+    CUDA → torch (CUDA graphs); an OpenVINO IR (``.xml``) → openvino; on the CPU otherwise
+    :func:`default_cpu_engine` (an ``.onnx`` goes to onnxruntime where that would be torch). A
+    precision other than ``"auto"`` is kept as given.
+    """
+    suffix = os.path.splitext(str(weights))[1].lower()
+    if not str(device).startswith("cpu"):
+        engine, chosen, reason = "torch", "auto", f"device {device}: the torch engine (CUDA graphs)"
+    elif suffix == ".xml":
+        engine, chosen, reason = "openvino", "auto", "the weights are an OpenVINO IR"
+    else:
+        engine, chosen, reason = default_cpu_engine()
+        if suffix == ".onnx" and engine == "torch":
+            engine, chosen, reason = "onnxruntime", "fp32", reason + " (an .onnx file: onnxruntime)"
+    return engine, (chosen if precision == "auto" else precision), reason

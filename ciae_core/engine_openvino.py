@@ -110,6 +110,26 @@ def read_model_file(path: str, core):
     return model, config, meta
 
 
+def openvino_engine_for(weights: str, precision: str, device: str = "CPU", threads: int | None = None,
+                        cache_dir=None, onnx_cache_dir=None, onnx_opset: int | None = None):
+    """``(OpenVINOEngine, onnx_path or None)`` for a ``.onnx``/``.xml`` or a ``.safetensors``
+    checkpoint (exported through the onnxruntime engine's cache,
+    :func:`ciae_core.engine_onnxruntime.onnx_for_checkpoint`). bf16 on a CPU without it and int8
+    from a float checkpoint fail before any export."""
+    from ciae_core.cpu_features import check_precision, cpu_features
+    from ciae_core.engine_onnxruntime import onnx_for_checkpoint
+
+    path, onnx_path = weights, None
+    if str(device).upper() == "CPU" and precision == "bf16":
+        check_precision(precision, cpu_features(), engine="openvino")
+    if not str(weights).lower().endswith((".onnx", ".xml")):
+        if precision == "int8":
+            raise PredictorError(f"{weights}: precision='int8' needs an int8 model; write one with ciae-export "
+                                 f"--weights {weights} --int8 --calib DIR --out MODEL.xml")
+        path = onnx_path = onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
+    return OpenVINOEngine(path, device=device, precision=precision, threads=threads, cache_dir=cache_dir), onnx_path
+
+
 class OpenVINOEngine:
     """``forward_raw`` compiled by OpenVINO (module docstring for the decisions).
 
