@@ -37,20 +37,23 @@ def _list_images(path: str) -> list[pathlib.Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ciae-predict", description="Panoptic segmentation of an image folder; writes "
                                 "COCO-panoptic PNGs + predictions.json (scorable with ciae-eval or panopticapi).")
-    p.add_argument("--weights", required=True, help=".safetensors checkpoint or .onnx export")
+    p.add_argument("--weights", required=True, help=".safetensors checkpoint, .onnx export or (openvino) int8 .xml")
     p.add_argument("--images", required=True, help="image file or directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--engine", default="torch", choices=ENGINES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--max-size", type=int, default=1333)
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (default), fp16/bf16 (torch; openvino: bf16 on AMX/AVX512_BF16 CPUs), int8 (openvino, "
+                        "an int8 .xml) or auto (the best the CPU runs natively)")
+    p.add_argument("--openvino-device", default="CPU", help="engine openvino: CPU or GPU (an Intel GPU)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--score-threshold", type=float, default=None)
     p.add_argument("--nms-threshold", type=float, default=None)
     p.add_argument("--instance-score-threshold", type=float, default=None)
     p.add_argument("--min-stuff-area", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime / OpenVINO threads")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                                  ("instance_score_threshold", args.instance_score_threshold),
                                  ("min_stuff_area", args.min_stuff_area)) if v is not None}
         predictor = Predictor(args.weights, engine=args.engine, device=args.device, input_size=args.input_size,
-                              max_size=args.max_size, precision=args.precision, intra_op_threads=args.threads, **thr)
+                              max_size=args.max_size, precision=args.precision, intra_op_threads=args.threads,
+                              openvino_device=args.openvino_device, **thr)
         files = _list_images(args.images)
         results, names, total_ms = [], [], 0.0
         for start in range(0, len(files), args.batch_size):
