@@ -35,13 +35,13 @@ def shipped_weights() -> pathlib.Path:
 @functools.lru_cache(maxsize=None)
 def exported_onnx(shape: str = "dynamic") -> pathlib.Path:
     """The shipped model as ONNX: ``"dynamic"`` or a fixed ``"HxW"`` (batch 1)."""
-    from ciae_core.export import export_checkpoint, parse_size
+    from ciae_core.export import export_checkpoint
 
     out = work_dir() / f"small-{shape}.onnx"
     if shape == "dynamic":
         export_checkpoint(shipped_weights(), out, dynamic=True)
     else:
-        export_checkpoint(shipped_weights(), out, size=parse_size(shape))
+        export_checkpoint(shipped_weights(), out, size=tuple(int(v) for v in shape.split("x")))
     return out
 
 

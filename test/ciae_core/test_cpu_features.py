@@ -108,3 +108,26 @@ def test_missing_cpuinfo_falls_back_to_openvino(tmp_path):
     pytest.importorskip("openvino")
     f = read_cpu_features(str(tmp_path / "no-cpuinfo"))
     assert f.int8 == ("INT8" in f.openvino_capabilities)
+
+
+def test_auto_engine(monkeypatch):
+    import ciae_core.cpu_features as cf
+
+    assert cf.auto_engine("cuda:0", "m.safetensors")[:2] == ("torch", "auto")
+    assert cf.auto_engine("cpu", "m-int8.xml")[:2] == ("openvino", "auto")
+    monkeypatch.setattr(cf, "default_cpu_engine", lambda: ("torch", "fp32", "because"))
+    assert cf.auto_engine("cpu", "m.safetensors") == ("torch", "fp32", "because")
+    engine, precision, reason = cf.auto_engine("cpu", "m.onnx")
+    assert (engine, precision) == ("onnxruntime", "fp32") and "onnxruntime" in reason
+    assert cf.auto_engine("cpu", "m.safetensors", "bf16")[:2] == ("torch", "bf16")  # a given precision stays
+    monkeypatch.setattr(cf, "default_cpu_engine", lambda: ("openvino", "bf16", "amx"))
+    assert cf.auto_engine("cpu", "m.onnx") == ("openvino", "bf16", "amx")
+
+
+def test_default_cpu_engine_follows_the_features():
+    from ciae_core.cpu_features import AVX2_DEFAULT, default_cpu_engine
+
+    assert default_cpu_engine(features(SAPPHIRE_RAPIDS), True)[:2] == ("openvino", "bf16")
+    engine, precision, reason = default_cpu_engine(features(ZEN3), True)
+    assert (engine, precision) == AVX2_DEFAULT[:2] and "no native bf16" in reason
+    assert default_cpu_engine(features(SAPPHIRE_RAPIDS), False)[:2] == ("torch", "fp32")

@@ -36,10 +36,8 @@ def engine(dynamic_onnx, tmp_path_factory) -> OpenVINOEngine:
 
 
 def openvino_predictor(path, cache_dir, **kw) -> Predictor:
-    """A Predictor running the OpenVINO engine (torch pre/post-processing, same as for onnxruntime)."""
-    p = Predictor(shipped_weights(), **kw)
-    p._engine = OpenVINOEngine(path, precision="fp32", threads=1, cache_dir=cache_dir)
-    return p
+    """A Predictor on the OpenVINO engine (torch pre/post-processing, as for onnxruntime)."""
+    return Predictor(path, engine="openvino", intra_op_threads=1, openvino_cache_dir=cache_dir, **kw)
 
 
 def batch_of(images, shape) -> torch.Tensor:
@@ -66,9 +64,23 @@ def test_raw_outputs_match_torch(engine, shape):
 
 
 def test_predictor_results_match_torch_on_coco_and_rendered_scenes(dynamic_onnx, tmp_path):
-    """fp32: >= 99 % of the pixels carry the same id and the segment lists (id, category) are equal."""
-    torch_p = Predictor(shipped_weights(), input_size=320)
-    ov_p = openvino_predictor(dynamic_onnx, tmp_path, input_size=320)
+    """fp32: >= 99 % of the pixels carry the same id and the segment lists (id, category) are equal.
+    The checkpoint goes through the onnxruntime engine's export cache (here pre-filled with the same
+    export, so it is reused, not exported again)."""
+    from ciae_core.engine_onnxruntime import onnx_for_checkpoint
+    from ciae_core.export import file_sha256
+
+    weights = shipped_weights()
+    cache = tmp_path / "onnx"
+    cache.mkdir()
+    cached = cache / f"{weights.stem}-{file_sha256(str(weights))[:16]}-opset17.onnx"
+    cached.write_bytes(pathlib.Path(dynamic_onnx).read_bytes())
+    assert onnx_for_checkpoint(str(weights), cache, None) == str(cached)
+    torch_p = Predictor(weights, input_size=320)
+    ov_p = openvino_predictor(weights, tmp_path, input_size=320, onnx_cache_dir=cache, precision="auto",
+                              score_threshold=0.05)
+    assert (ov_p.engine, ov_p.onnx_path) == ("openvino", str(cached))
+    assert ov_p.providers[0].startswith("OpenVINO") and ov_p.model_info["engine"] == "openvino"
     for im in coco_images() + [s[0] for s in rendered_scenes(3)]:
         a, b = torch_p(im), ov_p(im)
         assert float((a.id_map == b.id_map).mean()) >= 0.99
@@ -145,6 +157,21 @@ def test_precision_choices_and_errors(dynamic_onnx, tmp_path):
     assert amx.precision == "bf16" and "AMX" in amx.precision_reason
     with pytest.raises(PredictorError, match="threads must be a non-negative integer"):
         OpenVINOEngine(dynamic_onnx, threads=-1, cache_dir=tmp_path)
+
+
+def test_predictor_engine_and_precision_checks(dynamic_onnx, tmp_path):
+    with pytest.raises(PredictorError, match="unknown precision 'int8' for the torch engine"):
+        Predictor(shipped_weights(), precision="int8")
+    with pytest.raises(PredictorError, match="needs an int8 model; write one with ciae-export"):
+        Predictor(shipped_weights(), engine="openvino", precision="int8", onnx_cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # refused before exporting anything
+    xml = tmp_path / "m.xml"
+    xml.write_text("<net/>")
+    with pytest.raises(PredictorError, match="is an OpenVINO IR; use engine='openvino'"):
+        Predictor(xml)
+    p = openvino_predictor(dynamic_onnx, tmp_path, precision="auto")
+    assert p.precision == p.model_info["precision"] == ("bf16" if p._engine.precision == "bf16" else "fp32")
+    assert Predictor(shipped_weights(), precision="auto").precision == "fp32"
 
 
 def test_devices(dynamic_onnx, tmp_path):

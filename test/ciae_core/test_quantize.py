@@ -104,11 +104,10 @@ def test_int8_ir_has_the_config_and_loads_as_int8(int8_model):
 
 @pytest.mark.slow
 def test_int8_predictions_stay_close_to_torch_fp32(int8_model):
-    from ciae_core.engine_openvino import OpenVINOEngine
-
     torch_p = Predictor(shipped_weights(), input_size=320)
-    int8_p = Predictor(shipped_weights(), input_size=320)
-    int8_p._engine = OpenVINOEngine(int8_model, precision="int8", threads=1, cache_dir=int8_model.parent / "cache")
+    int8_p = Predictor(int8_model, engine="openvino", precision="int8", input_size=320, intra_op_threads=1,
+                       openvino_cache_dir=int8_model.parent / "cache")
+    assert int8_p.precision == "int8" and int8_p.engine == "openvino"
     for image, _, _ in rendered_scenes(4):
         a, b = torch_p(image), int8_p(image)
         assert matched_agreement(a.id_map, b.id_map) >= INT8_MATCHED_AGREEMENT
