@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 # the CPU default without native bf16: (engine, precision, why), from the measurements on the AVX2-only
 # development machine (README.md, "CPU engines and precisions")
-AVX2_DEFAULT = ("torch", "fp32", "PENDING")
+AVX2_DEFAULT = ("onnxruntime", "fp32", "1.4x less CPU time per frame than torch fp32 on the small model (OpenVINO "
+                "fp32 1.1-1.3x), identical id maps; int8 (1.5-1.7x) needs a quantised file")
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,12 @@ def default_cpu_engine(features: CpuFeatures | None = None, openvino_installed: 
     """The CPU default of the node and the demo: ``(engine, precision, reason)``, decided from the
     CPU's features at start (README.md "CPU engines and precisions" has the measurements):
 
-    * native bf16 (AMX or AVX512_BF16) → OpenVINO bf16;
-    * otherwise → :data:`AVX2_DEFAULT` (the fastest engine within the accuracy bound measured on
-      the AVX2-only development machine);
+    * native bf16 (AMX or AVX512_BF16) → OpenVINO bf16 (not measured here, whose CPU has neither:
+      the issue's side-by-side on an AMX Xeon had OpenVINO bf16 1.4-4.4x faster than onnxruntime
+      fp32; torch's bf16 autocast, which rounds like it, stayed within the PQ bound);
+    * otherwise → :data:`AVX2_DEFAULT` (the fastest float engine measured on the AVX2-only
+      development machine; int8, faster still, needs a quantised file, which :func:`auto_engine`
+      takes when it is given one);
     * OpenVINO not installed → torch fp32.
     """
     if openvino_installed is None:

@@ -20,6 +20,9 @@ Decisions (measured, README.md "CPU engines and precisions"):
   the last convolution of every output in float — the class, box and centerness predictors,
   the box-embedding and embedding-branch projections that form the embedding ``P' + P''`` — so
   the values the fusion compares (Eq. 16 similarities, scores) are not rounded to 256 levels.
+  Measured on the shipped model (100 held-out scenes, 64 calibration scenes): PQ 84.04 with
+  either scope against 84.00 in fp32, so accuracy does not need it; ``"none"`` (the default)
+  is 4-5 % faster (CPU time per frame). ``"outputs"`` stays available for models where it does.
 * **Preset** ``mixed`` (symmetric weights, asymmetric activations): activations after
   hard-swish and GroupNorm are not sign-symmetric. ``fast_bias_correction`` on.
 * NNCF's telemetry is blocked (:mod:`ciae_core.no_telemetry`); its progress bars are silenced
@@ -50,7 +53,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _OUTPUT_LAYERS = [r"/head/(cls_logits|bbox_pred|centerness|box_embedding)(_\d+)?/.*",
                   r"/embedding_branch/(predictor|box_fuse)/.*"]
 QUANTIZE_SCOPES = {"none": [], "outputs": _OUTPUT_LAYERS}
-DEFAULT_SCOPE = "outputs"
+DEFAULT_SCOPE = "none"
 PRESETS = ("mixed", "performance")
 
 

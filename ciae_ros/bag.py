@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in", dest="inp", required=True, help="input bag (folder)")
     ap.add_argument("--out", required=True, help="output bag folder (must not exist)")
     ap.add_argument("--weights", default="", help="model file; default: the shipped model")
-    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
+    ap.add_argument("--engine", default="torch", choices=("auto", "torch", "onnxruntime", "openvino"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--input-size", type=int, default=0, help="0: the model's default")
     ap.add_argument("--instance-score-threshold", type=float, default=-1.0, help="-1: the model's default")

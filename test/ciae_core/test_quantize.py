@@ -95,7 +95,7 @@ def test_int8_ir_has_the_config_and_loads_as_int8(int8_model):
     assert engine.quantized and engine.precision == "int8" and "quantised" in engine.precision_reason
     assert engine.config.to_dict() == read_onnx_config(exported_onnx("dynamic")).to_dict()
     meta = engine.metadata
-    assert meta["ciae_precision"] == "int8" and meta["ciae_quantize_scope"] == "outputs"
+    assert meta["ciae_precision"] == "int8" and meta["ciae_quantize_scope"] == "none"
     assert meta["ciae_calibration"].startswith("synthetic: 4 scenes") and meta["ciae_source_sha256"]
     assert sorted(p.name for p in int8_model.parent.iterdir() if p.is_file()) == ["small-int8.bin", "small-int8.xml"]
     with pytest.raises(PredictorError, match="is an int8 \\(quantised\\) model; use precision='int8'"):
