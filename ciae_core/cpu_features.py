@@ -170,14 +170,13 @@ def check_precision(precision: str, features: CpuFeatures, engine: str = "openvi
 def choose_precision(features: CpuFeatures, engine: str = "openvino") -> tuple[str, str]:
     """``precision="auto"`` for a float model: ``(precision, reason)``.
 
-    bf16 where the CPU computes it natively (its PQ stayed within the 0.5 bound of fp32 on the
-    held-out synthetic scenes, README.md "CPU engines and precisions"), else fp32. int8 is never
+    bf16 where the CPU computes it natively (the accuracy proxy measured here, torch's bf16
+    autocast, is in README.md "CPU engines and precisions"), else fp32. int8 is never
     chosen for a float model: it needs a calibrated file (``ciae-export --int8``), and a file
     that is one runs as int8.
     """
     if features.bf16:
-        return "bf16", (f"{features.describe()}: native bf16, within the 0.5 PQ bound of fp32 (measured); "
-                        f"{engine} runs it")
+        return "bf16", f"{features.describe()}: native bf16; {engine} runs it"
     return "fp32", (f"{features.describe()}: no native bf16 (needs AMX or AVX512_BF16), so fp32; for int8 give a "
                     f"quantised model (ciae-export --int8)")
 
@@ -189,7 +188,8 @@ def default_cpu_engine(features: CpuFeatures | None = None, openvino_installed: 
 
     * native bf16 (AMX or AVX512_BF16) → OpenVINO bf16 (not measured here, whose CPU has neither:
       the issue's side-by-side on an AMX Xeon had OpenVINO bf16 1.4-4.4x faster than onnxruntime
-      fp32; torch's bf16 autocast, which rounds like it, stayed within the PQ bound);
+      fp32; its PQ is not measured either — torch's bf16 autocast, which rounds activations and
+      weights alike, is the only proxy run here, see README.md);
     * otherwise → :data:`AVX2_DEFAULT` (the fastest float engine measured on the AVX2-only
       development machine; int8, faster still, needs a quantised file, which :func:`auto_engine`
       takes when it is given one);
@@ -203,7 +203,7 @@ def default_cpu_engine(features: CpuFeatures | None = None, openvino_installed: 
         return "torch", "fp32", "OpenVINO is not installed (pip install openvino): torch fp32"
     features = features or cpu_features()
     if features.bf16:
-        return "openvino", "bf16", f"{features.describe()}: native bf16, OpenVINO bf16 is the fastest within the bound"
+        return "openvino", "bf16", f"{features.describe()}: native bf16, OpenVINO bf16 (fastest on such CPUs)"
     engine, precision, why = AVX2_DEFAULT
     return engine, precision, f"{features.describe()}: no native bf16; {engine} {precision}: {why}"
 

@@ -87,7 +87,7 @@ def test_check_precision_one_line_errors():
 
 def test_choose_precision_prefers_native_bf16_and_says_why():
     precision, reason = choose_precision(features(SAPPHIRE_RAPIDS))
-    assert precision == "bf16" and "AMX" in reason and "0.5 PQ" in reason
+    assert precision == "bf16" and "AMX" in reason and "native bf16" in reason
     assert choose_precision(features(ZEN4))[0] == "bf16"
     precision, reason = choose_precision(features(ZEN3))
     assert precision == "fp32" and "no native bf16" in reason and "int8" in reason
