@@ -24,6 +24,7 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx", "onnxscript", "onnxruntime-gpu"],
+        "openvino": ["openvino", "nncf"],  # CPU engine and int8 quantisation (ciae_core.engine_openvino, .quantize)
         "numba": ["numba>=0.60"],  # compiled CPU fusion (ciae_core.fusion_kernels)
         "train": ["tensorboard"],
         "ros": ["rosbags"],

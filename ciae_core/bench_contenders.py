@@ -3,8 +3,12 @@
 Models (random weights unless a checkpoint is given; latency does not depend on the values,
 except through the number of detections, which we fix, see below):
 
-* ``ours`` — :class:`ciae_core.predictor.Predictor`, torch eager (``--engines torch``) and
-  onnxruntime (``--engines onnxruntime``; the checkpoint is exported once to a temporary cache).
+* ``ours`` — :class:`ciae_core.predictor.Predictor`, torch eager (``--engines torch``),
+  onnxruntime (``--engines onnxruntime``; the checkpoint is exported once to a temporary cache)
+  and OpenVINO (``--engines openvino``); an engine may name its precision (``torch:bf16``,
+  ``openvino:bf16``, ``openvino:int8``, :func:`parse_engine_spec`). The ``openvino:int8`` row
+  quantises the checkpoint once (:func:`int8_model`: synthetic calibration scenes, kept in
+  ``$CIAE_CACHE_DIR/int8`` across runs; for a random-weight model only its speed means anything).
   ``r50``: the paper's ResNet-50-FPN config with the 133 COCO panoptic categories;
   ``r50-p3``: the same with the embedding branch starting at P3 (our speed variant, no FPN P2);
   ``r50-p3c2``: the P3 branch plus a 1x1 skip from C2 back to stride 4 (our second variant);
@@ -83,8 +87,43 @@ class BenchOptions:
     precision: str = "fp32"  # fp32, fp16 or bf16: autocast on CUDA (torch engines); fp16 also TensorRT fp16
     channels_last: str = "auto"  # auto, on or off: see channels_last_for
     cuda_graphs: bool = True  # ours (torch): replay CUDA graphs on CUDA
-    threads: int = 0  # onnxruntime intra-op threads (0: its default)
+    threads: int = 0  # onnxruntime / OpenVINO threads (0: their default)
     ort_providers: str | None = None  # comma-separated onnxruntime providers for ours, see ort_providers
+    int8_calib_images: int = 64  # synthetic calibration scenes of the openvino:int8 rows
+
+
+def parse_engine_spec(spec: str) -> tuple[str, str | None]:
+    """``"engine[:precision]"`` → ``(engine, precision or None)``; :class:`BenchError` if unknown."""
+    from ciae_core.predictor_settings import ENGINE_PRECISIONS
+
+    engine, _, precision = spec.partition(":")
+    if engine not in ENGINE_PRECISIONS:
+        raise BenchError(f"unknown engine {engine!r} in {spec!r}; use {', '.join(ENGINE_PRECISIONS)}[:precision]")
+    if precision and precision not in ENGINE_PRECISIONS[engine]:
+        raise BenchError(f"engine {engine} has no precision {precision!r}; use one of "
+                         f"{', '.join(ENGINE_PRECISIONS[engine])}")
+    return engine, precision or None
+
+
+def int8_model(weights: pathlib.Path, onnx_cache: pathlib.Path, num_images: int) -> pathlib.Path:
+    """The int8 OpenVINO IR of ``weights`` on ``num_images`` synthetic calibration scenes, quantised
+    once and kept in ``$CIAE_CACHE_DIR/int8`` (keyed by the checkpoint's hash)."""
+    from ciae_core.engine_onnxruntime import default_onnx_cache_dir, onnx_for_checkpoint
+    from ciae_core.export import ExportError, file_sha256
+    from ciae_core.openvino_ir import read_ir
+    from ciae_core.quantize import quantize
+
+    out = default_onnx_cache_dir().parent / "int8" / f"{weights.stem}-{file_sha256(str(weights))[:16]}-synthetic" \
+                                                     f"{num_images}.xml"
+    if out.is_file():
+        try:
+            read_ir(out)
+            return out
+        except ExportError as e:
+            logger.warning("cached int8 model unusable (%s); quantising again", e)
+    logger.info("quantising %s to int8 for the bench (once; cached in %s)", weights, out.parent)
+    return pathlib.Path(quantize(onnx_for_checkpoint(str(weights), onnx_cache, None), out, calibration="synthetic",
+                                 num_images=num_images))
 
 
 def ours_checkpoint(backbone: str, directory: pathlib.Path, small_weights: str | None) -> pathlib.Path:
@@ -169,18 +208,24 @@ class Contender:
         self.times: list[float] = []
 
 
-def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: torch.device,
+def prepare_ours(weights: pathlib.Path, spec: str, size: int, images, device: torch.device,
                  options: BenchOptions, cache_dir: pathlib.Path) -> Contender:
-    """Ours (a :class:`~ciae_core.predictor.Predictor` on ``engine``) at shorter side ``size``."""
+    """Ours (a :class:`~ciae_core.predictor.Predictor` on the engine ``spec``, :func:`parse_engine_spec`)
+    at shorter side ``size``."""
     from ciae_core.predictor import Predictor
 
+    engine, precision = parse_engine_spec(spec)
     base_rss = memory_level(device)
     base_device_used = device_used_bytes(device)
     kw = dict(engine=engine, device=str(device), input_size=size, max_size=options.max_size,
               input_size_range=(64, 4096), **_fusion_thresholds(options.detections))
     if engine == "torch":
-        kw.update(precision=options.precision, channels_last=channels_last_for(options.channels_last, device),
-                  cuda_graphs=options.cuda_graphs)
+        kw.update(precision=precision or options.precision,
+                  channels_last=channels_last_for(options.channels_last, device), cuda_graphs=options.cuda_graphs)
+    elif engine == "openvino":
+        kw.update(onnx_cache_dir=cache_dir, intra_op_threads=options.threads or None, precision=precision or "fp32")
+        if precision == "int8":
+            weights = int8_model(weights, cache_dir, options.int8_calib_images)
     else:
         kw.update(onnx_cache_dir=cache_dir, intra_op_threads=options.threads or None)
         providers = ort_providers(options.ort_providers, device)
@@ -202,7 +247,7 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
                                           for k, v in stage_sums.items()}}
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if engine == "torch":
+        if spec == "torch":
             extra["stages_ms"] = ours_stage_breakdown(predictor, images, device, options)
         return extra
 
@@ -218,10 +263,11 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
             finally:
                 torch_engine.cuda_graphs = graphs
 
-    info = {"providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone}
+    info = {"providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone,
+            "precision": predictor.precision}
     if engine == "torch":
         info["channels_last"] = _is_channels_last(predictor._engine.model)
-    return Contender("ours", engine, call, info, finish, base_rss, base_device_used, memory_mode)
+    return Contender("ours", spec, call, info, finish, base_rss, base_device_used, memory_mode)
 
 
 def _is_channels_last(model: torch.nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""ROS-free inference: the ``Predictor`` facade over the torch and onnxruntime engines.
+"""ROS-free inference: the ``Predictor`` facade over the torch, onnxruntime and OpenVINO engines.
 
 Pipeline of one call (docs/DESIGN.md, "Data flow")::
 
@@ -35,8 +35,14 @@ Decisions (all constructor arguments):
   autocast, channels_last, ``torch.compile``) or ``engine="onnxruntime"``
   (:mod:`ciae_core.engine_onnxruntime`: ``.onnx`` from ``ciae-export`` or a ``.safetensors``
   exported on the fly to ``onnx_cache_dir``, TensorRT → CUDA → CPU providers; a fixed-shape file
-  is served by fitting each image into its canvas, :func:`letterbox_into`). Both return the same
-  raw outputs, so everything after ``forward_raw`` is shared.
+  is served by fitting each image into its canvas, :func:`letterbox_into`) or ``engine="openvino"``
+  (:mod:`ciae_core.engine_openvino`: the same ``.onnx`` files and cache, or an int8 ``.xml`` IR from
+  ``ciae-export --int8``; compiled for ``openvino_device`` "CPU" or "GPU" (an Intel GPU) in
+  ``precision`` fp32 / bf16 (AMX, AVX512_BF16) / int8 / fp16 (GPU); pre- and post-processing on
+  the CPU). All return the same raw outputs, so everything after ``forward_raw`` is shared.
+* **Precision** ``"auto"``: the OpenVINO engine takes int8 for an int8 file, else bf16 where the
+  CPU computes it natively, else fp32 (:func:`ciae_core.cpu_features.choose_precision`, logged);
+  the torch and onnxruntime engines take fp32. ``Predictor.precision`` is the resolved one.
 * **CUDA path**: cudnn.benchmark, uint8 upload from a pinned staging buffer with an async copy,
   resize on the GPU, fusion and map-back on the GPU, then one device→host copy of all final id
   maps (plus one for the small segment table).
@@ -68,8 +74,8 @@ from ciae_core.geometry import (MIN_IMAGE_SIDE, Letterbox, area_resize_weights, 
                                 nearest_source_index, resize_image_like_cv2, resize_nearest, segment_table,
                                 validate_image)
 from ciae_core.predictor_error import PredictorError
-from ciae_core.predictor_settings import (ENGINES, PRECISIONS, SMALL_BACKBONES, THRESHOLD_ALIASES, THRESHOLD_NAMES,
-                                          _checked_thresholds, default_input_size, input_size_range,
+from ciae_core.predictor_settings import (ENGINE_PRECISIONS, ENGINES, PRECISIONS, SMALL_BACKBONES, THRESHOLD_ALIASES,
+                                          THRESHOLD_NAMES, _checked_thresholds, default_input_size, input_size_range,
                                           input_size_range_for)
 from ciae_core.structures import CategoryInfo, PanopticResult, Segment
 
@@ -120,20 +126,27 @@ class Predictor:
 
     Args:
         weights: ``.safetensors`` checkpoint (``ciae_core.checkpoint.save_model``) or, for
-            ``engine="onnxruntime"``, a ``.onnx`` from ``ciae-export``.
-        engine: "torch" or "onnxruntime".
+            ``engine="onnxruntime"`` / ``"openvino"``, a ``.onnx`` from ``ciae-export`` (openvino:
+            also a ``.xml`` IR from ``ciae-export --int8``).
+        engine: "torch", "onnxruntime", "openvino" or "auto" (:func:`ciae_core.cpu_features.auto_engine`:
+            on the CPU the fastest within the accuracy bound for its features; the choice and why are
+            ``engine`` / ``engine_reason``).
         device: "cpu", "cuda" or "cuda:N".
         input_size: shorter side fed to the network (None: :func:`default_input_size`).
         max_size: cap on the longer side after resizing.
-        precision: "fp32", "fp16" (CUDA only) or "bf16" (torch engine autocast).
+        precision: "fp32", "fp16" (torch on CUDA; openvino on an Intel GPU), "bf16" (torch
+            autocast; openvino on AMX/AVX512_BF16 CPUs), "int8" (openvino, an int8 file) or "auto".
         channels_last: run the torch engine in channels_last. None (default): on for the CPU
             (10-31 % faster there, module docstring), off for CUDA (no gain on an H100).
         cudnn_benchmark: None → on for CUDA.
         cuda_graphs: None → on for CUDA (torch engine): one CUDA graph per input shape.
         compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; disables cuda_graphs).
         input_size_range: ``(lo, hi)`` valid shorter sides (None: :func:`input_size_range`).
-        providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime.
-        onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime.
+        providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime
+            (``intra_op_threads`` is also the OpenVINO engine's thread count).
+        onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime/openvino.
+        openvino_device, openvino_cache_dir: the OpenVINO device ("CPU", "GPU") and compiled-model
+            cache (None: ``$CIAE_CACHE_DIR/openvino``).
         mixed_size_batching: "group" (one forward per distinct padded size: exact, results do
             not depend on the other images) or "pad" (one forward for the whole list).
         fusion_method: ``ciae_core.fusion.fuse_panoptic``'s method ("auto": the compiled numba
@@ -151,15 +164,22 @@ class Predictor:
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
                  mixed_size_batching: str = "group", cuda_graphs: bool | None = None, fusion_method: str = "auto",
-                 **thresholds):
-        self.device = self._checked_engine_and_device(engine, precision, device)
+                 openvino_device: str = "CPU", openvino_cache_dir: str | os.PathLike | None = None, **thresholds):
         weights = self._resolved_weights(weights)
+        self.engine_reason = "asked for"
+        if engine == "auto":
+            from ciae_core.cpu_features import auto_engine
+
+            engine, precision, self.engine_reason = auto_engine(device, weights, precision)
+            logger.info("engine auto: %s %s (%s)", engine, precision, self.engine_reason)
+        self.device = self._checked_engine_and_device(engine, precision, device)
         self.mixed_size_batching, self.fusion_method = self._checked_batching_and_fusion(mixed_size_batching,
                                                                                          fusion_method)
         self.weights = weights
         self.engine_name = engine
         self.precision = precision
         self._set_geometry(stride, min_image_side, max_size, input_size_range)
+        self._openvino = (openvino_device, openvino_cache_dir)
         self._build_engine(weights, engine, precision, channels_last, cudnn_benchmark, compile, cuda_graphs,
                            providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads, onnx_cache_dir,
                            onnx_opset)
@@ -185,12 +205,20 @@ class Predictor:
             raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if precision not in PRECISIONS:
             raise PredictorError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision == "int8" and engine != "openvino":
+            raise PredictorError(f"unknown precision 'int8' for the {engine} engine: int8 runs in engine='openvino' "
+                                 f"from a file written by ciae-export --int8")
         dev = self._resolve_device(device)
+        if engine == "openvino":
+            if dev.type != "cpu":
+                raise PredictorError("engine='openvino' pre- and post-processes on device='cpu'; choose the OpenVINO "
+                                     "device with openvino_device ('CPU' or 'GPU', an Intel GPU)")
+            return dev
         if precision == "fp16" and dev.type != "cuda":
             raise PredictorError("precision='fp16' needs device='cuda'; use 'fp32' or 'bf16' on the CPU")
-        if precision != "fp32" and engine != "torch":
-            raise PredictorError(f"precision={precision!r} applies to the torch engine; for onnxruntime use "
-                                 f"trt_fp16=True (TensorRT) or precision='fp32'")
+        if precision not in ENGINE_PRECISIONS[engine]:
+            raise PredictorError(f"precision={precision!r} applies to the torch and openvino engines; for onnxruntime "
+                                 f"use trt_fp16=True (TensorRT) or precision='fp32'")
         return dev
 
     @staticmethod
@@ -241,9 +269,15 @@ class Predictor:
                       onnx_cache_dir, onnx_opset) -> None:
         """``self._engine`` and ``self.config`` (plus ``self.onnx_path`` for onnxruntime)."""
         is_onnx = weights.lower().endswith(".onnx")
-        if engine == "torch":
+        if weights.lower().endswith(".xml") and engine != "openvino":
+            raise PredictorError(f"{weights} is an OpenVINO IR; use engine='openvino'")
+        if engine == "openvino":
+            self._build_openvino_engine(weights, precision, intra_op_threads, onnx_cache_dir, onnx_opset)
+        elif engine == "torch":
             if is_onnx:
                 raise PredictorError(f"{weights} is an ONNX file; use engine='onnxruntime' or a .safetensors checkpoint")
+            if precision == "auto":  # torch's CPU bf16 measured slower (README, "CPU engines and precisions")
+                self.precision = precision = "fp32"
             model = self._load_torch_model(weights)
             self.config = model.config
             cuda = self.device.type == "cuda"
@@ -253,11 +287,22 @@ class Predictor:
                                         channels_last if channels_last is not None else not cuda, compile,
                                         cuda_graphs=(cuda_graphs if cuda_graphs is not None else cuda) and not compile)
         else:
+            self.precision = "fp32"
             onnx_path = weights if is_onnx else onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
             self.onnx_path = onnx_path
             self._engine = _OrtEngine(onnx_path, self.device, providers, trt_cache_dir, trt_fp16,
                                       intra_op_threads, inter_op_threads)
             self.config = self._engine.config
+
+    def _build_openvino_engine(self, weights: str, precision: str, threads, onnx_cache_dir, onnx_opset) -> None:
+        from ciae_core.engine_openvino import openvino_engine_for
+
+        device, cache_dir = self._openvino
+        self._engine, onnx_path = openvino_engine_for(weights, precision, device, threads, cache_dir, onnx_cache_dir,
+                                                      onnx_opset)
+        if onnx_path:
+            self.onnx_path = onnx_path
+        self.config, self.precision = self._engine.config, self._engine.precision
 
     def _set_input_size(self, weights: str, input_size, input_size_range) -> None:
         """``self.fixed_input_hw``, ``self.input_size_range`` and ``self.input_size`` (checked)."""
@@ -325,7 +370,7 @@ class Predictor:
 
     @property
     def providers(self) -> list[str]:
-        """onnxruntime providers in use (empty for the torch engine)."""
+        """onnxruntime providers in use (torch: empty; openvino: its version, device and precision)."""
         return list(self._engine.providers)
 
     @property

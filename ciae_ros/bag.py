@@ -392,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--in", dest="inp", required=True, help="input bag (folder)")
     ap.add_argument("--out", required=True, help="output bag folder (must not exist)")
     ap.add_argument("--weights", default="", help="model file (default: the shipped model)")
-    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
-                    help="inference engine (default torch)")
+    ap.add_argument("--engine", default="torch", choices=("auto", "torch", "onnxruntime", "openvino"),
+                    help="inference engine (default torch; auto: the node's CPU default for this CPU)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index> (default cpu)")
     ap.add_argument("--input-size", type=int, default=0, help="network input size (0: the model's default)")
     ap.add_argument("--instance-score-threshold", type=float, default=-1.0,

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rate", type=float, default=10.0, help="camera frame rate (Hz)")
     ap.add_argument("--weights", default="", help="model file (default: the shipped model in models/)")
     ap.add_argument("--device", default="cpu", help="node device: cpu, cuda or cuda:<index> (default cpu)")
-    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"), help="node inference engine")
+    ap.add_argument("--engine", default="auto", choices=("auto", "torch", "onnxruntime", "openvino"),
+                    help="node inference engine; auto (default): the node's CPU default for this CPU (logged in node.log)")
     ap.add_argument("--input-size", type=int, default=0, help="network input size (default: the node's default)")
     ap.add_argument("--png-every", type=float, default=1.0, help="save one overlay PNG per this many seconds")
     ap.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: derived from the pid)")

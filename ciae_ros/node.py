@@ -127,7 +127,8 @@ class _PanopticLogic:
         self._model = load_model(self._values)
         self.get_logger().info(
             f"model {self._model.name} ({self._model.version}) loaded from {self._model.weights} on "
-            f"{self._model.engine}/{self._model.device}, input_size {self._model.predictor.input_size}, "
+            f"{self._model.engine}/{self._model.device} {self._model.predictor.precision} "
+            f"({self._model.predictor.engine_reason}), input_size {self._model.predictor.input_size}, "
             f"{len(self._model.predictor.categories)} categories, in {time.monotonic() - t0:.2f} s")
 
     def _release_model(self) -> None:

@@ -34,12 +34,16 @@ class ParamSpec:
 
 
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("weights", "", "Model file (.safetensors; .onnx for engine onnxruntime). Empty: the shipped "
+    ParamSpec("weights", "", "Model file (.safetensors; .onnx for onnxruntime/openvino; .xml int8 for openvino). "
+              "Empty: the shipped "
               "model (models/ in the source tree or share/ciae_ros/models).", reloads_model=True),
-    ParamSpec("engine", "torch", "Inference engine.", choices=("torch", "onnxruntime"), reloads_model=True),
+    ParamSpec("engine", "auto", "Inference engine. auto: on device cpu the fastest engine within the accuracy bound "
+              "for this CPU, decided at start from its features and logged (ciae_core.cpu_features.auto_engine); "
+              "torch on cuda.", choices=("auto", "torch", "onnxruntime", "openvino"), reloads_model=True),
     ParamSpec("device", "cpu", "Inference device: cpu, cuda or cuda:<index>.", reloads_model=True),
-    ParamSpec("precision", "fp32", "Inference precision (fp16 needs CUDA; bf16: torch engine).",
-              choices=("fp32", "fp16", "bf16"), reloads_model=True),
+    ParamSpec("precision", "auto", "Inference precision: auto (the engine's best native one), fp32, fp16 (CUDA), "
+              "bf16 (torch autocast; openvino on AMX/AVX512_BF16 CPUs), int8 (openvino with an int8 .xml from "
+              "ciae-export --int8).", choices=("auto", "fp32", "fp16", "bf16", "int8"), reloads_model=True),
     ParamSpec("max_size", 1333, "Upper bound on the longer side after resizing (px).", int_range=(64, 4096, 1),
               reloads_model=True),
     ParamSpec("input_size", 0, "Network input size: the image's shorter side is resized to this (px). 0: the "

@@ -38,7 +38,7 @@ import torch
 
 from ciae_core.bench import BenchError, load_inputs, synthetic_inputs
 from ciae_core.bench_contenders import (ALL_MODELS, BACKBONES, OURS_ARCH, SMALL_ARCH, BenchOptions, bench_group,
-                                        channels_last_for, ours_checkpoint)
+                                        channels_last_for, ours_checkpoint, parse_engine_spec)
 from ciae_core.bench_report import markdown_tables, ratios
 
 # entry points other packages register to extend ciae-bench; "node" runs `ciae-bench --node`
@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", default="r50,small",
                    help="r50, r50-p3 (embedding branch from P3), r50-p3c2 (P3 + C2 skip) and/or small")
     p.add_argument("--models", default=",".join(ALL_MODELS), help="ours,fcos,maskrcnn")
-    p.add_argument("--engines", default="torch,onnxruntime", help="engines for ours: torch,onnxruntime")
+    p.add_argument("--engines", default="torch,onnxruntime",
+                   help="engines for ours: torch, onnxruntime, openvino, each optionally with its precision, e.g. "
+                        "torch,torch:bf16,onnxruntime,openvino,openvino:bf16,openvino:int8 (bf16 needs AMX or "
+                        "AVX512_BF16; int8 quantises the model once on synthetic scenes, cached)")
+    p.add_argument("--int8-calib-images", type=int, default=64,
+                   help="synthetic calibration scenes of openvino:int8 rows (default 64)")
     p.add_argument("--ort-providers", default=None,
                    help="onnxruntime providers for ours, e.g. tensorrt,cuda (default: cuda on a GPU, the CPU "
                         "provider on the CPU); one this build cannot run fails only the onnxruntime rows")
@@ -80,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory format of all torch models, ours and the peers alike (auto: the Predictor's "
                         "default, channels_last on the CPU and not on CUDA)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="ours (torch): eager forward on CUDA")
-    p.add_argument("--threads", type=int, default=0, help="torch and onnxruntime CPU threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch, onnxruntime and OpenVINO CPU threads (0: torch default)")
     p.add_argument("--json", default="bench.json", help="output JSON path")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -119,8 +125,7 @@ def _checked(args: argparse.Namespace) -> tuple[list[int], list[str], list[str],
         if m not in ALL_MODELS:
             raise BenchError(f"unknown model {m!r}; use {', '.join(ALL_MODELS)}")
     for e in engines:
-        if e not in ("torch", "onnxruntime"):
-            raise BenchError(f"unknown engine {e!r}; use torch and/or onnxruntime")
+        parse_engine_spec(e)
     if args.repeats < 1 or args.warmup < 0 or not sizes or min(sizes) < 32:
         raise BenchError("need --repeats >= 1, --warmup >= 0 and sizes >= 32")
     device = torch.device(args.device)
@@ -143,7 +148,7 @@ def _run(args: argparse.Namespace, sizes, backbones, models, engines, device, co
     options = BenchOptions(warmup=args.warmup, repeats=args.repeats, detections=args.detections,
                            max_size=args.max_size, precision=args.precision, channels_last=args.channels_last,
                            cuda_graphs=not args.no_cuda_graphs, threads=args.threads,
-                           ort_providers=args.ort_providers)
+                           ort_providers=args.ort_providers, int8_calib_images=args.int8_calib_images)
     results = []
     with tempfile.TemporaryDirectory(prefix="ciae-bench-") as tmp:
         tmp = pathlib.Path(tmp)
@@ -175,6 +180,11 @@ def _metadata(args: argparse.Namespace, device: torch.device, coco_images, synth
         import torchvision
 
         meta.update(torchvision=torchvision.__version__, onnxruntime=onnxruntime.__version__)
+    if any(e.startswith("openvino") for e in _csv(args.engines)):
+        from ciae_core.cpu_features import cpu_features
+        from ciae_core.no_telemetry import import_openvino
+
+        meta.update(openvino=import_openvino().get_version(), cpu_features=cpu_features().describe())
     return meta
 
 

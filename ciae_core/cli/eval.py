@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from ciae_core.evaluation import (CocoPanopticWriter, EvaluationError, PanopticEvaluator, format_pq_table,
                                   pq_compute)
+from ciae_core.predictor_settings import ENGINES, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt-dir", help="ground-truth PNG directory (default: JSON path without .json)")
     p.add_argument("--pred-json", help="prediction panoptic JSON")
     p.add_argument("--pred-dir", help="prediction PNG directory (default: JSON path without .json)")
-    p.add_argument("--weights", help="evaluate this model (.safetensors) instead of prediction files")
+    p.add_argument("--weights", help="evaluate this model (.safetensors; .onnx / int8 .xml for the other engines) "
+                   "instead of prediction files")
     p.add_argument("--data", help="with --weights: data set dir with images/, panoptic/, panoptic.json")
     p.add_argument("--image-dir", help="with --weights: image directory (default DATA/images)")
-    p.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
-                   help="with --weights: inference engine (default torch)")
+    p.add_argument("--engine", default="torch", choices=ENGINES,
+                   help="with --weights: inference engine (default torch; auto: the CPU default, see README)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="with --weights: the engine's precision (int8: openvino with an int8 .xml; auto: the best the "
+                        "CPU runs natively)")
+    p.add_argument("--threads", type=int, default=None, help="with --weights: torch / onnxruntime / OpenVINO threads")
     p.add_argument("--device", default="cpu", help="with --weights: cpu, cuda or cuda:<index> (default cpu)")
     p.add_argument("--input-size", type=int, default=None,
                    help="with --weights: shorter side fed to the model (default: the model's)")
@@ -55,7 +61,12 @@ def _evaluate_model(args) -> dict[str, Any]:
     image_dir = args.image_dir or os.path.join(args.data, "images")
     try:
         dataset = CocoPanopticDataset(image_dir, gt_dir, gt_json)
-        predictor = Predictor(args.weights, engine=args.engine, device=args.device, input_size=args.input_size)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        predictor = Predictor(args.weights, engine=args.engine, device=args.device, input_size=args.input_size,
+                              precision=args.precision, intra_op_threads=args.threads)
     except (DatasetError, PredictorError) as e:
         raise EvaluationError(str(e)) from None
     categories = list(predictor.categories)

@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ciae-predict", description="Panoptic segmentation of an image folder; writes "
                                 "COCO-panoptic PNGs + panoptic.json (scorable with ciae-eval or panopticapi) and, "
                                 "with --vis, overlay PNGs to look at.")
-    p.add_argument("--weights", default="", help=".safetensors checkpoint or .onnx export (default: the shipped "
-                   "model, models/*.safetensors, as the node uses)")
+    p.add_argument("--weights", default="", help=".safetensors checkpoint, .onnx export or (openvino) int8 .xml "
+                   "(default: the shipped model, models/*.safetensors, as the node uses)")
     p.add_argument("--images", required=True, help="image file or directory (not recursive)")
     p.add_argument("--out", required=True, help="output directory (panoptic/*.png and panoptic.json)")
     p.add_argument("--vis", default=None, metavar="DIR",
@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network input size: the shorter image side is resized to it (default: the model's)")
     p.add_argument("--max-size", type=int, default=1333, help="cap on the longer resized side (default 1333)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="autocast precision on CUDA (default fp32)")
+                   help="fp32 (default), fp16/bf16 (torch; openvino: bf16 on AMX/AVX512_BF16 CPUs), int8 (openvino, "
+                        "an int8 .xml) or auto (the best the CPU runs natively)")
+    p.add_argument("--openvino-device", default="CPU", help="engine openvino: CPU or GPU (an Intel GPU)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="proposal score threshold before NMS (default: the model's)")
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum score of a thing instance in the output (default: the model's)")
     p.add_argument("--min-stuff-area", type=int, default=None,
                    help="stuff regions smaller than this many pixels become void (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime / OpenVINO threads")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return p
 
@@ -116,7 +118,8 @@ def _make_predictor(args) -> Predictor:
                              ("instance_score_threshold", args.instance_score_threshold),
                              ("min_stuff_area", args.min_stuff_area)) if v is not None}
     return Predictor(weights, engine=args.engine, device=args.device, input_size=args.input_size,
-                     max_size=args.max_size, precision=args.precision, intra_op_threads=args.threads, **thr)
+                     max_size=args.max_size, precision=args.precision, intra_op_threads=args.threads,
+                     openvino_device=args.openvino_device, **thr)
 
 
 def _read(f: pathlib.Path, predictor: Predictor, run: _Run, strict: bool):

@@ -183,7 +183,7 @@ def test_get_parameters_answers_every_declared_parameter(client, node):
     values = client.get_parameters(NODE, *names)
     assert len(values) == len(names), "GetParameters gave an empty answer"
     got = dict(zip(names, values))
-    assert got["image_topics"] == [] and got["engine"] == "torch" and got["input_size"] == INPUT_SIZE
+    assert got["image_topics"] == [] and got["engine"] == "auto" and got["input_size"] == INPUT_SIZE
     [res] = client.set_parameters(NODE, image_topics=["/a/image_raw"])
     assert not res.successful and "read-only" in res.reason
 
@@ -261,7 +261,7 @@ def test_runtime_parameters_apply_and_invalid_values_are_rejected(client, camera
     [res] = client.set_parameters(NODE, image_topics=["/a", "/b"])  # read-only
     assert not res.successful
 
-    assert client.get_parameters(NODE, "input_size", "engine", "device") == [256, "torch", "cpu"]
+    assert client.get_parameters(NODE, "input_size", "engine", "device") == [256, "auto", "cpu"]
     _, msg = roundtrip(cam, outputs, node, 480, 640)
     assert (msg.input_height, msg.input_width) == (256, 341), "a rejected change altered the node"
 

@@ -76,3 +76,32 @@ def test_export_help_states_the_opset_range(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "WIDTHxHEIGHT" in out
     assert f"{OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})" in out
+
+
+def test_int8_export_needs_calibration_and_an_xml(weights, tmp_path, capsys):
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "m.xml"), "--dynamic", "--int8"]) == 1
+    assert "--int8 needs --calib" in capsys.readouterr().err
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "m.onnx"), "--dynamic", "--int8",
+                 "--calib", "synthetic"]) == 1
+    assert "--out must end in .xml" in capsys.readouterr().err
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "m.xml"), "--dynamic", "--int8",
+                 "--calib", str(tmp_path / "no-such-folder")]) == 1
+    err = capsys.readouterr().err
+    assert "calibration folder not found" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_int8_export_writes_an_int8_ir_for_openvino(weights, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from ciae_core.engine_openvino import OpenVINOEngine
+
+    out = tmp_path / "m-int8.xml"
+    assert main(["--weights", str(weights), "--out", str(out), "--dynamic", "--int8", "--calib", "synthetic",
+                 "--calib-images", "2"]) == 0
+    assert "int8 OpenVINO IR" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-int8.bin", "m-int8.xml"]
+    engine = OpenVINOEngine(out, precision="auto", threads=1, cache_dir=tmp_path / "cache")
+    assert engine.precision == "int8" and engine.metadata["ciae_calibration"].startswith("synthetic: 2 scenes")
+    assert engine.fixed_hw is None  # --dynamic kept
