@@ -59,7 +59,7 @@ import cv2
 import numpy as np
 
 #: Reasons of :class:`DepthError`, stable keys for counting (e.g. in ``/diagnostics``).
-REASONS = ("depth_size_mismatch", "depth_dtype", "bad_intrinsics", "bad_id_map")
+REASONS = ("depth_size_mismatch", "depth_format", "bad_intrinsics", "bad_id_map")
 
 
 class DepthError(ValueError):
@@ -119,20 +119,20 @@ def back_project(u, v, z, k) -> np.ndarray:
 
 def depth_to_metres(depth: np.ndarray, depth_scale: float = 0.001) -> np.ndarray:
     """``(H, W)`` depth as float32 metres: uint16 times ``depth_scale`` (0 stays 0 = invalid),
-    float32/float64 as is. Other dtypes raise ``DepthError("depth_dtype")``."""
+    float32/float64 as is. Other dtypes raise ``DepthError("depth_format")``."""
     d = np.asarray(depth)
     if d.dtype == np.uint16:
         return d.astype(np.float32) * np.float32(depth_scale)
     if d.dtype in (np.float32, np.float64):
         return d.astype(np.float32, copy=False)
-    raise DepthError("depth_dtype", f"depth must be uint16 (scaled) or float32/float64 metres, got {d.dtype}")
+    raise DepthError("depth_format", f"depth must be uint16 (scaled) or float32/float64 metres, got {d.dtype}")
 
 
 def metres_to_uint16(depth_m: np.ndarray, depth_scale: float = 0.001) -> np.ndarray:
     """Inverse of :func:`depth_to_metres` for ``16UC1``: round to units of ``depth_scale``;
     NaN, inf, non-positive and values beyond 65535 units become 0 (no measurement)."""
     d = np.asarray(depth_m, np.float64) / depth_scale
-    ok = np.isfinite(d) & (d > 0) & (d <= 65535)
+    ok = np.isfinite(d) & (d > 0) & (d < 65535.5)
     return np.where(ok, np.rint(np.where(ok, d, 0)), 0).astype(np.uint16)
 
 
@@ -144,7 +144,9 @@ def interior_mask(id_map: np.ndarray, erosion: int, stride: int = 1) -> np.ndarr
     if erosion <= 0:
         return np.ones(ids[::stride, ::stride].shape, bool)
     top = int(ids.max(initial=0))
-    if top < 65535:
+    if top < 255:
+        small = ids.astype(np.uint8)  # cv2's fastest morphology
+    elif top < 65535:
         small = ids.astype(np.uint16)
     elif top < (1 << 24):
         small = ids.astype(np.float32)  # exact for integers below 2^24
@@ -187,35 +189,52 @@ class SegmentGeometry:
         return cls(ids, np.zeros(n, np.int64), np.zeros(n, bool), nan3, nan3.copy(), np.full(n, np.nan))
 
 
-def _grouped_percentiles(values: np.ndarray, key_hi: np.ndarray, shift: int, starts: np.ndarray,
-                         counts: np.ndarray, pcts: np.ndarray) -> np.ndarray:
-    """Per-group percentiles of ``values`` (n,) float32 without a loop over groups.
+class _GroupedSorter:
+    """Per-group order statistics of several value arrays that share one grouping, by sorting.
 
-    ``key_hi`` (n,) = ``group << shift`` (uint32 or uint64); ``starts``/``counts`` (G,) of the
-    groups in key order. Returns ``(G, len(pcts))`` float64 (NaN for empty groups), linear
-    interpolation between order statistics like ``numpy.percentile``.
+    ``group`` (n,) int in ``[0, G]``, where G marks points to ignore. For each value array one
+    key ``group << shift | quantised value`` is sorted (uint32; uint64 beyond 4095 groups), so
+    each group's values come out contiguous and sorted. Group bounds are found once, by binary
+    search in the first sorted key.
     """
-    lo, hi = float(values.min()), float(values.max())
-    # (1 - 2^-20): float32 rounding can never carry the largest value into the group bits.
-    scale = float((1 << shift) - 1) * (1.0 - 2.0 ** -20) / (hi - lo) if hi > lo else 0.0
-    q = values - np.float32(lo)
-    q *= np.float32(scale)
-    key = q.astype(key_hi.dtype)
-    key |= key_hi
-    key.sort()
-    mask = key_hi.dtype.type((1 << shift) - 1)
-    pos = starts[:, None] + pcts[None, :] / 100.0 * np.maximum(counts - 1, 0)[:, None]
-    i0 = np.floor(pos).astype(np.int64)
-    frac = pos - i0
-    i1 = np.minimum(i0 + 1, (starts + np.maximum(counts - 1, 0))[:, None])
-    empty = counts == 0
-    i0[empty], i1[empty] = 0, 0
-    inv = 1.0 / scale if scale > 0 else 0.0
-    v0 = lo + (key[i0] & mask).astype(np.float64) * inv
-    v1 = lo + (key[i1] & mask).astype(np.float64) * inv
-    out = v0 + frac * (v1 - v0)
-    out[empty] = np.nan
-    return out
+
+    def __init__(self, group: np.ndarray, num_groups: int):
+        bits = max(1, int(num_groups).bit_length())
+        wide = bits > 12  # keep >= 20 value bits: uint64 keys beyond 4095 groups
+        self.dtype = np.uint64 if wide else np.uint32
+        self.shift = (64 if wide else 32) - bits
+        self.key_hi = group.astype(self.dtype) << self.dtype(self.shift)
+        self.num_groups = int(num_groups)
+        self.starts = self.counts = None
+
+    def percentiles(self, values: np.ndarray, pcts: np.ndarray) -> np.ndarray:
+        """``(G, len(pcts))`` float64 percentiles of ``values`` (n,) float32 per group (NaN for
+        empty groups); linear interpolation between order statistics, like ``numpy.percentile``."""
+        lo, hi = float(values.min()), float(values.max())
+        # (1 - 2^-20): float32 rounding can never carry the largest value into the group bits.
+        scale = float((1 << self.shift) - 1) * (1.0 - 2.0 ** -20) / (hi - lo) if hi > lo else 0.0
+        q = values - np.float32(lo)
+        q *= np.float32(scale)
+        key = q.astype(self.dtype)
+        key |= self.key_hi
+        key.sort()
+        if self.starts is None:
+            bounds = np.searchsorted(key, np.arange(self.num_groups + 1, dtype=self.dtype) << self.dtype(self.shift))
+            self.starts, self.counts = bounds[:-1], np.diff(bounds)
+        starts, last = self.starts, np.maximum(self.counts - 1, 0)
+        pos = starts[:, None] + pcts[None, :] / 100.0 * last[:, None]
+        i0 = np.floor(pos).astype(np.int64)
+        frac = pos - i0
+        i1 = np.minimum(i0 + 1, (starts + last)[:, None])
+        empty = self.counts == 0
+        i0[empty], i1[empty] = 0, 0
+        mask = self.dtype((1 << self.shift) - 1)
+        inv = 1.0 / scale if scale > 0 else 0.0
+        v0 = lo + (key[i0] & mask).astype(np.float64) * inv
+        v1 = lo + (key[i1] & mask).astype(np.float64) * inv
+        out = v0 + frac * (v1 - v0)
+        out[empty] = np.nan
+        return out
 
 
 class SegmentDepth:
@@ -287,78 +306,79 @@ class SegmentDepth:
             raise DepthError("bad_id_map", f"id map must be 2-D integer, got {ids.dtype} {ids.shape}")
         if d.ndim == 3 and d.shape[2] == 1:
             d = d[:, :, 0]
-        if d.dtype not in (np.uint16, np.float32, np.float64):
-            raise DepthError("depth_dtype", f"depth must be uint16 (scaled) or float32/float64 metres, got {d.dtype}")
+        if d.ndim != 2 or d.dtype not in (np.uint16, np.float32, np.float64):
+            raise DepthError("depth_format", "depth must be one channel of uint16 (scaled) or float32/float64 "
+                                             f"metres, got {d.dtype} of shape {d.shape}")
         if d.shape != ids.shape:
             raise DepthError("depth_size_mismatch", f"depth {d.shape[1::-1] if d.ndim == 2 else d.shape} "
                                                     f"(WxH) differs from the image {ids.shape[1]}x{ids.shape[0]}")
         return ids, d
 
+    def _groups(self, lab: np.ndarray, ok: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
+        """``(want, g)``: the segment ids reported and each sampled point's row in them (``len(want)``
+        for points to ignore: invalid depth, eroded, void, or an id not asked for)."""
+        if ids is None:
+            if int(lab.min(initial=0)) < 0:
+                raise DepthError("bad_id_map", "segment ids must be >= 0")
+            want = np.flatnonzero(np.bincount(lab, minlength=1))
+            want = want[want > 0]
+        else:
+            want = np.asarray(ids, np.int64).reshape(-1)
+        n = want.size
+        if n and want[0] > 0 and want[-1] - want[0] == n - 1 and np.all(np.diff(want) == 1):
+            first = int(want[0])  # ids first..first+n-1 (the predictor's 1..N): no lookup table
+            g = lab.astype(np.int32) - np.int32(first)
+            ok = ok & (g >= 0) & (g < n)
+        else:
+            top = max(int(want.max(initial=0)), int(lab.max(initial=0)))
+            lut = np.full(top + 1, n, np.int32)
+            pos = (want > 0) & (want <= top)
+            lut[want[pos]] = np.flatnonzero(pos)
+            g = lut[np.clip(lab, 0, top)]
+        return want, np.where(ok, g, np.int32(n))
+
     def __call__(self, id_map: np.ndarray, depth: np.ndarray, k, ids=None) -> SegmentGeometry:
         ids_map, d = self.check(id_map, depth)
         intr = k if isinstance(k, Intrinsics) else Intrinsics.from_matrix(k)
         s = self.sample_stride
-        inside = interior_mask(ids_map, self.erosion, s).ravel() if self.erosion else None
         lab = ids_map[::s, ::s].ravel()
         z = d[::s, ::s].ravel()
         if z.dtype == np.uint16:
-            lo_u = math.ceil(self.min_depth / self.depth_scale - 1e-9)
-            hi_u = math.floor(self.max_depth / self.depth_scale + 1e-9)
-            ok = (z >= lo_u) & (z <= hi_u)
+            z = z.astype(np.float32) * np.float32(self.depth_scale)
         else:
-            ok = (z >= self.min_depth) & (z <= self.max_depth)  # NaN and inf fail both
+            z = z.astype(np.float32, copy=False)
+        ok = (z >= np.float32(self.min_depth)) & (z <= np.float32(self.max_depth))  # NaN and inf fail both
         ok &= lab > 0
-        if inside is not None:
-            ok &= inside
-        if ids is None:
-            top = int(lab.max(initial=0))
-            if int(lab.min(initial=0)) < 0:
-                raise DepthError("bad_id_map", "segment ids must be >= 0")
-            want = np.flatnonzero(np.bincount(lab[lab > 0], minlength=top + 1))
-        else:
-            want = np.asarray(ids, np.int64).reshape(-1)
+        if self.erosion:
+            ok &= interior_mask(ids_map, self.erosion, s).ravel()
+        want, g = self._groups(lab, ok, ids)
         out = SegmentGeometry.empty(want)
         n_seg = want.size
-        idx = np.flatnonzero(ok)
-        if n_seg == 0 or idx.size == 0:
+        if n_seg == 0 or not ok.any():
             return out
-        top = max(int(want.max()), int(lab[idx].max()))
-        lut = np.full(top + 1, -1, np.int64)
-        lut[want[(want > 0) & (want <= top)]] = np.arange(n_seg)[(want > 0) & (want <= top)]
-        g = lut[lab[idx]]
-        keep = g >= 0
-        if not keep.all():
-            idx, g = idx[keep], g[keep]
-        if idx.size == 0:
-            return out
-        zz = z[idx].astype(np.float32)
-        if d.dtype == np.uint16:
-            zz *= np.float32(self.depth_scale)
+        # Ignored points keep their place (no compaction: cheaper) with value 0 in group n_seg.
+        z0 = np.where(g < n_seg, z, np.float32(0))
         rx, ry, rn = self._ray_grids(ids_map.shape, intr)
-        counts = np.bincount(g, minlength=n_seg)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        bits = max(1, int(n_seg - 1).bit_length())
-        wide = bits > 12  # keep >= 20 bits for the values: uint64 keys beyond 4096 segments
-        shift = (64 if wide else 32) - bits
-        key_hi = g.astype(np.uint64 if wide else np.uint32) << (np.uint64(shift) if wide else np.uint32(shift))
+        sorter = _GroupedSorter(g, n_seg + 1)
         lo, hi = self.percentiles
         pcts = np.array([lo, 50.0, hi])
-        stats = [_grouped_percentiles(zz * rx[idx], key_hi, shift, starts, counts, pcts),
-                 _grouped_percentiles(zz * ry[idx], key_hi, shift, starts, counts, pcts),
-                 _grouped_percentiles(zz, key_hi, shift, starts, counts, pcts)]
-        near = _grouped_percentiles(zz * rn[idx], key_hi, shift, starts, counts, np.array([self.near_percentile]))
+        pz = sorter.percentiles(z0, pcts)[:n_seg]
+        px = sorter.percentiles(z0 * rx, pcts)[:n_seg]
+        py = sorter.percentiles(z0 * ry, pcts)[:n_seg]
+        near = sorter.percentiles(z0 * rn, np.array([self.near_percentile]))[:n_seg, 0]
+        counts = sorter.counts[:n_seg]
         has = counts >= self.min_points
-        out.points = counts.astype(np.int64)
-        out.has_3d = has
-        cen = np.stack([st[:, 1] for st in stats], axis=1)
-        size = np.stack([st[:, 2] - st[:, 0] for st in stats], axis=1)
+        cen = np.stack([px[:, 1], py[:, 1], pz[:, 1]], axis=1)
+        size = np.stack([px[:, 2] - px[:, 0], py[:, 2] - py[:, 0], pz[:, 2] - pz[:, 0]], axis=1)
         if self.compensate_erosion and self.erosion:
             # Eq. 5: the erosion took `erosion` px off each side; add them back at the centroid's depth.
             size[:, 0] += 2 * self.erosion * cen[:, 2] / intr.fx
             size[:, 1] += 2 * self.erosion * cen[:, 2] / intr.fy
+        out.points = counts.astype(np.int64)
+        out.has_3d = has
         out.centroid = np.where(has[:, None], cen, np.nan)
         out.size = np.where(has[:, None], size, np.nan)
-        out.min_distance = np.where(has, near[:, 0], np.nan)
+        out.min_distance = np.where(has, near, np.nan)
         return out
 
 
