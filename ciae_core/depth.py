@@ -282,22 +282,24 @@ class SegmentDepth:
         self.near_percentile = float(near_percentile)
         self.depth_scale = float(depth_scale)
         self.compensate_erosion = bool(compensate_erosion)
-        self._rays_key = None
-        self._rays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._rays: dict = {}  # (shape, stride, intrinsics) -> rays; several cameras share one estimator
 
     def _ray_grids(self, shape: tuple[int, int], intr: Intrinsics):
         """Flattened ``(rx, ry, n)`` of the sampled pixels: x/z, y/z and |p|/z (float32)."""
         key = (shape, self.sample_stride, intr)
-        if key != self._rays_key:
+        rays = self._rays.get(key)
+        if rays is None:
             s = self.sample_stride
             u = (np.arange(0, shape[1], s, dtype=np.float64) - intr.cx) / intr.fx
             v = (np.arange(0, shape[0], s, dtype=np.float64) - intr.cy) / intr.fy
             rx = np.broadcast_to(u[None, :], (v.size, u.size))
             ry = np.broadcast_to(v[:, None], (v.size, u.size))
             n = np.sqrt(1.0 + rx * rx + ry * ry)
-            self._rays = tuple(np.ascontiguousarray(a, np.float32).ravel() for a in (rx, ry, n))
-            self._rays_key = key
-        return self._rays
+            rays = tuple(np.ascontiguousarray(a, np.float32).ravel() for a in (rx, ry, n))
+            if len(self._rays) >= 8:
+                self._rays.pop(next(iter(self._rays)))
+            self._rays[key] = rays
+        return rays
 
     def check(self, id_map: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Validate shapes and dtypes; returns ``(id_map, depth)`` as 2-D arrays (raises DepthError)."""
