@@ -329,8 +329,8 @@ class SegmentDepth:
         n = want.size
         if n and want[0] > 0 and want[-1] - want[0] == n - 1 and np.all(np.diff(want) == 1):
             first = int(want[0])  # ids first..first+n-1 (the predictor's 1..N): no lookup table
-            g = lab.astype(np.int32) - np.int32(first)
-            ok = ok & (g >= 0) & (g < n)
+            g = lab.astype(np.int32, copy=False) - np.int32(first)
+            ok = ok & (g.view(np.uint32) < np.uint32(n))  # 0 <= g < n in one comparison
         else:
             top = max(int(want.max(initial=0)), int(lab.max(initial=0)))
             lut = np.full(top + 1, n, np.int32)
