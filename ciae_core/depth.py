@@ -252,12 +252,14 @@ class SegmentDepth:
             (too few points); 3: 50 lost. One pixel removes the flying pixels that set the
             nearest distance of a segment next to a nearer one, at almost no cost elsewhere.
         compensate_erosion: add the ``2 * erosion`` px the erosion took off the x and y
-            extents back, at the centroid's depth (Eq. 5; without it erosion 1 shrinks the
-            size error median from 1.3 to 3.1 %).
+            extents back, at the centroid's depth (Eq. 5; without it, erosion 1 raises the
+            median size error from 1.3 to 3.1 %: the eroded masks are smaller).
+        sample_stride: statistics from every n-th row and column (1 = all pixels). Default 2:
+            errors as above (stride 1: centroid 0.12/0.49 %, size 1.2/5.6 %); at 3, 3 of the
+            440 segments lose their 3-D and the size p90 reaches 9.6 %.
         percentiles: ``(lo, hi)`` of the robust extent (Eq. 3).
         near_percentile: percentile of the point norms reported as ``min_distance`` (Eq. 4).
         min_points: fewer valid points than this -> ``has_3d`` False.
-        sample_stride: statistics from every n-th row and column (1 = all pixels).
         depth_scale: metres per unit of uint16 depth.
 
     Call with ``(id_map (H, W) int, depth (H, W) uint16|float32, K 3x3, ids=None)``; returns a
