@@ -65,6 +65,7 @@ ASSOCIATIONS = ("embedding", "iou")
 TENTATIVE, CONFIRMED, LOST = 0, 1, 2
 STATE_NAMES = {TENTATIVE: "tentative", CONFIRMED: "confirmed", LOST: "lost"}
 
+_SPARSE_FILL = 0.35  # segments filling less of their tight box get trimmed boxes (a ring fills ~0.45)
 _FORBIDDEN = 1e6  # cost of a pair that must not match (far above any allowed cost, which is <= 3)
 
 
@@ -303,29 +304,41 @@ class SegmentTracker:
 
     One tracker per camera (per image stream): it keeps the tracks of that stream.
 
+    Defaults: the ByteTrack/SORT values where those fit, otherwise tuned (by IDF1, then ID
+    switches) on the predictions of the shipped model (``models/ciae_synthetic_small``) for five
+    :class:`~ciae_core.synth_video.TrackingSequence` sequences with seeds 2001-2005 (used by no
+    test and not by the benchmark). Score thresholds follow that model's scores (its things score
+    0.4-0.9; rings often 0.4-0.5); other models may want others.
+
     Args:
-        association: ``"embedding"`` (Eq. T1: embedding cosine distance + IoU, re-identification
-            of lost tracks) or ``"iou"`` (IoU only, SORT/ByteTrack; results need no embeddings).
-        high_score: segments at or above it take part in round 1 and may start tracks (0.5).
+        association: ``"embedding"`` (Eq. T1 and T2: embedding cosine distance + IoU,
+            re-identification) or ``"iou"`` (IoU only, as SORT/ByteTrack; results need no
+            embeddings).
+        high_score: segments at or above it take part in round 1 and may start tracks (0.4;
+            ByteTrack's 0.5 left this model's rings out of round 1).
         low_score: segments in ``[low_score, high_score)`` take part in round 2 only; lower ones
             are never tracked (0.1, ByteTrack).
-        new_track_score: least score of a segment that starts a track (0.6; ByteTrack: high + 0.1).
-        min_hits: matched frames before a track is confirmed and gets its id (2: one frame more
-            than ByteTrack's first sighting; a one-frame false positive never gets an id).
-        max_age: seconds a track may go unmatched before it is deleted (1.0 s: ByteTrack's 30
-            frames at 30 Hz; in seconds so that the memory does not depend on the frame rate).
-        min_iou: least IoU with the predicted box for a round-1/3 match (0.2).
+        new_track_score: least score of a segment that starts a track (0.5; ByteTrack: high + 0.1).
+        min_hits: matched frames before a track is confirmed and gets its id (3, SORT: a
+            fragment that lives two frames never gets an id).
+        max_age: seconds a track may go unmatched before it is deleted (2.0 s; in seconds so that
+            the memory does not depend on the frame rate; ByteTrack keeps 1 s, longer lets the
+            embedding re-identify things that come back).
+        min_iou: least IoU with the predicted box for a round-1/3 match (0.1: segments of a thing
+            change shape under occlusion; 0.2 and 0.3 lost more tracks in both modes).
         low_min_iou: least IoU for a round-2 match of a low-score segment (0.5, ByteTrack).
         iou_weight: ``w`` of Eq. T1 (0.5).
-        max_embedding_distance: largest ``d = 1 - cos`` of a round-1/3 match (0.4).
-        reid_distance: largest ``d`` of a match by appearance without IoU (Eq. T2; 0.05: strict,
-            since nothing but appearance supports it).
+        max_embedding_distance: largest ``d = 1 - cos`` of a round-1/3 match, and the scale
+            ``d_max`` of Eq. T1 (0.4; the same thing in consecutive frames is at ~0.003, two
+            things of one class at ~0.13, the same thing one second later at ~0.1).
+        reid_distance: largest ``d`` of a match by appearance alone (Eq. T2; 0.15).
         reid_speed: the reach of Eq. T2 grows by this many box sides per second since the last
-            sighting (8: a thing may move fast, but not across the image in a few frames).
-        box_trim: the box of a segment is its tight box cut to the central ``1 - 2 box_trim`` of
-            its pixels along x and y (counted on the id map subsampled by 4, plus one step of
-            margin), so that a few stray pixels far from the thing do not stretch it
-            (0.02; 0 = the tight ``Segment.bbox``). See :func:`trimmed_boxes`.
+            sighting (4: a thing may move fast, but not across the image in a few frames).
+        box_trim: the box of a segment that fills less than 35 % of its tight box (the mark of a
+            few stray pixels far from the thing, which the fusion sometimes leaves) is cut to the
+            central ``1 - 2 box_trim`` of its pixels along x and y (:func:`trimmed_boxes`), so
+            that they do not stretch it (0.02; 0 = always the tight ``Segment.bbox``). Compact
+            segments keep their tight box and cost nothing.
         embedding_momentum: weight of the old appearance in the moving average (0.9, JDE).
         mask_iou: IoU of masks (the track's last mask moved by the prediction) instead of boxes
             for pairs whose boxes overlap (False; see the module docstring).
@@ -334,10 +347,10 @@ class SegmentTracker:
     Raises ``ValueError`` (one line) for a bad argument.
     """
 
-    def __init__(self, association: str = "embedding", *, high_score: float = 0.5, low_score: float = 0.1,
-                 new_track_score: float = 0.6, min_hits: int = 2, max_age: float = 1.0, min_iou: float = 0.2,
+    def __init__(self, association: str = "embedding", *, high_score: float = 0.4, low_score: float = 0.1,
+                 new_track_score: float = 0.5, min_hits: int = 3, max_age: float = 2.0, min_iou: float = 0.1,
                  low_min_iou: float = 0.5, iou_weight: float = 0.5, max_embedding_distance: float = 0.4,
-                 reid_distance: float = 0.05, reid_speed: float = 8.0, box_trim: float = 0.02,
+                 reid_distance: float = 0.15, reid_speed: float = 4.0, box_trim: float = 0.02,
                  embedding_momentum: float = 0.9, mask_iou: bool = False,
                  motion_noise: float = 4.0, measurement_noise: float = 0.05, initial_velocity_std: float = 2.0):
         if association not in ASSOCIATIONS:
@@ -464,7 +477,11 @@ class SegmentTracker:
         n = len(index)
         boxes = np.asarray([segs[i].bbox for i in index], dtype=np.float64).reshape(n, 4)
         if n and self.box_trim > 0:
-            boxes = trimmed_boxes(result.id_map, [segs[i].id for i in index], boxes, self.box_trim)
+            area = np.asarray([segs[i].area for i in index], dtype=np.float64)
+            sparse = np.flatnonzero(area < _SPARSE_FILL * boxes[:, 2] * boxes[:, 3])
+            if len(sparse):
+                boxes[sparse] = trimmed_boxes(result.id_map, [segs[index[j]].id for j in sparse], boxes[sparse],
+                                              self.box_trim)
         return _Frame(index=index, boxes=xywh_to_cxcywh(boxes),
                       cats=np.asarray([segs[i].category_id for i in index], dtype=np.int64),
                       scores=np.asarray([segs[i].score for i in index], dtype=np.float64),

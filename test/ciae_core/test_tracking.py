@@ -216,11 +216,10 @@ def test_time_going_backwards_resets_and_ids_are_never_reused(caplog):
 def test_empty_and_stuff_only_frames_and_max_age():
     (look,) = _looks(6, 1)
     th = Thing(lambda t: (60, 40), look=look)
-    tracker = SegmentTracker("embedding", max_age=0.5)
+    tracker = SegmentTracker("embedding", max_age=0.5, min_hits=2)
     t = 0
     for t in range(3):
         tracker.update(render([th], t)[0], t / FPS)
-    tid = render([th], 0)[0]  # fresh render to read ids from an update
     empty = PanopticResult(np.zeros((H, W), np.int32), [], embeddings=None)
     stuff_only = PanopticResult(np.ones((H, W), np.int32), segments_from_id_map(np.ones((H, W), np.int32), META),
                                 embeddings=np.eye(D, dtype=np.float32)[:1])
@@ -253,7 +252,7 @@ def test_tentative_tracks_take_no_id():
 def test_association_never_crosses_categories():
     la, lb = _looks(8, 2)
     th = Thing(lambda t: (60, 40), look=la)
-    tracker = SegmentTracker("embedding")
+    tracker = SegmentTracker("embedding", min_hits=2)
     run(tracker, [th], range(3))
     th.category = 2  # the class flips: it is another thing for the tracker
     ids = run(tracker, [th], range(3, 6))
@@ -322,3 +321,22 @@ def test_tracks_snapshot():
     (info,) = tracker.tracks()
     assert info.track_id == 1 and info.state == "confirmed" and info.hits == 3 and info.category_id == 1
     assert info.box[0] == pytest.approx(40 + 2 + 12, abs=1.5) and info.last_seen == pytest.approx(2 / FPS)
+
+
+def test_stray_pixels_do_not_stretch_the_track():
+    # In one frame the segment of a thing also owns a pixel far away (as the fusion sometimes
+    # leaves): its tight box is 7x taller, the track's box is not.
+    (look,) = _looks(13, 1)
+    th = Thing(lambda t: (40 + 2 * t, 20), size=30, look=look)
+    tracker = SegmentTracker("iou")
+    run(tracker, [th], range(5))
+    result, owner = render([th], 5)
+    (seg,) = [s for s in result.segments if s.isthing]
+    result.id_map[115, 45] = seg.id
+    result.segments = segments_from_id_map(result.id_map, {1: META[1], seg.id: (1, "thing", True, 0.9)})
+    assert result.segments[1].bbox[3] > 90
+    tracker.update(result, 5 / FPS)
+    assert result.segments[1].track_id == 1
+    (info,) = tracker.tracks()
+    assert info.box[3] == pytest.approx(30, abs=3) and info.box[1] == pytest.approx(35, abs=3)
+    assert SegmentTracker("iou", box_trim=0.0).box_trim == 0.0
