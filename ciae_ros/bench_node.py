@@ -1,4 +1,8 @@
-"""Node overhead benchmark: publish -> receive latency minus predictor time (``python -m ciae_ros.bench_node``).
+"""Node overhead benchmark: publish -> receive latency minus predictor time (``ciae-bench --node``).
+
+``ciae-bench --node ARGS`` calls :func:`main` with ``ARGS``: the ROS layer registers it as the
+entry point ``node`` of the group ``ciae_core.bench_plugins`` (setup.py), since ``ciae_core``
+imports nothing of ROS. ``python -m ciae_ros.bench_node ARGS`` runs the same.
 
 Starts the node in its own process (like on a robot), publishes ``--frames`` camera images
 (``--size``, rgb8, reliable, Fast DDS defaults like a camera driver) one at a time - the next frame
@@ -52,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the node benchmark with the command line ``argv`` (without ``--node``); exit status."""
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
     args = build_parser().parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))
