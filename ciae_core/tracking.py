@@ -427,7 +427,7 @@ class SegmentTracker:
 
         Args:
             result: the frame's panoptic result. With ``association="embedding"``,
-                ``result.embeddings`` must hold one row per segment (``Predictor(...,
+                ``result.embeddings`` must hold one row per segment (``predictor(image,
                 return_embeddings=True)``); with ``mask_iou=True`` ``result.id_map`` is read.
             stamp: the frame's time in seconds (e.g. the image header stamp). A stamp older than
                 the previous one starts a new run (:meth:`reset`, logged) and the frame is its
@@ -509,8 +509,8 @@ class SegmentTracker:
         if e is None:
             if len(thing_idx) == 0:
                 return None
-            raise ValueError("association='embedding' needs result.embeddings (Predictor(..., "
-                             "return_embeddings=True)); or use association='iou'")
+            raise ValueError("association='embedding' needs result.embeddings (call the predictor with "
+                             "return_embeddings=True); or use association='iou'")
         e = np.asarray(e)
         if e.ndim != 2 or e.shape[0] != len(result.segments):
             raise ValueError(f"result.embeddings must be (len(segments), D) = ({len(result.segments)}, D), "
