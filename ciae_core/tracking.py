@@ -57,6 +57,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .structures import PanopticResult
+from .tracking_boxes import BoxKalmanFilter, box_iou_cxcywh, trimmed_boxes, xywh_to_cxcywh
+from .tracking_masks import FrameCells, mask_iou_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -67,167 +69,6 @@ STATE_NAMES = {TENTATIVE: "tentative", CONFIRMED: "confirmed", LOST: "lost"}
 
 _SPARSE_FILL = 0.35  # segments filling less of their tight box get trimmed boxes (a ring fills ~0.45)
 _FORBIDDEN = 1e6  # cost of a pair that must not match (far above any allowed cost, which is <= 3)
-
-
-# --------------------------------------------------------------------------------------------
-# Motion: constant-velocity Kalman filter on boxes
-# --------------------------------------------------------------------------------------------
-
-def xywh_to_cxcywh(boxes: np.ndarray) -> np.ndarray:
-    """``(N, 4)`` ``(x, y, w, h)`` tight pixel boxes → ``(N, 4)`` float64 ``(cx, cy, w, h)``."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.concatenate([b[:, :2] + b[:, 2:] / 2, b[:, 2:]], axis=1)
-
-
-def box_iou_cxcywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix ``(N, M)`` of ``(N, 4)`` and ``(M, 4)`` ``(cx, cy, w, h)`` boxes (sides floored at 1 px)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    aw, ah = np.maximum(a[:, 2], 1.0), np.maximum(a[:, 3], 1.0)
-    bw, bh = np.maximum(b[:, 2], 1.0), np.maximum(b[:, 3], 1.0)
-    ax0, ax1, ay0, ay1 = a[:, 0] - aw / 2, a[:, 0] + aw / 2, a[:, 1] - ah / 2, a[:, 1] + ah / 2
-    bx0, bx1, by0, by1 = b[:, 0] - bw / 2, b[:, 0] + bw / 2, b[:, 1] - bh / 2, b[:, 1] + bh / 2
-    iw = np.clip(np.minimum(ax1[:, None], bx1[None]) - np.maximum(ax0[:, None], bx0[None]), 0, None)
-    ih = np.clip(np.minimum(ay1[:, None], by1[None]) - np.maximum(ay0[:, None], by0[None]), 0, None)
-    inter = iw * ih
-    return inter / ((aw * ah)[:, None] + (bw * bh)[None] - inter)
-
-
-def trimmed_boxes(id_map: np.ndarray, seg_ids, boxes: np.ndarray, trim: float = 0.02, step: int = 4) -> np.ndarray:
-    """Segment boxes without their outlying pixels.
-
-    Args:
-        id_map: ``(H, W)`` segment ids.
-        seg_ids: ``N`` ids of the segments.
-        boxes: ``(N, 4)`` their tight ``(x, y, w, h)`` boxes (``Segment.bbox``).
-        trim: fraction of a segment's pixels cut at each end along x and along y.
-        step: the pixels are counted on ``id_map[step//2::step, step//2::step]`` (cheap: one
-            ``bincount`` per axis over ``H W / step^2`` samples).
-
-    Returns ``(N, 4)`` float64 ``(x, y, w, h)``: the tight box intersected with the box of the
-    sampled pixels between the ``trim`` and ``1 - trim`` quantiles along each axis, widened by one
-    ``step`` on each side (so a compact segment keeps its tight box exactly). A segment with fewer
-    than 8 samples keeps its tight box.
-    """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    ids = np.asarray(seg_ids, dtype=np.int64)
-    if len(ids) == 0:
-        return boxes.copy()
-    off = step // 2
-    sub = np.asarray(id_map)[off::step, off::step]
-    lut = np.full(max(int(sub.max(initial=0)), int(ids.max())) + 1, -1, dtype=np.int64)
-    lut[ids] = np.arange(len(ids))
-    k = lut[sub]
-    r, c = np.nonzero(k >= 0)
-    kk = k[r, c]
-    out = boxes.copy()
-    for axis, coord, size in ((1, r, sub.shape[0]), (0, c, sub.shape[1])):
-        hist = np.bincount(kk * size + coord, minlength=len(ids) * size).reshape(len(ids), size)
-        cum = np.cumsum(hist, axis=1)
-        total = cum[:, -1:]
-        lo = np.argmax(cum > trim * total, axis=1)
-        hi = np.argmax(cum >= (1 - trim) * total, axis=1)
-        ok = total[:, 0] >= 8
-        lo_px = (lo - 1) * step + off  # one step of margin
-        hi_px = (hi + 1) * step + off
-        a0 = boxes[:, axis]
-        a1 = a0 + boxes[:, axis + 2] - 1
-        n0 = np.where(ok, np.maximum(a0, lo_px), a0)
-        n1 = np.where(ok, np.minimum(a1, hi_px), a1)
-        n1 = np.maximum(n1, n0)
-        out[:, axis], out[:, axis + 2] = n0, n1 - n0 + 1
-    return out
-
-
-class BoxKalmanFilter:
-    """Constant-velocity Kalman filter over a batch of boxes, in continuous time (SORT's model).
-
-    State per box ``x = (cx, cy, w, h, vcx, vcy, vw, vh)`` in px and px/s; measurement
-    ``z = (cx, cy, w, h)``. Noise scales with the box: the x-like components (cx, w and their
-    velocities) with the box width, the y-like ones with its height, so one set of parameters
-    fits near and far things.
-
-    * Prediction over ``dt`` seconds (Eq. K1): ``x' = F x``, ``P' = F P F^T + Q`` with
-      ``F = [[I, dt I], [0, I]]`` and, per coordinate of scale ``s`` (piecewise-constant white
-      acceleration of std ``motion_noise * s`` px/s², Eq. K2):
-      ``Q = (motion_noise s)^2 [[dt^4/4, dt^3/2], [dt^3/2, dt^2]]``. ``dt`` is the time between
-      stamps, so a frame gap is one longer step, not several.
-    * Correction (Eq. K3): ``K = P H^T (H P H^T + R)^-1``, ``x += K (z - H x)``, ``P -= K H P`` with
-      ``H = [I 0]`` and ``R = diag((measurement_noise s)^2)``.
-    * Start: ``x = (z, 0)``, ``P = diag((2 measurement_noise s)^2, (initial_velocity_std s)^2)``.
-
-    F, Q, R and H act on each coordinate separately and the start is diagonal, so ``P`` stays
-    block-diagonal: the four (position, velocity) pairs are independent 2x2 filters. The
-    covariance is therefore kept as ``cov (N, 4, 3)`` = (var position, cov position-velocity,
-    var velocity) per coordinate and every step is element-wise (exactly the 8x8 filter, without
-    its matrix products); ``mean`` is ``(N, 8)``, float64.
-
-    Args:
-        motion_noise: acceleration std in box sides per s² (default 4: a thing may change its speed
-            by several box sides per second within a second).
-        measurement_noise: std of a measured box coordinate as a fraction of the box side
-            (default 0.05, ByteTrack's 1/20).
-        initial_velocity_std: std of a new track's unknown velocity in box sides per s (default 2).
-    """
-
-    def __init__(self, motion_noise: float = 4.0, measurement_noise: float = 0.05,
-                 initial_velocity_std: float = 2.0):
-        for name, v in (("motion_noise", motion_noise), ("measurement_noise", measurement_noise),
-                        ("initial_velocity_std", initial_velocity_std)):
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
-        self.motion_noise = float(motion_noise)
-        self.measurement_noise = float(measurement_noise)
-        self.initial_velocity_std = float(initial_velocity_std)
-
-    @staticmethod
-    def _scale(mean: np.ndarray) -> np.ndarray:
-        """``(N, 4)`` scale of (cx, cy, w, h): the box sides (w, h, w, h), at least 1 px."""
-        wh = np.maximum(mean[:, 2:4], 1.0)
-        return np.concatenate([wh, wh], axis=1)
-
-    def initiate(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """New states from ``(N, 4)`` measurements: ``mean (N, 8)``, ``cov (N, 4, 3)``."""
-        z = np.asarray(z, dtype=np.float64).reshape(-1, 4)
-        s = self._scale(z)
-        mean = np.concatenate([z, np.zeros_like(z)], axis=1)
-        cov = np.zeros((len(z), 4, 3))
-        cov[:, :, 0] = (2 * self.measurement_noise * s) ** 2
-        cov[:, :, 2] = (self.initial_velocity_std * s) ** 2
-        return mean, cov
-
-    def predict(self, mean: np.ndarray, cov: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray]:
-        """States ``dt`` seconds later (Eq. K1, K2); ``dt <= 0`` returns copies."""
-        if dt <= 0 or len(mean) == 0:
-            return mean.copy(), cov.copy()
-        mean = mean.copy()
-        mean[:, :4] += dt * mean[:, 4:]
-        q = (self.motion_noise * self._scale(mean)) ** 2
-        a, b, c = cov[:, :, 0], cov[:, :, 1], cov[:, :, 2]
-        out = np.empty_like(cov)
-        out[:, :, 0] = a + 2 * dt * b + dt * dt * c + q * (dt ** 4 / 4)
-        out[:, :, 1] = b + dt * c + q * (dt ** 3 / 2)
-        out[:, :, 2] = c + q * (dt * dt)
-        return mean, out
-
-    def correct(self, mean: np.ndarray, cov: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Corrected states from ``(N, 4)`` measurements of the ``N`` given states (Eq. K3)."""
-        z = np.asarray(z, dtype=np.float64).reshape(-1, 4)
-        if len(z) == 0:
-            return mean.copy(), cov.copy()
-        r = (self.measurement_noise * self._scale(mean)) ** 2
-        a, b, c = cov[:, :, 0], cov[:, :, 1], cov[:, :, 2]
-        s = a + r
-        kp, kv = a / s, b / s  # Kalman gain of position and velocity
-        y = z - mean[:, :4]
-        mean = mean.copy()
-        mean[:, :4] += kp * y
-        mean[:, 4:] += kv * y
-        out = np.empty_like(cov)
-        out[:, :, 0] = a - kp * a
-        out[:, :, 1] = b - kp * b
-        out[:, :, 2] = c - kv * b
-        return mean, out
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +101,9 @@ class _Frame:
     scores: np.ndarray  # (n,)
     emb: np.ndarray | None  # (n, D) unit rows
     stamp: float
-    masks: list | None  # (crop, x, y) per segment with mask_iou
+    cells: FrameCells | None  # the subsampled id map, with mask_iou
+    seg_ids: np.ndarray  # (n,) segment ids
+    seg_cells: list  # with mask_iou: (rows, cols) of each segment's cells
     det_track: np.ndarray  # (n,) matched track index or -1
     matched: np.ndarray  # (N,) track matched this frame
 
@@ -286,17 +129,6 @@ def _assign(cost: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarr
     r, c = linear_sum_assignment(np.where(allowed, cost, _FORBIDDEN))
     ok = allowed[r, c]
     return r[ok], c[ok]
-
-
-def _crop_iou(a: np.ndarray, ax: int, ay: int, b: np.ndarray, bx: int, by: int) -> float:
-    """IoU of two boolean masks given as crops with top-left corners ``(ax, ay)`` and ``(bx, by)``."""
-    x0, y0 = max(ax, bx), max(ay, by)
-    x1, y1 = min(ax + a.shape[1], bx + b.shape[1]), min(ay + a.shape[0], by + b.shape[0])
-    inter = 0
-    if x1 > x0 and y1 > y0:
-        inter = int(np.count_nonzero(a[y0 - ay:y1 - ay, x0 - ax:x1 - ax] & b[y0 - by:y1 - by, x0 - bx:x1 - bx]))
-    union = int(np.count_nonzero(a)) + int(np.count_nonzero(b)) - inter
-    return inter / union if union else 0.0
 
 
 class SegmentTracker:
@@ -394,7 +226,8 @@ class SegmentTracker:
         self._last_seen = np.zeros(0)
         self._tid = np.zeros(0, dtype=np.int64)
         self._feat: np.ndarray | None = None  # (N, D) float32 once the first embedding arrives
-        self._masks: list[tuple[np.ndarray, int, int, float, float]] = []  # crop, x, y, cx, cy at the last match
+        self._cells: list[tuple[np.ndarray, np.ndarray]] = []  # mask_iou: the last matched segment's cells
+        self._cell_centre = np.zeros((0, 2))  # the filter's centre when those cells were taken
         self._last_stamp: float | None = None
 
     def __len__(self) -> int:
@@ -417,7 +250,8 @@ class SegmentTracker:
         if self._feat is not None:
             self._feat = self._feat[keep]
         if self.mask_iou:
-            self._masks = [self._masks[i] for i in np.flatnonzero(keep)]
+            self._cells = [self._cells[i] for i in np.flatnonzero(keep)]
+            self._cell_centre = self._cell_centre[keep]
         return index
 
     # -- update ---------------------------------------------------------------------------------
@@ -482,11 +316,13 @@ class SegmentTracker:
             if len(sparse):
                 boxes[sparse] = trimmed_boxes(result.id_map, [segs[index[j]].id for j in sparse], boxes[sparse],
                                               self.box_trim)
+        seg_ids = np.asarray([segs[i].id for i in index], dtype=np.int64)
+        cells = FrameCells(result.id_map) if (self.mask_iou and n) else None
         return _Frame(index=index, boxes=xywh_to_cxcywh(boxes),
                       cats=np.asarray([segs[i].category_id for i in index], dtype=np.int64),
                       scores=np.asarray([segs[i].score for i in index], dtype=np.float64),
                       emb=self._segment_embeddings(result, index), stamp=stamp,
-                      masks=self._det_masks(result, index) if (self.mask_iou and n) else None,
+                      cells=cells, seg_ids=seg_ids, seg_cells=cells.segment_cells(seg_ids) if cells else [],
                       det_track=np.full(n, -1, dtype=np.int64), matched=np.zeros(len(self), dtype=bool))
 
     def _check_stamp(self, stamp) -> float:
@@ -527,9 +363,10 @@ class SegmentTracker:
         """Cost (Eq. T1) and allowed-pair (Eq. T2) matrices ``(len(tracks), len(dets))``."""
         iou = box_iou_cxcywh(self._mean[tracks, :4], f.boxes[dets])
         same = self._cat[tracks][:, None] == f.cats[dets][None, :]
-        if f.masks is not None:
-            for r, c in zip(*np.nonzero(same & (iou > 0))):
-                iou[r, c] = self._mask_iou(int(tracks[r]), f.masks[int(dets[c])])
+        if f.cells is not None:
+            miou, valid = mask_iou_matrix([self._cells[t] for t in tracks.tolist()],
+                                          self._mean[tracks, :2] - self._cell_centre[tracks], f.cells, f.seg_ids[dets])
+            iou = np.where(valid, miou, iou)
         if iou_only or f.emb is None or self._feat is None:
             return 1.0 - iou, same & (iou >= min_iou)
         dist = 1.0 - self._feat[tracks] @ f.emb[dets].T
@@ -579,9 +416,10 @@ class SegmentTracker:
             tc, dc = t[confident], dets[confident]
             v = self.embedding_momentum * self._feat[tc] + (1 - self.embedding_momentum) * f.emb[dc]
             self._feat[tc] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        if f.masks is not None:
+        if f.cells is not None:
             for ti, di in zip(t.tolist(), dets.tolist()):
-                self._masks[ti] = f.masks[di] + (float(self._mean[ti, 0]), float(self._mean[ti, 1]))
+                self._cells[ti] = f.seg_cells[di]
+            self._cell_centre[t] = self._mean[t, :2]
 
     def _start_tracks(self, f: "_Frame", new: np.ndarray, stamp: float, confirmed: bool) -> None:
         if len(new) == 0:
@@ -599,8 +437,9 @@ class SegmentTracker:
         if f.emb is not None:
             self._feat = f.emb[new].copy() if self._feat is None or len(self._feat) == 0 \
                 else np.concatenate([self._feat, f.emb[new]])
-        if f.masks is not None:
-            self._masks.extend(f.masks[i] + (float(f.boxes[i, 0]), float(f.boxes[i, 1])) for i in new.tolist())
+        if self.mask_iou:
+            self._cells.extend(f.seg_cells[i] for i in new.tolist())
+            self._cell_centre = np.concatenate([self._cell_centre, f.boxes[new, :2]])
 
     def _confirm(self) -> None:
         """Tentative tracks with ``min_hits`` hits (and tracks started confirmed) get their public id."""
@@ -608,20 +447,3 @@ class SegmentTracker:
         need = np.flatnonzero((self._state != TENTATIVE) & (self._tid == 0))
         self._tid[need] = np.arange(self._next_id, self._next_id + len(need))
         self._next_id += len(need)
-
-    # -- masks ----------------------------------------------------------------------------------
-    @staticmethod
-    def _det_masks(result: PanopticResult, thing_idx: np.ndarray):
-        ids = np.asarray(result.id_map)
-        out = []
-        for i in thing_idx.tolist():
-            s = result.segments[i]
-            x, y, w, h = (int(v) for v in s.bbox)
-            out.append((ids[y:y + h, x:x + w] == s.id, x, y))
-        return out
-
-    def _mask_iou(self, track: int, det_mask) -> float:
-        crop, x, y, cx, cy = self._masks[track]
-        dx, dy = self._mean[track, 0] - cx, self._mean[track, 1] - cy
-        m, mx, my = det_mask
-        return _crop_iou(crop, int(round(x + dx)), int(round(y + dy)), m, mx, my)

@@ -262,7 +262,7 @@ class VideoEvaluator:
 
         accs = [s.mot for s in self._sequences if s.mot is not None]
         keys = ["idf1", "idp", "idr", "mota", "motp", "num_switches", "num_unique_objects", "num_false_positives",
-                "num_misses", "mostly_tracked", "num_frames"]
+                "num_misses", "num_objects", "mostly_tracked", "num_frames"]
         if not accs:
             return {"idf1": 0.0, "mota": 0.0, "id_switches": 0, "num_gt_tracks": 0, "idsw_per_100": 0.0}
         names = [str(i) for i in range(len(accs))]
@@ -272,8 +272,23 @@ class VideoEvaluator:
         out["id_switches"] = int(row["num_switches"])
         out["num_gt_tracks"] = int(row["num_unique_objects"])
         out["idsw_per_100"] = 100.0 * out["id_switches"] / max(1, out["num_gt_tracks"])
+        # detection F1 (matches regardless of identity): the most IDF1 can be with these segments
+        tp = out["num_objects"] - out["num_misses"]
+        out["detection_f1"] = 2 * tp / max(1.0, 2 * tp + out["num_false_positives"] + out["num_misses"])
         for k in ("idf1", "idp", "idr", "mota", "motp"):
             out[k] = 0.0 if np.isnan(out[k]) else out[k]
+        return out
+
+    def id_switches(self) -> list[tuple[int, int, int]]:
+        """Every ID switch as ``(sequence index, frame index, ground-truth id)`` (``motmetrics``'
+        SWITCH events), e.g. to count those near scripted events."""
+        out = []
+        for i, seq in enumerate(self._sequences):
+            if seq.mot is None:
+                continue
+            ev = seq.mot.mot_events
+            for (frame, _), row in ev[ev.Type == "SWITCH"].iterrows():
+                out.append((i, int(frame), int(row.OId)))
         return out
 
     def summary(self) -> dict[str, Any]:

@@ -67,6 +67,7 @@ def test_one_id_switch():
     # STQ: |g| = 8; tracks 1 and 2: TPA 4, IoU_id 4/8 each -> AQ = (4*0.5 + 4*0.5)/8 = 0.5; SQ = 1.
     assert s["aq"] == pytest.approx(0.5) and s["sq"] == pytest.approx(1.0)
     assert s["stq"] == pytest.approx(math.sqrt(0.5))
+    assert ev.id_switches() == [(0, 2, 5)] and s["detection_f1"] == 1.0
 
 
 def test_void_false_positive_and_partial_overlap():
@@ -80,6 +81,7 @@ def test_void_false_positive_and_partial_overlap():
     assert s["per_k"][0]["vpq"] == pytest.approx((0.75 + 0.8) / 2)
     # MOT has no void rule: track 9 is a false positive. MOTA = 1 - 1/1 = 0; IDF1 = 2*1/(2*1+1+0).
     assert s["mota"] == pytest.approx(0.0) and s["idf1"] == pytest.approx(2 / 3)
+    assert s["detection_f1"] == pytest.approx(2 / 3)  # 1 TP, 1 FP, 0 FN
     # AQ: |g| = 4, track 7 has 6 px (void and stuff pixels count), TPA 4: IoU_id = 4/6 -> AQ = 4*(4/6)/4.
     assert s["aq"] == pytest.approx(2 / 3)
     # SQ: IoU_S = 3/(4+3-3), IoU_A = 4/(4+5-4) (the prediction's void pixel 8 is ignored, pixel 3
