@@ -201,3 +201,244 @@ def test_tracking_time_is_recorded_per_frame():
     tr = NodeTracking(defaults(), times=times)
     run(tr, 0, 0, 3)
     assert "tracking" in times.percentiles()
+
+
+# ----------------------------------------------------------------------------------------------
+# the node across processes (namespace /trk): camera publisher process -> node process -> this client
+# Frames go in lock-step (the next one only after the output of the last), so every frame is
+# processed whatever the load, and the node's results do not depend on which frames it dropped.
+
+NS = "/trk"
+TOPIC = f"{NS}/camera/image_raw"
+SEQ_SEED, SEQ_FRAMES = 5, 30
+BASE = 5000.0  # stamps of the sequence: BASE + 0.1 t (10 Hz)
+
+
+def _stamp(t: float) -> tuple[int, int]:
+    sec = int(t)
+    return sec, int(round((t - sec) * 1e9))
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory):
+    """Frames 0..29 of a 640x480 TrackingSequence (look-alikes crossing, things leaving and coming
+    back, speed changes) as .npy files for the publisher, with their ground truth."""
+    from ciae_core.synth_video import TrackingSequence
+
+    d = tmp_path_factory.mktemp("trk_frames")
+    seq = TrackingSequence(SEQ_SEED, 480, 640, SEQ_FRAMES)
+    frames = []
+    for t in range(SEQ_FRAMES):
+        image, gt, infos = seq.frame(t)
+        np.save(d / f"{t}.npy", image)
+        frames.append(SimpleNamespace(path=d / f"{t}.npy", image=image, gt=gt, infos=infos))
+    np.save(d / "uniform.npy", np.full((480, 640, 3), 128, np.uint8))
+    return SimpleNamespace(frames=frames, uniform=d / "uniform.npy")
+
+
+@pytest.fixture(scope="module")
+def trk(node_weights, tmp_path_factory):
+    pytest.importorskip("rclpy")
+    pytest.importorskip("ciae_ros.msg")
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from ciae_ros.msg import CategoryArray, PanopticSegments
+    from ros_testing import Client, NodeProcess, Publisher
+
+    client = Client("ciae_test_tracking_client")
+    cats = client.subscribe(CategoryArray, f"{NS}/panoptic/categories",
+                            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                       durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    out = SimpleNamespace(client=client, cats=cats, segments=client.subscribe(PanopticSegments,
+                                                                              f"{NS}/panoptic/segments"),
+                          overlay=client.subscribe(Image, f"{NS}/panoptic/overlay"),
+                          diag=client.subscribe(DiagnosticArray, "/diagnostics"), cam=None)
+    node = NodeProcess(tmp_path_factory.mktemp("trk") / "node.log", node_weights,
+                       params={"input_size": 320, "diagnostics_period": 0.5, "overlay": "'on'"},  # YAML: on = true
+                       ros_args=["-r", f"__ns:={NS}"])
+    out.node = node
+    try:
+        node.wait_ready(cats)
+        out.cam = Publisher(TOPIC, reliability="reliable")
+        assert out.cam.wait_subscribers(1, timeout=60) >= 1, node.log()[-3000:]
+        yield out
+    finally:
+        if out.cam is not None:
+            out.cam.close()
+        rc = node.stop()
+        client.close()
+    assert rc == 0, node.log()[-3000:]
+
+
+def _send(trk, path, t: float, frame_id: str = "trk_cam", timeout: float = 90.0):
+    stamp = _stamp(t)
+    trk.cam.rgb_file(path, stamp, frame_id=frame_id)
+    msg = trk.segments.wait_for(lambda m: (m.header.stamp.sec, m.header.stamp.nanosec) == stamp, timeout=timeout)
+    assert msg is not None, f"no output for the frame at {t} s\n{trk.node.log()[-3000:]}"
+    return msg
+
+
+def _diag_values(trk, predicate, timeout: float = 30.0) -> dict:
+    from ros_testing import diagnostics_values
+
+    def ok(m):
+        v = diagnostics_values(m, TOPIC)
+        return v is not None and predicate(v)
+    msg = trk.diag.wait_for(ok, timeout=timeout, since=len(trk.diag))
+    assert msg is not None, f"no /diagnostics for {TOPIC} as expected\n{trk.node.log()[-2000:]}"
+    return diagnostics_values(msg, TOPIC)
+
+
+def _things(msg) -> dict[int, tuple[int, int]]:
+    """Segment id -> (track_id, category_id) of the message's things."""
+    return {s.id: (s.track_id, s.category_id) for s in msg.segments if s.isthing}
+
+
+def _matches(msg, gt: np.ndarray) -> dict[int, int]:
+    """Ground-truth thing id -> the track id of the tracked segment covering it (mask IoU > 0.5)."""
+    from ciae_ros.image_conversion import image_msg_to_array
+
+    ids = image_msg_to_array(msg.id_image)
+    out = {}
+    for seg_id, (track, _) in _things(msg).items():
+        if track == 0:
+            continue
+        mask = ids == seg_id
+        g, n = np.unique(gt[mask], return_counts=True)
+        k = int(np.argmax(n))
+        if g[k] != 0 and n[k] / (mask.sum() + (gt == g[k]).sum() - n[k]) > 0.5:
+            out[int(g[k])] = track
+    return out
+
+
+def _result_of(msg):
+    from ciae_core.structures import Segment
+    from ciae_ros.image_conversion import image_msg_to_array
+
+    segs = [Segment(s.id, s.category_id, s.label, s.isthing, s.score, s.area,
+                    (s.bbox.x_offset, s.bbox.y_offset, s.bbox.width, s.bbox.height), s.track_id) for s in msg.segments]
+    return PanopticResult(id_map=image_msg_to_array(msg.id_image), segments=segs)
+
+
+@pytest.mark.ros
+def test_node_keeps_track_ids_over_a_moving_sequence_across_processes(trk, sequence):
+    """640x480 frames of a moving synthetic sequence from a camera process: a thing keeps its
+    track id over consecutive outputs (judged against the sequence's ground-truth ids), ids are
+    given in order and never to a second thing category, a frame with no segment at all and an
+    empty (0x0) frame in the middle do not stop the node nor the tracks, and the overlay is drawn
+    from the tracked result (labels 'label #track_id', colours by track)."""
+    from ciae_ros.conversions import render_overlay
+    from ciae_ros.image_conversion import image_msg_to_array
+
+    msgs = []
+    for t, f in enumerate(sequence.frames):
+        if t == 15:  # a frame without any segment: uniform grey, stuff regions removed
+            [res] = trk.client.set_parameters(f"{NS}/ciae_panoptic", stuff_area_min=10_000_000)
+            assert res.successful, res.reason
+            empty = _send(trk, sequence.uniform, BASE + 0.1 * t - 0.05)
+            assert list(empty.segments) == [], [(s.label, s.area) for s in empty.segments]
+            [res] = trk.client.set_parameters(f"{NS}/ciae_panoptic", stuff_area_min=-1)
+            assert res.successful, res.reason
+            bad = _diag_values(trk, lambda v: True)
+            trk.cam.image(0, 0, _stamp(BASE + 0.1 * t - 0.03), frame_id="trk_cam", data_len=0)
+            _diag_values(trk, lambda v: int(v.get("bad_empty", 0)) > int(bad.get("bad_empty", 0)))
+        msgs.append(_send(trk, f.path, BASE + 0.1 * t))
+    assert trk.node.alive()
+
+    for m in msgs:
+        tracks = [tid for tid, _ in _things(m).values() if tid]
+        assert len(tracks) == len(set(tracks)), "two things of one frame share a track id"
+        assert all(s.track_id == 0 for s in m.segments if not s.isthing), "stuff has no track"
+    matched = [_matches(m, f.gt) for m, f in zip(msgs, sequence.frames)]
+    pairs = [(a[g], b[g]) for a, b in zip(matched, matched[1:]) for g in a if g in b]
+    kept = sum(x == y for x, y in pairs)
+    assert len(pairs) >= 150 and kept >= 0.9 * len(pairs), f"{kept} of {len(pairs)} consecutive matches kept the id"
+    longest = {}
+    for g in {g for m in matched for g in m}:
+        run = best = 0
+        for a, b in zip(matched, matched[1:]):
+            run = run + 1 if g in a and g in b and a[g] == b[g] else 0
+            best = max(best, run)
+        longest[g] = best
+    assert max(longest.values()) >= 25, f"no thing kept its id over 25 consecutive outputs: {longest}"
+    # ids are given 1, 2, 3, ... in order of confirmation and each belongs to one category
+    first_seen, category = [], {}
+    for m in msgs:
+        for tid, cat in sorted(_things(m).values()):
+            if tid and tid not in category:
+                first_seen.append(tid)
+            assert category.setdefault(tid, cat) == cat or tid == 0, f"track {tid} changed its category"
+    assert first_seen == sorted(first_seen) and first_seen[0] == 1, first_seen
+
+    # the overlay of a frame is the shared renderer's picture of the tracked result
+    k = 10
+    stamp = (msgs[k].header.stamp.sec, msgs[k].header.stamp.nanosec)
+    ov = trk.overlay.wait_for(lambda m: (m.header.stamp.sec, m.header.stamp.nanosec) == stamp, timeout=30)
+    assert ov is not None, "no overlay (overlay: on)"
+    cat_ids = [c.id for c in trk.cats.wait_for(lambda m: True, timeout=5).categories]
+    tracked = _result_of(msgs[k])
+    expected = render_overlay(sequence.frames[k].image, tracked, cat_ids, 0.5)
+    np.testing.assert_array_equal(image_msg_to_array(ov), expected)
+    for s in tracked.segments:
+        s.track_id = 0
+    assert not np.array_equal(expected, render_overlay(sequence.frames[k].image, tracked, cat_ids, 0.5)), \
+        "the frame's overlay does not depend on its track ids"
+
+
+@pytest.mark.ros
+def test_time_going_backwards_and_a_new_frame_id_reset_the_tracks(trk, sequence):
+    """A bag replayed from its start (stamps jump back) and another camera behind the topic
+    (frame_id changes): the tracks restart with new ids (never one given before), each reset is
+    counted in /diagnostics, and the node keeps running."""
+    before = _diag_values(trk, lambda v: True)
+    issued = int(before["track_ids_issued"])
+    assert issued >= 1 and before["tracking"] == "on"
+    msg = _send(trk, sequence.frames[0].path, BASE - 100.0)
+    ids = [tid for tid, _ in _things(msg).values() if tid]
+    assert ids and min(ids) > issued, f"ids after the reset {ids} reuse ids up to {issued}"
+    v = _diag_values(trk, lambda v: int(v["tracking_resets_time_backwards"])
+                     > int(before["tracking_resets_time_backwards"]))
+    issued = int(v["track_ids_issued"])
+    assert issued >= max(ids)
+    msg = _send(trk, sequence.frames[1].path, BASE - 99.9, frame_id="another_camera")
+    ids = [tid for tid, _ in _things(msg).values() if tid]
+    assert ids and min(ids) > issued
+    _diag_values(trk, lambda v: int(v["tracking_resets_frame_id"]) > int(before["tracking_resets_frame_id"]))
+    assert trk.node.alive() and "tracks reset" in trk.node.log()
+
+
+@pytest.mark.ros
+def test_tracking_parameters_at_run_time(trk, sequence):
+    """Invalid tracking values are refused with a reason naming the parameter (the node keeps
+    its settings); tracking off gives every segment track_id 0; back on with IoU association
+    it tracks again, with new ids."""
+    node, client = f"{NS}/ciae_panoptic", trk.client
+    refused = {"tracking_high_score": (0.9, "need tracking_low_score <= tracking_high_score <= tracking_new_track_score"),
+               "tracking_max_age": (0.0, "tracking_max_age must be a number > 0"),
+               "tracking_association": ("sort", "tracking_association must be one of embedding, iou"),
+               "tracking_min_hits": (0, "")}  # the descriptor's range: rclpy's own reason
+    for name, (value, reason) in refused.items():
+        [res] = client.set_parameters(node, **{name: value})
+        assert not res.successful, f"{name}={value!r} was accepted"
+        assert res.reason and reason in res.reason, res.reason
+    assert client.get_parameters(node, "tracking_high_score", "tracking_max_age") == [0.4, 2.0]
+    issued = int(_diag_values(trk, lambda v: True)["track_ids_issued"])
+
+    [res] = client.set_parameters(node, tracking=False)
+    assert res.successful, res.reason
+    for t in (2, 3):
+        msg = _send(trk, sequence.frames[t].path, BASE + 100 + 0.1 * t)
+        assert _things(msg) and all(tid == 0 for tid, _ in _things(msg).values())
+    _diag_values(trk, lambda v: v["tracking"] == "off")
+
+    results = client.set_parameters(node, tracking=True, tracking_association="iou", tracking_min_hits=1)
+    assert all(r.successful for r in results), [r.reason for r in results]
+    for t in (4, 5):
+        msg = _send(trk, sequence.frames[t].path, BASE + 100 + 0.1 * t)
+        ids = [tid for tid, _ in _things(msg).values() if tid]
+        assert ids and min(ids) > issued, (ids, issued)
+    results = client.set_parameters(node, tracking_association="embedding", tracking_min_hits=3)
+    assert all(r.successful for r in results), [r.reason for r in results]
+    assert trk.node.alive()
