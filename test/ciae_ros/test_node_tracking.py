@@ -442,3 +442,25 @@ def test_tracking_parameters_at_run_time(trk, sequence):
     results = client.set_parameters(node, tracking_association="embedding", tracking_min_hits=3)
     assert all(r.successful for r in results), [r.reason for r in results]
     assert trk.node.alive()
+
+
+@pytest.mark.ros
+def test_inconsistent_tracking_parameters_stop_the_start_with_one_line(node_weights, tmp_path):
+    """Values each within its range but not together (high_score above new_track_score): the node
+    does not start, and says why in one line naming the parameters."""
+    pytest.importorskip("rclpy")
+    pytest.importorskip("ciae_ros.msg")
+    from ros_testing import NodeProcess
+
+    n = NodeProcess(tmp_path / "bad.log", node_weights, params={"tracking_high_score": 0.9},
+                    ros_args=["-r", "__ns:=/trk_bad"])
+    try:
+        rc = n.proc.wait(180)
+    finally:
+        n.stop()
+    log = n.log_path.read_text()
+    lines = [ln for ln in log.splitlines() if "cannot start:" in ln]
+    assert rc == 1 and len(lines) == 1, log
+    assert ("invalid parameters: need tracking_low_score <= tracking_high_score <= tracking_new_track_score, "
+            "got 0.1, 0.9, 0.5") in lines[0], lines[0]
+    assert "Traceback" not in log
