@@ -53,3 +53,44 @@ def test_encode_frame_layouts():
     assert step == 6 and len(data) == 24
     with pytest.raises(ValueError):
         encode_frame(rgb, "yuv422")
+
+
+def test_pingpong_playback_never_jumps():
+    from ciae_ros.camera import play_index
+
+    assert [play_index(n, 4, "pingpong") for n in range(10)] == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert [play_index(n, 3, "repeat") for n in range(5)] == [0, 1, 2, 0, 1]
+    assert [play_index(n, 1, "pingpong") for n in range(3)] == [0, 0, 0]
+    steps = [abs(play_index(n + 1, 30, "pingpong") - play_index(n, 30, "pingpong")) for n in range(200)]
+    assert set(steps) == {1}, "consecutive frames are neighbours in the clip"
+
+
+def test_synthetic_clip_has_stable_ground_truth_and_is_written_for_the_demo(tmp_path):
+    import json
+
+    from ciae_ros.camera import GROUND_TRUTH_FILE, GROUND_TRUTH_STAMPS, GroundTruthWriter, synth_clip
+
+    frames, ids, infos = synth_clip(3, (96, 128), 4)
+    assert len(frames) == 4 and ids.shape == (4, 96, 128) and ids.dtype == np.int32
+    for t in range(4):
+        listed = {s["id"] for s in infos[t]}
+        assert set(np.unique(ids[t]).tolist()) - {0} == listed, "every id of the map is described"
+    things = [{s["id"] for s in info if s["id"] >= 4} for info in infos]
+    assert things[0] & things[3], "thing ids are stable over the clip"
+    np.testing.assert_array_equal(frames[2], load_frames("synth", (96, 128), 4, seed=3)[2])
+    w = GroundTruthWriter(tmp_path / "gt", ids, infos)
+    w.frame(12, 500, 3)
+    w.frame(12, 600_000_500, 2)
+    w.close()
+    saved = np.load(tmp_path / "gt" / GROUND_TRUTH_FILE)
+    np.testing.assert_array_equal(saved["ids"], ids)
+    assert json.loads(str(saved["segments"])) == json.loads(json.dumps(infos))
+    assert (tmp_path / "gt" / GROUND_TRUTH_STAMPS).read_text() == "12 500 3\n12 600000500 2\n"
+    assert sorted(p.name for p in (tmp_path / "gt").iterdir()) == [GROUND_TRUTH_FILE, GROUND_TRUTH_STAMPS]
+
+
+def test_ground_truth_needs_the_synthetic_source(tmp_path):
+    from ciae_ros.camera import main
+
+    assert main([str(tmp_path), "--ground-truth", str(tmp_path / "gt")]) == 2
+    assert not (tmp_path / "gt").exists()
