@@ -2,13 +2,13 @@
 
 Sources:
 
-* ``synth`` (default): a moving synthetic scene from :class:`ciae_core.synth_video.TrackingSequence`
-  (things that cross and hide each other, leave and come back, change speed; stable ground-truth
-  ids). Rendering costs ~0.1 s per 640x480 frame on one CPU core, so ``--clip N`` frames are
-  rendered first and then played forwards and backwards (``--loop pingpong``, the default for
-  synth: motion stays continuous, no thing jumps back to its start). ``--ground-truth DIR``
-  writes the clip's ground truth and which clip frame each published stamp showed
-  (:class:`GroundTruthWriter`; the demo's tracking report reads them).
+* ``synth`` (default): a moving synthetic scene from :class:`ciae_core.synth.SceneSequence`.
+  Rendering costs ~0.1 s per 640x480 frame on one CPU core, so ``--clip N`` frames are rendered
+  first and then played forwards and backwards at ``--rate`` (``--loop pingpong``, the default
+  for synth: the motion reverses instead of every thing jumping back to its start, which would
+  look like new things to a tracker). ``--truth FILE`` writes one JSON line per published frame
+  (stamp and frame index, after a first line with the scene's seed, size and clip), from which
+  the demo's report re-renders the ground truth.
 * a folder of images (``*.png``, ``*.jpg``, sorted by name), played in a loop;
 * a video file (anything OpenCV can read), played in a loop.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import json
 import logging
 import pathlib
 import sys
@@ -51,65 +52,31 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def synth_clip(seed: int, size: tuple[int, int] | None, clip: int) -> tuple[list[np.ndarray], np.ndarray, list]:
-    """``clip`` frames of the synthetic sequence (``size`` = (H, W), default 480x640): RGB frames,
-    ground-truth id maps ``(clip, H, W)`` int32 (thing ids stable over the clip) and each frame's
-    segment infos (COCO ``segments_info`` dicts)."""
-    from ciae_core.synth_video import TrackingSequence
+def synth_sequence(seed: int, height: int, width: int):
+    """The moving scene of the ``synth`` source (the demo's report re-renders its frames)."""
+    from ciae_core.synth import SceneSequence
 
-    h, w = size or (480, 640)
-    seq = TrackingSequence(seed, h, w, max(int(clip), 1), speed=4.0)
-    t0 = time.monotonic()
-    frames, ids, infos = [], [], []
-    for t in range(max(int(clip), 1)):
-        image, pan, info = seq.frame(t)
-        frames.append(image)
-        ids.append(pan.astype(np.int32))
-        infos.append(info)
-    _LOG.info("rendered %d synthetic %dx%d frames in %.1f s", len(frames), w, h, time.monotonic() - t0)
-    return frames, np.stack(ids), infos
+    return SceneSequence(seed, height, width, num_instances=10, speed=4.0)
 
 
 def play_index(n: int, count: int, loop: str) -> int:
-    """Clip frame shown as the ``n``-th published frame: ``repeat`` 0,1,..,N-1,0,1,..; ``pingpong``
-    0,1,..,N-1,N-2,..,1,0,1,.. (no jump: the motion reverses)."""
+    """Frame of the clip shown as the ``n``-th published frame: ``repeat`` 0, 1, .., N-1, 0, 1, ..;
+    ``pingpong`` 0, 1, .., N-1, N-2, .., 1, 0, 1, .. (consecutive frames are always neighbours)."""
     if loop == "pingpong" and count > 1:
         k = n % (2 * count - 2)
         return k if k < count else 2 * count - 2 - k
     return n % count
 
 
-GROUND_TRUTH_FILE = "ground_truth.npz"
-GROUND_TRUTH_STAMPS = "ground_truth_stamps.txt"
-
-
-class GroundTruthWriter:
-    """The synthetic camera's ground truth in ``folder``: ``ground_truth.npz`` (``ids``: the clip's
-    id maps ``(N, H, W)`` int32; ``segments``: JSON list of each clip frame's segment infos) once,
-    and ``ground_truth_stamps.txt``, one line ``sec nanosec clip_index`` per published frame."""
-
-    def __init__(self, folder, ids: np.ndarray, infos: list):
-        import json
-
-        folder = pathlib.Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (GROUND_TRUTH_FILE + ".part.npz")
-        np.savez_compressed(tmp, ids=ids, segments=np.array(json.dumps(infos)))
-        tmp.replace(folder / GROUND_TRUTH_FILE)  # never a half-written file under the final name
-        self._stamps = open(folder / GROUND_TRUTH_STAMPS, "w")
-
-    def frame(self, sec: int, nanosec: int, index: int) -> None:
-        self._stamps.write(f"{int(sec)} {int(nanosec)} {int(index)}\n")
-        self._stamps.flush()
-
-    def close(self) -> None:
-        self._stamps.close()
-
-
 def load_frames(source: str, size: tuple[int, int] | None, clip: int, seed: int = 0) -> list[np.ndarray]:
     """Frames ``(H, W, 3)`` uint8 RGB of ``source`` (``size`` = (H, W) resizes; synth default 480x640)."""
     if source == "synth":
-        return synth_clip(seed, size, clip)[0]
+        h, w = size or (480, 640)
+        seq = synth_sequence(seed, h, w)
+        t0 = time.monotonic()
+        frames = [seq.frame(t)[0] for t in range(clip)]
+        _LOG.info("rendered %d synthetic %dx%d frames in %.1f s", clip, w, h, time.monotonic() - t0)
+        return frames
     path = pathlib.Path(source).expanduser()
     frames = []
     if path.is_dir():
@@ -163,9 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--loop", choices=("auto", "repeat", "pingpong"), default="auto",
                     help="play the frames in a loop (repeat) or forwards and backwards (pingpong); auto: pingpong "
                          "for synth, repeat otherwise")
-    ap.add_argument("--ground-truth", metavar="DIR", default=None,
-                    help="synth only: write the clip's ground truth and the clip frame of every published stamp "
-                         "to DIR (ground_truth.npz, ground_truth_stamps.txt)")
     ap.add_argument("--encoding", default="rgb8", choices=("rgb8", "bgr8", "mono8"))
     ap.add_argument("--compressed", action="store_true", help="publish JPEG CompressedImage on <topic>/compressed")
     ap.add_argument("--reliability", default="reliable", choices=("reliable", "best_effort"))
@@ -174,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--frames", type=int, default=0, help="stop after publishing this many frames (0: no limit)")
     ap.add_argument("--large-data-profile", action="store_true",
                     help="load config/fastdds_large_data.xml (unless FASTDDS_DEFAULT_PROFILES_FILE is set)")
+    ap.add_argument("--truth", default="", metavar="FILE",
+                    help="synth: write the stamp and frame index of every published frame to FILE (JSON lines)")
     return ap
 
 
@@ -183,20 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate <= 0:
         _LOG.error("--rate must be positive, got %s", args.rate)
         return 2
-    if args.ground_truth and args.source != "synth":
-        _LOG.error("--ground-truth needs the synth source (only its frames have ground truth)")
-        return 2
-    truth = None
     try:
-        if args.source == "synth":
-            frames, ids, infos = synth_clip(args.seed, args.size, args.clip)
-            truth = GroundTruthWriter(args.ground_truth, ids, infos) if args.ground_truth else None
-        else:
-            frames = load_frames(args.source, args.size, args.clip, args.seed)
+        frames = load_frames(args.source, args.size, args.clip, args.seed)
     except CameraSourceError as exc:
         _LOG.error("%s", exc)
         return 1
-    loop = args.loop if args.loop != "auto" else ("pingpong" if args.source == "synth" else "repeat")
     if args.large_data_profile:
         from .resources import use_large_data_dds_profile
 
@@ -216,6 +173,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data, step = encode_frame(f, args.encoding)
             payloads.append((array.array("B", data), step, f.shape))
+    loop = args.loop if args.loop != "auto" else ("pingpong" if args.source == "synth" else "repeat")
+    try:
+        truth = open(args.truth, "w") if args.truth else None  # noqa: SIM115 - open for the whole run
+    except OSError as exc:
+        _LOG.error("cannot write --truth %s: %s", args.truth, exc.strerror)
+        return 1
+    if truth is not None:
+        truth.write(json.dumps({"source": args.source, "seed": args.seed, "width": frames[0].shape[1],
+                                "height": frames[0].shape[0], "clip": len(frames), "frame_id": args.frame_id,
+                                "loop": loop}) + "\n")
     with rclpy.init(args=["ciae_camera"]):
         node = rclpy.create_node("ciae_camera")
         qos = input_qos(reliability_policy(args.reliability), depth=1)
@@ -240,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
                                 data=data)
                 msg.header.stamp = stamp
                 msg.header.frame_id = args.frame_id
-                if truth is not None:  # before publishing: every output has its ground truth
-                    truth.frame(stamp.sec, stamp.nanosec, index)
                 pub.publish(msg)
+                if truth is not None:
+                    truth.write(json.dumps({"stamp": [stamp.sec, stamp.nanosec], "frame": index}) + "\n")
+                    truth.flush()
                 n += 1
                 if (args.frames and n >= args.frames) or (args.duration and time.monotonic() - t_start >= args.duration):
                     break

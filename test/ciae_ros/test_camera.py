@@ -65,32 +65,30 @@ def test_pingpong_playback_never_jumps():
     assert set(steps) == {1}, "consecutive frames are neighbours in the clip"
 
 
-def test_synthetic_clip_has_stable_ground_truth_and_is_written_for_the_demo(tmp_path):
+def test_synth_camera_plays_forwards_and_backwards_and_names_each_frame(tmp_path):
+    """The camera process (synth, the demo's source) with --truth: a first line describing the
+    scene, then the stamp and clip frame of every published frame, in ping-pong order; the synthetic
+    scene's thing ids are stable ground-truth ids, so the demo can score tracks against it."""
     import json
+    import subprocess
+    import sys
 
-    from ciae_ros.camera import GROUND_TRUTH_FILE, GROUND_TRUTH_STAMPS, GroundTruthWriter, synth_clip
+    pytest.importorskip("rclpy")
+    from ciae_ros.camera import synth_sequence
+    from ros_testing import REPO, child_env
 
-    frames, ids, infos = synth_clip(3, (96, 128), 4)
-    assert len(frames) == 4 and ids.shape == (4, 96, 128) and ids.dtype == np.int32
-    for t in range(4):
-        listed = {s["id"] for s in infos[t]}
-        assert set(np.unique(ids[t]).tolist()) - {0} == listed, "every id of the map is described"
-    things = [{s["id"] for s in info if s["id"] >= 4} for info in infos]
-    assert things[0] & things[3], "thing ids are stable over the clip"
-    np.testing.assert_array_equal(frames[2], load_frames("synth", (96, 128), 4, seed=3)[2])
-    w = GroundTruthWriter(tmp_path / "gt", ids, infos)
-    w.frame(12, 500, 3)
-    w.frame(12, 600_000_500, 2)
-    w.close()
-    saved = np.load(tmp_path / "gt" / GROUND_TRUTH_FILE)
-    np.testing.assert_array_equal(saved["ids"], ids)
-    assert json.loads(str(saved["segments"])) == json.loads(json.dumps(infos))
-    assert (tmp_path / "gt" / GROUND_TRUTH_STAMPS).read_text() == "12 500 3\n12 600000500 2\n"
-    assert sorted(p.name for p in (tmp_path / "gt").iterdir()) == [GROUND_TRUTH_FILE, GROUND_TRUTH_STAMPS]
-
-
-def test_ground_truth_needs_the_synthetic_source(tmp_path):
-    from ciae_ros.camera import main
-
-    assert main([str(tmp_path), "--ground-truth", str(tmp_path / "gt")]) == 2
-    assert not (tmp_path / "gt").exists()
+    truth = tmp_path / "truth.jsonl"
+    res = subprocess.run([sys.executable, "-m", "ciae_ros.camera", "synth", "--topic", "/pingpong/image_raw",
+                          "--size", "64x48", "--clip", "3", "--rate", "50", "--frames", "7", "--seed", "4",
+                          "--truth", str(truth)], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    head, *lines = [json.loads(line) for line in truth.read_text().splitlines()]
+    assert (head["seed"], head["width"], head["height"], head["clip"], head["loop"]) == (4, 64, 48, 3, "pingpong")
+    assert [d["frame"] for d in lines] == [0, 1, 2, 1, 0, 1, 2]
+    stamps = [tuple(d["stamp"]) for d in lines]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 7
+    a, b = synth_sequence(4, 48, 64).frame(0), synth_sequence(4, 48, 64).frame(2)
+    np.testing.assert_array_equal(a[0], load_frames("synth", (48, 64), 3, seed=4)[0])
+    things = [{s["id"] for s in info if s["isthing"]} for info in (a[2], b[2])]
+    assert things[0] & things[1], "thing ids are the same things in every frame"
