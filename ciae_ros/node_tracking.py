@@ -17,8 +17,10 @@ Rules (decisions, issue 14):
   or a re-mounted one behind the same topic); ``time_backwards`` - a stamp older than the
   camera's previous one (a bag replayed or looped, ``use_sim_time`` restarted); ``model`` - the
   model was reloaded (other categories and embeddings); ``parameters`` - ``tracking_association``
-  or ``tracking_mask_iou`` changed (the tracks hold state of the old kind). An equal stamp is a
-  frame with no elapsed time; a jump forwards only ages tracks out (``tracking_max_age``).
+  or ``tracking_mask_iou`` changed (the tracks hold state of the old kind); ``error`` - the tracker
+  refused a frame (e.g. embeddings that do not fit its segments): the frame is published without
+  track ids rather than lost. An equal stamp is a frame with no elapsed time; a jump forwards only
+  ages tracks out (``tracking_max_age``).
 * **Run-time parameter changes**: thresholds (``tracking_high_score``, ``tracking_max_age``, ...)
   retune the live trackers from the next frame, tracks kept; the two structural ones above reset
   them; ``tracking: false`` forgets all tracks and publishes ``track_id`` 0 until switched on
@@ -40,7 +42,7 @@ from ciae_core.tracking import SegmentTracker
 
 from .node_params import tracker_kwargs
 
-RESET_REASONS = ("frame_id", "time_backwards", "model", "parameters")
+RESET_REASONS = ("frame_id", "time_backwards", "model", "parameters", "error")
 #: SegmentTracker settings whose change makes the live tracks invalid (they hold state of the old kind)
 _STRUCTURAL = ("association", "mask_iou")
 
@@ -150,7 +152,15 @@ class NodeTracking:
                 self._say(key, "time_backwards", f"camera {key}: stamp {stamp:.3f} s is older than the previous "
                                                  f"{cam.last_stamp:.3f} s (bag replay, use_sim_time?): tracks reset")
                 self._reset(cam, "time_backwards")
-            tracker.update(result, stamp)
+            try:
+                tracker.update(result, stamp)
+            except ValueError as exc:
+                self._say(key, "error", f"camera {key}: tracking failed, frame published without track ids, tracks "
+                                        f"reset: {exc}")
+                self._reset(cam, "error")
+                for s in result.segments:
+                    s.track_id = 0
+                return result
             cam.frame_id, cam.last_stamp = frame_id, stamp
             cam.frames += 1
             cam.max_track_id = max([cam.max_track_id, *(s.track_id for s in result.segments)])

@@ -167,6 +167,17 @@ def test_empty_frames_and_frames_without_things():
     assert run(tr, 0, 1, 2, start=1.3)[-1] == [1, 2]
 
 
+def test_a_frame_the_tracker_refuses_is_published_untracked_and_counted():
+    said = []
+    tr = NodeTracking(defaults(), warn=lambda key, text: said.append(text))
+    run(tr, 0, 0, 2)
+    bad = frame(2)
+    bad.embeddings = bad.embeddings[:1]  # fewer rows than segments
+    assert track_ids(tr.update(0, bad, header(100.2))) == [0, 0]
+    assert values_of(tr, 0)["tracking_resets_error"] == "1" and "tracking failed" in said[-1]
+    assert run(tr, 0, 3, 1) == [[3, 4]], "the next frame starts new tracks"
+
+
 def test_invalid_settings_are_refused_at_construction_and_by_settings_error():
     from ciae_ros.node_params import settings_error
 
