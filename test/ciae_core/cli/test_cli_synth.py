@@ -47,3 +47,14 @@ def test_cli_sequence_and_errors(tmp_path, capsys):
         render_scene(0, 10, 10)
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--size", "big"])
+
+
+def test_cli_sequence_styles(tmp_path):
+    import json
+
+    assert main(["--out", str(tmp_path / "t"), "--num", "3", "--size", "64x80", "--sequence", "--fps", "15"]) == 0
+    doc = json.loads((tmp_path / "t" / "panoptic.json").read_text())
+    assert doc["info"]["fps"] == 15.0 and "events" in doc["info"] and len(doc["images"]) == 3
+    assert main(["--out", str(tmp_path / "s"), "--num", "2", "--size", "64x64", "--sequence",
+                 "--sequence-style", "smooth"]) == 0
+    assert "events" not in json.loads((tmp_path / "s" / "panoptic.json").read_text())["info"]
