@@ -245,9 +245,12 @@ def test_bad_arguments_and_inputs():
         tracker.update(result, float("nan"))
     with pytest.raises(ValueError, match="seconds"):
         tracker.update(result, "noon")
+    tracker.update(result, 0.0)
+    before = tracker.tracks()
     bad = PanopticResult(result.id_map, result.segments, embeddings=result.embeddings[:1])
     with pytest.raises(ValueError, match="len\\(segments\\)"):
-        tracker.update(bad, 0.0)
+        tracker.update(bad, 5.0)  # 5 s later: would delete the track if it were taken
+    assert tracker.tracks() == before  # a refused frame changes nothing
     with pytest.raises(ValueError, match="return_embeddings"):
         tracker.update(PanopticResult(result.id_map, result.segments), 0.0)
     # IoU-only association needs no embeddings.
