@@ -17,10 +17,11 @@ Rules (decisions, issue 14):
   or a re-mounted one behind the same topic); ``time_backwards`` - a stamp older than the
   camera's previous one (a bag replayed or looped, ``use_sim_time`` restarted); ``model`` - the
   model was reloaded (other categories and embeddings); ``parameters`` - ``tracking_association``
-  or ``tracking_mask_iou`` changed (the tracks hold state of the old kind); ``error`` - the tracker
-  refused a frame (e.g. embeddings that do not fit its segments): the frame is published without
-  track ids rather than lost. An equal stamp is a frame with no elapsed time; a jump forwards only
-  ages tracks out (``tracking_max_age``).
+  or ``tracking_mask_iou`` changed (the tracks hold state of the old kind). An equal stamp is a
+  frame with no elapsed time; a jump forwards only ages tracks out (``tracking_max_age``).
+* **A frame the tracker refuses** (e.g. embeddings that do not fit its segments; the tracker
+  checks before it changes anything) is published without track ids rather than lost, the tracks
+  kept, and counted (``tracking_errors``, one throttled warning).
 * **Run-time parameter changes**: thresholds (``tracking_high_score``, ``tracking_max_age``, ...)
   retune the live trackers from the next frame, tracks kept; the two structural ones above reset
   them; ``tracking: false`` forgets all tracks and publishes ``track_id`` 0 until switched on
@@ -42,7 +43,7 @@ from ciae_core.tracking import SegmentTracker
 
 from .node_params import tracker_kwargs
 
-RESET_REASONS = ("frame_id", "time_backwards", "model", "parameters", "error")
+RESET_REASONS = ("frame_id", "time_backwards", "model", "parameters")
 #: SegmentTracker settings whose change makes the live tracks invalid (they hold state of the old kind)
 _STRUCTURAL = ("association", "mask_iou")
 
@@ -56,6 +57,7 @@ class CameraTracking:
     last_stamp: float | None = None
     frames: int = 0  # frames tracked
     max_track_id: int = 0  # the highest track id given so far (ids are 1, 2, ... in order)
+    errors: int = 0  # frames the tracker refused
     resets: collections.Counter = field(default_factory=collections.Counter)
 
 
@@ -155,9 +157,8 @@ class NodeTracking:
             try:
                 tracker.update(result, stamp)
             except ValueError as exc:
-                self._say(key, "error", f"camera {key}: tracking failed, frame published without track ids, tracks "
-                                        f"reset: {exc}")
-                self._reset(cam, "error")
+                self._say(key, "error", f"camera {key}: frame published without track ids (tracking refused it): {exc}")
+                cam.errors += 1
                 for s in result.segments:
                     s.track_id = 0
                 return result
@@ -176,7 +177,8 @@ class NodeTracking:
     def camera_values(self, key) -> list[tuple[str, str]]:
         """/diagnostics values of camera ``key``: ``tracking`` (on/off), ``tracks_confirmed`` and
         ``tracks_lost`` (live tracks now), ``track_ids_issued`` (the highest id so far, i.e. the
-        tracks confirmed in this run), ``tracking_resets_<reason>`` for every reason."""
+        tracks confirmed in this run), ``tracking_resets_<reason>`` for every reason,
+        ``tracking_errors`` (frames published untracked because the tracker refused them)."""
         with self._lock:
             cam = self._cameras.get(key)
             states = collections.Counter(t.state for t in cam.tracker.tracks()) if cam is not None else {}
@@ -184,6 +186,7 @@ class NodeTracking:
                     ("tracks_confirmed", str(states.get("confirmed", 0))), ("tracks_lost", str(states.get("lost", 0))),
                     ("track_ids_issued", str(cam.max_track_id if cam else 0))]
             vals += [(f"tracking_resets_{r}", str(cam.resets[r] if cam else 0)) for r in RESET_REASONS]
+            vals.append(("tracking_errors", str(cam.errors if cam else 0)))
         return vals
 
     def annotate(self, statuses, keys) -> None:

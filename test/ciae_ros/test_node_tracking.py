@@ -174,8 +174,10 @@ def test_a_frame_the_tracker_refuses_is_published_untracked_and_counted():
     bad = frame(2)
     bad.embeddings = bad.embeddings[:1]  # fewer rows than segments
     assert track_ids(tr.update(0, bad, header(100.2))) == [0, 0]
-    assert values_of(tr, 0)["tracking_resets_error"] == "1" and "tracking failed" in said[-1]
-    assert run(tr, 0, 3, 1) == [[3, 4]], "the next frame starts new tracks"
+    v = values_of(tr, 0)
+    assert v["tracking_errors"] == "1" and "published without track ids" in said[-1]
+    assert all(v[f"tracking_resets_{r}"] == "0" for r in RESET_REASONS)
+    assert run(tr, 0, 3, 1) == [[1, 2]], "the tracks go on with the next frame"
 
 
 def test_invalid_settings_are_refused_at_construction_and_by_settings_error():
@@ -426,7 +428,8 @@ def test_tracking_parameters_at_run_time(trk, sequence):
     its settings); tracking off gives every segment track_id 0; back on with IoU association
     it tracks again, with new ids."""
     node, client = f"{NS}/ciae_panoptic", trk.client
-    refused = {"tracking_high_score": (0.9, "need tracking_low_score <= tracking_high_score <= tracking_new_track_score"),
+    refused = {"tracking_high_score": (0.9, "need tracking_low_score <= tracking_high_score <= "
+                                            "tracking_new_track_score"),
                "tracking_max_age": (0.0, "tracking_max_age must be a number > 0"),
                "tracking_association": ("sort", "tracking_association must be one of embedding, iou"),
                "tracking_min_hits": (0, "")}  # the descriptor's range: rclpy's own reason
