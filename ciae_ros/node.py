@@ -22,8 +22,6 @@ A thin layer over :class:`ciae_core.predictor.Predictor`:
   ``panoptic/confidence`` (32FC1, advertised only while ``publish_confidence`` is on),
   ``panoptic/detections`` (``vision_msgs/Detection2DArray``, only when vision_msgs is importable),
   ``panoptic/categories`` (transient local, once), ``/diagnostics``.
-* **Tracking**: thing segments carry a ``track_id`` that persists across frames, one tracker per
-  camera (:mod:`ciae_ros.node_tracking`: parameters ``tracking*``, resets, /diagnostics values).
 * **Bad frames** never stop the node: they are skipped, counted per reason in /diagnostics and
   reported by a throttled warning.
 * **Lifecycle**: ``--lifecycle`` runs a managed node (model loaded in ``configure``, released in
@@ -32,7 +30,8 @@ A thin layer over :class:`ciae_core.predictor.Predictor`:
 
 The node's pieces live beside it: the parameter table and its checks in :mod:`ciae_ros.node_params`,
 building the Predictor in :mod:`ciae_ros.node_model`, the mailbox in :mod:`ciae_ros.mailbox`, the
-counters and /diagnostics in :mod:`ciae_ros.node_diagnostics`; their names stay importable from here.
+counters and /diagnostics in :mod:`ciae_ros.node_diagnostics`, the persistent ``Segment.track_id``
+(one tracker per camera) in :mod:`ciae_ros.node_tracking`; their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -387,8 +386,7 @@ class _PanopticLogic:
             if err:
                 return SetParametersResult(successful=False, reason=err)
             new[p.name] = p.value
-        err = settings_error(new)
-        if err:
+        if (err := settings_error(new)) is not None:  # across parameters (the tracker's settings)
             return SetParametersResult(successful=False, reason=err)
         changed = {p.name for p in params if p.name in SPECS and new[p.name] != self._values[p.name]}
         if self._model is not None and any(SPECS[n].reloads_model for n in changed):
