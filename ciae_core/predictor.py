@@ -469,8 +469,8 @@ class Predictor:
         with self._on_device():
             return self._engine(batch)
 
-    def postprocess(self, raw: dict[str, torch.Tensor], boxes: Sequence[Letterbox],
-                    return_confidence: bool = False) -> list[dict[str, torch.Tensor]]:
+    def postprocess(self, raw: dict[str, torch.Tensor], boxes: Sequence[Letterbox], return_confidence: bool = False,
+                    return_embeddings: bool = False) -> list[dict[str, torch.Tensor]]:
         """Proposal selection + fusion at the resized resolution (``ciae_core.fusion``)."""
         from ciae_core.fusion import panoptic_from_raw
 
@@ -479,20 +479,25 @@ class Predictor:
                                      embedding_stride=self.config.branch_stride,
                                      normalize_after_upsampling=self.config.embedding_stride == 1,
                                      return_confidence=return_confidence, fusion_method=self.fusion_method,
-                                     **self.thresholds)
+                                     return_embeddings=return_embeddings, **self.thresholds)
 
     # -- call -----------------------------------------------------------------------------------
-    def __call__(self, images, color: str = "rgb", return_confidence: bool = False):
+    def __call__(self, images, color: str = "rgb", return_confidence: bool = False, return_embeddings: bool = False):
         """Segment one image (→ ``PanopticResult``) or a list of images (→ list, same order).
+
+        ``return_confidence``: ``result.confidence``; ``return_embeddings``: ``result.embeddings``,
+        one unit mean embedding per segment, row ``i`` for ``segments[i]`` (the tracker's
+        appearance cue, :mod:`ciae_core.fusion_embeddings`; computed in the fusion on the device and
+        copied to the host with the segment table, no extra copy).
 
         On CUDA the whole call runs with ``self.device`` as the current device, whatever the
         calling thread's current device is (a ROS executor thread starts on GPU 0): CUDA-graph
         capture streams, timing events and onnxruntime's IO binding all use the current device.
         """
         with self._on_device():
-            return self._call(images, color, return_confidence)
+            return self._call(images, color, return_confidence, return_embeddings)
 
-    def _call(self, images, color: str, return_confidence: bool):
+    def _call(self, images, color: str, return_confidence: bool, return_embeddings: bool = False):
         """Validate → letterbox → per padded-size group: preprocess, forward, postprocess → map back
         → one device→host copy → results (stage times in ``self.timings``)."""
         if color not in ("rgb", "bgr"):
@@ -504,20 +509,20 @@ class Predictor:
         batch_in = [validate_image(im, i) for i, im in enumerate(batch_in)]
         boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in batch_in]
         clock = _StageClock(self.device)
-        outs = self._fused_outputs(batch_in, boxes, color, return_confidence, clock)
+        outs = self._fused_outputs(batch_in, boxes, color, return_confidence, clock, return_embeddings)
         clock.mark("start")
-        maps, tables, confs = self._map_back(outs, boxes, return_confidence)
+        maps, tables, confs = self._map_back(outs, boxes, return_confidence, return_embeddings)
         clock.mark("map_back")
         host_maps, host_tables, host_confs = self._to_host(maps, tables, confs)
         clock.mark("to_host")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self.timings = clock.durations_ms()
-        results = self._results(boxes, host_maps, host_tables, host_confs, return_confidence)
+        results = self._results(boxes, host_maps, host_tables, host_confs, return_confidence, return_embeddings)
         return results[0] if single else results
 
     def _fused_outputs(self, batch_in: list[np.ndarray], boxes: list[Letterbox], color: str, return_confidence: bool,
-                       clock: _StageClock) -> list[dict]:
+                       clock: _StageClock, return_embeddings: bool = False) -> list[dict]:
         """Fusion outputs (at the resized resolution) per image, one forward pass per padded size
         (or one for all with ``mixed_size_batching="pad"``)."""
         groups: dict[tuple[int, int], list[int]] = {}
@@ -531,14 +536,16 @@ class Predictor:
             clock.mark("preprocess")
             raw = self.forward_raw(batch)
             clock.mark("forward")
-            for i, o in zip(idx, self.postprocess(raw, [boxes[i] for i in idx], return_confidence)):
+            for i, o in zip(idx, self.postprocess(raw, [boxes[i] for i in idx], return_confidence, return_embeddings)):
                 outs[i] = o
             clock.mark("postprocess")
         return outs
 
-    def _map_back(self, outs: list[dict], boxes: list[Letterbox], return_confidence: bool):
+    def _map_back(self, outs: list[dict], boxes: list[Letterbox], return_confidence: bool,
+                  return_embeddings: bool = False):
         """Id maps (and confidences) at the input resolution, flattened, and segment tables ``(K, 8)``
-        float64 ``id, label, score, area, x, y, w, h`` recomputed from the mapped id maps; on the device."""
+        float64 ``id, label, score, area, x, y, w, h`` recomputed from the mapped id maps (``(K, 8 + D)``
+        with the segments' embeddings appended); on the device."""
         maps, confs, tables = [], [], []
         with torch.inference_mode():
             for out, lb in zip(outs, boxes):
@@ -551,6 +558,8 @@ class Predictor:
                 k = pos[seg_ids]
                 table = torch.cat([seg_ids[:, None].double(), out["labels"].long()[k][:, None].double(),
                                    out["scores"].double()[k][:, None], areas[:, None].double(), bxs.double()], dim=1)
+                if return_embeddings:
+                    table = torch.cat([table, out["embeddings"].double()[k]], dim=1)
                 maps.append(id_map.reshape(-1))
                 tables.append(table)
                 if return_confidence:
@@ -560,8 +569,8 @@ class Predictor:
                     confs.append(resize_nearest(conf.float(), (lb.height, lb.width)).reshape(-1))
         return maps, tables, confs
 
-    def _results(self, boxes: list[Letterbox], host_maps, host_tables, host_confs,
-                 return_confidence: bool) -> list[PanopticResult]:
+    def _results(self, boxes: list[Letterbox], host_maps, host_tables, host_confs, return_confidence: bool,
+                 return_embeddings: bool = False) -> list[PanopticResult]:
         """Cut the host copies back into one ``PanopticResult`` per image."""
         results = []
         off_m = off_c = 0
@@ -573,7 +582,9 @@ class Predictor:
             if return_confidence:
                 conf = host_confs[off_c:off_c + n].reshape(lb.height, lb.width)
                 off_c += n
-            results.append(PanopticResult(id_map=id_map, segments=self._segments(host_tables[i]), confidence=conf))
+            emb = host_tables[i][:, 8:].astype(np.float32) if return_embeddings else None
+            results.append(PanopticResult(id_map=id_map, segments=self._segments(host_tables[i][:, :8]),
+                                          confidence=conf, embeddings=emb))
         return results
 
     def _to_host(self, maps, tables, confs):
@@ -588,12 +599,12 @@ class Predictor:
             host.copy_(dev, non_blocking=True)
             return host.numpy()
 
-        sizes = [t.shape[0] for t in tables]
+        shapes = [t.shape for t in tables]
         flat_tables = copy([t.reshape(-1) for t in tables])
         out_tables, off = [], 0
-        for s in sizes:
-            out_tables.append(flat_tables[off:off + s * 8].reshape(s, 8))
-            off += s * 8
+        for rows, cols in shapes:
+            out_tables.append(flat_tables[off:off + rows * cols].reshape(rows, cols))
+            off += rows * cols
         return copy(maps), out_tables, copy(confs)
 
     def _segments(self, table: np.ndarray) -> list[Segment]:

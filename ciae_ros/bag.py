@@ -23,6 +23,10 @@ Decisions (issue 16):
 * **Never mixed into recorded topics**: an output topic that the input bag already has (e.g. the
   live ``/panoptic/segments`` of a ``ciae-demo`` bag) is an error naming it; choose another
   ``--namespace`` (``--namespace /offline``), so live and offline results stay apart.
+* **Tracked as by the node** (issue 14): thing segments get ``Segment.track_id`` from one tracker
+  per camera (:mod:`ciae_ros.node_tracking`, the node's ``tracking_*`` defaults), in the bag's
+  order; a camera whose stamps go back (a bag of several recordings) or whose frame_id changes
+  starts new tracks (counted in the summary line). ``--no-tracking``: every ``track_id`` is 0.
 
 Needs ``rosbags`` (pure Python) and the rclpy message packages (for serialisation; no DDS).
 """
@@ -270,6 +274,9 @@ class BagSummary:
     segmented: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     segments: int = 0
+    tracking: bool = True
+    tracks: int = 0  # track ids given, over all cameras
+    tracking_resets: dict[str, int] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     out: str = ""
@@ -287,9 +294,12 @@ class BagSummary:
         skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
         files = ", ".join(self.storage_files) or "no storage file"
+        resets = ", ".join(f"{k} {v}" for k, v in sorted(self.tracking_resets.items()))
+        tracks = (f"{self.tracks} track(s){f' (tracks reset: {resets})' if resets else ''}" if self.tracking
+                  else "tracking off")
         return (f"ciae-bag: {self.frames_read} frame(s) read from {', '.join(self.inputs)}, "
                 f"{self.segmented} segmented, "
-                f"{skipped} skipped{f' ({reasons})' if reasons else ''}; {self.segments} segment(s); wrote "
+                f"{skipped} skipped{f' ({reasons})' if reasons else ''}; {self.segments} segment(s), {tracks}; wrote "
                 f"{', '.join(self.outputs)} to {self.out} ({files}) in {self.seconds:.1f} s")
 
 
@@ -302,12 +312,16 @@ def _progress(total: int, enabled: bool):
 
 def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, overlay: bool = True,
                 overlay_alpha: float = 0.5, model_name: str = "", model_version: str = "",
-                storage: str = "mcap", namespace: str = "", progress: bool = False) -> BagSummary:
+                storage: str = "mcap", namespace: str = "", progress: bool = False, tracking: bool = True,
+                tracking_params: dict | None = None) -> BagSummary:
     """Run ``predictor`` over the camera images of ``in_path``; write inputs + outputs to ``out_path``.
 
     Inputs and output names: :func:`plan_bag` (``topics``, ``namespace``, ``overlay``). Frames that
     cannot be decoded or used are skipped and counted by reason. ``progress``: a tqdm bar on stderr
-    (only when stderr is a terminal).
+    (only when stderr is a terminal). ``tracking``: thing segments get ``track_id`` as in the node
+    (:class:`ciae_ros.node_tracking.NodeTracking`: one tracker per camera, in the bag's order,
+    reset when a camera's frame_id changes or its stamps go back), with the node's ``tracking_*``
+    parameter defaults updated by ``tracking_params`` (``BagError`` if they are invalid).
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -317,12 +331,14 @@ def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, o
     from .image_conversion import numpy_to_image
 
     in_path, out_path = pathlib.Path(in_path), pathlib.Path(out_path)
+    tracker = _bag_tracking(tracking, tracking_params)
     store = make_typestore()
     t0 = time.monotonic()
     reader = _open_reader(in_path)
     try:
         plan = plan_bag(reader.connections, topics, namespace, overlay, source=f"input bag {in_path}")
-        summary = BagSummary(inputs=[t for t, _ in plan.inputs], outputs=plan.outputs, out=str(out_path))
+        summary = BagSummary(inputs=[t for t, _ in plan.inputs], outputs=plan.outputs, out=str(out_path),
+                             tracking=tracker.enabled)
         inputs = set(plan.inputs)
         with BagWriter(out_path, store, storage=storage) as out, _progress(plan.frames, progress) as bar, \
                 logging_redirect_tqdm(loggers=[_LOG]):
@@ -350,7 +366,8 @@ def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, o
                 except ImageConversionError as exc:
                     summary.skip(exc.reason, conn.topic, timestamp, exc)
                     continue
-                result = predictor(rgb, color="rgb")
+                result = predictor(rgb, color="rgb", return_embeddings=tracker.wants_embeddings)
+                tracker.update(_base_topic(conn.topic, conn.msgtype), result, msg.header)
                 header = _rclpy_header(msg.header)
                 prefix = plan.cameras[_base_topic(conn.topic, conn.msgtype)]
                 ms = float(sum(predictor.timings.values()))
@@ -363,9 +380,30 @@ def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, o
                 summary.segments += len(result.segments)
     finally:
         reader.close()
+    totals = tracker.totals()
+    summary.tracks, summary.tracking_resets = totals["tracks"], totals["resets"]
     summary.storage_files = sorted(p.name for p in out_path.iterdir() if p.suffix in (".mcap", ".db3"))
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _bag_tracking(tracking: bool, params: dict | None):
+    """The trackers of an offline run: the node's tracking defaults, ``params`` over them."""
+    from .node_params import SPECS, settings_error, validate_value
+    from .node_tracking import NodeTracking
+
+    values = {name: spec.default for name, spec in SPECS.items()}
+    for name, value in (params or {}).items():
+        err = f"unknown tracking parameter {name}" if not name.startswith("tracking_") or name not in SPECS \
+            else validate_value(name, value)
+        if err:
+            raise BagError(err)
+        values[name] = value
+    values["tracking"] = bool(tracking)
+    err = settings_error(values)
+    if err:
+        raise BagError(err)
+    return NodeTracking(values)
 
 
 def read_messages(path, topic: str):
@@ -405,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="namespace of the outputs, e.g. /offline -> /offline/panoptic/segments (default: the root, "
                          "as the node)")
     ap.add_argument("--no-overlay", action="store_true", help="do not write panoptic/overlay images")
+    ap.add_argument("--no-tracking", action="store_true", help="no track ids (Segment.track_id 0); by default thing "
+                    "segments are tracked as by the node, one tracker per camera with its default tracking_* "
+                    "parameters")
     ap.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"), help="output bag storage (default mcap)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar (there is none when stderr is not a "
                     "terminal)")
@@ -432,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(values)
         summary = process_bag(args.inp, args.out, model.predictor, topics=args.topics, overlay=not args.no_overlay,
                               model_name=model.name, model_version=model.version, storage=args.storage,
-                              namespace=args.namespace, progress=not args.quiet)
+                              namespace=args.namespace, progress=not args.quiet, tracking=not args.no_tracking)
     except (NodeStartupError, BagError) as exc:
         _LOG.error("%s", exc)
         return 1

@@ -41,6 +41,8 @@ def segments_msg(result: PanopticResult, header, model_name: str = "", model_ver
                            isthing=bool(s.isthing), score=float(min(max(s.score, 0.0), 1.0)),
                            area=int(s.area),
                            bbox=RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h, do_rectify=False)))
+    for m, s in zip(out, result.segments):  # persistent identity (0 = none), set by the node's tracker
+        m.track_id = int(s.track_id)
     msg.segments = out
     msg.model_name = model_name
     msg.model_version = model_version

@@ -3,7 +3,8 @@
 What it does, on loopback DDS only (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and a per-run
 ``ROS_DOMAIN_ID`` are set here, for every process it starts):
 
-1. starts the camera publisher (``python -m ciae_ros.camera``: a moving synthetic scene, or the
+1. starts the camera publisher (``python -m ciae_ros.camera``: a moving synthetic scene played
+   forwards and backwards, which names the frame of every stamp in ``camera_truth.jsonl``, or the
    folder of images / video file given as ``source``), as a camera driver would run;
 2. starts the node (``python -m ciae_ros.node``) with the shipped model (``models/``); without
    one it falls back to a randomly initialised model and says loudly that the segments are
@@ -13,7 +14,9 @@ What it does, on loopback DDS only (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` 
    an MCAP rosbag, saves overlay PNGs, and measures camera-to-client latency (``header.stamp``
    is the camera's publication time; all processes share the machine's clock);
 4. after ``--duration`` seconds of output stops everything and writes ``report.md`` /
-   ``report.json`` (frames in/out, dropped, latency p50/p99, segments per frame) to ``--out``.
+   ``report.json`` (frames in/out, dropped, latency p50/p99, segments per frame; track ids, and
+   ID switches / IDF1 / MOTA against the synthetic ground truth: :mod:`ciae_ros.demo_tracking`)
+   to ``--out``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import time
 import numpy as np
 
 from ciae_core.cli.sizes import size_type
+
+from .demo_tracking import TRUTH_FILE, tracking_markdown
 
 _LOG = logging.getLogger("ciae_demo")
 
@@ -135,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         node_cmd[-4:-4] = ["-p", f"input_size:={args.input_size}"]
     cam_cmd = [sys.executable, "-m", "ciae_ros.camera", args.source, "--topic", "/camera/image_raw",
                "--rate", str(args.rate), "--size", args.size]
+    if args.source == "synth":  # the frame of every stamp: ground truth for the tracking report
+        cam_cmd += ["--truth", str(out / TRUTH_FILE)]
     _LOG.info("ROS_DOMAIN_ID=%s, loopback only; model %s", env["ROS_DOMAIN_ID"], weights)
     node = subprocess.Popen(node_cmd, env=env, stdout=logs["node"], stderr=subprocess.STDOUT)
     camera = subprocess.Popen(cam_cmd, env=env, stdout=logs["camera"], stderr=subprocess.STDOUT)
@@ -323,7 +330,21 @@ def _summary(rec: _Recorder, args, out: pathlib.Path, recorded: float, weights: 
         "overlays_received": stats["overlays"], "overlay_pngs": stats["pngs"],
         "bag": str((out / "bag").resolve()), "bag_messages": rec.bag.count,
         "engine": model_diag.get("engine", ""), "device": model_diag.get("device", ""),
+        "tracking": _tracking(out), "tracking_resets": {k[len("tracking_resets_"):]: int(v) for k, v in
+                                                         cam_diag.items() if k.startswith("tracking_resets_")},
     }
+
+
+def _tracking(out: pathlib.Path) -> dict:
+    """Tracks in the recorded outputs, scored against the synthetic camera's ground truth."""
+    from ciae_core.structures import CategoryInfo
+
+    from .bag import read_messages
+    from .demo_tracking import tracking_report
+
+    cats = next((m for _, m in read_messages(out / "bag", "/panoptic/categories")), None)
+    categories = [CategoryInfo(int(c.id), str(c.name), bool(c.isthing)) for c in (cats.categories if cats else [])]
+    return tracking_report(out / "bag", out, categories) if categories else {"tracks": 0, "ground_truth": None}
 
 
 def _report_markdown(r: dict) -> str:
@@ -342,6 +363,7 @@ def _report_markdown(r: dict) -> str:
         f"- segments per frame: mean {r['segments_per_frame']['mean']} "
         f"(min {r['segments_per_frame']['min']}, max {r['segments_per_frame']['max']})",
         f"- overlay PNGs: {r['overlay_pngs']}; MCAP bag: `{r['bag']}` ({r['bag_messages']} messages)",
+        tracking_markdown(r),
     ]
     return "\n".join(lines) + "\n"
 

@@ -16,6 +16,9 @@ value or a model is unusable (one line on stderr); argparse's 2 for an unknown f
 registers it as the entry point ``node`` of the group ``ciae_core.bench_plugins`` (this package
 imports nothing of ROS); without that registration the flag fails with one line, exit status 2.
 
+``ciae-bench --tracking [...]``: the tracker's association variants on synthetic sequences
+(:mod:`ciae_core.cli.bench_tracking`).
+
 Run as ``python -m ciae_core.cli.bench``.
 """
 
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ciae-bench", description="Latency of CIAE vs torchvision FCOS and Mask R-CNN "
                                 "(same process, inputs and threads; median and p90).",
                                 epilog="ciae-bench --node [...]: node overhead over real DDS "
-                                       "(see ciae-bench --node --help).")
+                                       "(see ciae-bench --node --help). ciae-bench --tracking [...]: tracker "
+                                       "association variants on synthetic sequences (see --tracking --help).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="autocast precision on CUDA (torch engines; fp16 also enables TensorRT fp16)")
@@ -192,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "--node":
         return _node_benchmark(argv[1:])
+    if argv and argv[0] == "--tracking":
+        from ciae_core.cli import bench_tracking
+
+        return bench_tracking.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -1,9 +1,10 @@
 """``ciae-eval``: Panoptic Quality of prediction files, or of a model on a COCO-panoptic data set.
 
-Two modes: ``--gt-json/--pred-json`` scores COCO-panoptic files with
+Three modes: ``--gt-json/--pred-json`` scores COCO-panoptic files with
 :func:`ciae_core.evaluation.pq_compute`; ``--weights`` runs :class:`ciae_core.predictor.Predictor`
 over a data set (:class:`ciae_core.data.CocoPanopticDataset`) and evaluates in memory
-(optionally writing the predictions). Prints the PQ table; exit codes: 0 done, 2 a one-line
+(optionally writing the predictions); ``--weights --video DIR`` tracks over synthetic sequences
+and reports the video metrics (:mod:`ciae_core.cli.eval_video`). Prints the PQ table; exit codes: 0 done, 2 a one-line
 error or bad arguments. This layer is the only place that uses both the evaluator and the
 predictor (the library modules do not import each other).
 """
@@ -17,9 +18,11 @@ import os
 import sys
 from typing import Any, Sequence
 
+from ciae_core.cli import eval_video
 from ciae_core.evaluation import (CocoPanopticWriter, EvaluationError, PanopticEvaluator, format_pq_table,
                                   pq_compute)
 from ciae_core.predictor_settings import ENGINES, PRECISIONS
+from ciae_core.video_metrics import format_video_table
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="processes for file evaluation")
     p.add_argument("--per-class", action="store_true", help="also print the per-class table")
     p.add_argument("--json-out", help="write the full result (fractions, per class) to this JSON file")
+    eval_video.add_arguments(p)
     return p
 
 
@@ -101,6 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.video:
+            summary = eval_video.run(args)
+            print(format_video_table(summary))
+            if args.json_out:
+                with open(args.json_out, "w") as f:
+                    json.dump(summary, f, indent=1, default=str)
+            return 0
         if args.weights:
             if not (args.data or (args.gt_json and args.gt_dir and args.image_dir)):
                 p.error("--weights needs --data DIR (or --gt-json, --gt-dir and --image-dir)")

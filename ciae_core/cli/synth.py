@@ -2,6 +2,11 @@
 
 ``ciae-synth --out DIR --num N --size WIDTHxHEIGHT --seed S [--sequence] [--overwrite]`` writes
 ``images/``, ``panoptic/`` and ``panoptic.json`` with :func:`ciae_core.synth.write_dataset`.
+``--sequence`` writes ``N`` frames of one moving scene: by default a
+:class:`ciae_core.synth_video.TrackingSequence` (look-alikes that cross and hide each other,
+things that leave and come back, speed changes; :func:`ciae_core.synth_video.write_tracking_sequence`,
+``--fps`` recorded for the stamps), or with ``--sequence-style smooth`` the gently bouncing
+:class:`ciae_core.synth.SceneSequence` of the camera demo.
 A folder that is not empty is refused unless ``--overwrite``, which first removes the data-set
 files a previous run wrote there (``images/NNNNNN.png|jpg``, ``panoptic/NNNNNN.png``,
 ``panoptic.json``), so old images never mix with new ones; other files are left alone. Exit codes:
@@ -20,6 +25,7 @@ from typing import Sequence
 from ciae_core import synth
 from ciae_core.cli.sizes import size_type
 from ciae_core.synth import SynthError, write_dataset
+from ciae_core.synth_video import write_tracking_sequence
 
 _LOG = logging.getLogger("ciae-synth")
 # the files write_dataset writes, by folder (what --overwrite may remove)
@@ -35,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size WIDTHxHEIGHT, e.g. 640x480 (default 320x320)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
     p.add_argument("--sequence", action="store_true", help="frames of one moving scene instead of independent scenes")
+    p.add_argument("--sequence-style", choices=("tracking", "smooth"), default="tracking",
+                   help="with --sequence: 'tracking' (crossings, occlusions, exits, speed changes, look-alikes) or "
+                        "'smooth' (the camera demo's bouncing scene)")
+    p.add_argument("--fps", type=float, default=30.0, help="with --sequence tracking: frame rate recorded for stamps")
     p.add_argument("--image-format", choices=("png", "jpg"), default="png",
                    help="image file format (png: lossless, default; jpg: quality 95, ~5x smaller)")
     p.add_argument("--void-border", type=int, default=0,
@@ -96,9 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         removed = prepare_output(pathlib.Path(args.out), args.overwrite)
         if removed:
             _LOG.info("--overwrite: removed %d file(s) of the previous data set in %s", removed, args.out)
-        kwargs = {} if args.sequence else {"void_border": args.void_border}
-        path = write_dataset(args.out, args.num, height, width, args.seed, args.sequence,
-                             args.image_format, num_workers=args.workers, **kwargs)
+        if args.sequence and args.sequence_style == "tracking":
+            path = write_tracking_sequence(args.out, args.num, height, width, args.seed, args.image_format,
+                                           fps=args.fps)
+        else:
+            kwargs = {} if args.sequence else {"void_border": args.void_border}
+            path = write_dataset(args.out, args.num, height, width, args.seed, args.sequence,
+                                 args.image_format, num_workers=args.workers, **kwargs)
     except SynthError as e:
         print(f"ciae-synth: error: {e}", file=sys.stderr)
         return 2

@@ -268,3 +268,90 @@ def test_ciae_bag_cli(input_bag, node_weights, tmp_path, capsys):
     assert not list(read_messages(out, "/panoptic/overlay"))
     assert main(["--in", str(input_bag), "--out", str(out), "--weights", node_weights]) == 1  # exists
     assert main(["--in", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--weights", node_weights]) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# tracking (issue 14): track ids as the node gives them, per camera, reset when stamps go back
+
+
+@pytest.fixture(scope="module")
+def moving_bag(tmp_path_factory):
+    """Frames 0..5 of a moving 240x320 sequence at 10 Hz, then frames 0..2 again with their old
+    stamps (a bag of two recordings: time goes back); ground truth per written frame."""
+    from ciae_core.synth_video import TrackingSequence
+
+    seq = TrackingSequence(11, 240, 320, 6, crossings=1, exits=0, side_by_side=0, others=3)
+    path = tmp_path_factory.mktemp("bags") / "moving"
+    gts = []
+    with BagWriter(path) as bag:
+        for k, t in enumerate([0, 1, 2, 3, 4, 5, 0, 1, 2]):
+            image, gt, _ = seq.frame(t)
+            msg = numpy_to_image(image, "rgb8")
+            msg.header.stamp.sec, msg.header.stamp.nanosec = 200, 100_000_000 * t
+            msg.header.frame_id = "cam"
+            bag.write_msg("/camera/image_raw", msg, 1_000_000_000 * (k + 1))
+            gts.append(gt)
+    return path, gts
+
+
+def _thing_tracks(m) -> list[int]:
+    return [s.track_id for s in m.segments if s.isthing]
+
+
+def test_ciae_bag_tracks_things_and_starts_new_tracks_when_time_goes_back(moving_bag, node_weights, tmp_path):
+    from ciae_core.predictor import Predictor
+
+    path, gts = moving_bag
+    pred = Predictor(node_weights, input_size=256)
+    summary = process_bag(path, tmp_path / "out", pred, overlay=False)
+    segs = [m for _, m in read_messages(tmp_path / "out", "/panoptic/segments")]
+    assert len(segs) == 9
+    first_run, second_run = segs[:6], segs[6:]
+    # a thing keeps its id: the same ground-truth thing under the same track id in consecutive frames
+    kept = total = 0
+    for (a, ga), (b, gb) in zip(zip(first_run, gts), zip(first_run[1:], gts[1:])):
+        owner_a, owner_b = _owners(a, ga), _owners(b, gb)
+        for g in owner_a.keys() & owner_b.keys():
+            total += 1
+            kept += owner_a[g] == owner_b[g]
+    assert total >= 10 and kept >= 0.9 * total, (kept, total)
+    issued = max(max(_thing_tracks(m), default=0) for m in first_run)
+    assert issued >= 3 and all(s.track_id == 0 for m in segs for s in m.segments if not s.isthing)
+    # the second recording starts new tracks: confirmed at once (first frame of a run), new ids
+    new = [t for t in _thing_tracks(second_run[0]) if t]
+    assert new and min(new) > issued, (new, issued)
+    assert summary.tracking_resets == {"time_backwards": 1}
+    assert summary.tracks == max(max(_thing_tracks(m), default=0) for m in segs)
+    assert f"{summary.segments} segment(s), {summary.tracks} track(s) (tracks reset: time_backwards 1); " in \
+        summary.line()
+
+
+def _owners(m, gt) -> dict[int, int]:
+    """Ground-truth thing id -> track id of the tracked segment covering most of it (IoU > 0.5)."""
+    ids = image_msg_to_array(m.id_image)
+    out = {}
+    for s in m.segments:
+        if s.isthing and s.track_id:
+            mask = ids == s.id
+            g, n = np.unique(gt[mask], return_counts=True)
+            k = int(np.argmax(n))
+            if g[k] and n[k] / (mask.sum() + (gt == g[k]).sum() - n[k]) > 0.5:
+                out[int(g[k])] = s.track_id
+    return out
+
+
+def test_ciae_bag_without_tracking_and_with_bad_tracking_parameters(moving_bag, node_weights, tmp_path, capsys):
+    from ciae_core.predictor import Predictor
+
+    path, _ = moving_bag
+    assert main(["--in", str(path), "--out", str(tmp_path / "off"), "--weights", node_weights, "--input-size", "256",
+                 "--no-overlay", "--no-tracking", "--quiet"]) == 0
+    assert "segment(s), tracking off; wrote" in capsys.readouterr().out
+    segs = [m for _, m in read_messages(tmp_path / "off", "/panoptic/segments")]
+    assert len(segs) == 9 and all(s.track_id == 0 for m in segs for s in m.segments)
+    pred = Predictor(node_weights, input_size=256)
+    with pytest.raises(BagError, match="need tracking_low_score <= tracking_high_score"):
+        process_bag(path, tmp_path / "bad", pred, tracking_params={"tracking_high_score": 0.9})
+    with pytest.raises(BagError, match="unknown tracking parameter input_size"):
+        process_bag(path, tmp_path / "bad", pred, tracking_params={"input_size": 256})
+    assert not (tmp_path / "bad").exists()

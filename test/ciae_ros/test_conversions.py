@@ -77,3 +77,14 @@ def test_detections_need_vision_msgs():
     arr = detections_msg(_result(), Header())
     assert [d.id for d in arr.detections] == ["2", "3"]
     assert arr.detections[0].bbox.center.position.x == pytest.approx(6.0)
+
+
+def test_segments_msg_carries_the_track_ids_and_the_id_image_keeps_frame_ids():
+    """Segment.track_id is the tracker's persistent id (0 = none); Segment.id and the id image stay
+    the frame's own 1..N."""
+    res = _result()
+    res.segments[1].track_id, res.segments[2].track_id = 17, 4
+    msg = segments_msg(res, Header())
+    assert [(s.id, s.track_id) for s in msg.segments] == [(1, 0), (2, 17), (3, 4)]
+    np.testing.assert_array_equal(image_msg_to_array(msg.id_image), res.id_map)
+

@@ -422,6 +422,28 @@ def test_tiny_but_huge_compressed_frame_is_rejected_without_decoding(multicam, c
     assert multicam.node.alive() and "header, not decoded" in multicam.node.log()
 
 
+def test_each_camera_has_its_own_tracker(multicam):
+    """One tracker per camera (issue 14): the same scene on both cameras, each under a new frame_id
+    (its tracks restart, confirmed at once): each camera numbers its tracks on from its own last
+    id, as its /diagnostics status counts them, not from the other camera's."""
+    def issued(cam: str) -> int:
+        topic = f"/multi/{cam}/image_raw"
+        m = multicam.diag.wait_for(lambda m: diagnostics_values(m, topic) is not None, timeout=15,
+                                   since=len(multicam.diag))
+        assert m is not None, "no /diagnostics for " + topic
+        return int(diagnostics_values(m, topic)["track_ids_issued"])
+
+    for c in ("cam1", "cam2"):
+        before = issued(c)
+        stamp = next_stamp()
+        multicam.pubs[c].compressed(480, 640, stamp, frame_id=f"{c}_tracked")
+        msg = multicam.segs[c].wait_for(lambda m, s=stamp: stamp_of(m) == s, timeout=60)
+        assert msg is not None, multicam.node.log()[-3000:]
+        ids = sorted(s.track_id for s in msg.segments if s.isthing and s.track_id)
+        assert ids and ids == list(range(before + 1, before + 1 + len(ids))), (c, before, ids)
+        assert issued(c) == ids[-1]
+
+
 # ----------------------------------------------------------------------------------------------
 # lifecycle node (namespace /lc) and startup errors
 

@@ -98,3 +98,14 @@ def test_overwrite_replaces_the_old_data_set_without_stale_files(tmp_path):
     assert (out / "notes.txt").read_text() == "mine", "files ciae-synth did not write stay"
     img = cv2.imread(str(out / "images" / "000001.png"))[..., ::-1]
     assert np.array_equal(img, render_scene((5, 1), 64, 64)[0])
+
+
+def test_cli_sequence_styles(tmp_path):
+    import json
+
+    assert main(["--out", str(tmp_path / "t"), "--num", "3", "--size", "64x80", "--sequence", "--fps", "15"]) == 0
+    doc = json.loads((tmp_path / "t" / "panoptic.json").read_text())
+    assert doc["info"]["fps"] == 15.0 and "events" in doc["info"] and len(doc["images"]) == 3
+    assert main(["--out", str(tmp_path / "s"), "--num", "2", "--size", "64x64", "--sequence",
+                 "--sequence-style", "smooth"]) == 0
+    assert "events" not in json.loads((tmp_path / "s" / "panoptic.json").read_text())["info"]
