@@ -47,7 +47,8 @@ def child_env(large_data_profile: bool = False) -> dict:
 # upstream ROS 2 sources beside the checkout (../shared/ros2-src, tests only)
 # ----------------------------------------------------------------------------------------------
 
-ROS2_SRC = REPO.parent / "shared" / "ros2-src"
+# CIAE_ROS2_SRC: the sources elsewhere (e.g. a git worktree beside which there is no shared/)
+ROS2_SRC = pathlib.Path(os.environ.get("CIAE_ROS2_SRC") or REPO.parent / "shared" / "ros2-src")
 ROS2_SRC_CACHE = REPO / "build" / "ros2-src"
 
 
