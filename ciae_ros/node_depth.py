@@ -172,7 +172,7 @@ class CameraDepth:
         offer (``auto``) or ``reliability``; ``waiting_log(topic)`` once per topic without publisher."""
         from sensor_msgs.msg import CameraInfo, Image
 
-        from .qos import input_qos, offered_reliability, reliability_policy
+        from .qos import input_qos, offered_reliability, policy_name, reliability_policy
 
         for topic, msg_type, callback in ((self.depth_topic, Image, self.sync.add_depth),
                                           (self.info_topic, CameraInfo, self.sync.add_camera_info)):
@@ -191,6 +191,7 @@ class CameraDepth:
                 self.node.destroy_subscription(sub)
             self._subs[topic] = [self.node.create_subscription(msg_type, topic, callback, input_qos(wanted, 5)),
                                  wanted]
+            self.node.get_logger().info(f"subscribed to {topic} ({msg_type.__name__}, {policy_name(wanted)})")
 
     def destroy_subscriptions(self) -> None:
         for sub, _ in self._subs.values():

@@ -267,3 +267,154 @@ def test_run_time_settings_apply_from_the_next_frame(harness, scene):
     want = cloud_points(scene.pan, frame.depth, frame.intrinsics, cat, track, stride=8, image_rgb=scene.image)
     np.testing.assert_array_equal(back["rgb"], want["rgb"])
     assert back.size == want.size
+
+
+# --------------------------------------------------------------------------------------------
+# Across processes: the node (its own process) fed colour + depth + camera_info by a camera process
+# --------------------------------------------------------------------------------------------
+
+HC, WC = 480, 640  # images between processes at 640x480 (see ros_testing)
+DEPTH_TOPIC, INFO_TOPIC = "/camera/depth/image_raw", "/camera/camera_info"
+
+
+@pytest.fixture(scope="module")
+def depth_node(node_weights, tmp_path_factory):
+    """Node (depth_topic set, camera info by the sibling rule), RGB-D camera, client subscriptions."""
+    from types import SimpleNamespace
+
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from visualization_msgs.msg import MarkerArray
+
+    from ciae_ros.msg import CategoryArray, PanopticSegments
+    from ros_testing import NodeProcess, Publisher
+
+    client = Client("ciae_test_depth_node_client")
+    out = SimpleNamespace(
+        client=client, segments=client.subscribe(PanopticSegments, "/panoptic/segments"),
+        markers=client.subscribe(MarkerArray, "/panoptic/markers"),
+        diagnostics=client.subscribe(DiagnosticArray, "/diagnostics"),
+        categories=client.subscribe(CategoryArray, "/panoptic/categories", QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)))
+    node = NodeProcess(tmp_path_factory.mktemp("depth_node") / "node.log", node_weights,
+                       params={"input_size": 320, "diagnostics_period": 0.5, "depth_topic": "camera/depth/image_raw"})
+    cam = None
+    try:
+        node.wait_ready(out.categories)
+        cam = Publisher("/camera/image_raw")
+        cam.rgbd_advertise(DEPTH_TOPIC, INFO_TOPIC)
+        for which in ("image", "depth", "info"):  # the node subscribes once it sees each publisher (<= 1 s)
+            assert cam.wait_subscribers(1, timeout=60, which=which) >= 1, f"the node did not subscribe ({which})"
+        out.node, out.cam = node, cam
+        # a sample published right after the publisher saw the subscription can wait for a reliable
+        # re-send (heartbeat period): until one frame has 3-D, later frames may lack their camera info
+        deadline = time.monotonic() + 180
+        while not _send(out).depth_frame_id:
+            assert time.monotonic() < deadline, f"no frame with 3-D\n{node.log()[-3000:]}"
+        yield out
+    finally:
+        if cam is not None:
+            cam.close()
+        rc = node.stop()
+        client.close()
+        assert rc == 0, f"node exit status {rc}:\n{node.log()[-3000:]}"
+
+
+_stamps = iter(range(1, 10_000))
+
+
+def _send(env, seed: int = 7, timeout: float = 120.0, **opts):
+    """Publish one RGB-D frame; the node's segments message for it."""
+    stamp = (2000 + next(_stamps), 777)
+    env.cam.rgbd(HC, WC, stamp, seed=seed, **opts)
+    msg = env.segments.wait_for(lambda m: (m.header.stamp.sec, m.header.stamp.nanosec) == stamp, timeout=timeout)
+    assert msg is not None, f"no segments for the frame {stamp}\n{env.node.log()[-3000:]}"
+    return msg
+
+
+def _camera_diag(env, predicate, timeout: float = 30.0):
+    from ros_testing import diagnostics_values
+
+    since = len(env.diagnostics)  # a message published after the frames in question
+    msg = env.diagnostics.wait_for(lambda m: predicate(diagnostics_values(m, ": /camera/image_raw") or {}),
+                                   timeout=timeout, since=since)
+    assert msg is not None, f"diagnostics never matched\n{env.node.log()[-3000:]}"
+    return msg, diagnostics_values(msg, ": /camera/image_raw")
+
+
+def test_node_3d_across_processes_is_the_librarys_and_near_the_rendered_truth(depth_node):
+    from ciae_core.synth_depth import segment_truth
+    from ciae_ros.image_conversion import image_msg_to_array
+
+    env = depth_node
+    msg = _send(env)
+    ids = image_msg_to_array(msg.id_image)
+    with_3d = [s for s in msg.segments if s.has_3d]
+    assert msg.depth_frame_id == "camera_depth_optical_frame" and len(with_3d) >= 3, env.node.log()[-2000:]
+    sc = rgbd_scene(7, HC, WC)
+    sent = metres_to_uint16(sc.measured)  # what the camera sent (16UC1, mm)
+    ref = SegmentDepth()(ids, sent, sc.render.K, ids=[s.id for s in msg.segments])
+    for s in msg.segments:  # exactly what the library computes from the node's masks and our depth
+        r = ref.row(s.id)
+        assert s.has_3d == bool(ref.has_3d[r]), s.id
+        if s.has_3d:
+            assert [s.centroid.x, s.centroid.y, s.centroid.z] == pytest.approx(ref.centroid[r].tolist(), abs=1e-6)
+    # against the rendered truth of the node's own segments (exact depth, whole masks)
+    e = geometry_errors(ref, segment_truth(sc.render.depth, ids, sc.render.K, ids=ref.ids))
+    assert np.median(e["centroid"]) < 0.02 and np.median(e["size"]) < 0.10, e
+    _, values = _camera_diag(env, lambda v: int(v.get("frames_3d", 0)) >= 1)
+    assert values["depth_topic"] == DEPTH_TOPIC and values["camera_info_topic"] == INFO_TOPIC
+
+
+def test_node_bad_depth_across_processes_keeps_2d_deletes_markers_counts(depth_node):
+    env = depth_node
+    good = _send(env)
+    things = {s.id for s in good.segments if s.isthing and s.has_3d}
+    assert things
+    stamp = (good.header.stamp.sec, good.header.stamp.nanosec)
+    got = env.markers.wait_for(lambda m: any(k.header.stamp.sec == stamp[0] for k in m.markers), timeout=30)
+    assert got is not None
+    since = len(env.markers)
+    bad = _send(env, depth_hw=(HC // 2, WC // 2))  # depth of another size than the colour image
+    assert bad.segments and not any(s.has_3d for s in bad.segments) and bad.depth_frame_id == ""
+    assert [s.id for s in bad.segments] == [s.id for s in good.segments] and bad.id_image.data == good.id_image.data
+    deleted = env.markers.wait_for(lambda m: any(k.header.stamp.sec == bad.header.stamp.sec for k in m.markers),
+                                   timeout=30, since=since)
+    assert deleted is not None, "the markers of the good frame were never deleted"
+    assert _shown_after(m for _, m in env.markers.snapshot()) == {}
+    _, values = _camera_diag(env, lambda v: int(v.get("no_3d_depth_size_mismatch", 0)) >= 1)
+    assert "differs from the colour image" in env.node.log()
+
+
+def test_node_points_only_while_subscribed_across_processes(depth_node):
+    from sensor_msgs.msg import PointCloud2
+
+    from ciae_ros.image_conversion import image_msg_to_array
+
+    env = depth_node
+    _send(env)
+    _, values = _camera_diag(env, lambda v: int(v.get("frames_3d", 0)) >= 1)
+    assert values["point_clouds"] == "0", "no subscriber: no point cloud may be computed"
+    clouds = env.client.subscribe(PointCloud2, "/panoptic/points")
+    deadline = time.monotonic() + 120
+    cloud = None
+    while cloud is None and time.monotonic() < deadline:  # until the node has seen the subscription
+        msg = _send(env, seed=8)
+        cloud = clouds.wait_for(lambda m: m.header.stamp == msg.header.stamp, timeout=5)
+    assert cloud is not None, env.node.log()[-3000:]
+    sc = rgbd_scene(8, HC, WC)
+    ids = image_msg_to_array(msg.id_image)
+    cat, track = segment_tables(msg.segments)
+    want = cloud_points(ids, metres_to_uint16(sc.measured), depth_input_intrinsics(sc), cat, track, stride=4,
+                        segment_colors=segment_colour_table(msg.segments, SYNTH_CATEGORIES))
+    back = points_from_msg(cloud)
+    assert cloud.header.frame_id == "camera_depth_optical_frame" and back.size == want.size > 1000
+    for name in want.dtype.names:
+        np.testing.assert_array_equal(back[name], want[name], err_msg=name)
+    _camera_diag(env, lambda v: int(v.get("point_clouds", 0)) >= 1)
+
+
+def depth_input_intrinsics(sc):
+    from ciae_core.depth import Intrinsics
+
+    return Intrinsics.from_matrix(sc.render.K)
