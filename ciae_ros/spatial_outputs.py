@@ -57,6 +57,21 @@ def fill_segments_3d(msg, geometry: SegmentGeometry | None, frame_id: str) -> in
     return n
 
 
+def geometry_from_segments(segments) -> SegmentGeometry:
+    """The inverse of :func:`fill_segments_3d`: a :class:`SegmentGeometry` of ``Segment`` messages
+    (a received ``PanopticSegments``' segments; rows without 3-D hold NaN), for comparing with
+    ``ciae_core`` results."""
+    segs = list(segments)
+    geo = SegmentGeometry.empty([int(s.id) for s in segs])
+    for r, s in enumerate(segs):
+        if s.has_3d:
+            geo.has_3d[r], geo.points[r] = True, int(s.depth_points)
+            geo.centroid[r] = (s.centroid.x, s.centroid.y, s.centroid.z)
+            geo.size[r] = (s.size.x, s.size.y, s.size.z)
+            geo.min_distance[r] = s.min_distance
+    return geo
+
+
 def _marker_key(seg) -> tuple[str, int]:
     """(namespace, id) of a segment's box; its label uses ``<namespace without s>_labels``."""
     track = int(getattr(seg, "track_id", 0))

@@ -226,3 +226,23 @@ def test_markers_on_a_rendered_scene():
     assert {k for k in shown if k[0] == "segments"} == {("segments", t) for t in things}
     for t in things:
         assert shown[("segments", t)].pose.position.z == pytest.approx(r.thing_depth[t], rel=0.01)
+
+
+def test_geometry_from_segments_inverts_fill():
+    from ciae_ros.spatial_outputs import geometry_from_segments
+
+    _, pan, info = render_scene((1, 5), 120, 160)
+    r = render_depth(pan, info)
+    segs = [CoreSegment(s["id"], s["category_id"], "x", s["isthing"], 1.0, s["area"], tuple(s["bbox"])) for s in info]
+    msg = segments_msg(PanopticResult(pan, segs), Header())
+    depth = r.depth.copy()
+    depth[pan == info[0]["id"]] = np.nan  # one segment without 3-D
+    geo = SegmentDepth()(pan, depth, r.K, ids=[s.id for s in msg.segments])
+    fill_segments_3d(msg, geo, "cam")
+    back = geometry_from_segments(deserialize_message(serialize_message(msg), PanopticSegments).segments)
+    assert back.ids.tolist() == geo.ids.tolist() and back.has_3d.tolist() == geo.has_3d.tolist()
+    assert not back.has_3d.all() and back.has_3d.any()
+    np.testing.assert_array_equal(back.points, np.where(geo.has_3d, geo.points, 0))
+    np.testing.assert_allclose(back.centroid, geo.centroid, rtol=1e-6)  # NaN where no 3-D in both
+    np.testing.assert_allclose(back.size, geo.size, rtol=1e-6)
+    np.testing.assert_allclose(back.min_distance, geo.min_distance, rtol=1e-6)  # float32 in the message
