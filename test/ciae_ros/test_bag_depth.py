@@ -112,3 +112,28 @@ def test_depth_options_are_checked_against_the_bag(rgbd_bag, tmp_path):
     assert main(["--in", str(rgbd_bag), "--out", str(tmp_path / "o"), "--depth-topic", "/camera/depth/image_raw",
                  "--min-depth", "5", "--max-depth", "1"]) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_two_cameras_pair_by_the_nodes_rules(tmp_path):
+    from sensor_msgs.msg import CameraInfo
+
+    path = tmp_path / "two"
+    with BagWriter(path) as bag:
+        image, depth, _ = rgbd_messages({"seed": 0, "h": 32, "w": 32, "stamp": [1, 0]})
+        for cam in ("/cam1", "/cam2"):
+            bag.write_msg(f"{cam}/color/image_raw", image, 1)
+            bag.write_msg(f"{cam}/color/depth/image_raw", depth, 2)  # under the camera's namespace /camN/color/
+            bag.write_msg(f"{cam}/aligned_depth/image_raw", depth, 2)
+            bag.write_msg(f"{cam}/color/camera_info", CameraInfo(), 3)
+            bag.write_msg(f"{cam}/info", CameraInfo(), 4)
+    derived = plan_bag_file(path, depth=DepthOptions(depth_topic="depth/image_raw"))
+    assert derived.depth_pairs == {"/cam1/color/image_raw": ("/cam1/color/depth/image_raw", "/cam1/color/camera_info"),
+                                   "/cam2/color/image_raw": ("/cam2/color/depth/image_raw", "/cam2/color/camera_info")}
+    listed = plan_bag_file(path, depth=DepthOptions(depth_topics=["/cam1/aligned_depth/image_raw",
+                                                                  "/cam2/aligned_depth/image_raw"],
+                                                    camera_info_topics=["/cam1/info", "/cam2/info"]))
+    assert listed.depth_pairs == {"/cam1/color/image_raw": ("/cam1/aligned_depth/image_raw", "/cam1/info"),
+                                  "/cam2/color/image_raw": ("/cam2/aligned_depth/image_raw", "/cam2/info")}
+    assert "/cam1/color/panoptic/markers" in listed.outputs and "/cam2/color/panoptic/points" in listed.outputs
+    with pytest.raises(BagError, match="--depth-topic '/x' is absolute"):
+        plan_bag_file(path, depth=DepthOptions(depth_topic="/x"))
