@@ -37,9 +37,12 @@ segment's values are contiguous and sorted, and each percentile is a gather at
 (27 bits for 30 segments; float32 arithmetic keeps about 24 of them, 1 µm over a 20 m range).
 Where numba imports, one compiled pass (:mod:`ciae_core.depth_kernels`) reads the sampled pixels
 and writes the four keys of the used points only, over ranges fixed by ``max_depth`` and the ray
-grid, instead of ~25 numpy array passes; the four sorts and the gathers stay numpy (1.25x-1.4x
-faster than the numpy path on 640x480 frames under load; ``compiled=False`` forces the numpy path,
-which also takes frames of more than 4096 segments).
+grid, instead of ~25 numpy array passes; the sorts and the gathers stay numpy. The near
+distance (Eq. 4) then needs no full sort: the ``r + 1`` points of smallest z have norms at most
+``z_(r) * max|p|/z`` of the segment, so only norms below that bound can hold rank ``r`` and below,
+and only those (a few per cent on receding surfaces) are sorted. 1.2x-1.3x faster than the numpy
+path (CPU time on 640x480 frames under load); ``compiled=False`` forces the numpy path, which also
+takes frames of more than 4096 segments.
 
 Edge pixels of a mask see both the segment and what is behind or in front of it (registration
 error, flying pixels), so masks are eroded by ``erosion`` px before reading depth (a pixel is used
@@ -457,23 +460,46 @@ class SegmentDepth:
         scale = qmax / np.maximum(hi - lo, 1e-12)
         offset = -lo * scale
         keys = np.empty((4, rx.size * ry.size), np.uint32)
-        counts = np.empty(n, np.int64)
+        counts, rmax = np.empty(n, np.int64), np.empty(n, np.float32)
         zscale = np.float32(self.depth_scale if d.dtype == np.uint16 else 1.0)
         used = depth_kernels.point_keys(ids_map, d, inner, bool(self.erosion), s, first, lut, zscale,
                                         float(np.float32(self.min_depth)), zmax, rx, ry, shift, scale, offset,
-                                        keys, counts)
+                                        keys, counts, rmax)
         if used == 0:
             out.points = counts
             return out
         starts = np.cumsum(counts) - counts
         lo_p, hi_p = self.percentiles
         stats = []
-        for row, pcts in enumerate(((lo_p, 50.0, hi_p),) * 3 + ((self.near_percentile,),)):
+        for row in range(3):  # z, x, y
             key = keys[row, :used]
             key.sort()
-            stats.append(_order_statistics(key, starts, counts, pcts, shift, scale[row], offset[row]))
-        pz, px, py, near = stats
-        return self._finish(out, counts, pz, px, py, near[:, 0], intr)
+            stats.append(_order_statistics(key, starts, counts, (lo_p, 50.0, hi_p), shift, scale[row], offset[row]))
+        near = self._near(keys[0, :used], keys[3, :used], starts, counts, rmax, shift, scale, offset)
+        return self._finish(out, counts, *stats, near, intr)
+
+    def _near(self, z_sorted, norm_keys, starts, counts, rmax, shift, scale, offset) -> np.ndarray:
+        """Eq. 4 from a few norms: the ``r + 1`` points of smallest z (``r`` the upper rank of the near
+        percentile) have norms <= ``z_(r) * rmax``, so no norm above that bound is at rank <= ``r``;
+        only the keys below it are sorted (exact; usually a few per cent of the points)."""
+        last = np.maximum(counts - 1, 0)
+        r = np.minimum(np.floor(self.near_percentile / 100.0 * last).astype(np.int64) + 1, last)
+        mask = np.uint32((1 << shift) - 1)
+        at = np.minimum(starts + r, z_sorted.size - 1)  # (empty groups: any index, their bound is unused)
+        z_upper = ((z_sorted[at] & mask).astype(np.float64) + 1.0 - offset[0]) / scale[0]  # the bin's top
+        bound = z_upper * rmax.astype(np.float64) * (1.0 + 1e-5)
+        limit = np.minimum(bound * scale[3] + offset[3] + 2.0, float(mask)).astype(np.uint32)
+        cand, c_counts = np.empty_like(norm_keys), np.empty(counts.size, np.int64)
+        used = depth_kernels.near_candidates(norm_keys, shift, limit, cand, c_counts)
+        if np.any(c_counts[counts > 0] <= r[counts > 0]):  # cannot happen (the bound holds); never wrong
+            key = norm_keys.copy()
+            key.sort()
+            return _order_statistics(key, starts, counts, (self.near_percentile,), shift, scale[3], offset[3])[:, 0]
+        key = cand[:used]
+        key.sort()
+        # ranks are the full group's; positions within the group's candidates (its smallest norms)
+        return _order_statistics(key, np.cumsum(c_counts) - c_counts, counts, (self.near_percentile,), shift,
+                                 scale[3], offset[3])[:, 0]
 
     def _ray_axes(self, shape: tuple[int, int], intr: Intrinsics):
         """``(rx (W',), ry (H',), (max|rx|, max|ry|, max |p|/z))`` of the sampled columns and rows (float32)."""

@@ -43,7 +43,7 @@ def _jit(fn):
 
 @_jit
 def point_keys(ids, depth, inner, use_inner, stride, first, lut, zscale, zmin, zmax, rx, ry, shift, scale, offset,
-               keys, counts):
+               keys, counts, rmax):
     """One pass over the sampled pixels ``(i * stride, j * stride)``; returns how many were used.
 
     Args:
@@ -59,9 +59,11 @@ def point_keys(ids, depth, inner, use_inner, stride, first, lut, zscale, zmin, z
             offset`` of z, x, y, |p| (float32 arithmetic, ``q < 2^shift`` over the value ranges).
         keys: ``(4, H' W')`` uint32 output, rows z, x, y, |p|; the first ``used`` entries of each
             row are written. counts: ``(n,)`` int64 output, points per group (zeroed here).
+        rmax: ``(n,)`` float32 output, per group the largest ``|p| / z`` of its points (zeroed here).
     """
     n = counts.size
     counts[:] = 0
+    rmax[:] = 0
     h2, w2 = ry.size, rx.size
     sh = np.uint32(shift)
     sc0, sc1, sc2, sc3 = np.float32(scale[0]), np.float32(scale[1]), np.float32(scale[2]), np.float32(scale[3])
@@ -97,7 +99,32 @@ def point_keys(ids, depth, inner, use_inner, stride, first, lut, zscale, zmin, z
             keys[0, used] = hi | np.uint32(z * sc0 + of0)
             keys[1, used] = hi | np.uint32(z * xr * sc1 + of1)
             keys[2, used] = hi | np.uint32(z * yr * sc2 + of2)
-            keys[3, used] = hi | np.uint32(z * np.sqrt(yr2 + xr * xr) * sc3 + of3)
+            nf = np.sqrt(yr2 + xr * xr)
+            keys[3, used] = hi | np.uint32(z * nf * sc3 + of3)
+            if nf > rmax[g]:
+                rmax[g] = nf
             counts[g] += 1
             used += 1
     return used
+
+
+@_jit
+def near_candidates(keys, shift, limit, out, counts):
+    """The keys whose value part is at most their group's ``limit`` (``(n,)`` uint32), in order, into
+    ``out``; ``counts`` (``(n,)`` int64, zeroed here) per group. Returns how many.
+
+    ``SegmentDepth`` passes the norm keys and, per group, a bound above which none of the norms
+    up to the near percentile's rank can lie (module docstring of :mod:`ciae_core.depth`), so
+    only these few are sorted."""
+    counts[:] = 0
+    mask = np.uint32((1 << shift) - 1)
+    sh = np.uint32(shift)
+    c = 0
+    for k in range(keys.size):
+        key = keys[k]
+        g = key >> sh
+        if (key & mask) <= limit[g]:
+            out[c] = key
+            counts[g] += 1
+            c += 1
+    return c
