@@ -12,8 +12,13 @@ and gives two relative errors per segment with 3-D:
 * **3-D of the node's segments** (``depth``): the node's centroid and extent against the truth of
   the *same* pixels (its own mask) in the exact depth: what depth noise, registration error, mask
   erosion and sampling cost;
-* **end to end** (``end_to_end``): the node's centroid against the true segment it overlaps most
-  (IoU >= ``min_iou``): segmentation errors included.
+* **end to end** (``end_to_end``): the node's centroid and extent against the true segment it
+  overlaps most (IoU >= ``min_iou``): segmentation errors included.
+
+Extents are compared on the axes whose true extent exceeds 5 cm (a plate has no depth extent).
+Against its own mask the extent error is large where the model's mask takes in pixels of the
+surface behind (the truth of that mask then spans both surfaces, while the estimator erodes and
+takes 5-95 % percentiles): read the end-to-end extent as the useful figure.
 """
 
 from __future__ import annotations
@@ -126,7 +131,7 @@ def errors_against_truth(samples: list, truth_file: pathlib.Path, min_iou: float
 
     head, frame_of = _frame_index(truth_file)
     seq = synth_sequence(int(head["seed"]), int(head["height"]), int(head["width"]))
-    cen, size, e2e, frames = [], [], [], 0
+    cen, size, e2e, e2e_size, frames = [], [], [], [], 0
     for msg in samples:
         k = frame_of.get((msg.header.stamp.sec, msg.header.stamp.nanosec))
         if k is None:
@@ -144,8 +149,10 @@ def errors_against_truth(samples: list, truth_file: pathlib.Path, min_iou: float
             tid, iou = best.get(sid, (0, 0.0)) if has else (0, 0.0)
             j = rows.get(tid)
             if iou >= min_iou and j is not None and r.truth.has_3d[j]:
-                c = r.truth.centroid[j]
+                c, t_size = r.truth.centroid[j], r.truth.size[j]
                 e2e.append(float(np.linalg.norm(est.centroid[row] - c) / np.linalg.norm(c)))
+                axes = t_size > 0.05
+                e2e_size += (np.abs(est.size[row][axes] - t_size[axes]) / t_size[axes]).tolist()
         frames += 1
 
     def stats(v):
@@ -155,7 +162,7 @@ def errors_against_truth(samples: list, truth_file: pathlib.Path, min_iou: float
                 "n": len(v)}
 
     return {"frames_evaluated": frames, "depth_centroid": stats(cen), "depth_size": stats(size),
-            "end_to_end_centroid": stats(e2e), "min_iou": min_iou}
+            "end_to_end_centroid": stats(e2e), "end_to_end_size": stats(e2e_size), "min_iou": min_iou}
 
 
 def report_lines(r: dict | None) -> list[str]:
@@ -170,7 +177,8 @@ def report_lines(r: dict | None) -> list[str]:
     def fmt(s):
         return f"median {s['median_pct']} %, p90 {s['p90_pct']} % ({s['n']})" if s["n"] else "none"
 
-    lines += [f"- 3-D error against the rendered truth ({r['frames_evaluated']} frames): centroid "
-              f"{fmt(r['depth_centroid'])}, extent {fmt(r['depth_size'])} of the node's segments; end to end "
-              f"(true segment of IoU >= {r['min_iou']}) centroid {fmt(r['end_to_end_centroid'])}"]
+    lines += [f"- 3-D error against the rendered truth ({r['frames_evaluated']} frames), relative: end to end "
+              f"(the true segment of IoU >= {r['min_iou']}) centroid {fmt(r['end_to_end_centroid'])}, extent "
+              f"{fmt(r['end_to_end_size'])}; over the node's own masks centroid {fmt(r['depth_centroid'])}, extent "
+              f"{fmt(r['depth_size'])}"]
     return lines

@@ -17,8 +17,10 @@ Topics (resolved like the image topic; :func:`depth_topic_pairs`):
   and the camera info defaults to each image topic's sibling ``camera_info``.
 
 Depth and camera info subscriptions follow ``input_reliability`` like the image (``auto`` copies
-the publishers' offer), history 5 (the callbacks only store: :class:`~ciae_ros.depth_sync.DepthSynchronizer`
-keeps the last 16 depth frames and the latest camera info).
+the publishers' offer), history 10 for depth (a busy executor must not drop the depth frame of
+the colour frame being processed) and 5 for camera info; the callbacks only store: :class:`~ciae_ros.depth_sync.DepthSynchronizer` keeps the last
+:data:`DEPTH_HISTORY` depth frames (about a second at 30 Hz, longer than a frame's processing) and
+the latest camera info.
 
 Per processed colour frame: the depth frame of the nearest stamp within ``sync_tolerance`` is
 looked up (never waited for); a frame without usable depth is published without 3-D and counted
@@ -60,6 +62,9 @@ from ciae_core.depth import DepthError, SegmentDepth
 from .depth_input import FrameDepth, frame_geometry
 from .depth_sync import DepthSynchronizer, stamp_ns
 from .spatial_outputs import SegmentMarkers, detections_3d_msg, fill_segments_3d, segment_colour_table
+
+#: Depth frames the synchroniser keeps per camera (messages of 0.6-1.2 MB at 640x480).
+DEPTH_HISTORY = 32
 
 #: Parameters of this module that change at run time (the topics are read-only).
 RUNTIME_PARAMS = ("depth_scale", "min_depth", "max_depth", "sync_tolerance", "points_stride", "points_color",
@@ -149,7 +154,7 @@ class CameraDepth:
         from visualization_msgs.msg import MarkerArray
 
         self.node, self.depth_topic, self.info_topic = node, depth_topic, info_topic
-        self.sync = DepthSynchronizer(settings.sync_tolerance)
+        self.sync = DepthSynchronizer(settings.sync_tolerance, history=DEPTH_HISTORY)
         self.markers = SegmentMarkers(include_stuff=settings.markers_include_stuff)
         self.pub_markers = node.create_publisher(MarkerArray, prefix + "panoptic/markers", output_qos)
         self.pub_points = node.create_publisher(PointCloud2, prefix + "panoptic/points", output_qos)
@@ -174,8 +179,8 @@ class CameraDepth:
 
         from .qos import input_qos, offered_reliability, policy_name, reliability_policy
 
-        for topic, msg_type, callback in ((self.depth_topic, Image, self.sync.add_depth),
-                                          (self.info_topic, CameraInfo, self.sync.add_camera_info)):
+        for topic, msg_type, callback, depth in ((self.depth_topic, Image, self.sync.add_depth, 10),
+                                                 (self.info_topic, CameraInfo, self.sync.add_camera_info, 5)):
             sub, current = self._subs.get(topic, (None, None))
             if reliability == "auto":
                 wanted = offered_reliability(self.node.get_publishers_info_by_topic(topic))
@@ -189,7 +194,7 @@ class CameraDepth:
                 continue
             if sub is not None:
                 self.node.destroy_subscription(sub)
-            self._subs[topic] = [self.node.create_subscription(msg_type, topic, callback, input_qos(wanted, 5)),
+            self._subs[topic] = [self.node.create_subscription(msg_type, topic, callback, input_qos(wanted, depth)),
                                  wanted]
             self.node.get_logger().info(f"subscribed to {topic} ({msg_type.__name__}, {policy_name(wanted)})")
 

@@ -40,7 +40,7 @@ def test_demo_short_run(node_weights, tmp_path, capsys):
     r3 = report["3d"]
     assert r3["frames_3d"] >= 1 and r3["frames_evaluated"] >= 1, r3
     assert 0 < r3["depth_centroid"]["median_pct"] < 2.0 and r3["depth_centroid"]["n"] >= 3, r3
-    assert r3["end_to_end_centroid"]["n"] >= 1, r3
+    assert r3["end_to_end_centroid"]["n"] >= 1 and r3["end_to_end_size"]["n"] >= 1, r3
     assert "3-D error against the rendered truth" in (out / "report.md").read_text()
     with_3d = [m for _, m in segs if m.depth_frame_id]
     assert len(with_3d) == r3["frames_3d"] and with_3d[0].depth_frame_id == "camera_optical_frame"

@@ -57,10 +57,11 @@ def test_errors_of_true_masks_are_the_depth_pipelines(tmp_path):
     assert e["depth_size"]["median_pct"] < 10.0
     assert e["end_to_end_centroid"]["n"] == e["depth_centroid"]["n"], "true masks: every segment matches"
     assert e["end_to_end_centroid"]["median_pct"] == pytest.approx(e["depth_centroid"]["median_pct"], abs=0.01)
+    assert e["end_to_end_size"]["median_pct"] == pytest.approx(e["depth_size"]["median_pct"], abs=0.01)
     biased = errors_against_truth([_segments_for(1, Time(sec=10), bias=0.5)], truth)
     assert biased["depth_centroid"]["median_pct"] > 5 and biased["end_to_end_centroid"]["median_pct"] > 5
     line = report_lines({"frames_3d": 2, "frames_no_3d": 0, "markers": 2, "points": 2, **e})[1]
-    assert line.startswith("- 3-D error against the rendered truth (2 frames): centroid median")
+    assert line.startswith("- 3-D error against the rendered truth (2 frames), relative: end to end")
 
 
 def test_best_true_segment_by_iou():
