@@ -325,3 +325,50 @@ def geometry_errors(estimate: SegmentGeometry, truth: SegmentGeometry, min_exten
         near.append(abs(estimate.min_distance[e] - truth.min_distance[t]) / truth.min_distance[t])
     return {"centroid": np.asarray(cen), "size": np.asarray(size), "min_distance": np.asarray(near),
             "lost": np.asarray(lost, np.int64)}
+
+
+def write_depth_dataset(out_dir, seed: int = 0) -> int:
+    """Depth and intrinsics for every image of a data set written by :func:`ciae_core.synth.write_dataset`
+    (``ciae-synth --depth``); returns how many images got them.
+
+    For annotation ``NNNNNN`` of ``out_dir/panoptic.json``, from its panoptic PNG:
+
+    * ``depth/NNNNNN.png``: 16-bit PNG, millimetres, 0 = no return: what an RGB-D camera registered
+      to the image measures (:func:`render_depth` through :func:`simulate_sensor` with the seed
+      ``[seed, image_id]``), the format of ``16UC1`` depth with ``depth_scale`` 0.001;
+    * ``camera/NNNNNN.json``: ``K`` (3x3, pixel centres at integer coordinates), ``width``,
+      ``height``, ``depth_file``, ``depth_scale``, and ``truth``: per segment id ``has_3d``,
+      ``points``, ``centroid``, ``size``, ``min_distance`` (:func:`segment_truth` of the exact depth,
+      metres in the optical frame: x right, y down, z forward).
+    """
+    import json
+    import os
+
+    doc_path = os.path.join(out_dir, "panoptic.json")
+    with open(doc_path) as f:
+        doc = json.load(f)
+    os.makedirs(os.path.join(out_dir, "depth"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "camera"), exist_ok=True)
+    from .depth import metres_to_uint16
+
+    for ann in doc["annotations"]:
+        i, stem = int(ann["image_id"]), os.path.splitext(ann["file_name"])[0]
+        bgr = cv2.imread(os.path.join(out_dir, "panoptic", ann["file_name"]), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise SynthDepthError(f"cannot read {os.path.join(out_dir, 'panoptic', ann['file_name'])}")
+        rgb = bgr[..., ::-1].astype(np.int32)
+        pan = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+        r = render_depth(pan, ann["segments_info"])
+        measured = metres_to_uint16(simulate_sensor(r.depth, [seed, i]))
+        if not cv2.imwrite(os.path.join(out_dir, "depth", stem + ".png"), measured):
+            raise SynthDepthError(f"cannot write {os.path.join(out_dir, 'depth', stem + '.png')}")
+        t = r.truth
+        truth = [{"id": int(t.ids[k]), "has_3d": bool(t.has_3d[k]), "points": int(t.points[k]),
+                  "centroid": [float(v) for v in t.centroid[k]] if t.has_3d[k] else None,
+                  "size": [float(v) for v in t.size[k]] if t.has_3d[k] else None,
+                  "min_distance": float(t.min_distance[k]) if t.has_3d[k] else None} for k in range(t.ids.size)]
+        cam = {"image_id": i, "width": int(pan.shape[1]), "height": int(pan.shape[0]), "K": r.K.tolist(),
+               "depth_file": f"depth/{stem}.png", "depth_scale": 0.001, "truth": truth}
+        with open(os.path.join(out_dir, "camera", stem + ".json"), "w") as f:
+            json.dump(cam, f, indent=1)
+    return len(doc["annotations"])

@@ -23,6 +23,9 @@ Decisions (issue 16):
 * **Never mixed into recorded topics**: an output topic that the input bag already has (e.g. the
   live ``/panoptic/segments`` of a ``ciae-demo`` bag) is an error naming it; choose another
   ``--namespace`` (``--namespace /offline``), so live and offline results stay apart.
+* **3-D** with ``--depth-topic`` (or ``--depth-topics``): the recorded depth and camera info are
+  paired with each camera as the node pairs them, and ``panoptic/markers`` and ``panoptic/points``
+  are written too (:mod:`ciae_ros.bag_depth`).
 * **Tracked as by the node** (issue 14): thing segments get ``Segment.track_id`` from one tracker
   per camera (:mod:`ciae_ros.node_tracking`, the node's ``tracking_*`` defaults), in the bag's
   order; a camera whose stamps go back (a bag of several recordings) or whose frame_id changes
@@ -34,6 +37,7 @@ Needs ``rosbags`` (pure Python) and the rclpy message packages (for serialisatio
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import pathlib
 import re
@@ -41,6 +45,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .bag_depth import BagDepth, BagDepthError, DepthOptions, depth_pairs, output_topics
+from .depth_sync import stamp_ns
 from .image_conversion import ImageConversionError, compressed_to_rgb, image_to_rgb
 
 _LOG = logging.getLogger(__name__)
@@ -168,6 +174,7 @@ class BagPlan:
     categories_topic: str
     outputs: list[str]
     frames: int = 0  # image messages to segment (from the bag's index)
+    depth_pairs: dict = field(default_factory=dict)  # image topic -> (depth, camera info topic); {}: no 3-D
 
 
 def _base_topic(topic: str, msgtype: str) -> str:
@@ -199,10 +206,11 @@ def _chosen_inputs(connections, topics: list[str] | None) -> list[tuple[str, str
 
 
 def plan_bag(connections, topics: list[str] | None = None, namespace: str = "", overlay: bool = True,
-             source: str = "the input bag") -> BagPlan:
+             source: str = "the input bag", depth: DepthOptions | None = None) -> BagPlan:
     """Inputs and output topics of an offline run over a bag with ``connections`` (rosbags
     ``Connection``s); ``BagError`` (one line) when there is no camera image topic, when two cameras
-    would write the same outputs, or when an output topic already exists in the input bag."""
+    would write the same outputs, when an output topic already exists in the input bag, or when
+    ``depth`` names topics the bag lacks (:func:`ciae_ros.bag_depth.depth_pairs`)."""
     inputs = _chosen_inputs(connections, topics)
     if not inputs:
         raise BagError(f"{source} has no camera image topics (sensor_msgs/Image or CompressedImage, other than "
@@ -219,6 +227,16 @@ def plan_bag(connections, topics: list[str] | None = None, namespace: str = "", 
     outputs = []
     for prefix in cameras.values():
         outputs += [prefix + "panoptic/segments"] + ([prefix + "panoptic/overlay"] if overlay else [])
+    pairs = {}
+    if depth is not None and depth.enabled:
+        try:
+            pairs = depth_pairs(depth, cameras, len(bases) > 1, connections)
+        except BagDepthError as exc:
+            raise BagError(f"{source}: {exc}") from None
+        both = sorted({t for pair in pairs.values() for t in pair} & set(bases))
+        if both:
+            raise BagError(f"{both[0]} is a camera input and a depth or camera info topic: name the cameras with --topics")
+        outputs += output_topics(cameras, depth)
     categories_topic = ns + "/panoptic/categories"
     outputs.append(categories_topic)
     recorded = {c.topic for c in connections}
@@ -227,7 +245,8 @@ def plan_bag(connections, topics: list[str] | None = None, namespace: str = "", 
         raise BagError(f"{source} already has {', '.join(clash)}: ciae-bag does not write into recorded topics; "
                        "choose another --namespace, e.g. --namespace /offline")
     frames = sum(c.msgcount for c in connections if (c.topic, c.msgtype) in inputs)
-    return BagPlan(inputs=inputs, cameras=cameras, categories_topic=categories_topic, outputs=outputs, frames=frames)
+    return BagPlan(inputs=inputs, cameras=cameras, categories_topic=categories_topic, outputs=outputs, frames=frames,
+                   depth_pairs=pairs)
 
 
 def _open_reader(in_path: pathlib.Path):
@@ -243,12 +262,13 @@ def _open_reader(in_path: pathlib.Path):
     return reader
 
 
-def plan_bag_file(in_path, topics: list[str] | None = None, namespace: str = "", overlay: bool = True) -> BagPlan:
+def plan_bag_file(in_path, topics: list[str] | None = None, namespace: str = "", overlay: bool = True,
+                  depth: DepthOptions | None = None) -> BagPlan:
     """:func:`plan_bag` for the bag at ``in_path`` (reads only its index)."""
     in_path = pathlib.Path(in_path)
     reader = _open_reader(in_path)
     try:
-        return plan_bag(reader.connections, topics, namespace, overlay, source=f"input bag {in_path}")
+        return plan_bag(reader.connections, topics, namespace, overlay, source=f"input bag {in_path}", depth=depth)
     finally:
         reader.close()
 
@@ -282,6 +302,7 @@ class BagSummary:
     out: str = ""
     storage_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    depth: str = ""  # BagDepth.summary() of a run with 3-D
 
     def skip(self, reason: str, topic: str, timestamp: int, text) -> None:
         n = self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -299,7 +320,8 @@ class BagSummary:
                   else "tracking off")
         return (f"ciae-bag: {self.frames_read} frame(s) read from {', '.join(self.inputs)}, "
                 f"{self.segmented} segmented, "
-                f"{skipped} skipped{f' ({reasons})' if reasons else ''}; {self.segments} segment(s), {tracks}; wrote "
+                f"{skipped} skipped{f' ({reasons})' if reasons else ''}; {self.segments} segment(s), {tracks}; "
+                f"{self.depth + '; ' if self.depth else ''}wrote "
                 f"{', '.join(self.outputs)} to {self.out} ({files}) in {self.seconds:.1f} s")
 
 
@@ -313,15 +335,17 @@ def _progress(total: int, enabled: bool):
 def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, overlay: bool = True,
                 overlay_alpha: float = 0.5, model_name: str = "", model_version: str = "",
                 storage: str = "mcap", namespace: str = "", progress: bool = False, tracking: bool = True,
-                tracking_params: dict | None = None) -> BagSummary:
+                tracking_params: dict | None = None, depth: DepthOptions | None = None) -> BagSummary:
     """Run ``predictor`` over the camera images of ``in_path``; write inputs + outputs to ``out_path``.
 
-    Inputs and output names: :func:`plan_bag` (``topics``, ``namespace``, ``overlay``). Frames that
-    cannot be decoded or used are skipped and counted by reason. ``progress``: a tqdm bar on stderr
-    (only when stderr is a terminal). ``tracking``: thing segments get ``track_id`` as in the node
-    (:class:`ciae_ros.node_tracking.NodeTracking`: one tracker per camera, in the bag's order,
-    reset when a camera's frame_id changes or its stamps go back), with the node's ``tracking_*``
-    parameter defaults updated by ``tracking_params`` (``BagError`` if they are invalid).
+    Inputs and output names: :func:`plan_bag` (``topics``, ``namespace``, ``overlay``, ``depth``).
+    Frames that cannot be decoded or used are skipped and counted by reason. ``progress``: a tqdm
+    bar on stderr (only when stderr is a terminal). ``tracking``: thing segments get ``track_id`` as
+    in the node (:class:`ciae_ros.node_tracking.NodeTracking`: one tracker per camera, in the bag's
+    order, reset when a camera's frame_id changes or its stamps go back), with the node's
+    ``tracking_*`` parameter defaults updated by ``tracking_params`` (``BagError`` if they are
+    invalid). With ``depth``, a colour frame waits for its depth image
+    (:class:`ciae_ros.bag_depth.BagDepth`); outputs keep the colour image's record time.
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -336,14 +360,45 @@ def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, o
     t0 = time.monotonic()
     reader = _open_reader(in_path)
     try:
-        plan = plan_bag(reader.connections, topics, namespace, overlay, source=f"input bag {in_path}")
+        plan = plan_bag(reader.connections, topics, namespace, overlay, source=f"input bag {in_path}", depth=depth)
         summary = BagSummary(inputs=[t for t, _ in plan.inputs], outputs=plan.outputs, out=str(out_path),
                              tracking=tracker.enabled)
         inputs = set(plan.inputs)
+        bag_depth = BagDepth(plan.depth_pairs, plan.cameras, depth) if plan.depth_pairs else None
         with BagWriter(out_path, store, storage=storage) as out, _progress(plan.frames, progress) as bar, \
                 logging_redirect_tqdm(loggers=[_LOG]):
             from std_msgs.msg import Header
 
+            def segment(conn, timestamp: int, msg) -> None:
+                compressed = conn.msgtype.endswith("CompressedImage")
+                try:
+                    rgb = compressed_to_rgb(msg) if compressed else image_to_rgb(msg)
+                    hw = predictor.letterbox(rgb.shape[0], rgb.shape[1]).resized_size
+                except PredictorError as exc:
+                    summary.skip("bad_size", conn.topic, timestamp, exc)
+                    return
+                except ImageConversionError as exc:
+                    summary.skip(exc.reason, conn.topic, timestamp, exc)
+                    return
+                result = predictor(rgb, color="rgb", return_embeddings=tracker.wants_embeddings)
+                base = _base_topic(conn.topic, conn.msgtype)
+                tracker.update(base, result, msg.header)
+                header = _rclpy_header(msg.header)
+                prefix = plan.cameras[base]
+                ms = float(sum(predictor.timings.values()))
+                seg_msg = segments_msg(result, header, model_name, model_version, hw, ms)
+                extra = [] if bag_depth is None else bag_depth.outputs(base, seg_msg, result.id_map,
+                                                                        predictor.categories)
+                out.write_msg(prefix + "panoptic/segments", seg_msg, timestamp)
+                for topic, m in extra:
+                    out.write_msg(topic, m, timestamp)
+                if overlay:
+                    ov = render_overlay(rgb, result, predictor.categories, overlay_alpha)
+                    out.write_msg(prefix + "panoptic/overlay", numpy_to_image(ov, "bgr8", header=header), timestamp)
+                summary.segmented += 1
+                summary.segments += len(result.segments)
+
+            pending: collections.deque = collections.deque()  # colour frames waiting for their depth
             first = True
             for conn, timestamp, raw in reader.messages():
                 out.write(conn.topic, conn.msgtype, raw, timestamp)
@@ -351,39 +406,25 @@ def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, o
                     first = False
                     out.write_msg(plan.categories_topic,
                                   categories_msg(predictor.categories, model_name, Header()), timestamp)
-                if (conn.topic, conn.msgtype) not in inputs:
-                    continue
-                summary.frames_read += 1
-                bar.update(1)
-                msg = store.deserialize_cdr(raw, conn.msgtype)
-                compressed = conn.msgtype.endswith("CompressedImage")
-                try:
-                    rgb = compressed_to_rgb(msg) if compressed else image_to_rgb(msg)
-                    hw = predictor.letterbox(rgb.shape[0], rgb.shape[1]).resized_size
-                except PredictorError as exc:
-                    summary.skip("bad_size", conn.topic, timestamp, exc)
-                    continue
-                except ImageConversionError as exc:
-                    summary.skip(exc.reason, conn.topic, timestamp, exc)
-                    continue
-                result = predictor(rgb, color="rgb", return_embeddings=tracker.wants_embeddings)
-                tracker.update(_base_topic(conn.topic, conn.msgtype), result, msg.header)
-                header = _rclpy_header(msg.header)
-                prefix = plan.cameras[_base_topic(conn.topic, conn.msgtype)]
-                ms = float(sum(predictor.timings.values()))
-                out.write_msg(prefix + "panoptic/segments",
-                              segments_msg(result, header, model_name, model_version, hw, ms), timestamp)
-                if overlay:
-                    ov = render_overlay(rgb, result, predictor.categories, overlay_alpha)
-                    out.write_msg(prefix + "panoptic/overlay", numpy_to_image(ov, "bgr8", header=header), timestamp)
-                summary.segmented += 1
-                summary.segments += len(result.segments)
+                if bag_depth is not None and conn.topic in bag_depth.topics:
+                    bag_depth.feed(conn.topic, store.deserialize_cdr(raw, conn.msgtype))
+                elif (conn.topic, conn.msgtype) in inputs:
+                    summary.frames_read += 1
+                    bar.update(1)
+                    pending.append((conn, timestamp, store.deserialize_cdr(raw, conn.msgtype)))
+                while pending and (bag_depth is None or bag_depth.ready(
+                        _base_topic(pending[0][0].topic, pending[0][0].msgtype),
+                        stamp_ns(pending[0][2].header.stamp), pending[0][1], timestamp)):
+                    segment(*pending.popleft())
+            while pending:  # the bag ended: pair with what there is
+                segment(*pending.popleft())
     finally:
         reader.close()
     totals = tracker.totals()
     summary.tracks, summary.tracking_resets = totals["tracks"], totals["resets"]
     summary.storage_files = sorted(p.name for p in out_path.iterdir() if p.suffix in (".mcap", ".db3"))
     summary.seconds = time.monotonic() - t0
+    summary.depth = bag_depth.summary() if bag_depth is not None else ""
     return summary
 
 
@@ -447,9 +488,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "segments are tracked as by the node, one tracker per camera with its default tracking_* "
                     "parameters")
     ap.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"), help="output bag storage (default mcap)")
+    d = ap.add_argument_group("3-D from recorded depth (as the node: ciae_ros/bag_depth.py)")
+    d.add_argument("--depth-topic", default="", metavar="TOPIC", help="registered depth image topic (16UC1/32FC1); "
+                   "several cameras: a name under each camera's namespace (default: no 3-D)")
+    d.add_argument("--camera-info-topic", default="", metavar="TOPIC",
+                   help="CameraInfo topic (default: the image topic's sibling camera_info)")
+    d.add_argument("--depth-topics", nargs="+", default=[], metavar="TOPIC",
+                   help="several cameras: one depth topic per camera, in the order of their image topics")
+    d.add_argument("--camera-info-topics", nargs="+", default=[], metavar="TOPIC",
+                   help="several cameras: one CameraInfo topic per camera, in the order of their image topics")
+    d.add_argument("--depth-scale", type=float, default=0.001, help="metres per 16UC1 unit (default 0.001)")
+    d.add_argument("--min-depth", type=float, default=0.1, help="metres (default 0.1)")
+    d.add_argument("--max-depth", type=float, default=10.0, help="metres (default 10)")
+    d.add_argument("--sync-tolerance", type=float, default=0.02, help="seconds between colour and depth stamps")
+    d.add_argument("--points-stride", type=int, default=4, help="panoptic/points every n-th pixel (0: no points)")
+    d.add_argument("--markers-include-stuff", action="store_true", help="markers for stuff segments too")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar (there is none when stderr is not a "
                     "terminal)")
     return ap
+
+
+def depth_options(args) -> DepthOptions:
+    """The depth options of the command line (``BagError`` for a value out of range)."""
+    from .node_depth import DepthSettings
+
+    if args.depth_scale <= 0 or args.sync_tolerance < 0 or args.points_stride < 0:
+        raise BagError("--depth-scale must be > 0, --sync-tolerance >= 0 and --points-stride >= 0")
+    return DepthOptions(args.depth_topic, args.camera_info_topic, list(args.depth_topics), list(args.camera_info_topics),
+                        DepthSettings(args.depth_scale, args.min_depth, args.max_depth, args.sync_tolerance,
+                                      args.points_stride, "segment", args.markers_include_stuff))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         _LOG.error("output bag %s already exists; choose a new path", args.out)
         return 1
     try:
-        plan_bag_file(args.inp, args.topics, args.namespace, not args.no_overlay)
+        depth = depth_options(args)
+        plan_bag_file(args.inp, args.topics, args.namespace, not args.no_overlay, depth)
     except BagError as exc:
         _LOG.error("%s", exc)
         return 1
@@ -473,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(values)
         summary = process_bag(args.inp, args.out, model.predictor, topics=args.topics, overlay=not args.no_overlay,
                               model_name=model.name, model_version=model.version, storage=args.storage,
-                              namespace=args.namespace, progress=not args.quiet, tracking=not args.no_tracking)
+                              namespace=args.namespace, progress=not args.quiet, tracking=not args.no_tracking,
+                              depth=depth)
     except (NodeStartupError, BagError) as exc:
         _LOG.error("%s", exc)
         return 1

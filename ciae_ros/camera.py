@@ -6,9 +6,14 @@ Sources:
   Rendering costs ~0.1 s per 640x480 frame on one CPU core, so ``--clip N`` frames are rendered
   first and then played forwards and backwards at ``--rate`` (``--loop pingpong``, the default
   for synth: the motion reverses instead of every thing jumping back to its start, which would
-  look like new things to a tracker). ``--truth FILE`` writes one JSON line per published frame
-  (stamp and frame index, after a first line with the scene's seed, size and clip), from which
-  the demo's report re-renders the ground truth.
+  look like new things to a tracker). Like an RGB-D camera it also publishes the scene's metric
+  depth registered to the colour image (:func:`ciae_core.synth_depth.render_depth` through
+  ``simulate_sensor``: registration error, flying pixels, noise) on ``--depth-topic`` (``16UC1``
+  millimetres or ``32FC1`` metres, ``--depth-encoding``) and its ``CameraInfo`` (``K`` of the
+  rendering, no distortion) on ``--camera-info-topic``, both with the colour image's stamp and
+  ``frame_id``, published just before it (``--no-depth``: colour only). ``--truth FILE`` writes
+  one JSON line per published frame (stamp and frame index, after a first line with the scene's
+  seed, size and clip), from which the demo's reports re-render the ground truth.
 * a folder of images (``*.png``, ``*.jpg``, sorted by name), played in a loop;
 * a video file (anything OpenCV can read), played in a loop.
 
@@ -66,6 +71,19 @@ def play_index(n: int, count: int, loop: str) -> int:
         k = n % (2 * count - 2)
         return k if k < count else 2 * count - 2 - k
     return n % count
+def synth_depth(seed: int, height: int, width: int, clip: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """What an RGB-D camera measures of the ``synth`` frames 0..clip-1: ``(depths, K)``, each depth
+    ``(H, W)`` float32 metres (NaN: no return) through ``simulate_sensor`` seeded by the frame index."""
+    from ciae_core.synth_depth import render_depth, simulate_sensor
+
+    seq = synth_sequence(seed, height, width)
+    depths, k = [], None
+    for t in range(clip):
+        _, pan, info = seq.frame(t)
+        r = render_depth(pan, info, truth=False)
+        depths.append(simulate_sensor(r.depth, seed=t))
+        k = r.K
+    return depths, k
 
 
 def load_frames(source: str, size: tuple[int, int] | None, clip: int, seed: int = 0) -> list[np.ndarray]:
@@ -138,9 +156,43 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--frames", type=int, default=0, help="stop after publishing this many frames (0: no limit)")
     ap.add_argument("--large-data-profile", action="store_true",
                     help="load config/fastdds_large_data.xml (unless FASTDDS_DEFAULT_PROFILES_FILE is set)")
+    ap.add_argument("--depth-topic", default="", help="synth: depth image topic (default: <topic's parent>/depth/"
+                    "image_raw, e.g. /camera/depth/image_raw)")
+    ap.add_argument("--camera-info-topic", default="", help="synth: CameraInfo topic (default: <topic's parent>/"
+                    "camera_info, the sibling the node looks for)")
+    ap.add_argument("--depth-encoding", default="16UC1", choices=("16UC1", "32FC1"),
+                    help="synth: 16UC1 (millimetres, 0 = no return; default) or 32FC1 (metres, NaN = no return)")
+    ap.add_argument("--no-depth", action="store_true", help="synth: publish the colour image only")
     ap.add_argument("--truth", default="", metavar="FILE",
                     help="synth: write the stamp and frame index of every published frame to FILE (JSON lines)")
     return ap
+
+
+def _sibling(topic: str, name: str) -> str:
+    """``/camera/image_raw`` + ``camera_info`` -> ``/camera/camera_info``."""
+    parent = topic.rstrip("/").rsplit("/", 1)[0] if "/" in topic.strip("/") else ""
+    return f"{parent}/{name}" if parent or topic.startswith("/") else name
+
+
+def _depth_payloads(args, size: tuple[int, int]) -> tuple[list, np.ndarray] | tuple[None, None]:
+    """``([(data, step)], K)`` of the synth source's depth images, or ``(None, None)`` (no depth)."""
+    if args.source != "synth" or args.no_depth:
+        return None, None
+    from ciae_core.depth import metres_to_uint16
+    from ciae_core.synth_depth import SynthDepthError
+
+    t0 = time.monotonic()
+    try:
+        depths, k = synth_depth(args.seed, size[0], size[1], args.clip)
+    except SynthDepthError as exc:
+        _LOG.warning("publishing no depth: %s", exc)
+        return None, None
+    payloads = []
+    for d in depths:
+        a = np.ascontiguousarray(metres_to_uint16(d) if args.depth_encoding == "16UC1" else d.astype("<f4"))
+        payloads.append((array.array("B", a.tobytes()), a.shape[1] * a.itemsize))
+    _LOG.info("rendered the depth of %d frames in %.1f s", len(depths), time.monotonic() - t0)
+    return payloads, k
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             data, step = encode_frame(f, args.encoding)
             payloads.append((array.array("B", data), step, f.shape))
     loop = args.loop if args.loop != "auto" else ("pingpong" if args.source == "synth" else "repeat")
+    depth_payloads, k = _depth_payloads(args, frames[0].shape[:2])
     try:
         truth = open(args.truth, "w") if args.truth else None  # noqa: SIM115 - open for the whole run
     except OSError as exc:
@@ -182,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if truth is not None:
         truth.write(json.dumps({"source": args.source, "seed": args.seed, "width": frames[0].shape[1],
                                 "height": frames[0].shape[0], "clip": len(frames), "frame_id": args.frame_id,
-                                "loop": loop}) + "\n")
+                                "loop": loop,
+                                "depth_encoding": None if depth_payloads is None else args.depth_encoding}) + "\n")
     with rclpy.init(args=["ciae_camera"]):
         node = rclpy.create_node("ciae_camera")
         qos = input_qos(reliability_policy(args.reliability), depth=1)
@@ -190,6 +244,19 @@ def main(argv: list[str] | None = None) -> int:
             pub = node.create_publisher(CompressedImage, args.topic + "/compressed", qos)
         else:
             pub = node.create_publisher(Image, args.topic, qos)
+        if depth_payloads is not None:
+            from sensor_msgs.msg import CameraInfo
+
+            from .depth_input import camera_info_msg
+
+            # history 5, not 1: a reliable depth sample that lost a fragment on the way can still be
+            # re-sent after the next one was written (with 1, a quarter of the demo's frames had no depth)
+            dq = input_qos(reliability_policy(args.reliability), depth=5)
+            depth_pub = node.create_publisher(Image, args.depth_topic or _sibling(args.topic, "depth/image_raw"), dq)
+            info_pub = node.create_publisher(CameraInfo, args.camera_info_topic or _sibling(args.topic, "camera_info"),
+                                             dq)
+            _LOG.info("publishing depth (%s) on %s and camera info on %s", args.depth_encoding, depth_pub.topic_name,
+                      info_pub.topic_name)
         _LOG.info("publishing %d frame(s) of %s on %s at %.1f Hz (%s, %s)", len(frames), args.source,
                   pub.topic_name, args.rate, args.reliability, loop)
         period = 1.0 / args.rate
@@ -207,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                                 data=data)
                 msg.header.stamp = stamp
                 msg.header.frame_id = args.frame_id
+                if depth_payloads is not None:  # registered to the colour image: same stamp and frame
+                    ddata, dstep = depth_payloads[index]
+                    depth_pub.publish(Image(header=msg.header, height=shape[0], width=shape[1], is_bigendian=0,
+                                            encoding=args.depth_encoding, step=dstep, data=ddata))
+                    info_pub.publish(camera_info_msg(k, shape[0], shape[1], msg.header, CameraInfo))
                 pub.publish(msg)
                 if truth is not None:
                     truth.write(json.dumps({"stamp": [stamp.sec, stamp.nanosec], "frame": index}) + "\n")

@@ -12,11 +12,13 @@ What it does, on loopback DDS only (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` 
 3. runs the client here: subscribes to the camera image, ``/panoptic/segments``,
    ``/panoptic/overlay``, ``/panoptic/categories`` and ``/diagnostics``, records all of them into
    an MCAP rosbag, saves overlay PNGs, and measures camera-to-client latency (``header.stamp``
-   is the camera's publication time; all processes share the machine's clock);
+   is the camera's publication time; all processes share the machine's clock); with the ``synth``
+   source also depth, camera info, ``/panoptic/markers`` and ``/panoptic/points``
+   (:mod:`ciae_ros.demo_depth`: the camera publishes depth, the node gets ``depth_topic``);
 4. after ``--duration`` seconds of output stops everything and writes ``report.md`` /
    ``report.json`` (frames in/out, dropped, latency p50/p99, segments per frame; track ids, and
-   ID switches / IDF1 / MOTA against the synthetic ground truth: :mod:`ciae_ros.demo_tracking`)
-   to ``--out``.
+   ID switches / IDF1 / MOTA against the synthetic ground truth: :mod:`ciae_ros.demo_tracking`;
+   the 3-D error against the rendered ground truth: :mod:`ciae_ros.demo_depth`) to ``--out``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import numpy as np
 
 from ciae_core.cli.sizes import size_type
 
-from .demo_tracking import TRUTH_FILE, tracking_markdown
+from .demo_depth import DepthRecorder, camera_arguments, node_arguments, report_lines
+from .demo_tracking import tracking_markdown
 
 _LOG = logging.getLogger("ciae_demo")
 
@@ -135,13 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     logs = {name: open(out / f"{name}.log", "w") for name in ("node", "camera")}
     node_cmd = [sys.executable, "-m", "ciae_ros.node", "--ros-args", "-p", f"weights:={weights}",
                 "-p", f"device:={args.device}", "-p", f"engine:={args.engine}",
-                "-r", "image:=/camera/image_raw", "--log-level", "info"]
+                *node_arguments(args.source), "-r", "image:=/camera/image_raw", "--log-level", "info"]
     if args.input_size:
         node_cmd[-4:-4] = ["-p", f"input_size:={args.input_size}"]
     cam_cmd = [sys.executable, "-m", "ciae_ros.camera", args.source, "--topic", "/camera/image_raw",
-               "--rate", str(args.rate), "--size", args.size]
-    if args.source == "synth":  # the frame of every stamp: ground truth for the tracking report
-        cam_cmd += ["--truth", str(out / TRUTH_FILE)]
+               "--rate", str(args.rate), "--size", args.size, *camera_arguments(args.source, out)]
     _LOG.info("ROS_DOMAIN_ID=%s, loopback only; model %s", env["ROS_DOMAIN_ID"], weights)
     node = subprocess.Popen(node_cmd, env=env, stdout=logs["node"], stderr=subprocess.STDOUT)
     camera = subprocess.Popen(cam_cmd, env=env, stdout=logs["camera"], stderr=subprocess.STDOUT)
@@ -168,7 +169,7 @@ class _Recorder:
     """The demo client's subscription callbacks: every message goes to the bag as it arrives
     (serialized, ``raw=True``), and the counters the report needs are kept on the way."""
 
-    def __init__(self, out: pathlib.Path, png_every: float, duration: float):
+    def __init__(self, out: pathlib.Path, png_every: float, duration: float, depth: bool = False):
         from .bag import BagWriter
 
         self.out, self.png_every, self.duration = out, png_every, duration
@@ -177,6 +178,7 @@ class _Recorder:
         self.bag = BagWriter(out / "bag")
         self.last_png = 0.0
         self.first_output: float | None = None
+        self.depth = DepthRecorder(depth)
 
     def raw(self, topic: str, msgtype: str, handler=None):
         def cb(data: bytes):
@@ -198,6 +200,7 @@ class _Recorder:
         stats["latency_ms"].append((t - stamp) * 1e3)
         stats["segments_per_frame"].append(len(msg.segments))
         stats["inference_ms"].append(msg.inference_time_ms)
+        self.depth.on_segments(msg)
         if self.first_output is None:
             self.first_output = time.monotonic()
             _LOG.info("first segmentation received; recording for %.0f s", self.duration)
@@ -254,7 +257,7 @@ class _Recorder:
             client.create_subscription(DiagnosticArray, "/diagnostics",
                                        raw("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", self.on_diag),
                                        10, raw=True),
-        ]
+        ] + self.depth.subscribe(client, raw)
 
 
 def _record_until_done(rclpy, client, rec: _Recorder, args, node, camera) -> bool:
@@ -284,7 +287,7 @@ def _record_until_done(rclpy, client, rec: _Recorder, args, node, camera) -> boo
 def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_model: bool) -> dict | None:
     import rclpy
 
-    rec = _Recorder(out, args.png_every, args.duration)
+    rec = _Recorder(out, args.png_every, args.duration, depth=args.source == "synth")
     with rclpy.init(args=["ciae_demo_client"]):
         client = rclpy.create_node("ciae_demo_client")
         subs = rec.subscribe(client)
@@ -332,6 +335,7 @@ def _summary(rec: _Recorder, args, out: pathlib.Path, recorded: float, weights: 
         "engine": model_diag.get("engine", ""), "device": model_diag.get("device", ""),
         "tracking": _tracking(out), "tracking_resets": {k[len("tracking_resets_"):]: int(v) for k, v in
                                                          cam_diag.items() if k.startswith("tracking_resets_")},
+        "3d": rec.depth.summary(out),
     }
 
 
@@ -364,6 +368,7 @@ def _report_markdown(r: dict) -> str:
         f"(min {r['segments_per_frame']['min']}, max {r['segments_per_frame']['max']})",
         f"- overlay PNGs: {r['overlay_pngs']}; MCAP bag: `{r['bag']}` ({r['bag_messages']} messages)",
         tracking_markdown(r),
+        *report_lines(r.get("3d")),
     ]
     return "\n".join(lines) + "\n"
 

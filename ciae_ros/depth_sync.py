@@ -80,6 +80,13 @@ class DepthSynchronizer:
         self._lock = threading.Lock()
         self._counts: collections.Counter = collections.Counter()
 
+    def set_tolerance(self, tolerance: float) -> None:
+        """Change the tolerance (seconds) for the next :meth:`match` (a run-time parameter change)."""
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        with self._lock:
+            self.tolerance_ns = int(round(tolerance * 1e9))
+
     def add_depth(self, msg, stamp: int | None = None) -> None:
         """Remember a depth frame (``stamp`` in ns; default ``msg.header.stamp``)."""
         t = stamp_ns(msg.header.stamp) if stamp is None else int(stamp)

@@ -21,7 +21,8 @@ A thin layer over :class:`ciae_core.predictor.Predictor`:
   ``panoptic/overlay`` (bgr8, computed only while subscribed unless ``overlay: on``),
   ``panoptic/confidence`` (32FC1, advertised only while ``publish_confidence`` is on),
   ``panoptic/detections`` (``vision_msgs/Detection2DArray``, only when vision_msgs is importable),
-  ``panoptic/categories`` (transient local, once), ``/diagnostics``.
+  ``panoptic/categories`` (transient local, once), ``/diagnostics``; with ``depth_topic``, 3-D per
+  segment, ``panoptic/markers``, ``panoptic/points``, ``panoptic/detections_3d`` (:mod:`ciae_ros.node_depth`).
 * **Bad frames** never stop the node: they are skipped, counted per reason in /diagnostics and
   reported by a throttled warning.
 * **Lifecycle**: ``--lifecycle`` runs a managed node (model loaded in ``configure``, released in
@@ -49,11 +50,12 @@ import numpy as np
 
 from .image_conversion import ImageConversionError, compressed_to_rgb, image_to_rgb
 from .mailbox import LatestFrameMailbox
+from .node_depth import NodeDepth
 from .node_diagnostics import CameraStats, DiagnosticsBuilder, StageTimes
 from .node_model import ModelHandle, load_model, predictor_settings
 from .node_params import (PARAMS, SPECS, THRESHOLD_PARAMS, NodeStartupError, ParamSpec, _output_prefix,
-                          camera_topics_error, declare_parameters, read_parameters, settings_error,
-                          unknown_parameter_warnings, validate_value, warn_unknown_overrides)
+                          camera_topics_error, declare_parameters, depth_values_error, read_parameters,
+                          settings_error, unknown_parameter_warnings, validate_value, warn_unknown_overrides)
 from .node_tracking import NodeTracking
 
 __all__ = [  # the moved names stay importable from here (ciae-bag, tests, users of the node's pieces)
@@ -115,6 +117,7 @@ class _PanopticLogic:
         self._diag = DiagnosticsBuilder()
         self._vision_msgs = self._vision_msgs_available()
         self._tracking = NodeTracking(self._values, warn=self._warn, times=self._times)  # per camera, node_tracking
+        self._depth = NodeDepth(self, self._warn, self._times)
 
     @staticmethod
     def _vision_msgs_available() -> bool:
@@ -173,6 +176,7 @@ class _PanopticLogic:
                 cam.pub_detections = self.create_publisher(Detection2DArray, prefix + "panoptic/detections", oq)
             self._cameras.append(cam)
         self._set_confidence_publishers(bool(self._values["publish_confidence"]))
+        self._depth.create(self._values, [(c.topic, c.prefix) for c in self._cameras], oq, self._vision_msgs)
         self._stats = [CameraStats() for _ in self._cameras]
         self._pub_categories = self.create_publisher(CategoryArray, "panoptic/categories", self._latched_qos)
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id="")
@@ -205,6 +209,7 @@ class _PanopticLogic:
         if self._worker is not None:
             self._worker.join(timeout=30.0)
         self._worker = None
+        self._depth.stop()
 
     def _destroy_interfaces(self) -> None:
         for cam in self._cameras:
@@ -212,6 +217,7 @@ class _PanopticLogic:
                 if pub is not None:
                     self.destroy_publisher(pub)
         self._cameras = []
+        self._depth.destroy()
         for pub in (self._pub_categories, self._pub_diag):
             if pub is not None:
                 self.destroy_publisher(pub)
@@ -247,6 +253,7 @@ class _PanopticLogic:
             cam.reliability = wanted
             self.get_logger().info(f"subscribed to {topic} ({'CompressedImage' if compressed else 'Image'}, "
                                    f"{policy_name(wanted)})")
+        self._depth.update_subscriptions()
 
     # -- input ---------------------------------------------------------------------------------
     def _on_image(self, cam: int, msg, compressed: bool) -> None:
@@ -349,6 +356,7 @@ class _PanopticLogic:
 
         t0 = time.monotonic()
         msg = segments_msg(result, header, model.name, model.version, input_hw, infer_ms)
+        frame3d = self._depth.fill(cam.index, msg, result.id_map)  # None: no 3-D this frame
         t1 = time.monotonic()
         cam.pub_segments.publish(msg)
         t2 = time.monotonic()
@@ -367,6 +375,7 @@ class _PanopticLogic:
                     cam.pub_confidence.publish(conf)
         if cam.pub_detections is not None:
             cam.pub_detections.publish(detections_msg(result, header))
+        self._depth.publish(cam.index, frame3d, msg, image, result.id_map, model.predictor.categories)
 
     # -- parameters ------------------------------------------------------------------------------
     def _on_set_parameters(self, params):
@@ -387,7 +396,7 @@ class _PanopticLogic:
             if err:
                 return SetParametersResult(successful=False, reason=err)
             new[p.name] = p.value
-        if (err := settings_error(new)) is not None:  # across parameters (the tracker's settings)
+        if (err := settings_error(new) or depth_values_error(new)) is not None:  # across parameters
             return SetParametersResult(successful=False, reason=err)
         changed = {p.name for p in params if p.name in SPECS and new[p.name] != self._values[p.name]}
         if self._model is not None and any(SPECS[n].reloads_model for n in changed):
@@ -417,6 +426,7 @@ class _PanopticLogic:
         if "publish_confidence" in changed:
             self._set_confidence_publishers(bool(new["publish_confidence"]))
         self._tracking.configure(new)
+        self._depth.apply(new)
         self._values = new
         return SetParametersResult(successful=True)
 
@@ -443,7 +453,7 @@ class _PanopticLogic:
             bads = [collections.Counter(st.bad) for st in self._stats]
             errors = collections.Counter(self._errors)
         arr = self._diag.build(self.get_fully_qualified_name(), self.get_clock().now().to_msg(), self._cameras,
-                               self._stats, bads, errors, pct, self._model)
+                               self._stats, bads, errors, pct, self._model, self._depth.diagnostics())
         self._tracking.annotate(arr.status, range(len(self._cameras)))
         self._pub_diag.publish(arr)
 

@@ -4,8 +4,9 @@
 per reason), :class:`StageTimes` keeps a rolling window of per-stage latencies, and
 :class:`DiagnosticsBuilder` turns both, with the processing errors and the loaded model, into one
 ``diagnostic_msgs/DiagnosticArray`` per period: one status per camera (rates, counters, input
-reliability; WARN on no input or bad frames in the last period) and one for the model (identity,
-latency p50/p99 per stage, error totals; ERROR only while errors happen).
+reliability; WARN on no input or bad frames in the last period; with depth, its 3-D counters and
+WARN when frames went without 3-D in the period) and one for the model (identity, latency p50/p99
+per stage, error totals; ERROR only while errors happen).
 """
 
 from __future__ import annotations
@@ -62,14 +63,15 @@ class DiagnosticsBuilder:
         self._prev_errors = errors_total
 
     def build(self, name: str, stamp, cameras, stats: list[CameraStats], bads: list[collections.Counter],
-              errors: collections.Counter, latencies: dict[str, tuple[float, float]], model):
+              errors: collections.Counter, latencies: dict[str, tuple[float, float]], model, depth=None):
         """The ``DiagnosticArray`` of the period ending now.
 
         ``name``: the node's fully qualified name; ``stamp``: the header stamp; ``cameras``: objects
         with ``topic`` and ``reliability`` (rclpy policy or ``None``); ``bads``/``errors``: snapshots
         of ``CameraStats.bad`` and the error counter taken under the node's lock (the worker may add
         keys meanwhile); ``latencies``: :meth:`StageTimes.percentiles`; ``model``: the loaded
-        ``ModelHandle`` or ``None``.
+        ``ModelHandle`` or ``None``; ``depth``: per camera ``None`` or ``(values, warning)`` of its 3-D
+        (:meth:`ciae_ros.node_depth.CameraDepth.diagnostics`).
         """
         from diagnostic_msgs.msg import DiagnosticArray
 
@@ -80,7 +82,8 @@ class DiagnosticsBuilder:
         arr.header.stamp = stamp
         for k, (cam, st) in enumerate(zip(cameras, stats)):
             p = prev[k] if k < len(prev) else CameraStats()
-            arr.status.append(_camera_status(f"{name}: {cam.topic}", cam, st, bads[k], p, now, dt))
+            extra = depth[k] if depth and k < len(depth) else None
+            arr.status.append(_camera_status(f"{name}: {cam.topic}", cam, st, bads[k], p, now, dt, extra))
         arr.status.append(self._model_status(name, model, latencies, errors))
         self._prev = (now, [CameraStats(s.received, s.processed, s.dropped, b) for s, b in zip(stats, bads)])
         return arr
@@ -111,8 +114,9 @@ class DiagnosticsBuilder:
 
 
 def _camera_status(status_name: str, cam, st: CameraStats, bad: collections.Counter, p: CameraStats,
-                   now: float, dt: float):
-    """One camera's status: rates over the period ``dt`` since the counters ``p``, totals, level."""
+                   now: float, dt: float, depth: tuple[list, str | None] | None = None):
+    """One camera's status: rates over the period ``dt`` since the counters ``p``, totals, level;
+    ``depth``: the camera's 3-D values and the warning of the period (or ``None``)."""
     from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
     from .qos import policy_name
@@ -125,11 +129,15 @@ def _camera_status(status_name: str, cam, st: CameraStats, bad: collections.Coun
     vals += [(f"bad_{reason}", str(n)) for reason, n in sorted(bad.items())]
     vals.append(("input_reliability", "none (no publisher yet)" if cam.reliability is None
                  else policy_name(cam.reliability)))
+    depth_vals, depth_warn = depth or ([], None)
+    vals += depth_vals
     bad_now = sum(bad.values()) - sum(p.bad.values())
     if st.received == 0 or now - st.last_received > 5.0:
         status.level, status.message = DiagnosticStatus.WARN, "no input"
     elif bad_now > 0:
         status.level, status.message = DiagnosticStatus.WARN, f"{bad_now} bad frame(s) in the last period"
+    elif depth_warn:
+        status.level, status.message = DiagnosticStatus.WARN, depth_warn
     else:
         status.level, status.message = DiagnosticStatus.OK, "ok"
     status.values = [KeyValue(key=a, value=b) for a, b in vals]

@@ -79,6 +79,29 @@ PARAMS: tuple[ParamSpec, ...] = (
               int_range=(1, 2**31 - 1, 1)),
     ParamSpec("scale16_max", 65535, "16-bit input: this value maps to 255 (4095 for 12-bit cameras).",
               int_range=(1, 65535, 1)),
+    # 3-D from a registered depth image (issue 15; ciae_ros.node_depth)
+    ParamSpec("depth_topic", "", "Depth image registered to the colour image (16UC1 in depth_scale units or "
+              "32FC1 metres), e.g. camera/aligned_depth_to_color/image_raw, resolved like the image topic. Empty: "
+              "no 3-D. With image_topics: a relative name under each camera's namespace, unless depth_topics.",
+              read_only=True),
+    ParamSpec("camera_info_topic", "", "CameraInfo giving K of the depth image. Empty: the image topic's sibling "
+              "camera_info (camera/image_raw -> camera/camera_info). With image_topics: a relative name under each "
+              "camera's namespace, unless camera_info_topics.", read_only=True),
+    ParamSpec("depth_topics", [], "Several cameras: one depth topic per entry of image_topics, same order (empty: "
+              "depth_topic under each camera's namespace).", read_only=True),
+    ParamSpec("camera_info_topics", [], "Several cameras: one CameraInfo topic per entry of image_topics, same "
+              "order (empty: camera_info_topic under each camera's namespace, or each image topic's sibling "
+              "camera_info).", read_only=True),
+    ParamSpec("depth_scale", 0.001, "Metres per unit of 16UC1 depth (0.001: millimetres).", float_range=(1e-6, 1.0)),
+    ParamSpec("min_depth", 0.1, "Depth below this (metres) is no measurement (must be > 0 and < max_depth).",
+              float_range=(0.0, 1000.0)),
+    ParamSpec("max_depth", 10.0, "Depth beyond this (metres) is no measurement.", float_range=(0.0, 1000.0)),
+    ParamSpec("sync_tolerance", 0.02, "Largest |depth stamp - colour stamp| in seconds taken as the same instant; "
+              "a colour frame without depth that close is published without 3-D.", float_range=(0.0, 1.0)),
+    ParamSpec("points_stride", 4, "panoptic/points: every n-th pixel in both axes.", int_range=(1, 64, 1)),
+    ParamSpec("points_color", "segment", "Colour of panoptic/points: segment (the overlay's segment colours) or "
+              "image (the camera's).", choices=("segment", "image")),
+    ParamSpec("markers_include_stuff", False, "panoptic/markers: also boxes of stuff segments (ground, wall, ...)."),
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0),
               read_only=True),
     # tracking (ciae_ros.node_tracking); defaults = ciae_core.tracking.SegmentTracker's
@@ -212,6 +235,32 @@ def tracker_kwargs(values: dict) -> dict:
     return {kw: values[name] for name, kw in TRACKER_PARAMS.items()}
 
 
+def depth_values_error(values: dict) -> str | None:
+    """Checks across the 3-D parameters (``values``: name -> value), or ``None``: min_depth > 0
+    and below max_depth; depth_topics / camera_info_topics empty or one per entry of image_topics,
+    distinct; with several cameras a derived depth_topic / camera_info_topic must be relative (one
+    absolute name would be every camera's); camera_info_topics only with depth."""
+    if not 0.0 < values["min_depth"] < values["max_depth"]:
+        return f"need 0 < min_depth < max_depth, got min_depth {values['min_depth']}, max_depth {values['max_depth']}"
+    cams = list(values["image_topics"])
+    for name in ("depth_topics", "camera_info_topics"):
+        given = list(values[name])
+        if given and len(given) != len(cams):
+            return (f"{name} needs one topic per entry of image_topics ({len(cams)}), got {len(given)}"
+                    + ("" if cams else f": a single camera uses {name[:-1]}"))
+        if len(set(given)) != len(given) or any(not t for t in given):
+            return f"{name} must be distinct non-empty topic names, got {given}"
+    has_depth = bool(values["depth_topic"] or values["depth_topics"])
+    if values["camera_info_topics"] and not has_depth:
+        return "camera_info_topics is set but there is no depth (set depth_topic or depth_topics)"
+    if len(cams) > 1:
+        for name, listed in (("depth_topic", "depth_topics"), ("camera_info_topic", "camera_info_topics")):
+            if values[name].startswith(("/", "~")) and not values[listed]:
+                return (f"{name} {values[name]!r} is absolute, so every camera would read the same topic: give a "
+                        f"name relative to each camera's namespace or list {listed}")
+    return None
+
+
 def camera_topics_error(cameras) -> str | None:
     """Reason why several cameras cannot share one node, or ``None``.
 
@@ -269,6 +318,9 @@ def read_parameters(node) -> dict:
     err = settings_error(values)
     if err:
         raise NodeStartupError(f"invalid parameters: {err}")
+    err = depth_values_error(values)
+    if err:
+        raise NodeStartupError(f"invalid parameter: {err}")
     # the same checks on resolved names ('x' makes the prefix a valid topic name to resolve)
     resolve = node.resolve_topic_name
     err = camera_topics_error([(t, resolve(t), resolve(_output_prefix(t) + "x")[:-1])

@@ -165,3 +165,11 @@ def benchmark(height: int = 480, width: int = 640, stride: int = 4, num_segments
             times.append((time.perf_counter() - t0) * 1e3)
         n = pts.size
     return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)), "points": int(n)}
+
+
+def bench_rows(repeats: int = 200) -> list[dict]:
+    """The ROS layer's row of ``ciae-bench --spatial`` (registered as the entry point ``spatial`` of
+    the group ``ciae_core.bench_plugins``): :func:`benchmark` at stride 4, target 3 ms."""
+    r = benchmark(repeats=repeats)
+    return [{"row": "point cloud (panoptic/points)", "setup": f"640x480, stride 4, {r['points']} points, image colours, "
+             "PointCloud2 built", "median_ms": r["median_ms"], "min_ms": r["min_ms"], "target_ms": 3.0}]

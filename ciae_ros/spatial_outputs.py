@@ -16,7 +16,9 @@ Markers (``visualization_msgs/MarkerArray``), per camera, by :class:`SegmentMark
   track ids and segment ids never collide);
 * every marker published before and absent now is sent as ``DELETE`` in the same array: nothing
   is left stale when a segment vanishes, loses its 3-D or is filtered out; :meth:`SegmentMarkers.clear`
-  deletes everything (deactivation, shutdown).
+  deletes everything (deactivation, shutdown);
+* colours: the overlay's (:func:`ciae_core.visualize.segment_colors`: the category's hue, a shade per
+  instance, stable per track), so a box, its points and its overlay pixels share one colour.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from ciae_core.depth import SegmentGeometry
-
-from .conversions import instance_color
+from ciae_core.visualize import segment_colors
 
 _ADD, _DELETE = 0, 2  # visualization_msgs/Marker actions
 _CUBE, _TEXT = 1, 9  # visualization_msgs/Marker types
@@ -56,6 +57,21 @@ def fill_segments_3d(msg, geometry: SegmentGeometry | None, frame_id: str) -> in
     return n
 
 
+def geometry_from_segments(segments) -> SegmentGeometry:
+    """The inverse of :func:`fill_segments_3d`: a :class:`SegmentGeometry` of ``Segment`` messages
+    (a received ``PanopticSegments``' segments; rows without 3-D hold NaN), for comparing with
+    ``ciae_core`` results."""
+    segs = list(segments)
+    geo = SegmentGeometry.empty([int(s.id) for s in segs])
+    for r, s in enumerate(segs):
+        if s.has_3d:
+            geo.has_3d[r], geo.points[r] = True, int(s.depth_points)
+            geo.centroid[r] = (s.centroid.x, s.centroid.y, s.centroid.z)
+            geo.size[r] = (s.size.x, s.size.y, s.size.z)
+            geo.min_distance[r] = s.min_distance
+    return geo
+
+
 def _marker_key(seg) -> tuple[str, int]:
     """(namespace, id) of a segment's box; its label uses ``<namespace without s>_labels``."""
     track = int(getattr(seg, "track_id", 0))
@@ -82,15 +98,17 @@ class SegmentMarkers:
         self.lifetime = float(lifetime)
         self._published: set[tuple[str, int]] = set()
 
-    def update(self, msg, header, colors: dict[int, tuple[int, int, int]] | None = None):
+    def update(self, msg, header, categories=None):
         """``MarkerArray`` for ``msg`` (a ``PanopticSegments`` with its 3-D fields filled): ADD
         for every drawn segment, DELETE for every marker of the previous update not drawn now.
 
-        ``header``: frame (the depth frame) and stamp of the markers; ``colors``: category id ->
-        RGB 0-255 (the instances of a thing class get shades of it, as in the overlay)."""
+        ``header``: frame (the depth frame) and stamp of the markers; ``categories``: the model's
+        categories (``CategoryInfo`` or ids, in the model's order), which fix each category's
+        colour exactly as in the overlay (:func:`ciae_core.visualize.segment_colors` over all of
+        ``msg.segments``, with or without 3-D: an instance's shade depends on the others)."""
         from visualization_msgs.msg import MarkerArray
 
-        colors = colors or {}
+        colors = segment_colors(msg.segments, categories)
         arr = MarkerArray()
         current: set[tuple[str, int]] = set()
         for seg in msg.segments:
@@ -100,10 +118,7 @@ class SegmentMarkers:
             if key in current:
                 continue  # two segments of one track in a frame: the first wins
             current.add(key)
-            base = colors.get(int(seg.category_id), (128, 128, 128))
-            shade_id = key[1] if key[0] == "tracks" else int(seg.id)
-            rgb = instance_color(tuple(int(v) for v in base), shade_id, bool(seg.isthing))
-            arr.markers.extend(self._segment_markers(seg, key, header, rgb))
+            arr.markers.extend(self._segment_markers(seg, key, header, colors[seg.id]))
         for ns, mid in sorted(self._published - current):
             arr.markers.extend(self._delete(header, ns, mid))
         self._published = current
@@ -202,15 +217,13 @@ def detections_3d_msg(msg, header):
     return arr
 
 
-def segment_colour_table(segments, colors: dict[int, tuple[int, int, int]]) -> np.ndarray:
-    """``(max_id + 1, 3)`` uint8 display colour by segment id (category colour, per-instance shade
-    from the track id where tracked, as the markers): ``segment_colors`` of
-    :func:`ciae_ros.point_cloud.cloud_points`."""
+def segment_colour_table(segments, categories=None) -> np.ndarray:
+    """``(max_id + 1, 3)`` uint8 display colour by segment id, the overlay's and the markers'
+    (:func:`ciae_core.visualize.segment_colors`; ``categories`` as in :meth:`SegmentMarkers.update`):
+    ``segment_colors`` of :func:`ciae_ros.point_cloud.cloud_points`. Ids without a segment: black."""
     segs = list(segments)
-    top = max([int(s.id) for s in segs] + [0])
-    table = np.zeros((top + 1, 3), np.uint8)
-    for s in segs:
-        track = int(getattr(s, "track_id", 0))
-        base = colors.get(int(s.category_id), (128, 128, 128))
-        table[int(s.id)] = instance_color(tuple(int(v) for v in base), track if track > 0 else int(s.id), bool(s.isthing))
+    colors = segment_colors(segs, categories)
+    table = np.zeros((max([int(s.id) for s in segs] + [0]) + 1, 3), np.uint8)
+    for sid, rgb in colors.items():
+        table[int(sid)] = rgb
     return table

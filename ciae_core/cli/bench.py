@@ -19,6 +19,11 @@ imports nothing of ROS); without that registration the flag fails with one line,
 ``ciae-bench --tracking [...]``: the tracker's association variants on synthetic sequences
 (:mod:`ciae_core.cli.bench_tracking`).
 
+``ciae-bench --spatial [--repeats N] [--json FILE]``: the 3-D rows (issue 15): per-segment 3-D of
+:func:`ciae_core.depth.benchmark` (30 segments, 640x480; target 3 ms) and the rows of the ROS
+layer's entry point ``spatial`` (point cloud packing at stride 4; target 3 ms), with the load
+average at the time; without that registration the 3-D row alone, and a line saying why.
+
 Run as ``python -m ciae_core.cli.bench``.
 """
 
@@ -56,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ciae-bench", description="Latency of CIAE vs torchvision FCOS and Mask R-CNN "
                                 "(same process, inputs and threads; median and p90).",
                                 epilog="ciae-bench --node [...]: node overhead over real DDS "
-                                       "(see ciae-bench --node --help). ciae-bench --tracking [...]: tracker "
-                                       "association variants on synthetic sequences (see --tracking --help).")
+                                       "(see ciae-bench --node --help); ciae-bench --tracking [...]: tracker "
+                                       "association variants on synthetic sequences (see --tracking --help); "
+                                       "ciae-bench --spatial: 3-D per segment and point cloud packing.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="autocast precision on CUDA (torch engines; fp16 also enables TensorRT fp16)")
@@ -116,6 +122,47 @@ def _node_benchmark(argv: list[str]) -> int:
         print(f"ciae-bench --node: needs rclpy and the built ciae_ros messages ({e})", file=sys.stderr)
         return 2
     return node_main(argv)
+
+
+def _spatial_benchmark(argv: list[str]) -> int:
+    """``ciae-bench --spatial``: median and min per row against its target, with the load average."""
+    ap = argparse.ArgumentParser(prog="ciae-bench --spatial", description="Per-segment 3-D (ciae_core.depth) and "
+                                 "point cloud packing (the ROS layer's 'spatial' rows): median and min of --repeats.")
+    ap.add_argument("--repeats", type=int, default=200, help="timed calls per row (after one warm-up)")
+    ap.add_argument("--json", default="", help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    from ciae_core.depth import benchmark as depth_benchmark
+
+    load_before = os.getloadavg()
+    r = depth_benchmark(repeats=args.repeats)
+    rows = [{"row": "3-D per segment (SegmentDepth)", "setup": f"30 segments, 640x480, sample stride 2, erosion 1, "
+             f"{'compiled pass' if r['compiled'] else 'numpy path'}", "median_ms": r["median_ms"], "min_ms": r["min_ms"],
+             "target_ms": 3.0}]
+    note = ""
+    plugin = bench_plugin("spatial")
+    if plugin is None:
+        note = f"point cloud row: no ROS layer registered (ciae_ros provides the 'spatial' entry point of {PLUGIN_GROUP})"
+    else:
+        try:
+            rows += plugin.load()(repeats=args.repeats)
+        except ImportError as e:
+            note = f"point cloud row: needs rclpy and the ROS message packages ({e})"
+    load = [round(max(a, b), 2) for a, b in zip(load_before, os.getloadavg())]
+    print(f"ciae-bench --spatial ({os.cpu_count()} CPUs, load average {load[0]} / {load[1]} / {load[2]}, "
+          f"{args.repeats} calls per row)\n")
+    print("| row | setup | median ms | min ms | target ms |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['row']} | {row['setup']} | {row['median_ms']:.2f} | {row['min_ms']:.2f} | {row['target_ms']:g} |")
+    if note:
+        print(f"\n{note}")
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"load_average": load, "cpu_count": os.cpu_count(), "repeats": args.repeats,
+                                    "rows": rows, "note": note}, indent=1))
+    return 0
 
 
 def _checked(args: argparse.Namespace) -> tuple[list[int], list[str], list[str], list[str], torch.device]:
@@ -200,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         from ciae_core.cli import bench_tracking
 
         return bench_tracking.main(argv[1:])
+    if argv and argv[0] == "--spatial":
+        return _spatial_benchmark(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

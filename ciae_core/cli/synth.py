@@ -1,16 +1,20 @@
 """``ciae-synth``: write a synthetic COCO-panoptic data set (:mod:`ciae_core.synth`).
 
-``ciae-synth --out DIR --num N --size WIDTHxHEIGHT --seed S [--sequence] [--overwrite]`` writes
-``images/``, ``panoptic/`` and ``panoptic.json`` with :func:`ciae_core.synth.write_dataset`.
+``ciae-synth --out DIR --num N --size WIDTHxHEIGHT --seed S [--sequence] [--depth] [--overwrite]``
+writes ``images/``, ``panoptic/`` and ``panoptic.json`` with :func:`ciae_core.synth.write_dataset`.
 ``--sequence`` writes ``N`` frames of one moving scene: by default a
 :class:`ciae_core.synth_video.TrackingSequence` (look-alikes that cross and hide each other,
 things that leave and come back, speed changes; :func:`ciae_core.synth_video.write_tracking_sequence`,
 ``--fps`` recorded for the stamps), or with ``--sequence-style smooth`` the gently bouncing
 :class:`ciae_core.synth.SceneSequence` of the camera demo.
-A folder that is not empty is refused unless ``--overwrite``, which first removes the data-set
-files a previous run wrote there (``images/NNNNNN.png|jpg``, ``panoptic/NNNNNN.png``,
-``panoptic.json``), so old images never mix with new ones; other files are left alone. Exit codes:
-0 written, 2 a one-line error or bad arguments.
+``--depth`` also writes, per image, what a registered RGB-D camera measures, ``depth/NNNNNN.png``
+(16-bit, millimetres, 0 = no return) and ``camera/NNNNNN.json`` (``K`` and the 3-D ground truth
+per segment), with :func:`ciae_core.synth_depth.write_depth_dataset` (off by default: it renders
+every scene again). A folder that is not empty is refused unless ``--overwrite``, which first
+removes the data-set files a previous run wrote there (``images/NNNNNN.png|jpg``,
+``panoptic/NNNNNN.png``, ``depth/NNNNNN.png``, ``camera/NNNNNN.json``, ``panoptic.json``), so old
+images never mix with new ones; other files are left alone. Exit codes: 0 written, 2 a one-line
+error or bad arguments.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from ciae_core import synth
 from ciae_core.cli.sizes import size_type
 from ciae_core.synth import SynthError, write_dataset
 from ciae_core.synth_video import write_tracking_sequence
+from ciae_core.synth_depth import SynthDepthError
 
 _LOG = logging.getLogger("ciae-synth")
 # the files write_dataset writes, by folder (what --overwrite may remove)
-OWNED = {"images": re.compile(r"\d{6}\.(png|jpg)"), "panoptic": re.compile(r"\d{6}\.png")}
+OWNED = {"images": re.compile(r"\d{6}\.(png|jpg)"), "panoptic": re.compile(r"\d{6}\.png"),
+         "depth": re.compile(r"\d{6}\.png"), "camera": re.compile(r"\d{6}\.json")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--void-border", type=int, default=0,
                    help="void seam width in px at segment boundaries (independent scenes only)")
     p.add_argument("--workers", type=int, default=0, help="render in this many processes")
+    p.add_argument("--depth", action="store_true", help="also write depth/NNNNNN.png (16-bit millimetres, as a "
+                   "registered RGB-D camera measures it) and camera/NNNNNN.json (K, 3-D ground truth per segment)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the data set in a non-empty --out (its old images/, panoptic/ files and "
                         "panoptic.json are removed first; other files stay)")
@@ -60,7 +68,7 @@ def prepare_output(out: pathlib.Path, overwrite: bool) -> int:
     """Make sure ``out`` can receive a new data set; returns how many old files were removed.
 
     New or empty: nothing to do. Not empty: ``SynthError`` unless ``overwrite``, which removes the
-    files of :data:`OWNED` and ``panoptic.json`` (and ``images/``, ``panoptic/`` when that empties them).
+    files of :data:`OWNED` and ``panoptic.json`` (and each folder of :data:`OWNED` that this empties).
     """
     if out.exists() and not out.is_dir():
         raise SynthError(f"--out {out} is a file, not a directory")
@@ -113,10 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             kwargs = {} if args.sequence else {"void_border": args.void_border}
             path = write_dataset(args.out, args.num, height, width, args.seed, args.sequence,
                                  args.image_format, num_workers=args.workers, **kwargs)
-    except SynthError as e:
+        if args.depth:
+            from ciae_core.synth_depth import write_depth_dataset
+
+            write_depth_dataset(args.out, args.seed)
+    except (SynthError, SynthDepthError) as e:
         print(f"ciae-synth: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.num} {'frames' if args.sequence else 'scenes'} ({width}x{height}) to {path}")
+    print(f"wrote {args.num} {'frames' if args.sequence else 'scenes'} ({width}x{height}){' with depth' * args.depth} "
+          f"to {path}")
     return 0
 
 

@@ -82,9 +82,10 @@ def _reference(ids, depth, k, est: SegmentDepth, want):
     return out
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("erosion,stride,dtype", [(0, 1, np.float32), (1, 2, np.float32), (2, 1, np.uint16),
                                                   (1, 3, np.uint16)])
-def test_vectorised_equals_per_segment_reference(erosion, stride, dtype):
+def test_vectorised_equals_per_segment_reference(erosion, stride, dtype, compiled):
     rng = np.random.default_rng(erosion * 10 + stride)
     ids = rng.integers(0, 9, (15, 20)).repeat(8, 0).repeat(8, 1).astype(np.int32)  # 120x160, blocks
     ids[ids == 4] = 40  # ids not contiguous
@@ -92,8 +93,11 @@ def test_vectorised_equals_per_segment_reference(erosion, stride, dtype):
     depth_m[rng.random(ids.shape) < 0.1] = np.nan
     depth = metres_to_uint16(depth_m) if dtype == np.uint16 else depth_m.astype(np.float32)
     k = np.array([[100.0, 0, 80.0], [0, 110.0, 60.0], [0, 0, 1]])
-    est = SegmentDepth(erosion=erosion, sample_stride=stride, percentiles=(10.0, 90.0), near_percentile=5.0)
-    for want in (None, [40, 1, 2, 99], [5, 6, 7, 8]):
+    est = SegmentDepth(erosion=erosion, sample_stride=stride, percentiles=(10.0, 90.0), near_percentile=5.0,
+                       compiled=compiled)
+    if compiled and not est.compiled:
+        pytest.skip("numba is not installed: no compiled pass")
+    for want in (None, [40, 1, 2, 99], [5, 6, 7, 8], [7, 8, 9]):
         got = est(ids, depth, k, ids=want)
         ids_expected = sorted({int(v) for v in np.unique(ids[::stride, ::stride]) if v > 0}) if want is None else want
         ref = _reference(ids, depth, k, est, ids_expected)
@@ -225,6 +229,24 @@ def test_default_erosion_is_the_measured_choice(rendered_scenes):
     assert SegmentDepth().erosion == 1
     assert np.percentile(e1["min_distance"], 90) < 0.6 * np.percentile(e0["min_distance"], 90)
     assert np.median(e1["size"]) <= np.median(e0["size"]) + 0.01
+
+
+def test_compiled_and_numpy_paths_agree_on_a_rendered_scene_and_beyond_4096_segments():
+    if not SegmentDepth().compiled:
+        pytest.skip("numba is not installed: no compiled pass")
+    _, pan, info = render_scene((4, 2), 480, 640)
+    r = render_depth(pan, info)
+    for depth in (simulate_sensor(r.depth, 1), metres_to_uint16(simulate_sensor(r.depth, 1))):
+        a, b = SegmentDepth()(pan, depth, r.K), SegmentDepth(compiled=False)(pan, depth, r.K)
+        np.testing.assert_array_equal(a.points, b.points)
+        for name in ("centroid", "size", "min_distance"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-5, equal_nan=True)
+    many = np.arange(1, 5001, dtype=np.int32).repeat(4).reshape(100, 200)  # 5000 segments of 4 px
+    depth = np.full(many.shape, 2.0, np.float32)
+    a = SegmentDepth(erosion=0, sample_stride=1, min_points=1)(many, depth, K)
+    b = SegmentDepth(erosion=0, sample_stride=1, min_points=1, compiled=False)(many, depth, K)
+    assert a.ids.size == 5000 and a.has_3d.all() and (a.points == 4).all()
+    np.testing.assert_allclose(a.centroid, b.centroid, atol=1e-6)
 
 
 def test_benchmark_entry_reports_timings():

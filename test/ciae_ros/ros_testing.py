@@ -47,7 +47,8 @@ def child_env(large_data_profile: bool = False) -> dict:
 # upstream ROS 2 sources beside the checkout (../shared/ros2-src, tests only)
 # ----------------------------------------------------------------------------------------------
 
-ROS2_SRC = REPO.parent / "shared" / "ros2-src"
+# CIAE_ROS2_SRC: the sources elsewhere (e.g. a git worktree beside which there is no shared/)
+ROS2_SRC = pathlib.Path(os.environ.get("CIAE_ROS2_SRC") or REPO.parent / "shared" / "ros2-src")
 ROS2_SRC_CACHE = REPO / "build" / "ros2-src"
 
 
@@ -277,8 +278,19 @@ class Publisher:
             raise RuntimeError(f"publisher: {reply['error']}")
         return reply
 
-    def wait_subscribers(self, n: int = 1, timeout: float = 30.0) -> int:
-        return self.request({"op": "wait_subs", "n": n, "timeout": timeout}, timeout=timeout + 10)["count"]
+    def wait_subscribers(self, n: int = 1, timeout: float = 30.0, which: str = "image") -> int:
+        """Subscribers of the image topic (or of ``which``: ``depth`` / ``info`` after :meth:`rgbd_advertise`)."""
+        return self.request({"op": "wait_subs", "n": n, "timeout": timeout, "which": which},
+                            timeout=timeout + 10)["count"]
+
+    def rgbd_advertise(self, depth_topic: str, info_topic: str) -> dict:
+        """Also publish depth (``sensor_msgs/Image``) and ``CameraInfo`` on these topics (op ``rgbd``)."""
+        return self.request({"op": "rgbd_advertise", "depth_topic": depth_topic, "info_topic": info_topic})
+
+    def rgbd(self, h: int, w: int, stamp: tuple[int, int], seed: int = 0, **opts) -> dict:
+        """Publish depth, camera info and colour image of a rendered scene
+        (:func:`rgbd_testing.rgbd_messages`; ``opts``: its bad inputs)."""
+        return self.request({"op": "rgbd", "h": h, "w": w, "stamp": list(stamp), "seed": seed, **opts})
 
     def image(self, h: int, w: int, stamp: tuple[int, int], frame_id: str = "camera_optical_frame",
               encoding: str = "rgb8", **fields) -> dict:
@@ -493,10 +505,11 @@ def _publisher_main(topic: str, reliability: str, compressed: bool, depth: int) 
     import numpy as np
     import rclpy
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import CompressedImage, Image
+    from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
     out = sys.stdout
     cache: dict = {}
+    extra: dict = {}  # "depth", "info": publishers of the rgbd ops
     with rclpy.init(args=["ciae_test_camera"]):
         node = rclpy.create_node("ciae_test_camera")
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
@@ -536,9 +549,21 @@ def _publisher_main(topic: str, reliability: str, compressed: bool, depth: int) 
                     pass
                 elif op == "wait_subs":
                     deadline = time.monotonic() + cmd["timeout"]
-                    while pub.get_subscription_count() < cmd["n"] and time.monotonic() < deadline:
+                    target = extra.get(cmd.get("which"), pub)
+                    while target.get_subscription_count() < cmd["n"] and time.monotonic() < deadline:
                         rclpy.spin_once(node, timeout_sec=0.05)
-                    reply["count"] = pub.get_subscription_count()
+                    reply["count"] = target.get_subscription_count()
+                elif op == "rgbd_advertise":
+                    extra["depth"] = node.create_publisher(Image, cmd["depth_topic"], qos)
+                    extra["info"] = node.create_publisher(CameraInfo, cmd["info_topic"], qos)
+                elif op == "rgbd":
+                    from rgbd_testing import rgbd_messages
+
+                    image, depth_msg, info = rgbd_messages(cmd, cache)
+                    for key, m in (("depth", depth_msg), ("info", info)):
+                        if m is not None:
+                            extra[key].publish(m)
+                    pub.publish(image)
                 elif op == "image":
                     m = image_msg(cmd)
                     stamp(m, cmd)

@@ -92,3 +92,55 @@ def test_synth_camera_plays_forwards_and_backwards_and_names_each_frame(tmp_path
     np.testing.assert_array_equal(a[0], load_frames("synth", (48, 64), 3, seed=4)[0])
     things = [{s["id"] for s in info if s["isthing"]} for info in (a[2], b[2])]
     assert things[0] & things[1], "thing ids are the same things in every frame"
+
+
+def test_synth_camera_publishes_registered_depth_and_camera_info(tmp_path):
+    """The camera process publishes colour, depth and CameraInfo with one stamp and frame; depth is
+    the rendered scene's through the sensor model, K the rendering's; --truth names each frame."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("rclpy")
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from ciae_core.depth import metres_to_uint16
+    from ciae_ros.camera import synth_depth
+    from ciae_ros.image_conversion import image_msg_to_array
+    from ros_testing import REPO, Client, child_env
+
+    truth = tmp_path / "truth.jsonl"
+    client = Client("ciae_test_camera_client")
+    got = {t: client.subscribe(m, t) for t, m in (("/cam/image_raw", Image), ("/cam/depth/image_raw", Image),
+                                                   ("/cam/camera_info", CameraInfo))}
+    proc = subprocess.Popen([sys.executable, "-m", "ciae_ros.camera", "synth", "--topic", "/cam/image_raw",
+                             "--size", "64x48", "--clip", "3", "--rate", "5", "--duration", "120", "--seed", "2",
+                             "--frame-id", "cam_optical", "--truth", str(truth)], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def stamps(topic):
+            return {(m.header.stamp.sec, m.header.stamp.nanosec): m for _, m in got[topic].snapshot()}
+
+        deadline = time.monotonic() + 120
+        common = set()
+        while len(common) < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            common = set(stamps("/cam/image_raw")) & set(stamps("/cam/depth/image_raw")) & \
+                set(stamps("/cam/camera_info"))
+        assert len(common) >= 4, proc.stdout.read() if proc.poll() is not None else "too few frames"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        client.close()
+    lines = [json.loads(line) for line in truth.read_text().splitlines()]
+    assert lines[0]["seed"] == 2 and (lines[0]["width"], lines[0]["height"], lines[0]["clip"]) == (64, 48, 3)
+    frame_of = {tuple(d["stamp"]): d["frame"] for d in lines[1:]}
+    depths, k = synth_depth(2, 48, 64, 3)
+    images, infos = stamps("/cam/depth/image_raw"), stamps("/cam/camera_info")
+    for stamp in sorted(common):
+        depth, info = images[stamp], infos[stamp]
+        assert depth.header.frame_id == info.header.frame_id == "cam_optical" and depth.encoding == "16UC1"
+        np.testing.assert_array_equal(image_msg_to_array(depth), metres_to_uint16(depths[frame_of[stamp]]))
+        assert list(info.k) == k.ravel().tolist() and (info.height, info.width) == (48, 64)
+    assert len({frame_of[s] for s in common}) >= 2, "the clip plays in a loop"

@@ -45,3 +45,17 @@ def test_demo_short_run(node_weights, tmp_path, capsys):
     assert 0 <= gt["id_switches"] and -1.0 <= gt["mota"] <= 1.0 and 0.0 <= gt["idf1"] <= 1.0
     assert report["tracking_resets"] == {"frame_id": 0, "time_backwards": 0, "model": 0, "parameters": 0}
     assert "- tracking: " in (out / "report.md").read_text() and (out / "camera_truth.jsonl").is_file()
+    # 3-D (issue 15): the synthetic camera's depth reached the node; markers and points are in the bag
+    r3 = report["3d"]
+    assert r3["frames_3d"] >= 1 and r3["frames_evaluated"] >= 1, r3
+    assert 0 < r3["depth_centroid"]["median_pct"] < 2.0 and r3["depth_centroid"]["n"] >= 3, r3
+    assert r3["end_to_end_centroid"]["n"] >= 1 and r3["end_to_end_size"]["n"] >= 1, r3
+    assert "3-D error against the rendered truth" in (out / "report.md").read_text()
+    with_3d = [m for _, m in segs if m.depth_frame_id]
+    assert len(with_3d) == r3["frames_3d"] and with_3d[0].depth_frame_id == "camera_optical_frame"
+    markers = list(read_messages(out / "bag", "/panoptic/markers"))
+    points = list(read_messages(out / "bag", "/panoptic/points"))
+    assert len(markers) == r3["markers"] >= 1 and len(points) == r3["points"] >= 1
+    assert points[0][1].width > 100 and points[0][1].header.frame_id == "camera_optical_frame"
+    assert len(list(read_messages(out / "bag", "/camera/depth/image_raw"))) > 0
+    assert len(list(read_messages(out / "bag", "/camera/camera_info"))) > 0

@@ -66,6 +66,16 @@ def test_unmatched_reasons_are_counted():
     assert set(REASONS) == {"no_depth", "stamp_out_of_tolerance", "no_camera_info"}
 
 
+def test_tolerance_changes_at_run_time():
+    s = _sync(tolerance=0.01)
+    s.add_depth(_depth(100 * MS))
+    assert s.match(130 * MS).reason == "stamp_out_of_tolerance"
+    s.set_tolerance(0.05)
+    assert s.match(130 * MS).ok
+    with pytest.raises(ValueError):
+        s.set_tolerance(-0.1)
+
+
 def test_history_keeps_the_newest_frames_in_stamp_order():
     s = _sync(history=3, tolerance=0.001)
     for t in (10, 40, 20, 30, 50):  # out of order arrival

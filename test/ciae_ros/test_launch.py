@@ -136,7 +136,7 @@ def test_params_file_matches_declared_parameters():
             assert lo <= value <= hi and (value - lo) % step == 0
         if spec.float_range:
             assert spec.float_range[0] <= value <= spec.float_range[1]
-    missing = {p.name for p in PARAMS} - set(params) - {"image_topics"}  # an empty list has no YAML type
+    missing = {p.name for p in PARAMS if not isinstance(p.default, list)} - set(params)  # [] has no YAML type
     assert not missing, f"parameters missing from config/panoptic.yaml: {missing}"
 
 
@@ -173,6 +173,11 @@ def test_rviz_config_shows_overlay_and_camera():
     displays = data["Visualization Manager"]["Displays"]
     topics = {d["Topic"]["Value"] for d in displays if d["Class"] == "rviz_default_plugins/Image"}
     assert topics == {"/panoptic/overlay", "/camera/image_raw"}
+    by_class = {d["Class"]: d for d in displays}
+    assert by_class["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/panoptic/markers"
+    points = by_class["rviz_default_plugins/PointCloud2"]
+    assert points["Topic"]["Value"] == "/panoptic/points" and points["Color Transformer"] == "RGB8"
+    assert data["Visualization Manager"]["Global Options"]["Fixed Frame"] == "camera_optical_frame"  # ciae-demo
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,3 +88,27 @@ def test_tracking_values_are_checked_alone_and_together():
     assert err.startswith("need tracking_low_score <= tracking_high_score <= tracking_new_track_score"), err
     assert settings_error({**good, "tracking_max_age": 0.0}) == "tracking_max_age must be a number > 0, got 0.0"
     assert settings_error({**good, "tracking_high_score": 0.7, "tracking_new_track_score": 0.8}) is None
+
+
+def test_depth_parameters_are_checked_together():
+    from ciae_ros.node_params import SPECS, depth_values_error
+
+    base = {name: spec.default for name, spec in SPECS.items()}
+
+    def err(**kw):
+        return depth_values_error({**base, **kw})
+
+    assert err() is None and err(depth_topic="camera/aligned_depth_to_color/image_raw") is None
+    assert "0 < min_depth < max_depth" in err(min_depth=0.0)
+    assert "0 < min_depth < max_depth" in err(min_depth=5.0, max_depth=4.0)
+    cams = ["/cam1/image_raw", "/cam2/image_raw"]
+    assert err(image_topics=cams, depth_topics=["/cam1/depth"]) == \
+        "depth_topics needs one topic per entry of image_topics (2), got 1"
+    assert "a single camera uses depth_topic" in err(depth_topics=["/d"])
+    assert "distinct" in err(image_topics=cams, depth_topics=["/d", "/d"])
+    assert "there is no depth" in err(image_topics=cams, camera_info_topics=["/a", "/b"])
+    assert err(image_topics=cams, depth_topics=["/a", "/b"], camera_info_topics=["/c", "/d"]) is None
+    assert "is absolute" in err(image_topics=cams, depth_topic="/camera/depth")
+    assert "is absolute" in err(image_topics=cams, depth_topic="depth", camera_info_topic="/info")
+    assert err(image_topics=cams, depth_topic="depth/image_raw") is None
+    assert err(image_topics=cams[:1], depth_topic="/camera/depth") is None  # one camera: any name

@@ -1,10 +1,7 @@
 """ciae_ros.spatial_outputs: Segment 3-D fields, markers that never go stale, Detection3DArray."""
 
-import fcntl
-import hashlib
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -16,15 +13,16 @@ from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from ciae_core.depth import SegmentDepth, SegmentGeometry
-from ciae_core.structures import PanopticResult, Segment as CoreSegment
+from ciae_core.structures import CategoryInfo, PanopticResult, Segment as CoreSegment
 from ciae_core.synth import render_scene
 from ciae_core.synth_depth import render_depth
+from ciae_core.visualize import render_overlay
 from ciae_ros.conversions import segments_msg
 from ciae_ros.msg import PanopticSegments, Segment
 from ciae_ros.spatial_outputs import (SegmentMarkers, detection_id, fill_segments_3d, segment_colour_table)
+from ros_testing import REPO, ROS2_SRC, build_ros2_src_interfaces
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-COLORS = {1: (220, 40, 40), 2: (30, 170, 170), 13: (70, 130, 50)}
+CATS = [CategoryInfo(1, "disc", True), CategoryInfo(2, "box", True), CategoryInfo(13, "ground", False)]
 
 
 def _seg(sid, cat=1, isthing=True, track=0, has_3d=True, z=2.0, label="disc"):
@@ -91,7 +89,7 @@ def test_markers_are_deleted_when_their_segment_vanishes():
     # frame 1: untracked thing 1, tracked thing 2 (track 7), stuff 3, thing 4 without 3-D
     f1 = _frame(_seg(1), _seg(2, cat=2, track=7, label="box"), _seg(3, cat=13, isthing=False, label="ground"),
                 _seg(4, has_3d=False))
-    _apply(shown, markers.update(f1, header, COLORS))
+    _apply(shown, markers.update(f1, header, CATS))
     assert set(shown) == {("segments", 1), ("segment_labels", 1), ("tracks", 7), ("track_labels", 7)}
     box, label = shown[("tracks", 7)], shown[("track_labels", 7)]
     assert box.type == Marker.CUBE and label.type == Marker.TEXT_VIEW_FACING
@@ -101,14 +99,14 @@ def test_markers_are_deleted_when_their_segment_vanishes():
     assert label.text == "box #7 1.9 m" and label.pose.position.y < box.pose.position.y
     # frame 2: the tracked box is segment 1 now, the untracked disc is gone, a new thing 2 appears
     f2 = _frame(_seg(1, cat=2, track=7, label="box", z=2.2), _seg(2, z=3.0))
-    _apply(shown, markers.update(f2, header, COLORS))
+    _apply(shown, markers.update(f2, header, CATS))
     assert set(shown) == {("tracks", 7), ("track_labels", 7), ("segments", 2), ("segment_labels", 2)}
     assert shown[("tracks", 7)].pose.position.z == pytest.approx(2.2)  # the same marker moved
     # frame 3: the tracked box loses its 3-D, nothing else
-    _apply(shown, markers.update(_frame(_seg(1, cat=2, track=7, has_3d=False)), header, COLORS))
+    _apply(shown, markers.update(_frame(_seg(1, cat=2, track=7, has_3d=False)), header, CATS))
     assert shown == {} and markers.published == set()
     # frame 4: nothing at all -> nothing to add or delete
-    assert len(markers.update(_frame(), header, COLORS).markers) == 0
+    assert len(markers.update(_frame(), header, CATS).markers) == 0
 
 
 def test_stuff_markers_and_clear():
@@ -121,11 +119,29 @@ def test_stuff_markers_and_clear():
     assert shown == {} and markers.published == set()
 
 
-def test_marker_colours_follow_the_category():
-    m = SegmentMarkers().update(_frame(_seg(1, cat=2, track=3)), Header(), COLORS)
-    box = m.markers[0]
-    table = segment_colour_table([_seg(1, cat=2, track=3)], COLORS)
-    assert (round(box.color.r * 255), round(box.color.g * 255), round(box.color.b * 255)) == tuple(table[1])
+def test_marker_and_cloud_colours_are_the_overlays():
+    """Box colour == segment_colour_table == the overlay's pixel colour of the segment (alpha 1)."""
+    ids = np.zeros((40, 90), np.int32)
+    ids[5:35, 2:20], ids[5:35, 25:45], ids[5:35, 50:70], ids[:, 75:] = 1, 2, 3, 4
+    tracks = {1: 0, 2: 9, 3: 0, 4: 0}
+    core = [CoreSegment(1, 1, "disc", True, 0.9, 540, (2, 5, 18, 30)),
+            CoreSegment(2, 1, "disc", True, 0.9, 600, (25, 5, 20, 30)),
+            CoreSegment(3, 2, "box", True, 0.9, 600, (50, 5, 20, 30)),
+            CoreSegment(4, 13, "ground", False, 0.9, 600, (75, 0, 15, 40))]
+    for c in core:
+        c.track_id = tracks[c.id]  # what the tracker sets (issue 14)
+    result = PanopticResult(ids, core)
+    overlay = render_overlay(np.zeros((40, 90, 3), np.uint8), result, CATS, alpha=1.0, labels=False)
+    msg = _frame(*(_seg(c.id, cat=c.category_id, isthing=c.isthing, track=tracks[c.id]) for c in core))
+    shown = _apply({}, SegmentMarkers(include_stuff=True).update(msg, Header(), CATS))
+    table = segment_colour_table(msg.segments, CATS)
+    for c in core:
+        key = ("tracks", tracks[c.id]) if tracks[c.id] else ("segments", c.id)
+        box = shown[key]
+        rgb = (round(box.color.r * 255), round(box.color.g * 255), round(box.color.b * 255))
+        x, y = c.bbox[0] + 5, 20
+        assert rgb == tuple(table[c.id]) == tuple(int(v) for v in overlay[y, x, ::-1]), c.id
+    assert len({tuple(table[i]) for i in (1, 2, 3, 4)}) == 4
 
 
 def test_detection_ids():
@@ -134,38 +150,10 @@ def test_detection_ids():
 
 # --------------------------------------------------------------------------------------------
 # vision_msgs/Detection3DArray: vision_msgs is not installable from PyPI; build it from
-# ../shared/ros2-src/vision_msgs with rosidl (as scripts/setup.sh builds msg/) and run the check in
-# a process that has the built prefix on its paths. Skipped where the sources are absent.
+# ../shared/ros2-src/vision_msgs with rosidl (ros_testing.build_ros2_src_interfaces, as
+# scripts/setup.sh builds msg/) and run the check in a process that has the built prefix on its
+# paths. Skipped where the sources are absent.
 # --------------------------------------------------------------------------------------------
-
-ROS2_SRC = pathlib.Path(os.environ.get("CIAE_ROS2_SRC", REPO.parent / "shared" / "ros2-src"))
-
-
-def _build_interfaces(package: str) -> pathlib.Path:
-    """``build/ros2-src/<package>/install``, built once per source hash (a lock serialises builds)."""
-    src, venv = ROS2_SRC / package, pathlib.Path(sys.prefix)
-    digest = hashlib.sha256(str(venv).encode())
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        digest.update(str(f.relative_to(src)).encode() + f.read_bytes())
-    cache = REPO / "build" / "ros2-src" / package
-    prefix, build, marker = cache / "install", cache / "build", cache / "install" / ".complete"
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.is_file() and marker.read_text() == digest.hexdigest()[:16]:
-            return prefix
-        shutil.rmtree(prefix, ignore_errors=True)
-        shutil.rmtree(build, ignore_errors=True)
-        build.mkdir(parents=True)
-        env = {**os.environ, "AMENT_PREFIX_PATH": str(venv)}
-        for cmd in (["cmake", str(src), f"-DCMAKE_PREFIX_PATH={venv}", f"-DCMAKE_INSTALL_PREFIX={prefix}",
-                     f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF", "-DCMAKE_BUILD_TYPE=Release"],
-                    ["make", f"-j{os.cpu_count() or 1}"], ["make", "install"]):
-            res = subprocess.run(cmd, cwd=build, env=env, capture_output=True, text=True, timeout=3600)
-            assert res.returncode == 0, f"building {package}: {' '.join(cmd[:2])} failed:\n{(res.stdout + res.stderr)[-3000:]}"
-        marker.write_text(digest.hexdigest()[:16])
-    return prefix
-
 
 _DETECTIONS_CHECK = r"""
 import json, numpy as np
@@ -196,7 +184,7 @@ def test_detection3d_array_with_vision_msgs_built_from_source():
         pytest.skip(f"vision_msgs sources not found at {ROS2_SRC} (tests-only upstream sources)")
     if shutil.which("cmake") is None or shutil.which("make") is None:
         pytest.skip("cmake/make not installed")
-    prefix = _build_interfaces("vision_msgs")
+    prefix = build_ros2_src_interfaces("vision_msgs")
     site = prefix / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(site)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -238,3 +226,23 @@ def test_markers_on_a_rendered_scene():
     assert {k for k in shown if k[0] == "segments"} == {("segments", t) for t in things}
     for t in things:
         assert shown[("segments", t)].pose.position.z == pytest.approx(r.thing_depth[t], rel=0.01)
+
+
+def test_geometry_from_segments_inverts_fill():
+    from ciae_ros.spatial_outputs import geometry_from_segments
+
+    _, pan, info = render_scene((1, 5), 120, 160)
+    r = render_depth(pan, info)
+    segs = [CoreSegment(s["id"], s["category_id"], "x", s["isthing"], 1.0, s["area"], tuple(s["bbox"])) for s in info]
+    msg = segments_msg(PanopticResult(pan, segs), Header())
+    depth = r.depth.copy()
+    depth[pan == info[0]["id"]] = np.nan  # one segment without 3-D
+    geo = SegmentDepth()(pan, depth, r.K, ids=[s.id for s in msg.segments])
+    fill_segments_3d(msg, geo, "cam")
+    back = geometry_from_segments(deserialize_message(serialize_message(msg), PanopticSegments).segments)
+    assert back.ids.tolist() == geo.ids.tolist() and back.has_3d.tolist() == geo.has_3d.tolist()
+    assert not back.has_3d.all() and back.has_3d.any()
+    np.testing.assert_array_equal(back.points, np.where(geo.has_3d, geo.points, 0))
+    np.testing.assert_allclose(back.centroid, geo.centroid, rtol=1e-6)  # NaN where no 3-D in both
+    np.testing.assert_allclose(back.size, geo.size, rtol=1e-6)
+    np.testing.assert_allclose(back.min_distance, geo.min_distance, rtol=1e-6)  # float32 in the message

@@ -152,3 +152,36 @@ def test_bench_rejects_unknown_engine_specs(tmp_path, capsys):
     assert "engine openvino has no precision 'fp8'" in capsys.readouterr().err
     assert main(["--engines", "onnxruntime:bf16", "--json", str(tmp_path / "x.json")]) == 1
     assert "has no precision 'bf16'" in capsys.readouterr().err
+
+
+def test_spatial_mode_rows_with_and_without_the_ros_layer(capsys, tmp_path, monkeypatch):
+    """`ciae-bench --spatial`: the 3-D row always (ciae_core), the point cloud row through the
+    entry point `spatial` the ROS layer registers (a distribution record in tmp_path, as in the
+    --node tests); without it one line says why. Timings are not asserted (a loaded machine)."""
+    import sys
+
+    from ciae_core.cli import bench
+
+    out = tmp_path / "s.json"
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    _distribution(tmp_path, "ciae_bench_spatial_probe",
+                  "[ciae_core.bench_plugins]\nspatial = ciae_ros.point_cloud:bench_rows\n")
+    have_ros = True
+    try:
+        import rclpy  # noqa: F401
+    except ImportError:
+        have_ros = False
+    assert bench.main(["--spatial", "--repeats", "3", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    names = [r["row"] for r in doc["rows"]]
+    assert names[0] == "3-D per segment (SegmentDepth)" and "| 3-D per segment (SegmentDepth) |" in text
+    assert "load average" in text and len(doc["load_average"]) == 3
+    if have_ros:
+        assert names[1] == "point cloud (panoptic/points)" and "19200 points" in doc["rows"][1]["setup"]
+    for r in doc["rows"]:
+        assert 0 < r["min_ms"] <= r["median_ms"] and r["target_ms"] == 3.0
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "empty")])  # no package registers `spatial`
+    assert bench.bench_plugin("spatial") is None
+    assert bench.main(["--spatial", "--repeats", "2"]) == 0
+    assert "no ROS layer registered" in capsys.readouterr().out

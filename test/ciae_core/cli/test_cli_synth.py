@@ -109,3 +109,34 @@ def test_cli_sequence_styles(tmp_path):
     assert main(["--out", str(tmp_path / "s"), "--num", "2", "--size", "64x64", "--sequence",
                  "--sequence-style", "smooth"]) == 0
     assert "events" not in json.loads((tmp_path / "s" / "panoptic.json").read_text())["info"]
+
+
+def test_depth_flag_writes_registered_depth_k_and_truth(tmp_path):
+    from ciae_core.depth import SegmentDepth, metres_to_uint16
+    from ciae_core.synth_depth import geometry_errors, render_depth, segment_truth, simulate_sensor
+
+    out = tmp_path / "d"
+    assert main(["--out", str(out), "--num", "2", "--size", "160x120", "--seed", "3", "--depth"]) == 0
+    doc = json.loads((out / "panoptic.json").read_text())
+    for ann in doc["annotations"]:
+        i, stem = ann["image_id"], ann["file_name"][:-4]
+        depth = cv2.imread(str(out / "depth" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        cam = json.loads((out / "camera" / f"{stem}.json").read_text())
+        _, pan, infos = render_scene((3, i), 120, 160)
+        r = render_depth(pan, infos)
+        assert depth.dtype == np.uint16 and depth.shape == (120, 160)
+        np.testing.assert_array_equal(depth, metres_to_uint16(simulate_sensor(r.depth, [3, i])))
+        assert cam["K"] == r.K.tolist() and (cam["width"], cam["height"], cam["depth_scale"]) == (160, 120, 0.001)
+        assert cam["depth_file"] == f"depth/{stem}.png"
+        truth = segment_truth(r.depth, pan, r.K)
+        assert [t["id"] for t in cam["truth"]] == truth.ids.tolist()
+        for t, k in zip(cam["truth"], range(truth.ids.size)):
+            assert t["has_3d"] == bool(truth.has_3d[k]) and t["points"] == truth.points[k]
+            if t["has_3d"]:
+                assert t["centroid"] == pytest.approx(truth.centroid[k].tolist())
+                assert t["size"] == pytest.approx(truth.size[k].tolist())
+        # what a reader of the files gets: 3-D near the truth written beside it
+        e = geometry_errors(SegmentDepth()(pan, depth, np.array(cam["K"])), truth)
+        assert np.median(e["centroid"]) < 0.02
+    assert main(["--out", str(out), "--num", "1", "--size", "160x120", "--overwrite"]) == 0
+    assert not (out / "depth").exists() and not (out / "camera").exists(), "--overwrite removes the old depth"
