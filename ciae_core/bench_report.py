@@ -82,6 +82,14 @@ def markdown_tables(results: list[dict[str, Any]], ratio_rows: list[dict[str, An
             if device_level:
                 line += f" {_fmt(r.get('device_used_delta_mb'), '.0f')} |"
             lines.append(line)
+    timings = {}
+    for r in results:  # how each kind of row was timed (the rows' "timing" / "stages_timing")
+        if r.get("timing"):
+            timings.setdefault(f"{r['model']}/{r['engine']}", r["timing"])
+        if r.get("stages_timing"):
+            timings.setdefault("stages", r["stages_timing"])
+    if timings:
+        lines += [""] + [f"timing of {k}: {v}" for k, v in timings.items()]
     for r in failed:
         lines.append(f"\nfailed: {r['backbone']} {r['size']} {r['model']}/{r['engine']}: {r['error']}")
     return "\n".join(lines)

@@ -159,6 +159,9 @@ def plan(options: CheckOptions) -> list[Phase]:
         _bench("bench_fp16", work, [*dev, *groups, "--precision", "fp16"], 60),
         _bench("bench_fp32", work, [*dev, *groups, "--precision", "fp32"], 60),
     ]
+    if options.compile:  # ours' forward and FCOS's backbone + head compiled, CUDA graphs on
+        phases.append(_bench("bench_compile", work, [*dev, "--backbones", "r50", "--sizes", "800", "--precision",
+                                                     "bf16", "--compile"], 150, min_s=45.0))
     return phases
 
 

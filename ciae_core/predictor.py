@@ -130,7 +130,8 @@ class Predictor:
             (10-31 % faster there, module docstring), off for CUDA (no gain on an H100).
         cudnn_benchmark: None → on for CUDA.
         cuda_graphs: None → on for CUDA (torch engine): one CUDA graph per input shape.
-        compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; disables cuda_graphs).
+        compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; composes with
+            cuda_graphs: the compiled forward is warmed up, then captured like the eager one).
         input_size_range: ``(lo, hi)`` valid shorter sides (None: :func:`input_size_range`).
         providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime.
         onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime.
@@ -251,7 +252,7 @@ class Predictor:
                 torch.backends.cudnn.benchmark = True
             self._engine = _TorchEngine(model, self.device, precision,
                                         channels_last if channels_last is not None else not cuda, compile,
-                                        cuda_graphs=(cuda_graphs if cuda_graphs is not None else cuda) and not compile)
+                                        cuda_graphs=cuda_graphs if cuda_graphs is not None else cuda)
         else:
             onnx_path = weights if is_onnx else onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
             self.onnx_path = onnx_path

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format of all torch models, ours and the peers alike (auto: the Predictor's "
                         "default, channels_last on the CPU and not on CUDA)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="ours (torch): eager forward on CUDA")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="ours (torch) and FCOS: eager forward on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile ours' forward (torch engine) and FCOS's "
+                   "backbone + head (composes with the CUDA graphs)")
     p.add_argument("--threads", type=int, default=0, help="torch and onnxruntime CPU threads (0: torch default)")
     p.add_argument("--json", default="bench.json", help="output JSON path")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -142,7 +144,7 @@ def _run(args: argparse.Namespace, sizes, backbones, models, engines, device, co
 
     options = BenchOptions(warmup=args.warmup, repeats=args.repeats, detections=args.detections,
                            max_size=args.max_size, precision=args.precision, channels_last=args.channels_last,
-                           cuda_graphs=not args.no_cuda_graphs, threads=args.threads,
+                           cuda_graphs=not args.no_cuda_graphs, compile=args.compile, threads=args.threads,
                            ort_providers=args.ort_providers)
     results = []
     with tempfile.TemporaryDirectory(prefix="ciae-bench-") as tmp:
@@ -164,6 +166,7 @@ def _metadata(args: argparse.Namespace, device: torch.device, coco_images, synth
     meta = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "precision": args.precision, "torch": torch.__version__,
+            "compile": args.compile, "cuda_graphs": not args.no_cuda_graphs,
             "channels_last": channels_last_for(args.channels_last, device),
             "warmup": args.warmup, "repeats": args.repeats, "detections": args.detections,
             "images": len(coco_images), "image_sizes": [list(im.shape[:2]) for im in coco_images],
