@@ -3,8 +3,9 @@ id-map agreement (each run as its own phase by :mod:`ciae_core.gpu_check`, JSON 
 
 * :func:`environment` — versions, the device, and which of the hidden packages import.
 * :func:`sanity` — every ``ciae_core`` module imports; one tiny forward of the shipped model on
-  the device (eager call, CUDA-graph capture, replay); on CUDA, that autocast runs GroupNorm in
-  float32 (the heads' precision lever).
+  the device (eager call, CUDA-graph capture, replay); the static postprocess with the Triton
+  fusion against the eager postprocess on one frame (:func:`static_against_eager`); on CUDA,
+  that autocast runs GroupNorm in float32 (the heads' precision lever).
 * :func:`agreement` — the id maps of every precision and CUDA-graph path against fp32 eager on
   the same device, as the fraction of pixels whose segments match one to one
   (:func:`matched_agreement`): the shipped small model on rendered scenes (its domain) and on the
@@ -125,6 +126,43 @@ def _timed_calls(predictor, image, calls: int = 3) -> tuple[Any, float]:
     return result, ms
 
 
+def static_against_eager(device: str) -> dict[str, Any]:
+    """The shipped model's raw outputs for one rendered frame on ``device``, postprocessed by
+    :func:`ciae_core.static_postprocess.postprocess_static` (Triton fusion) and by
+    :func:`ciae_core.fusion.panoptic_from_raw`: equal id maps and tables? On the CPU (Triton's
+    interpreter, ~0.5 s per slot and 100k pixels) a smaller frame and 10 instance slots."""
+    import torch
+
+    from ciae_core.checkpoint import load_model
+    from ciae_core.fusion import panoptic_from_raw, split_panoptic
+    from ciae_core.static_postprocess import postprocess_static
+    from ciae_core.synth import render_scene
+
+    model = load_model(shipped_weights(), device=device).eval()
+    cfg = model.config
+    kw = dict(num_things=model.num_things, embedding_stride=model.branch_stride,
+              normalize_after_upsampling=model.embedding_stride == 1, score_threshold=cfg.score_threshold,
+              pre_nms_topk=cfg.pre_nms_topk, nms_threshold=cfg.nms_threshold,
+              detections_per_img=cfg.detections_per_img if device.startswith("cuda") else 10,
+              instance_score_threshold=cfg.instance_score_threshold, min_stuff_area=cfg.min_stuff_area,
+              stuff_area_reference=cfg.stuff_area_reference, min_visible_fraction=cfg.min_visible_fraction,
+              min_instance_area=cfg.min_instance_area, outside_box_value=cfg.outside_box_value)
+    sizes = [(240, 320)] if device.startswith("cuda") else [(120, 160)]
+    image = torch.from_numpy(render_scene(9, *sizes[0])[0]).permute(2, 0, 1).float()[None].to(device)
+    with torch.inference_mode():
+        raw = model.forward_raw(image)
+        want = panoptic_from_raw(raw, sizes, **kw)[0]
+        t0 = time.perf_counter()
+        static = postprocess_static(raw, torch.tensor(sizes, device=device), fusion="triton", **kw)
+        got = split_panoptic({k: v for k, v in static.items() if k != "converged"}, sizes)[0]
+        first_ms = (time.perf_counter() - t0) * 1e3
+    same = {k: bool(torch.equal(got[k], want[k])) for k in ("id_map", "ids", "labels", "areas", "boxes")}
+    same["scores"] = bool(torch.allclose(got["scores"], want["scores"], atol=1e-4, rtol=0))
+    agreement = matched_agreement(want["id_map"].cpu().numpy(), got["id_map"].cpu().numpy())
+    return {"equal": same, "matched_agreement": agreement, "converged": bool(static["converged"].all()),
+            "segments": int(want["ids"].numel()), "first_call_ms": round(first_ms, 1), "ok": all(same.values())}
+
+
 def sanity(device: str) -> dict[str, Any]:
     """Imports, one tiny forward of the shipped model on ``device``, and (CUDA) autocast's GroupNorm
     precision. ``ok`` is False when any of them failed."""
@@ -140,6 +178,13 @@ def sanity(device: str) -> dict[str, Any]:
     out["tiny_forward"] = {"segments": len(result.segments), "id_map_shape": list(result.id_map.shape),
                            "last_call_ms": round(ms, 3), "timings_ms": p.timings}
     ok = not out["import_failures"] and result.id_map.shape == scene.shape[:2] and len(result.segments) > 0
+    try:
+        out["static_postprocess"] = static_against_eager(device)
+        ok = ok and out["static_postprocess"]["ok"]
+    except Exception as e:  # noqa: BLE001 - reported; the other checks stand
+        logger.exception("static postprocess check")
+        out["static_postprocess"] = {"error": f"{type(e).__name__}: {e}"}
+        ok = False
     if device.startswith("cuda"):
         x = torch.randn(2, 8, 16, 16, device=device, dtype=torch.bfloat16)
         gn = torch.nn.GroupNorm(4, 8).to(device)
