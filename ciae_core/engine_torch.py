@@ -77,6 +77,13 @@ class _TorchEngine:
                     raw = self._fn(images)
             return {k: v.float() for k, v in raw.items()}
 
+    def forward_eager(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The forward without this engine's graphs (what a whole-call graph captures,
+        :mod:`ciae_core.full_graph`): the memory format and precision as configured, fp32 outputs."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self._eager(images)
+
     def _capture(self, images: torch.Tensor):
         caller_stream = torch.cuda.current_stream(self.device)
         try:

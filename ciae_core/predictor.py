@@ -39,7 +39,8 @@ Decisions (all constructor arguments):
   raw outputs, so everything after ``forward_raw`` is shared.
 * **CUDA path**: cudnn.benchmark, uint8 upload from a pinned staging buffer with an async copy,
   resize on the GPU, fusion and map-back on the GPU, then one device→host copy of all final id
-  maps (plus one for the small segment table).
+  maps (plus one for the small segment table). ``cuda_graphs="full"``: the whole call of a single
+  image in one CUDA graph (:mod:`ciae_core.full_graph`), the eager path as its fallback.
 
 Timings (``predictor.timings``, milliseconds of the last call): ``preprocess``, ``forward``,
 ``postprocess`` (proposal selection + fusion), ``map_back`` (resize to input resolution +
@@ -129,7 +130,13 @@ class Predictor:
         channels_last: run the torch engine in channels_last. None (default): on for the CPU
             (10-31 % faster there, module docstring), off for CUDA (no gain on an H100).
         cudnn_benchmark: None → on for CUDA.
-        cuda_graphs: None → on for CUDA (torch engine): one CUDA graph per input shape.
+        cuda_graphs: CUDA graphs (torch engine on CUDA; ignored on the CPU). None or True or
+            "forward" (the default on CUDA): one graph per input shape for the forward
+            (:mod:`ciae_core.engine_torch`), postprocess eager. "full": the whole call of a single
+            image in one graph per input shape (:mod:`ciae_core.full_graph`: fixed-size proposal
+            selection, Triton fusion, map back; the same results as the eager path, which
+            remains the fallback: first sighting of a shape, a frame whose NMS did not converge,
+            batches, ``return_confidence``, a failed capture). False: eager.
         compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; composes with
             cuda_graphs: the compiled forward is warmed up, then captured like the eager one).
         input_size_range: ``(lo, hi)`` valid shorter sides (None: :func:`input_size_range`).
@@ -151,7 +158,8 @@ class Predictor:
                  providers: Sequence[str] | None = None, trt_cache_dir: str | None = None, trt_fp16: bool = False,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
-                 mixed_size_batching: str = "group", cuda_graphs: bool | None = None, fusion_method: str = "auto",
+                 mixed_size_batching: str = "group", cuda_graphs: bool | str | None = None,
+                 fusion_method: str = "auto",
                  **thresholds):
         self.device = self._checked_engine_and_device(engine, precision, device)
         weights = self._resolved_weights(weights)
@@ -174,6 +182,7 @@ class Predictor:
         self.update(**thresholds)
         self.timings: dict[str, float] = {}
         self._pinned: list[torch.Tensor] = []
+        self._full = self._full_call_graphs(cuda_graphs)
         self.model_name = pathlib.Path(weights).stem
         self._prepare_fusion_kernels()
         logger.info("Predictor: %s engine=%s device=%s providers=%s input_size=%d", weights, engine, self.device,
@@ -250,9 +259,10 @@ class Predictor:
             cuda = self.device.type == "cuda"
             if cudnn_benchmark if cudnn_benchmark is not None else cuda:
                 torch.backends.cudnn.benchmark = True
+            graphs = cuda if cuda_graphs is None else cuda_graphs is True or cuda_graphs in ("forward", "full")
             self._engine = _TorchEngine(model, self.device, precision,
                                         channels_last if channels_last is not None else not cuda, compile,
-                                        cuda_graphs=cuda_graphs if cuda_graphs is not None else cuda)
+                                        cuda_graphs=graphs)
         else:
             onnx_path = weights if is_onnx else onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
             self.onnx_path = onnx_path
@@ -275,6 +285,23 @@ class Predictor:
                                      else input_size_range_for(self.config))
             self.input_size = self._check_input_size(input_size if input_size is not None
                                                      else default_input_size(self.config.backbone))
+
+    def _full_call_graphs(self, cuda_graphs):
+        """The whole-call graphs (``cuda_graphs="full"`` with the torch engine on CUDA), else None."""
+        if cuda_graphs not in (None, True, False, "forward", "full"):
+            raise PredictorError(f"cuda_graphs must be None, True, False, 'forward' or 'full', got {cuda_graphs!r}")
+        if cuda_graphs != "full" or self.device.type != "cuda":
+            return None
+        if self.engine_name != "torch":
+            raise PredictorError("cuda_graphs='full' needs the torch engine (onnxruntime runs its own graph)")
+        from ciae_core.full_graph import FullCallGraphs
+
+        return FullCallGraphs(self.device, self._engine.forward_eager, self._static_settings)
+
+    def _static_settings(self) -> dict[str, Any]:
+        """The static postprocess's keywords (:mod:`ciae_core.static_postprocess`) for the current thresholds."""
+        return dict(num_things=self.num_things, embedding_stride=self.config.branch_stride,
+                    normalize_after_upsampling=self.config.embedding_stride == 1, **self.thresholds)
 
     def _prepare_fusion_kernels(self) -> None:
         """On the CPU, compile (or load from numba's cache) the fusion kernels now, not on the first frame."""
@@ -354,6 +381,8 @@ class Predictor:
         elif input_size is not None:
             self.input_size = self._check_input_size(input_size)
         self.thresholds = new
+        if getattr(self, "_full", None) is not None:  # the whole-call graphs baked the old settings in
+            self._full.clear()
 
     def letterbox(self, height: int, width: int) -> Letterbox:
         """The geometry this predictor gives an ``height x width`` image (:func:`letterbox`, or
@@ -459,6 +488,14 @@ class Predictor:
             return []
         batch_in = [validate_image(im, i) for i, im in enumerate(batch_in)]
         boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in batch_in]
+        if self._full is not None and len(batch_in) == 1 and not return_confidence:
+            done = self._full(batch_in[0], boxes[0], color)
+            if done is not None:  # else: the eager path below (first sighting, NMS not converged)
+                self.timings = dict(self._full.timings)
+                id_map, table = done
+                result = PanopticResult(id_map=id_map.reshape(boxes[0].height, boxes[0].width),
+                                        segments=self._segments(table), confidence=None)
+                return result if single else [result]
         clock = _StageClock(self.device)
         outs = self._fused_outputs(batch_in, boxes, color, return_confidence, clock)
         clock.mark("start")
