@@ -53,7 +53,8 @@ from ciae_core.bench import (BenchError, PeakMemory, coco_categories, data_roots
                              memory_level, summarize, time_calls)
 # build_peer and the stage-breakdown helpers keep their import path here
 from ciae_core.bench_peers import build_peer, peer_info, peer_runner  # noqa: F401
-from ciae_core.bench_stages import EVENT_TIMING, SYNC_TIMING, _timed_proposal_selection, ours_stage_breakdown  # noqa: F401
+from ciae_core.bench_stages import (EVENT_TIMING, SYNC_TIMING, _timed_proposal_selection, eager_calls,  # noqa: F401
+                                    ours_stage_breakdown)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,10 @@ _OURS_CALL = ("wall time per call, synchronised at both ends: uint8 host image -
               "host; ")
 OURS_TIMING = {"off": _OURS_CALL + "eager forward and postprocess",
                "forward": _OURS_CALL + "forward replayed from a CUDA graph per input shape (captured on its second "
-                                       "sighting), postprocess eager"}
+                                       "sighting), postprocess eager",
+               "full": _OURS_CALL + "the whole call replayed from one CUDA graph per input shape (captured on its "
+                                    "second sighting; ciae_core.full_graph), H2D and D2H copies around it"}
+GRAPH_MODES = tuple(OURS_TIMING)  # --cuda-graphs values for ours
 STAGE_TIMING = {True: EVENT_TIMING, False: SYNC_TIMING}  # by "on CUDA"
 SMALL_ARCH = dict(backbone="mobilenet_v3_large", backbone_norm="gn", trainable_backbone_layers=5, fpn_channels=64,
                   head_channels=64, tower_depth=2, embed_dim=32, embed_branch_channels=64, embedding_stride=4)
@@ -86,7 +90,8 @@ class BenchOptions:
     max_size: int = 1333  # longer-side limit of every model's resize
     precision: str = "fp32"  # fp32, fp16 or bf16: autocast on CUDA (torch engines); fp16 also TensorRT fp16
     channels_last: str = "auto"  # auto, on or off: see channels_last_for
-    cuda_graphs: bool = True  # ours (torch): replay CUDA graphs on CUDA
+    cuda_graphs: bool = True  # FCOS (and ours unless graph_modes says otherwise): CUDA graphs on CUDA
+    graph_modes: tuple[str, ...] = ("forward",)  # ours (torch): one row per mode (GRAPH_MODES), see ours_variants
     compile: bool = False  # torch.compile ours' forward_raw and FCOS's backbone + head
     threads: int = 0  # onnxruntime intra-op threads (0: its default)
     ort_providers: str | None = None  # comma-separated onnxruntime providers for ours, see ort_providers
@@ -133,18 +138,40 @@ class Contender:
         self.times: list[float] = []
 
 
+def ours_variants(options: BenchOptions) -> list[str]:
+    """The torch-engine rows of ours: ``torch`` for the first of ``options.graph_modes`` (the one
+    the ratios use), ``torch/<mode>`` for each further one."""
+    modes = list(options.graph_modes) if options.cuda_graphs else ["off"]
+    return ["torch"] + [f"torch/{m}" for m in modes[1:]]
+
+
+def _graph_mode(label: str, options: BenchOptions) -> str:
+    return label.split("/", 1)[1] if "/" in label else (options.graph_modes[0] if options.cuda_graphs else "off")
+
+
+def _path_used(predictor) -> str:
+    """The CUDA-graph path a predictor's timed calls took (a failed capture falls back)."""
+    full = getattr(predictor, "_full", None)
+    if full is not None and full.enabled and full._graphs:
+        return "full"
+    return "forward" if predictor._engine.cuda_graphs else "off"
+
+
 def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: torch.device,
                  options: BenchOptions, cache_dir: pathlib.Path) -> Contender:
-    """Ours (a :class:`~ciae_core.predictor.Predictor` on ``engine``) at shorter side ``size``."""
+    """Ours (a :class:`~ciae_core.predictor.Predictor`) at shorter side ``size``; ``engine``:
+    ``onnxruntime`` or a torch row of :func:`ours_variants`."""
     from ciae_core.predictor import Predictor
 
     base_rss = memory_level(device)
     base_device_used = device_used_bytes(device)
-    kw = dict(engine=engine, device=str(device), input_size=size, max_size=options.max_size,
-              input_size_range=(64, 4096), **_fusion_thresholds(options.detections))
-    if engine == "torch":
+    torch_engine = engine.startswith("torch")
+    mode = _graph_mode(engine, options) if torch_engine else "off"
+    kw = dict(engine="torch" if torch_engine else engine, device=str(device), input_size=size,
+              max_size=options.max_size, input_size_range=(64, 4096), **_fusion_thresholds(options.detections))
+    if torch_engine:
         kw.update(precision=options.precision, channels_last=channels_last_for(options.channels_last, device),
-                  cuda_graphs=options.cuda_graphs, compile=options.compile)
+                  cuda_graphs={"off": False, "forward": True, "full": "full"}[mode], compile=options.compile)
     else:
         kw.update(onnx_cache_dir=cache_dir, intra_op_threads=options.threads or None)
         providers = ort_providers(options.ort_providers, device)
@@ -166,30 +193,32 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
                                           for k, v in stage_sums.items()}}
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if engine == "torch":  # the path the timed calls took (a failed capture falls back to eager)
-            graphs = "forward" if predictor._engine.cuda_graphs else "off"
-            extra.update(cuda_graphs=graphs, timing=OURS_TIMING[graphs])
+        if torch_engine:  # the path the timed calls took (a failed capture falls back to eager)
+            used = _path_used(predictor)
+            extra.update(cuda_graphs=used, timing=OURS_TIMING[used])
+            if predictor._full is not None:
+                extra["nms_fallbacks"] = predictor._full.fallbacks
+            if used == "full":
+                from ciae_core.bench_graph_stages import GRAPH_STAGE_TIMING, graph_stage_breakdown
+
+                extra["graph_stages_ms"] = graph_stage_breakdown(predictor, images[0], options.repeats)
+                extra["graph_stages_timing"] = GRAPH_STAGE_TIMING
             extra["stages_ms"] = ours_stage_breakdown(predictor, images, device, options.warmup, options.repeats)
             extra["stages_timing"] = STAGE_TIMING[device.type == "cuda"]
         return extra
 
     memory_mode = None
-    if engine == "torch" and getattr(predictor._engine, "cuda_graphs", False):
+    if torch_engine and mode != "off" and device.type == "cuda":
         @contextlib.contextmanager
-        def memory_mode():  # eager forward for the memory call (ciae_core.bench's docstring)
-            torch_engine = predictor._engine
-            graphs, torch_engine.cuda_graphs = torch_engine.cuda_graphs, False
-            try:
+        def memory_mode():  # eager calls for the memory call (ciae_core.bench's docstring)
+            with eager_calls(predictor):
                 predictor(images[0])  # one untimed eager call first (eager allocations, cuDNN plans)
                 yield
-            finally:
-                torch_engine.cuda_graphs = graphs
 
     info = {"providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone}
-    if engine == "torch":
-        graphs = "forward" if getattr(predictor._engine, "cuda_graphs", False) else "off"
+    if torch_engine:
         info.update(channels_last=_is_channels_last(predictor._engine.model), compile=options.compile,
-                    cuda_graphs=graphs, timing=OURS_TIMING[graphs])
+                    cuda_graphs=mode, timing=OURS_TIMING[mode])
     return Contender("ours", engine, call, info, finish, base_rss, base_device_used, memory_mode)
 
 

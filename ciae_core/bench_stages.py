@@ -126,18 +126,31 @@ def _staged_call(predictor, image, marks: StageMarks) -> dict[str, float]:
             "map_back_copy": predictor.timings["map_back"] + predictor.timings["to_host"]}
 
 
+@contextlib.contextmanager
+def eager_calls(predictor):
+    """While active the predictor's calls run eagerly: its engine's forward graphs and its
+    whole-call graphs (``cuda_graphs="full"``) off; both restored afterwards."""
+    engine, full = predictor._engine, getattr(predictor, "_full", None)
+    graphs, engine.cuda_graphs = engine.cuda_graphs, False
+    full_on = full is not None and full.enabled
+    if full_on:
+        full.enabled = False
+    try:
+        yield
+    finally:
+        engine.cuda_graphs = graphs
+        if full_on:
+            full.enabled = True
+
+
 def ours_stage_breakdown(predictor, images, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
     """Median ms per stage over ``repeats`` staged calls after ``warmup`` (module docstring); the
-    forward runs eagerly (CUDA graphs off for these calls, restored afterwards)."""
-    engine = predictor._engine
-    graphs, engine.cuda_graphs = engine.cuda_graphs, False  # module hooks do not fire in graph replays
+    calls run eagerly (:func:`eager_calls`: module hooks do not fire in graph replays)."""
     rows: dict[str, list[float]] = {k: [] for k in STAGES}
-    try:
+    with eager_calls(predictor):
         for i in range(warmup + repeats):
             stages = _staged_call(predictor, images[i % len(images)], StageMarks(device))
             if i >= warmup:
                 for k, v in stages.items():
                     rows[k].append(v)
-    finally:
-        engine.cuda_graphs = graphs
     return {k: float(np.median(v)) for k, v in rows.items()}

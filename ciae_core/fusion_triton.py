@@ -49,7 +49,8 @@ INTERPRETER_BLOCK_Y, INTERPRETER_BLOCK_X = 64, 128
 _BIG = 1 << 30
 
 
-@triton.jit
+# sizes are not specialised on (divisibility by 16 or == 1 would compile a variant per image size)
+@triton.jit(do_not_specialize=["K", "S", "h", "w", "H", "W"])
 def _assign_kernel(sim_ptr, val_ptr, i0y_ptr, i1y_ptr, l0y_ptr, l1y_ptr, i0x_ptr, i1x_ptr, l0x_ptr, l1x_ptr,
                    iny_ptr, inx_ptr, ok_ptr, dropped_ptr, size_ptr, assign_ptr, value_ptr,
                    K, S, h, w, H, W, outside_value,
@@ -112,7 +113,7 @@ def _assign_kernel(sim_ptr, val_ptr, i0y_ptr, i1y_ptr, l0y_ptr, l1y_ptr, i0x_ptr
         tl.store(value_ptr + out, value, mask=write)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "H", "W"])
 def _stats_kernel(label_ptr, value_ptr, count_ptr, sum_ptr, ymin_ptr, ymax_ptr, xmin_ptr, xmax_ptr, B, H, W,
                   HAS_VALUES: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr):
     """Per label ``0..B-1`` of ``label (N, H, W)`` int32: pixel count, value sum (float64) and row /

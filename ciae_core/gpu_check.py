@@ -140,7 +140,8 @@ def plan(options: CheckOptions) -> list[Phase]:
     if options.dry_run:  # CPU: fp32 (bf16 is emulated there, minutes per call), one tiny size
         interp = {"TRITON_INTERPRET": "1"}
         tiny = ["--device", "cpu", "--backbones", "small", "--sizes", "128", "--models", "ours,fcos", "--engines",
-                "torch", "--repeats", "1", "--warmup", "1", "--detections", "5", "--threads", "1"]
+                "torch", "--repeats", "1", "--warmup", "1", "--detections", "5", "--threads", "1", "--cuda-graphs",
+                "forward,full"]
         return [
             _probe("env", work, ["env", "--device", "cpu"], 60),
             _probe("sanity", work, ["sanity", "--device", "cpu"], 120, env=interp),
@@ -148,20 +149,23 @@ def plan(options: CheckOptions) -> list[Phase]:
             _bench("bench_fp32", work, [*tiny, "--precision", "fp32"], 150),
             _probe("agreement", work, ["agreement", "--device", "cpu", "--quick"], 150, env=interp),
         ]
-    dev = ["--device", "cuda", "--models", "ours,fcos", "--engines", "torch", "--repeats", str(options.repeats)]
+    dev = ["--device", "cuda", "--models", "ours,fcos", "--engines", "torch", "--repeats", str(options.repeats),
+           "--cuda-graphs", "forward,full"]
     groups = ["--backbones", "r50,small", "--sizes", "512,640,800"]
-    phases = [
+    phases = [  # expected on an H200: ~10, 30, 70, 80, 60, 70, 70 s; the budget trims the tail
         _probe("env", work, ["env", "--device", "cuda"], 30),
         _probe("sanity", work, ["sanity", "--device", "cuda"], 75),
-        Phase("tests", ["-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "test/ciae_core"], 90),
-        _bench("bench_bf16", work, [*dev, *groups, "--precision", "bf16"], 75),
-        _probe("agreement", work, ["agreement", "--device", "cuda"], 60),
-        _bench("bench_fp16", work, [*dev, *groups, "--precision", "fp16"], 60),
-        _bench("bench_fp32", work, [*dev, *groups, "--precision", "fp32"], 60),
+        Phase("tests", ["-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "test/ciae_core"], 120),
+        _bench("bench_bf16", work, [*dev, *groups, "--precision", "bf16"], 90),
+        _probe("agreement", work, ["agreement", "--device", "cuda"], 90),
+        _bench("bench_fp16", work, [*dev, *groups, "--precision", "fp16"], 75),
+        _bench("bench_fp32", work, [*dev, *groups, "--precision", "fp32"], 75),
     ]
-    if options.compile:  # ours' forward and FCOS's backbone + head compiled, CUDA graphs on
-        phases.append(_bench("bench_compile", work, [*dev, "--backbones", "r50", "--sizes", "800", "--precision",
-                                                     "bf16", "--compile"], 150, min_s=45.0))
+    if options.compile:  # ours' forward compiled, inside the whole-call graph (FCOS: the bf16 phase's row)
+        compiled = [a if a != "ours,fcos" else "ours" for a in dev]
+        compiled[compiled.index("forward,full")] = "full"
+        phases.append(_bench("bench_compile", work, [*compiled, "--backbones", "r50", "--sizes", "800",
+                                                     "--precision", "bf16", "--compile"], 150, min_s=45.0))
     return phases
 
 
@@ -330,7 +334,24 @@ def summarize(results: dict[str, PhaseResult]) -> dict[str, Any]:
     tests = results.get("tests")
     return {"phases": {n: r.status for n, r in results.items()},
             "tests": tests.data.get("counts") if tests is not None and isinstance(tests.data, dict) else None,
-            "goals": _speed_goals(results) + _agreement_goals(results)}
+            "goals": _speed_goals(results) + _agreement_goals(results), "paths": _paths(results)}
+
+
+def _paths(results: dict[str, PhaseResult]) -> list[dict[str, Any]]:
+    """Ours' CUDA-graph paths side by side per (phase, backbone, size): median ms of each path
+    (the path its timed calls really took) and full / forward."""
+    groups: dict[tuple, dict[str, float]] = {}
+    for phase, row in _bench_rows(results):
+        if row["model"] == "ours" and row["engine"].startswith("torch"):
+            key = (phase, _precision(phase, results), row["backbone"], row["size"])
+            label = row.get("cuda_graphs", "?") + (" compiled" if row.get("compile") else "")
+            groups.setdefault(key, {})[label] = row["median_ms"]
+    out = []
+    for (phase, precision, backbone, size), ms in groups.items():
+        ratio = ms["full"] / ms["forward"] if "full" in ms and "forward" in ms else None
+        out.append({"phase": phase, "precision": precision, "backbone": backbone, "size": size, "median_ms": ms,
+                    "full_over_forward": ratio})
+    return out
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -338,6 +359,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = ["phases: " + ", ".join(f"{n} {s}" for n, s in summary["phases"].items())]
     if summary.get("tests") is not None:
         lines.append("cuda tests: " + ", ".join(f"{v} {k}" for k, v in summary["tests"].items()))
+    for p in summary.get("paths", []):
+        ms = ", ".join(f"{k} {v:.2f} ms" for k, v in p["median_ms"].items())
+        ratio = f" (full/forward {p['full_over_forward']:.2f})" if p["full_over_forward"] is not None else ""
+        lines.append(f"paths {p['backbone']}-{p['size']} {p['precision']}: {ms}{ratio}")
     lines.append("goal | target | measured | met | where")
     for g in summary["goals"]:
         m = g["measured"]

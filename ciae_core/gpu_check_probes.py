@@ -4,8 +4,9 @@ id-map agreement (each run as its own phase by :mod:`ciae_core.gpu_check`, JSON 
 * :func:`environment` — versions, the device, and which of the hidden packages import.
 * :func:`sanity` — every ``ciae_core`` module imports; one tiny forward of the shipped model on
   the device (eager call, CUDA-graph capture, replay); the static postprocess with the Triton
-  fusion against the eager postprocess on one frame (:func:`static_against_eager`); on CUDA,
-  that autocast runs GroupNorm in float32 (the heads' precision lever).
+  fusion against the eager postprocess on one frame (:func:`static_against_eager`); on CUDA the
+  whole-call graph (``cuda_graphs="full"``: capture and replay agree with the eager first call),
+  and that autocast runs GroupNorm in float32 (the heads' precision lever).
 * :func:`agreement` — the id maps of every precision and CUDA-graph path against fp32 eager on
   the same device, as the fraction of pixels whose segments match one to one
   (:func:`matched_agreement`): the shipped small model on rendered scenes (its domain) and on the
@@ -185,7 +186,13 @@ def sanity(device: str) -> dict[str, Any]:
         logger.exception("static postprocess check")
         out["static_postprocess"] = {"error": f"{type(e).__name__}: {e}"}
         ok = False
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # the whole-call graph: eager, capture, replay
+        full = Predictor(shipped_weights(), device=device, input_size=192, cuda_graphs="full")
+        first = full(scene)
+        replayed, ms = _timed_calls(full, scene, 2)
+        out["full_graph"] = {"used": "graph" in full.timings, "timings_ms": full.timings, "last_call_ms": round(ms, 3),
+                             "agreement_with_first_call": matched_agreement(first.id_map, replayed.id_map)}
+        ok = ok and out["full_graph"]["used"] and out["full_graph"]["agreement_with_first_call"] >= 0.999
         x = torch.randn(2, 8, 16, 16, device=device, dtype=torch.bfloat16)
         gn = torch.nn.GroupNorm(4, 8).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -197,14 +204,15 @@ def sanity(device: str) -> dict[str, Any]:
 
 
 def agreement_paths(device: str) -> list[str]:
-    """The CUDA-graph paths compared with fp32 eager on ``device`` ("eager" alone on the CPU)."""
-    return ["forward"] if device.startswith("cuda") else ["eager"]
+    """The CUDA-graph paths compared with fp32 eager on ``device``: the default (forward graphs,
+    eager postprocess) and the whole call in one graph; "eager" alone on the CPU."""
+    return ["forward", "full"] if device.startswith("cuda") else ["eager"]
 
 
 def _predictor_for_path(weights, device: str, precision: str, path: str, input_size: int):
     from ciae_core.predictor import Predictor
 
-    graphs = {"eager": False, "forward": True}[path]
+    graphs = {"eager": False, "forward": True, "full": "full"}[path]
     return Predictor(weights, device=device, precision=precision, input_size=input_size, cuda_graphs=graphs,
                      input_size_range=(64, 4096))
 
@@ -223,6 +231,17 @@ def _agreement_sets(device: str, quick: bool, tmp) -> list[tuple[str, Any, str, 
     r50 = ours_checkpoint("r50", tmp, None)
     return [("small (shipped)", small, "rendered", rendered, 320), ("small (shipped)", small, "coco", coco, 320),
             ("r50 (random)", r50, "coco", coco, 800)]
+
+
+def _release(device: str) -> None:
+    """Free the last predictor's GPU memory (its graphs' pools) before the next one is built."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def agreement(device: str, quick: bool = False) -> dict[str, Any]:
@@ -250,9 +269,17 @@ def agreement(device: str, quick: bool = False) -> dict[str, Any]:
                         scores = [matched_agreement(ref, r.id_map) for ref, (r, _) in zip(refs, got)]
                         entry.update(agreement=float(np.mean(scores)), min_agreement=float(np.min(scores)),
                                      last_call_ms=[round(ms, 3) for _, ms in got])
+                        if p._full is not None:  # did the whole-call graph answer (not a fallback)?
+                            entry.update(full_graph_used=bool(p._full.enabled and p._full._graphs
+                                                              and "graph" in p.timings),
+                                         nms_fallbacks=p._full.fallbacks)
                     except Exception as e:  # noqa: BLE001 - one failing path must not hide the others
                         logger.exception("agreement %s %s %s", model, precision, path)
                         entry.update(agreement=None, error=f"{type(e).__name__}: {e}")
                     entries.append(entry)
+                    p = None  # noqa: F841 - its graphs' memory goes back before the next predictor
+                    _release(device)
     return {"device": device, "reference": "fp32, CUDA graphs off (eager forward and postprocess)",
+            "paths": {"forward": "forward from a CUDA graph, postprocess eager (the default)",
+                      "full": "the whole call from one CUDA graph (cuda_graphs='full')", "eager": "no graphs"},
             "entries": entries}

@@ -44,3 +44,20 @@ def test_breakdown_with_cuda_events():
     assert tuple(stages) == STAGES and all(v >= 0 for v in stages.values())
     assert stages["backbone_fpn"] > 0 and stages["heads"] > 0 and stages["fusion"] > 0
     assert p._engine.cuda_graphs is True  # graphs off for the staged calls only
+
+
+def test_eager_calls_turns_both_graph_paths_off_and_back_on():
+    from ciae_core.bench_stages import eager_calls
+    from ciae_core.full_graph import FullCallGraphs
+    from ciae_core.gpu_check_probes import shipped_weights
+
+    p = Predictor(shipped_weights(), input_size=192)
+    marker = object()
+    p._engine.cuda_graphs = marker
+    p._full = FullCallGraphs(torch.device("cpu"), p._engine.forward_eager, p._static_settings)
+    with eager_calls(p):
+        assert p._engine.cuda_graphs is False and not p._full.enabled
+    assert p._engine.cuda_graphs is marker and p._full.enabled
+    with pytest.raises(RuntimeError), eager_calls(p):
+        raise RuntimeError("boom")
+    assert p._engine.cuda_graphs is marker and p._full.enabled

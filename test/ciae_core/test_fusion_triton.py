@@ -164,3 +164,49 @@ def test_compiled_kernels_on_cuda_equal_the_eager_fusion(seed, stride, nau, obv,
     cpu = fuse_panoptic(*scene(seed, stride=stride, normalized=not nau), image_sizes=sizes, **kw)
     for a, b in zip(cpu["id_map"].numpy(), got["id_map"].cpu().numpy()):
         assert matched_agreement(a, b) >= 0.999
+
+
+_COMPILE_FOR_HOPPER = r"""
+import inspect, json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ciae_core import fusion_triton as ft
+assert not ft.INTERPRETED
+def signature(fn, types):
+    return {n: types[n] for n in inspect.signature(fn.fn).parameters}
+types = {n: "*fp32" for n in ["sim_ptr", "val_ptr", "l0y_ptr", "l1y_ptr", "l0x_ptr", "l1x_ptr", "value_ptr"]}
+types.update({n: "*i32" for n in ["i0y_ptr", "i1y_ptr", "i0x_ptr", "i1x_ptr", "size_ptr", "assign_ptr", "label_ptr",
+                                  "count_ptr", "ymin_ptr", "ymax_ptr", "xmin_ptr", "xmax_ptr"]})
+types.update({n: "*u8" for n in ["iny_ptr", "inx_ptr", "ok_ptr", "dropped_ptr"]})
+types.update({n: "i32" for n in ["K", "S", "h", "w", "H", "W", "B"]})
+types.update(outside_value="fp32", sum_ptr="*fp64", REASSIGN="constexpr", HAS_VALUES="constexpr", BLOCK_Y="constexpr",
+             BLOCK_X="constexpr")
+out = {}
+for fn, flag in ((ft._assign_kernel, "REASSIGN"), (ft._stats_kernel, "HAS_VALUES")):
+    for on in (False, True):
+        src = ASTSource(fn=fn, signature=signature(fn, types),
+                        constexprs={flag: on, "BLOCK_Y": ft.BLOCK_Y, "BLOCK_X": ft.BLOCK_X})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+        out[f"{fn.fn.__name__}[{flag}={on}]"] = {"fma": "fma.rn.f32" in ptx, "bytes": len(ptx)}
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_hopper_without_fused_multiply_adds(repo_root):
+    """No GPU needed: Triton compiles the kernels for sm_90 (the H200) here, in a process without
+    the interpreter; with enable_fp_fusion=False the PTX has no fused multiply-add (the argmax
+    values are torch's, bit for bit)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(repo_root)}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=repo_root)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this Triton install has no ptxas")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got) == 4 and all(v["bytes"] > 1000 for v in got.values())
+    assert not any(v["fma"] for k, v in got.items() if k.startswith("_assign_kernel")), got

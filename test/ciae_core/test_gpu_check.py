@@ -160,7 +160,12 @@ def test_summary_reports_every_goal_met_missed_or_not_measured():
     assert "ours/FCOS at R50-800, fp32" not in goals
     agree = [g for g in s["goals"] if g["goal"].startswith("id maps")]
     assert [(g["measured"], g["met"]) for g in agree] == [(0.999, True), (0.98, False)]
+    paths = {(p["precision"], p["size"]): p for p in s["paths"]}
+    assert paths[("bf16", 800)]["median_ms"] == {"full": 7.5, "forward": 8.5}
+    assert paths[("bf16", 800)]["full_over_forward"] == pytest.approx(7.5 / 8.5)
+    assert paths[("bf16", 512)]["full_over_forward"] is None  # one path measured there
     text = format_summary(s)
+    assert "paths r50-800 bf16: full 7.50 ms, forward 8.50 ms (full/forward 0.88)" in text
     assert "bench_compile timeout" in text and "99.90%" in text and "| NO |" in text
 
     empty = summarize({"bench_bf16": _result("bench_bf16", None, status="failed")})

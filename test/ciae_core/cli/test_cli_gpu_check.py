@@ -59,7 +59,9 @@ def test_dry_run_on_the_cpu_with_the_gpu_machines_imports(tmp_path):
     counts = doc["summary"]["tests"]
     assert counts.get("skipped", 0) > 0 and not counts.get("failed") and not counts.get("errors")
     bench = phases["bench_fp32"]["data"]
-    assert {(r["model"], r["engine"]) for r in bench["results"]} == {("ours", "torch"), ("fcos", "torch")}
+    assert {(r["model"], r["engine"]) for r in bench["results"]} == {("ours", "torch"), ("ours", "torch/full"),
+                                                                     ("fcos", "torch")}
+    assert phases["sanity"]["data"]["static_postprocess"]["ok"] is True  # the Triton fusion in the interpreter
     assert phases["agreement"]["data"]["entries"]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check_summary.txt"]
     assert proc.stdout.rstrip().endswith((out / "gpu_check_summary.txt").read_text().rstrip())
