@@ -24,6 +24,7 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx", "onnxscript", "onnxruntime-gpu"],
+        "openvino": ["openvino", "nncf"],  # CPU engine and int8 quantisation (ciae_core.engine_openvino, .quantize)
         "numba": ["numba>=0.60"],  # compiled CPU fusion (ciae_core.fusion_kernels)
         "train": ["tensorboard"],
         "ros": ["rosbags"],
@@ -40,6 +41,7 @@ setup(
             "ciae-panoptic-node = ciae_ros.node:main",
             "ciae-demo = ciae_ros.demo:main",
             "ciae-bag = ciae_ros.bag:main",
+            "ciae-topic = ciae_ros.topic_tool:main",
         ],
         # ciae-bench --node: the ROS layer registers its node benchmark with ciae_core's bench, which
         # never imports ciae_ros itself (ciae_core/cli/bench.py looks the group up by name)

@@ -3,8 +3,12 @@
 Models (random weights unless a checkpoint is given; latency does not depend on the values,
 except through the number of detections, which we fix, see below):
 
-* ``ours`` — :class:`ciae_core.predictor.Predictor`, torch eager (``--engines torch``) and
-  onnxruntime (``--engines onnxruntime``; the checkpoint is exported once to a temporary cache).
+* ``ours`` — :class:`ciae_core.predictor.Predictor`, torch eager (``--engines torch``),
+  onnxruntime (``--engines onnxruntime``; the checkpoint is exported once to a temporary cache)
+  and OpenVINO (``--engines openvino``); an engine may name its precision (``torch:bf16``,
+  ``openvino:bf16``, ``openvino:int8``, :func:`parse_engine_spec`). The ``openvino:int8`` row
+  quantises the checkpoint once (:func:`int8_model`: synthetic calibration scenes, kept in
+  ``$CIAE_CACHE_DIR/int8`` across runs; for a random-weight model only its speed means anything).
   ``r50``: the paper's ResNet-50-FPN config with the 133 COCO panoptic categories;
   ``r50-p3``: the same with the embedding branch starting at P3 (our speed variant, no FPN P2);
   ``r50-p3c2``: the P3 branch plus a 1x1 skip from C2 back to stride 4 (our second variant);
@@ -93,8 +97,43 @@ class BenchOptions:
     cuda_graphs: bool = True  # FCOS (and ours unless graph_modes says otherwise): CUDA graphs on CUDA
     graph_modes: tuple[str, ...] = ("forward",)  # ours (torch): one row per mode (GRAPH_MODES), see ours_variants
     compile: bool = False  # torch.compile ours' forward_raw and FCOS's backbone + head
-    threads: int = 0  # onnxruntime intra-op threads (0: its default)
+    threads: int = 0  # onnxruntime / OpenVINO threads (0: their default)
     ort_providers: str | None = None  # comma-separated onnxruntime providers for ours, see ort_providers
+    int8_calib_images: int = 64  # synthetic calibration scenes of the openvino:int8 rows
+
+
+def parse_engine_spec(spec: str) -> tuple[str, str | None]:
+    """``"engine[:precision]"`` → ``(engine, precision or None)``; :class:`BenchError` if unknown."""
+    from ciae_core.predictor_settings import ENGINE_PRECISIONS
+
+    engine, _, precision = spec.partition(":")
+    if engine not in ENGINE_PRECISIONS:
+        raise BenchError(f"unknown engine {engine!r} in {spec!r}; use {', '.join(ENGINE_PRECISIONS)}[:precision]")
+    if precision and precision not in ENGINE_PRECISIONS[engine]:
+        raise BenchError(f"engine {engine} has no precision {precision!r}; use one of "
+                         f"{', '.join(ENGINE_PRECISIONS[engine])}")
+    return engine, precision or None
+
+
+def int8_model(weights: pathlib.Path, onnx_cache: pathlib.Path, num_images: int) -> pathlib.Path:
+    """The int8 OpenVINO IR of ``weights`` on ``num_images`` synthetic calibration scenes, quantised
+    once and kept in ``$CIAE_CACHE_DIR/int8`` (keyed by the checkpoint's hash)."""
+    from ciae_core.engine_onnxruntime import default_onnx_cache_dir, onnx_for_checkpoint
+    from ciae_core.export import ExportError, file_sha256
+    from ciae_core.openvino_ir import read_ir
+    from ciae_core.quantize import quantize
+
+    out = default_onnx_cache_dir().parent / "int8" / f"{weights.stem}-{file_sha256(str(weights))[:16]}-synthetic" \
+                                                     f"{num_images}.xml"
+    if out.is_file():
+        try:
+            read_ir(out)
+            return out
+        except ExportError as e:
+            logger.warning("cached int8 model unusable (%s); quantising again", e)
+    logger.info("quantising %s to int8 for the bench (once; cached in %s)", weights, out.parent)
+    return pathlib.Path(quantize(onnx_for_checkpoint(str(weights), onnx_cache, None), out, calibration="synthetic",
+                                 num_images=num_images))
 
 
 def ours_checkpoint(backbone: str, directory: pathlib.Path, small_weights: str | None) -> pathlib.Path:
@@ -138,11 +177,14 @@ class Contender:
         self.times: list[float] = []
 
 
-def ours_variants(options: BenchOptions) -> list[str]:
-    """The torch-engine rows of ours: ``torch`` for the first of ``options.graph_modes`` (the one
-    the ratios use), ``torch/<mode>`` for each further one."""
+def ours_variants(spec: str, options: BenchOptions) -> list[str]:
+    """The rows of ours for the engine ``spec``: a torch spec (``torch``, ``torch:bf16``) gives one
+    row per CUDA-graph path of ``options.graph_modes`` — the spec itself for the first (the one the
+    ratios use), ``<spec>/<mode>`` for each further one; any other spec one row."""
+    if parse_engine_spec(spec)[0] != "torch":
+        return [spec]
     modes = list(options.graph_modes) if options.cuda_graphs else ["off"]
-    return ["torch"] + [f"torch/{m}" for m in modes[1:]]
+    return [spec] + [f"{spec}/{m}" for m in modes[1:]]
 
 
 def _graph_mode(label: str, options: BenchOptions) -> str:
@@ -157,21 +199,28 @@ def _path_used(predictor) -> str:
     return "forward" if predictor._engine.cuda_graphs else "off"
 
 
-def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: torch.device,
+def prepare_ours(weights: pathlib.Path, label: str, size: int, images, device: torch.device,
                  options: BenchOptions, cache_dir: pathlib.Path) -> Contender:
-    """Ours (a :class:`~ciae_core.predictor.Predictor`) at shorter side ``size``; ``engine``:
-    ``onnxruntime`` or a torch row of :func:`ours_variants`."""
+    """Ours (a :class:`~ciae_core.predictor.Predictor`) at shorter side ``size``; ``label``: a row of
+    :func:`ours_variants`, an engine spec (:func:`parse_engine_spec`) with, for torch, its CUDA-graph path."""
     from ciae_core.predictor import Predictor
 
+    spec = label.split("/", 1)[0]
+    engine, precision = parse_engine_spec(spec)
     base_rss = memory_level(device)
     base_device_used = device_used_bytes(device)
-    torch_engine = engine.startswith("torch")
-    mode = _graph_mode(engine, options) if torch_engine else "off"
-    kw = dict(engine="torch" if torch_engine else engine, device=str(device), input_size=size,
-              max_size=options.max_size, input_size_range=(64, 4096), **_fusion_thresholds(options.detections))
+    torch_engine = engine == "torch"
+    mode = _graph_mode(label, options) if torch_engine else "off"
+    kw = dict(engine=engine, device=str(device), input_size=size, max_size=options.max_size,
+              input_size_range=(64, 4096), **_fusion_thresholds(options.detections))
     if torch_engine:
-        kw.update(precision=options.precision, channels_last=channels_last_for(options.channels_last, device),
+        kw.update(precision=precision or options.precision,
+                  channels_last=channels_last_for(options.channels_last, device),
                   cuda_graphs={"off": False, "forward": True, "full": "full"}[mode], compile=options.compile)
+    elif engine == "openvino":
+        kw.update(onnx_cache_dir=cache_dir, intra_op_threads=options.threads or None, precision=precision or "fp32")
+        if precision == "int8":
+            weights = int8_model(weights, cache_dir, options.int8_calib_images)
     else:
         kw.update(onnx_cache_dir=cache_dir, intra_op_threads=options.threads or None)
         providers = ort_providers(options.ort_providers, device)
@@ -203,6 +252,7 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
 
                 extra["graph_stages_ms"] = graph_stage_breakdown(predictor, images[0], options.repeats)
                 extra["graph_stages_timing"] = GRAPH_STAGE_TIMING
+        if spec == "torch":  # (one eager breakdown per path; not for a second torch precision)
             extra["stages_ms"] = ours_stage_breakdown(predictor, images, device, options.warmup, options.repeats)
             extra["stages_timing"] = STAGE_TIMING[device.type == "cuda"]
         return extra
@@ -215,11 +265,12 @@ def prepare_ours(weights: pathlib.Path, engine: str, size: int, images, device: 
                 predictor(images[0])  # one untimed eager call first (eager allocations, cuDNN plans)
                 yield
 
-    info = {"providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone}
+    info = {"providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone,
+            "precision": predictor.precision}
     if torch_engine:
         info.update(channels_last=_is_channels_last(predictor._engine.model), compile=options.compile,
                     cuda_graphs=mode, timing=OURS_TIMING[mode])
-    return Contender("ours", engine, call, info, finish, base_rss, base_device_used, memory_mode)
+    return Contender("ours", label, call, info, finish, base_rss, base_device_used, memory_mode)
 
 
 def _is_channels_last(model: torch.nn.Module) -> bool:

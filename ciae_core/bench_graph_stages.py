@@ -23,11 +23,11 @@ GRAPH_STAGE_TIMING = ("each stage of the whole call captured as its own CUDA gra
 
 def _stage_functions(predictor, lb, dev_in: torch.Tensor, image_hw: torch.Tensor):
     """The stages of :func:`~ciae_core.full_graph.whole_call` as functions of the previous stage's output."""
-    from ciae_core.full_graph import _table
+    from ciae_core.full_graph import _table, static_settings
     from ciae_core.geometry import resize_image_like_cv2, resize_nearest
     from ciae_core.static_postprocess import SELECTION_SETTINGS, static_fusion, static_instances
 
-    settings = {**predictor._static_settings(), "nms_iterations": 16}
+    settings = {**static_settings(predictor), "nms_iterations": 16}
     geometry = {k: settings.pop(k) for k in ("embedding_stride", "normalize_after_upsampling")}
     num_things = settings.pop("num_things")
     selection = {k: v for k, v in settings.items() if k in SELECTION_SETTINGS}

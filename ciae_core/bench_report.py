@@ -3,7 +3,10 @@
 Per (backbone, size), from the medians: ours / FCOS, the fusion share of ours' total (the
 ``fusion`` stage over the end-to-end median), onnxruntime / torch and ours / Mask R-CNN
 (:func:`ratios`); a latency table with those ratios, the stage table of ours and the memory
-table, labelled by what was measured (:func:`markdown_tables`, :mod:`ciae_core.bench`).
+table, labelled by what was measured (:func:`markdown_tables`, :mod:`ciae_core.bench`). With
+more engines or precisions of ours than torch and onnxruntime, a table of ours' rows
+(:func:`engine_table`): end to end, the predictor's stages, the speed-up over torch fp32 and the
+post-processing share (proposal selection + fusion, the predictor's ``postprocess`` stage).
 """
 
 from __future__ import annotations
@@ -35,6 +38,27 @@ def ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "fusion_share": fusion_share, "ort_over_torch": ratio(ort, ours),
                     "ours_over_maskrcnn": ratio(ours, mrcnn)})
     return out
+
+
+def engine_table(results: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of ours' engine/precision rows (module docstring); empty for torch/onnxruntime only."""
+    ours = [r for r in results if r["model"] == "ours" and "error" not in r]
+    if all(r["engine"] in ("torch", "onnxruntime") for r in ours):
+        return []
+    lines = ["", "| backbone | size | engine | precision | ms (p90) | x torch fp32 | preprocess | forward | "
+             "postprocess | map back + copy | postprocess share |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ours:
+        base = next((b for b in ours if (b["backbone"], b["size"], b["engine"]) == (r["backbone"], r["size"], "torch")
+                     and b.get("precision") == "fp32"), None)
+        t = r.get("predictor_timings_ms", {})
+        post = t.get("postprocess")
+        lines.append(f"| {r['backbone']} | {r['size']} | {r['engine'].split(':')[0]} | {r.get('precision', '')} | "
+                     f"{r['median_ms']:.1f} ({r['p90_ms']:.1f}) | "
+                     f"{_fmt(base['median_ms'] / r['median_ms'] if base else None, '.2f')} | "
+                     f"{_fmt(t.get('preprocess'))} | {_fmt(t.get('forward'))} | {_fmt(post)} | "
+                     f"{_fmt(t.get('map_back', 0) + t.get('to_host', 0) if t else None)} | "
+                     f"{_fmt(post / r['median_ms'] if post is not None else None, '.1%')} |")
+    return lines
 
 
 def _fmt(v, spec: str = ".1f") -> str:
@@ -77,6 +101,7 @@ def markdown_tables(results: list[dict[str, Any]], ratio_rows: list[dict[str, An
             for r in stage_rows:
                 lines.append(f"| {r['backbone']} | {r['size']} | {r['engine']} | "
                              + " | ".join(f"{r[key][n]:.2f}" for n in names) + " | |")
+    lines += engine_table(results)
     mem_rows = [r for r in results if "mem_kind" in r]
     if mem_rows:
         device_level = any(r.get("device_used_delta_mb") is not None for r in mem_rows)

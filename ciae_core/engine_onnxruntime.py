@@ -13,8 +13,8 @@ Decisions:
   ``trt_cache_dir`` (default ``$CIAE_CACHE_DIR/tensorrt``, engines and timing cache kept across
   restarts) and ``trt_fp16`` configure TensorRT; a chosen GPU provider that does not start is an
   error, not a silent CPU run; full graph optimisation; thread counts settable.
-* A fixed-shape file (``ciae-export --size HxW [--batch-size N]``) is served by fitting each
-  image into its ``HxW`` canvas (:func:`ciae_core.geometry.letterbox_into`, done by the
+* A fixed-shape file (``ciae-export --size WIDTHxHEIGHT [--batch-size N]``) is served by fitting each
+  image into its canvas (:func:`ciae_core.geometry.letterbox_into`, done by the
   predictor; ``input_size`` and ``max_size`` do not apply) and running batches in chunks of ``N``.
 """
 
@@ -224,7 +224,7 @@ class _OrtEngine:
         want = (images.shape[0], d, -(-h // s), -(-w // s))
         if tuple(out["embedding"].shape) != want:
             raise PredictorError(f"{self.path}: the graph's embedding output {tuple(out['embedding'].shape)} does not "
-                                 f"match its metadata config (embed_dim {d}, stride {s}: {want} for a {h}x{w} "
+                                 f"match its metadata config (embed_dim {d}, stride {s}: {want} for a {w}x{h} "
                                  f"input); the file was edited or mixed up, re-export it with ciae-export")
         return out
 

@@ -153,6 +153,23 @@ def pq_stat_single(gt_ids: np.ndarray, gt_segments: Sequence, pred_ids: np.ndarr
     # One pass over the pixels: every (gt id, pred id) pair with its intersection.
     pairs, inter = np.unique((gt << _PAIR_SHIFT) | pred, return_counts=True)
     g_of, p_of = pairs >> _PAIR_SHIFT, pairs & ((1 << _PAIR_SHIFT) - 1)
+    return pq_stat_from_pairs(g_of, p_of, inter, gt_segments, pred_segments, cats, image)
+
+
+def pq_stat_from_pairs(g_of: np.ndarray, p_of: np.ndarray, inter: np.ndarray, gt_segments: Sequence,
+                       pred_segments: Sequence, categories: dict[int, CategoryInfo] | Sequence[CategoryInfo],
+                       image: Any = "") -> PQStat:
+    """PQ statistics from the overlap table of a ground-truth and a predicted id map.
+
+    ``g_of``, ``p_of``, ``inter``: ``(K,)`` arrays, one row per distinct (ground-truth id,
+    predicted id) pair of co-located pixels (0 = void) with its pixel count; every pixel is in
+    exactly one row. :func:`pq_stat_single` builds the table from two maps; the video metrics
+    (:mod:`ciae_core.video_metrics`) sum the tables of several frames (VPQ tubes). Segments and
+    errors as in :func:`pq_stat_single`.
+    """
+    cats = categories if isinstance(categories, dict) else {c.id: c for c in categories}
+    g_of, p_of = np.asarray(g_of, dtype=np.int64), np.asarray(p_of, dtype=np.int64)
+    inter = np.asarray(inter, dtype=np.int64)
     g_ids, g_inv = np.unique(g_of, return_inverse=True)
     g_area = dict(zip(g_ids.tolist(), np.bincount(g_inv, weights=inter).astype(np.int64).tolist()))
     p_ids, p_inv = np.unique(p_of, return_inverse=True)

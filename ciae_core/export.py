@@ -46,10 +46,10 @@ Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
   ``P' + P''`` for ``embedding_stride == 1`` (the fusion normalises after up-sampling) and
   normalised for ``embedding_stride == 4``; ``memory (T+S, D)``.
 * shapes: ``--dynamic`` makes N, H and W symbolic (``batch``, ``height``, ``width``) and A, the
-  embedding size follow; ``--size HxW`` (default 640x640) fixes them (what TensorRT likes best).
+  embedding size follow; ``--size WIDTHxHEIGHT`` (default 640x640) fixes them (what TensorRT likes best).
 * ``metadata_props``: ``ciae_config`` (the :class:`~ciae_core.model.CIAEConfig` JSON: categories,
   thresholds, embedding stride), ``ciae_format`` (``ciae-onnx/2``), ``ciae_version``,
-  ``ciae_outputs`` (output names in order), ``ciae_input_size`` (``HxW`` or ``dynamic``) and
+  ``ciae_outputs`` (output names in order), ``ciae_input_size`` (``WIDTHxHEIGHT`` or ``dynamic``) and
   ``ciae_source_sha256`` (hash of the checkpoint it came from, used by the predictor's cache).
 
 Decision: we use the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): it
@@ -175,7 +175,7 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: tuple[in
         proto = onnx.load(str(tmp))
         meta = {"ciae_config": json.dumps(model.config.to_dict(), sort_keys=True), "ciae_format": FORMAT,
                 "ciae_version": __version__, "ciae_outputs": ",".join(OUTPUT_NAMES),
-                "ciae_input_size": "dynamic" if dynamic else f"{h}x{w}"}
+                "ciae_input_size": "dynamic" if dynamic else f"{w}x{h}"}
         meta.update(extra_metadata or {})
         del proto.metadata_props[:]
         for k, v in meta.items():
@@ -195,7 +195,7 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: tuple[in
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
-    logger.info("exported %s (opset %d, %s)", path, opset, "dynamic" if dynamic else f"{h}x{w}")
+    logger.info("exported %s (opset %d, %s)", path, opset, "dynamic" if dynamic else f"{w}x{h}")
     return str(path)
 
 

@@ -21,8 +21,8 @@ and host synchronisations (the fusion synchronises many times), which the graph 
 
 Decisions: a shape (input size, colour order) is captured on its second sighting, as the
 engine's forward graphs (:mod:`ciae_core.engine_torch`); up to ``max_graphs`` are kept (least
-recently used dropped); thresholds are baked into the graphs, so :meth:`FullCallGraphs.clear` drops
-them when they change. A frame whose NMS did not converge in its fixed number of steps
+recently used dropped); thresholds are baked into the graphs, so all are dropped when they change
+(the next call of a shape is its first sighting again). A frame whose NMS did not converge in its fixed number of steps
 (``converged`` False, rare) returns None: the predictor redoes it on the eager path, so results are
 always those of the eager postprocess. A capture failure disables the full path with a warning
 (the eager path with forward graphs stays). Single images only (a list of one counts); batches and
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ciae_core.geometry import Letterbox, resize_image_like_cv2, resize_nearest
+from ciae_core.predictor_error import PredictorError
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,27 @@ def whole_call(image: Tensor, lb: Letterbox, bgr: bool, image_hw: Tensor, forwar
     return mapped.reshape(-1), _table(mapped, fused)
 
 
+def full_call_graphs(predictor, cuda_graphs) -> "FullCallGraphs | None":
+    """A predictor's whole-call graphs: for ``cuda_graphs="full"`` with the torch engine on CUDA,
+    else None (any graphs are ignored on the CPU); :class:`PredictorError` for a value that is not
+    None, True, False, "forward" or "full", or "full" with another engine on CUDA."""
+    if cuda_graphs not in (None, True, False, "forward", "full"):
+        raise PredictorError(f"cuda_graphs must be None, True, False, 'forward' or 'full', got {cuda_graphs!r}")
+    if cuda_graphs != "full" or predictor.device.type != "cuda":
+        return None
+    if predictor.engine_name != "torch":
+        raise PredictorError(f"cuda_graphs='full' needs the torch engine, not {predictor.engine_name}")
+    return FullCallGraphs(predictor.device, predictor._engine.forward_eager, lambda: static_settings(predictor))
+
+
+def static_settings(predictor) -> dict[str, Any]:
+    """The static postprocess's keywords (:mod:`ciae_core.static_postprocess`) for a predictor's
+    model and current thresholds."""
+    cfg = predictor.config
+    return dict(num_things=predictor.num_things, embedding_stride=cfg.branch_stride,
+                normalize_after_upsampling=cfg.embedding_stride == 1, **predictor.thresholds)
+
+
 class FullCallGraphs:
     """Whole calls of one predictor as CUDA graphs (module docstring).
 
@@ -111,9 +133,10 @@ class FullCallGraphs:
         self.timings: dict[str, float] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._seen: dict[tuple, None] = {}
+        self._baked: tuple = ()  # the settings the graphs were captured with
 
     def clear(self) -> None:
-        """Drop every graph (the thresholds they baked in changed)."""
+        """Drop every graph (the settings they baked in changed)."""
         self._graphs.clear()
         self._seen.clear()
 
@@ -152,9 +175,27 @@ class FullCallGraphs:
         self._graphs[key] = (graph, staging, dev_in, image_hw, outputs)
         return self._graphs[key]
 
+    def answer(self, images: list[np.ndarray], boxes: list[Letterbox], color: str, segments: Callable,
+               extras: bool = False):
+        """The predictor's call through the graph → a ``PanopticResult``, or None when this call
+        takes the eager path: not a single image, ``extras`` asked for (confidence, embeddings), or
+        :meth:`__call__` declined. ``segments(table)``: the predictor's table → segments."""
+        from ciae_core.structures import PanopticResult
+
+        done = None if len(images) != 1 or extras else self(images[0], boxes[0], color)
+        if done is None:
+            return None
+        id_map, table = done
+        return PanopticResult(id_map=id_map.reshape(boxes[0].height, boxes[0].width), segments=segments(table),
+                              confidence=None)
+
     def __call__(self, image: np.ndarray, lb: Letterbox, color: str):
         if not self.enabled:
             return None
+        baked = (tuple(sorted(self.settings().items())), self.nms_iterations)
+        if baked != self._baked:  # thresholds changed (Predictor.update): start afresh
+            self.clear()
+            self._baked = baked
         key = (lb, color)
         entry = self._graphs.pop(key, None)
         if entry is None:

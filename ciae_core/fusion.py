@@ -38,6 +38,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from ciae_core import fusion_kernels
+from ciae_core.fusion_embeddings import segment_mean_embeddings
 # (MASKED_SIMILARITY, bilinear_taps, coarse_to_fine_assignment and first_argmax stay importable from here)
 from ciae_core.fusion_coarse import (MASKED_SIMILARITY, _bilinear_at, _compiled_assignment, _pixel_argmax,
                                      _sum_by_slot, _unit_similarities, _values_at, bilinear_taps,
@@ -509,7 +510,7 @@ def split_panoptic(fused: dict[str, Tensor], image_sizes) -> list[dict[str, Tens
 
     Each dict: ``id_map (h, w)`` int32, ``ids (n,)`` int32 in id order, ``labels (n,)`` training
     ids, ``isthing (n,)``, ``scores (n,)``, ``areas (n,)``, ``boxes (n, 4)``; ``confidence (h, w)``
-    when present.
+    and ``embeddings (n, D)`` when present.
     """
     results = []
     for i, (h, w) in enumerate(image_sizes):
@@ -521,6 +522,8 @@ def split_panoptic(fused: dict[str, Tensor], image_sizes) -> list[dict[str, Tens
              "boxes": fused["boxes"][i][used]}
         if "confidence" in fused:
             r["confidence"] = fused["confidence"][i, :h, :w].contiguous()
+        if "embeddings" in fused:
+            r["embeddings"] = fused["embeddings"][i][used]
         results.append(r)
     return results
 
@@ -555,14 +558,16 @@ def panoptic_from_raw(raw: dict[str, Tensor], image_sizes, *, num_things: int, e
                       min_stuff_area: float = 4096, stuff_area_reference: float = 640 * 480,
                       min_visible_fraction: float = 0.2, min_instance_area: float = 16,
                       outside_box_value: float = 0.0, return_confidence: bool = False,
-                      fusion_method: str = "auto", normalize_after_upsampling: bool = False) -> list[dict[str, Tensor]]:
+                      fusion_method: str = "auto", normalize_after_upsampling: bool = False,
+                      return_embeddings: bool = False) -> list[dict[str, Tensor]]:
     """``CIAE.forward_raw`` outputs → per-image panoptic results (see :func:`split_panoptic`).
 
     Proposals from :func:`select_proposals`; only those with score >= ``instance_score_threshold``
     become instance queries (our decision: low-score proposals of the 0.05 detection threshold
     would otherwise claim pixels as spurious segments; 0.3 is a panoptic-quality operating
     point, lower it for recall). Stuff queries are ``memory[T:]``. Half-precision outputs (autocast)
-    are promoted to float32 first (module docstring).
+    are promoted to float32 first (module docstring). ``return_embeddings``: each segment's unit
+    mean embedding, ``embeddings (n, D)`` (:mod:`ciae_core.fusion_embeddings`, Eq. E1).
     """
     raw = {k: _promote_half(v) if isinstance(v, Tensor) else v for k, v in raw.items()}
     emb = raw["embedding"]
@@ -595,4 +600,7 @@ def panoptic_from_raw(raw: dict[str, Tensor], image_sizes, *, num_things: int, e
                           min_visible_fraction=min_visible_fraction, min_instance_area=min_instance_area,
                           outside_box_value=outside_box_value, return_confidence=return_confidence,
                           method=fusion_method, normalize_after_upsampling=normalize_after_upsampling)
+    if return_embeddings:
+        fused["embeddings"] = segment_mean_embeddings(emb, fused["id_map"], fused["segment_ids"], fused["boxes"],
+                                                      embedding_stride)
     return split_panoptic(fused, image_sizes)

@@ -70,7 +70,7 @@ class Letterbox:
 def _checked_image_sides(height: int, width: int, min_image_side: int) -> tuple[int, int]:
     height, width = int(height), int(width)
     if min(height, width) < min_image_side:
-        raise PredictorError(f"image of {height}x{width} pixels is too small; both sides must be at least "
+        raise PredictorError(f"image of {width}x{height} pixels is too small; both sides must be at least "
                              f"{min_image_side} pixels")
     return height, width
 
@@ -89,8 +89,8 @@ def letterbox(height: int, width: int, input_size: int, max_size: int, stride: i
         scale = max_size / max(height, width)
     rh, rw = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
     if min(rh, rw) < stride:
-        raise PredictorError(f"image of {height}x{width} pixels has an aspect ratio too extreme for max_size={max_size}: "
-                             f"it would be resized to {rh}x{rw}, below the {stride}-pixel stride; crop it or raise max_size")
+        raise PredictorError(f"image of {width}x{height} pixels has an aspect ratio too extreme for max_size={max_size}: "
+                             f"it would be resized to {rw}x{rh}, below the {stride}-pixel stride; crop it or raise max_size")
     ph, pw = int(math.ceil(rh / stride) * stride), int(math.ceil(rw / stride) * stride)
     return Letterbox(height, width, rh, rw, ph, pw)
 
@@ -111,8 +111,8 @@ def letterbox_into(height: int, width: int, canvas_height: int, canvas_width: in
     rh = min(canvas_height, max(1, int(round(height * scale))))
     rw = min(canvas_width, max(1, int(round(width * scale))))
     if min(rh, rw) < stride:
-        raise PredictorError(f"image of {height}x{width} pixels has an aspect ratio too extreme for the fixed "
-                             f"{canvas_height}x{canvas_width} input: it would be resized to {rh}x{rw}, below the "
+        raise PredictorError(f"image of {width}x{height} pixels has an aspect ratio too extreme for the fixed "
+                             f"{canvas_width}x{canvas_height} input: it would be resized to {rw}x{rh}, below the "
                              f"{stride}-pixel stride; crop it or use a dynamic export")
     return Letterbox(height, width, rh, rw, int(canvas_height), int(canvas_width))
 

@@ -1,4 +1,4 @@
-"""ROS-free inference: the ``Predictor`` facade over the torch and onnxruntime engines.
+"""ROS-free inference: the ``Predictor`` facade over the torch, onnxruntime and OpenVINO engines.
 
 Pipeline of one call (docs/DESIGN.md, "Data flow")::
 
@@ -35,12 +35,17 @@ Decisions (all constructor arguments):
   autocast, channels_last, ``torch.compile``) or ``engine="onnxruntime"``
   (:mod:`ciae_core.engine_onnxruntime`: ``.onnx`` from ``ciae-export`` or a ``.safetensors``
   exported on the fly to ``onnx_cache_dir``, TensorRT → CUDA → CPU providers; a fixed-shape file
-  is served by fitting each image into its canvas, :func:`letterbox_into`). Both return the same
-  raw outputs, so everything after ``forward_raw`` is shared.
+  is served by fitting each image into its canvas, :func:`letterbox_into`) or ``engine="openvino"``
+  (:mod:`ciae_core.engine_openvino`: the same ``.onnx`` files and cache, or an int8 ``.xml`` IR from
+  ``ciae-export --int8``; compiled for ``openvino_device`` "CPU" or "GPU" (an Intel GPU) in
+  ``precision`` fp32 / bf16 (AMX, AVX512_BF16) / int8 / fp16 (GPU); pre- and post-processing on
+  the CPU). All return the same raw outputs, so everything after ``forward_raw`` is shared.
+* **Precision** ``"auto"``: the OpenVINO engine takes int8 for an int8 file, else bf16 where the
+  CPU computes it natively, else fp32 (:func:`ciae_core.cpu_features.choose_precision`, logged);
+  the torch and onnxruntime engines take fp32. ``Predictor.precision`` is the resolved one.
 * **CUDA path**: cudnn.benchmark, uint8 upload from a pinned staging buffer with an async copy,
   resize on the GPU, fusion and map-back on the GPU, then one device→host copy of all final id
-  maps (plus one for the small segment table). ``cuda_graphs="full"``: the whole call of a single
-  image in one CUDA graph (:mod:`ciae_core.full_graph`), the eager path as its fallback.
+  maps (plus one for the small segment table); or the whole call in one graph (:mod:`ciae_core.full_graph`).
 
 Timings (``predictor.timings``, milliseconds of the last call): ``preprocess``, ``forward``,
 ``postprocess`` (proposal selection + fusion), ``map_back`` (resize to input resolution +
@@ -65,12 +70,13 @@ import torch
 from ciae_core.engine_onnxruntime import (RAW_OUTPUT_NAMES, _OrtEngine, default_onnx_cache_dir, onnx_for_checkpoint,
                                           select_providers, tensorrt_runtime_loadable)
 from ciae_core.engine_torch import _TorchEngine
+from ciae_core.full_graph import full_call_graphs
 from ciae_core.geometry import (MIN_IMAGE_SIDE, Letterbox, area_resize_weights, letterbox, letterbox_into,
                                 nearest_source_index, resize_image_like_cv2, resize_nearest, segment_table,
                                 validate_image)
 from ciae_core.predictor_error import PredictorError
-from ciae_core.predictor_settings import (ENGINES, PRECISIONS, SMALL_BACKBONES, THRESHOLD_ALIASES, THRESHOLD_NAMES,
-                                          _checked_thresholds, default_input_size, input_size_range,
+from ciae_core.predictor_settings import (ENGINE_PRECISIONS, ENGINES, PRECISIONS, SMALL_BACKBONES, THRESHOLD_ALIASES,
+                                          THRESHOLD_NAMES, _checked_thresholds, default_input_size, input_size_range,
                                           input_size_range_for)
 from ciae_core.structures import CategoryInfo, PanopticResult, Segment
 
@@ -121,27 +127,28 @@ class Predictor:
 
     Args:
         weights: ``.safetensors`` checkpoint (``ciae_core.checkpoint.save_model``) or, for
-            ``engine="onnxruntime"``, a ``.onnx`` from ``ciae-export``.
-        engine: "torch" or "onnxruntime".
+            ``engine="onnxruntime"`` / ``"openvino"``, a ``.onnx`` from ``ciae-export`` (openvino:
+            also a ``.xml`` IR from ``ciae-export --int8``).
+        engine: "torch", "onnxruntime", "openvino" or "auto" (:func:`ciae_core.cpu_features.auto_engine`:
+            on the CPU the fastest within the accuracy bound for its features; the choice and why are
+            ``engine`` / ``engine_reason``).
         device: "cpu", "cuda" or "cuda:N".
         input_size: shorter side fed to the network (None: :func:`default_input_size`).
         max_size: cap on the longer side after resizing.
-        precision: "fp32", "fp16" (CUDA only) or "bf16" (torch engine autocast).
+        precision: "fp32", "fp16" (torch on CUDA; openvino on an Intel GPU), "bf16" (torch
+            autocast; openvino on AMX/AVX512_BF16 CPUs), "int8" (openvino, an int8 file) or "auto".
         channels_last: run the torch engine in channels_last. None (default): on for the CPU
             (10-31 % faster there, module docstring), off for CUDA (no gain on an H100).
         cudnn_benchmark: None → on for CUDA.
-        cuda_graphs: CUDA graphs (torch engine on CUDA; ignored on the CPU). None or True or
-            "forward" (the default on CUDA): one graph per input shape for the forward
-            (:mod:`ciae_core.engine_torch`), postprocess eager. "full": the whole call of a single
-            image in one graph per input shape (:mod:`ciae_core.full_graph`: fixed-size proposal
-            selection, Triton fusion, map back; the same results as the eager path, which
-            remains the fallback: first sighting of a shape, a frame whose NMS did not converge,
-            batches, ``return_confidence``, a failed capture). False: eager.
-        compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; composes with
-            cuda_graphs: the compiled forward is warmed up, then captured like the eager one).
+        cuda_graphs: None/True/"forward" (CUDA default): one CUDA graph per input shape for the forward; "full":
+            the whole call of one image in one graph (:mod:`ciae_core.full_graph`, eager fallback); False: eager.
+        compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; composes with cuda_graphs).
         input_size_range: ``(lo, hi)`` valid shorter sides (None: :func:`input_size_range`).
-        providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime.
-        onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime.
+        providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime
+            (``intra_op_threads`` is also the OpenVINO engine's thread count).
+        onnx_cache_dir, onnx_opset: on-the-fly export of a ``.safetensors`` for onnxruntime/openvino.
+        openvino_device, openvino_cache_dir: the OpenVINO device ("CPU", "GPU") and compiled-model
+            cache (None: ``$CIAE_CACHE_DIR/openvino``).
         mixed_size_batching: "group" (one forward per distinct padded size: exact, results do
             not depend on the other images) or "pad" (one forward for the whole list).
         fusion_method: ``ciae_core.fusion.fuse_panoptic``'s method ("auto": the compiled numba
@@ -158,17 +165,23 @@ class Predictor:
                  providers: Sequence[str] | None = None, trt_cache_dir: str | None = None, trt_fp16: bool = False,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
-                 mixed_size_batching: str = "group", cuda_graphs: bool | str | None = None,
-                 fusion_method: str = "auto",
-                 **thresholds):
-        self.device = self._checked_engine_and_device(engine, precision, device)
+                 mixed_size_batching: str = "group", cuda_graphs: bool | str | None = None, fusion_method: str = "auto",
+                 openvino_device: str = "CPU", openvino_cache_dir: str | os.PathLike | None = None, **thresholds):
         weights = self._resolved_weights(weights)
+        self.engine_reason = "asked for"
+        if engine == "auto":
+            from ciae_core.cpu_features import auto_engine
+
+            engine, precision, self.engine_reason = auto_engine(device, weights, precision)
+            logger.info("engine auto: %s %s (%s)", engine, precision, self.engine_reason)
+        self.device = self._checked_engine_and_device(engine, precision, device)
         self.mixed_size_batching, self.fusion_method = self._checked_batching_and_fusion(mixed_size_batching,
                                                                                          fusion_method)
         self.weights = weights
         self.engine_name = engine
         self.precision = precision
         self._set_geometry(stride, min_image_side, max_size, input_size_range)
+        self._openvino = (openvino_device, openvino_cache_dir)
         self._build_engine(weights, engine, precision, channels_last, cudnn_benchmark, compile, cuda_graphs,
                            providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads, onnx_cache_dir,
                            onnx_opset)
@@ -179,10 +192,10 @@ class Predictor:
             self.thresholds = _checked_thresholds({}, {k: getattr(self.config, k) for k in THRESHOLD_NAMES})
         except PredictorError as e:
             raise PredictorError(f"{weights}: invalid inference setting in the model config: {e}") from None
+        self._full = full_call_graphs(self, cuda_graphs)  # cuda_graphs="full", else None
         self.update(**thresholds)
         self.timings: dict[str, float] = {}
         self._pinned: list[torch.Tensor] = []
-        self._full = self._full_call_graphs(cuda_graphs)
         self.model_name = pathlib.Path(weights).stem
         self._prepare_fusion_kernels()
         logger.info("Predictor: %s engine=%s device=%s providers=%s input_size=%d", weights, engine, self.device,
@@ -195,12 +208,20 @@ class Predictor:
             raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if precision not in PRECISIONS:
             raise PredictorError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision == "int8" and engine != "openvino":
+            raise PredictorError(f"unknown precision 'int8' for the {engine} engine: int8 runs in engine='openvino' "
+                                 f"from a file written by ciae-export --int8")
         dev = self._resolve_device(device)
+        if engine == "openvino":
+            if dev.type != "cpu":
+                raise PredictorError("engine='openvino' pre- and post-processes on device='cpu'; choose the OpenVINO "
+                                     "device with openvino_device ('CPU' or 'GPU', an Intel GPU)")
+            return dev
         if precision == "fp16" and dev.type != "cuda":
             raise PredictorError("precision='fp16' needs device='cuda'; use 'fp32' or 'bf16' on the CPU")
-        if precision != "fp32" and engine != "torch":
-            raise PredictorError(f"precision={precision!r} applies to the torch engine; for onnxruntime use "
-                                 f"trt_fp16=True (TensorRT) or precision='fp32'")
+        if precision not in ENGINE_PRECISIONS[engine]:
+            raise PredictorError(f"precision={precision!r} applies to the torch and openvino engines; for onnxruntime "
+                                 f"use trt_fp16=True (TensorRT) or precision='fp32'")
         return dev
 
     @staticmethod
@@ -251,24 +272,40 @@ class Predictor:
                       onnx_cache_dir, onnx_opset) -> None:
         """``self._engine`` and ``self.config`` (plus ``self.onnx_path`` for onnxruntime)."""
         is_onnx = weights.lower().endswith(".onnx")
-        if engine == "torch":
+        if weights.lower().endswith(".xml") and engine != "openvino":
+            raise PredictorError(f"{weights} is an OpenVINO IR; use engine='openvino'")
+        if engine == "openvino":
+            self._build_openvino_engine(weights, precision, intra_op_threads, onnx_cache_dir, onnx_opset)
+        elif engine == "torch":
             if is_onnx:
                 raise PredictorError(f"{weights} is an ONNX file; use engine='onnxruntime' or a .safetensors checkpoint")
+            if precision == "auto":  # torch's CPU bf16 measured slower (README, "CPU engines and precisions")
+                self.precision = precision = "fp32"
             model = self._load_torch_model(weights)
             self.config = model.config
             cuda = self.device.type == "cuda"
             if cudnn_benchmark if cudnn_benchmark is not None else cuda:
                 torch.backends.cudnn.benchmark = True
-            graphs = cuda if cuda_graphs is None else cuda_graphs is True or cuda_graphs in ("forward", "full")
-            self._engine = _TorchEngine(model, self.device, precision,
-                                        channels_last if channels_last is not None else not cuda, compile,
-                                        cuda_graphs=graphs)
+            self._engine = _TorchEngine(model, self.device, precision, channels_last if channels_last is not None
+                                        else not cuda, compile, cuda_graphs=cuda if cuda_graphs is None
+                                        else cuda_graphs in (True, "forward", "full"))
         else:
+            self.precision = "fp32"
             onnx_path = weights if is_onnx else onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
             self.onnx_path = onnx_path
             self._engine = _OrtEngine(onnx_path, self.device, providers, trt_cache_dir, trt_fp16,
                                       intra_op_threads, inter_op_threads)
             self.config = self._engine.config
+
+    def _build_openvino_engine(self, weights: str, precision: str, threads, onnx_cache_dir, onnx_opset) -> None:
+        from ciae_core.engine_openvino import openvino_engine_for
+
+        device, cache_dir = self._openvino
+        self._engine, onnx_path = openvino_engine_for(weights, precision, device, threads, cache_dir, onnx_cache_dir,
+                                                      onnx_opset)
+        if onnx_path:
+            self.onnx_path = onnx_path
+        self.config, self.precision = self._engine.config, self._engine.precision
 
     def _set_input_size(self, weights: str, input_size, input_size_range) -> None:
         """``self.fixed_input_hw``, ``self.input_size_range`` and ``self.input_size`` (checked)."""
@@ -276,7 +313,7 @@ class Predictor:
         if self.fixed_input_hw is not None:
             fh, fw = self.fixed_input_hw
             if input_size is not None or input_size_range is not None:
-                raise PredictorError(f"{weights} is a fixed {fh}x{fw} export: images are fitted into {fh}x{fw} and "
+                raise PredictorError(f"{weights} is a fixed {fw}x{fh} export: images are fitted into {fw}x{fh} and "
                                      f"input_size does not apply; leave it unset or re-export with --dynamic")
             self.input_size_range = (min(fh, fw), min(fh, fw))
             self.input_size = min(fh, fw)
@@ -285,23 +322,6 @@ class Predictor:
                                      else input_size_range_for(self.config))
             self.input_size = self._check_input_size(input_size if input_size is not None
                                                      else default_input_size(self.config.backbone))
-
-    def _full_call_graphs(self, cuda_graphs):
-        """The whole-call graphs (``cuda_graphs="full"`` with the torch engine on CUDA), else None."""
-        if cuda_graphs not in (None, True, False, "forward", "full"):
-            raise PredictorError(f"cuda_graphs must be None, True, False, 'forward' or 'full', got {cuda_graphs!r}")
-        if cuda_graphs != "full" or self.device.type != "cuda":
-            return None
-        if self.engine_name != "torch":
-            raise PredictorError("cuda_graphs='full' needs the torch engine (onnxruntime runs its own graph)")
-        from ciae_core.full_graph import FullCallGraphs
-
-        return FullCallGraphs(self.device, self._engine.forward_eager, self._static_settings)
-
-    def _static_settings(self) -> dict[str, Any]:
-        """The static postprocess's keywords (:mod:`ciae_core.static_postprocess`) for the current thresholds."""
-        return dict(num_things=self.num_things, embedding_stride=self.config.branch_stride,
-                    normalize_after_upsampling=self.config.embedding_stride == 1, **self.thresholds)
 
     def _prepare_fusion_kernels(self) -> None:
         """On the CPU, compile (or load from numba's cache) the fusion kernels now, not on the first frame."""
@@ -353,7 +373,7 @@ class Predictor:
 
     @property
     def providers(self) -> list[str]:
-        """onnxruntime providers in use (empty for the torch engine)."""
+        """onnxruntime providers in use (torch: empty; openvino: its version, device and precision)."""
         return list(self._engine.providers)
 
     @property
@@ -376,13 +396,11 @@ class Predictor:
             if isinstance(input_size, bool) or not isinstance(input_size, (int, np.integer)) \
                     or int(input_size) != self.input_size:
                 fh, fw = self.fixed_input_hw
-                raise PredictorError(f"{self.weights} is a fixed {fh}x{fw} export: input_size cannot change "
+                raise PredictorError(f"{self.weights} is a fixed {fw}x{fh} export: input_size cannot change "
                                      f"(re-export with --dynamic)")
         elif input_size is not None:
             self.input_size = self._check_input_size(input_size)
         self.thresholds = new
-        if getattr(self, "_full", None) is not None:  # the whole-call graphs baked the old settings in
-            self._full.clear()
 
     def letterbox(self, height: int, width: int) -> Letterbox:
         """The geometry this predictor gives an ``height x width`` image (:func:`letterbox`, or
@@ -454,8 +472,8 @@ class Predictor:
         with self._on_device():
             return self._engine(batch)
 
-    def postprocess(self, raw: dict[str, torch.Tensor], boxes: Sequence[Letterbox],
-                    return_confidence: bool = False) -> list[dict[str, torch.Tensor]]:
+    def postprocess(self, raw: dict[str, torch.Tensor], boxes: Sequence[Letterbox], return_confidence: bool = False,
+                    return_embeddings: bool = False) -> list[dict[str, torch.Tensor]]:
         """Proposal selection + fusion at the resized resolution (``ciae_core.fusion``)."""
         from ciae_core.fusion import panoptic_from_raw
 
@@ -464,20 +482,25 @@ class Predictor:
                                      embedding_stride=self.config.branch_stride,
                                      normalize_after_upsampling=self.config.embedding_stride == 1,
                                      return_confidence=return_confidence, fusion_method=self.fusion_method,
-                                     **self.thresholds)
+                                     return_embeddings=return_embeddings, **self.thresholds)
 
     # -- call -----------------------------------------------------------------------------------
-    def __call__(self, images, color: str = "rgb", return_confidence: bool = False):
+    def __call__(self, images, color: str = "rgb", return_confidence: bool = False, return_embeddings: bool = False):
         """Segment one image (→ ``PanopticResult``) or a list of images (→ list, same order).
+
+        ``return_confidence``: ``result.confidence``; ``return_embeddings``: ``result.embeddings``,
+        one unit mean embedding per segment, row ``i`` for ``segments[i]`` (the tracker's
+        appearance cue, :mod:`ciae_core.fusion_embeddings`; computed in the fusion on the device and
+        copied to the host with the segment table, no extra copy).
 
         On CUDA the whole call runs with ``self.device`` as the current device, whatever the
         calling thread's current device is (a ROS executor thread starts on GPU 0): CUDA-graph
         capture streams, timing events and onnxruntime's IO binding all use the current device.
         """
         with self._on_device():
-            return self._call(images, color, return_confidence)
+            return self._call(images, color, return_confidence, return_embeddings)
 
-    def _call(self, images, color: str, return_confidence: bool):
+    def _call(self, images, color: str, return_confidence: bool, return_embeddings: bool = False):
         """Validate → letterbox → per padded-size group: preprocess, forward, postprocess → map back
         → one device→host copy → results (stage times in ``self.timings``)."""
         if color not in ("rgb", "bgr"):
@@ -488,29 +511,26 @@ class Predictor:
             return []
         batch_in = [validate_image(im, i) for i, im in enumerate(batch_in)]
         boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in batch_in]
-        if self._full is not None and len(batch_in) == 1 and not return_confidence:
-            done = self._full(batch_in[0], boxes[0], color)
-            if done is not None:  # else: the eager path below (first sighting, NMS not converged)
-                self.timings = dict(self._full.timings)
-                id_map, table = done
-                result = PanopticResult(id_map=id_map.reshape(boxes[0].height, boxes[0].width),
-                                        segments=self._segments(table), confidence=None)
-                return result if single else [result]
+        done = self._full and self._full.answer(batch_in, boxes, color, self._segments,
+                                                return_confidence or return_embeddings)
+        if done:  # the whole-call graph answered (None: the eager path below)
+            self.timings = dict(self._full.timings)
+            return done if single else [done]
         clock = _StageClock(self.device)
-        outs = self._fused_outputs(batch_in, boxes, color, return_confidence, clock)
+        outs = self._fused_outputs(batch_in, boxes, color, return_confidence, clock, return_embeddings)
         clock.mark("start")
-        maps, tables, confs = self._map_back(outs, boxes, return_confidence)
+        maps, tables, confs = self._map_back(outs, boxes, return_confidence, return_embeddings)
         clock.mark("map_back")
         host_maps, host_tables, host_confs = self._to_host(maps, tables, confs)
         clock.mark("to_host")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self.timings = clock.durations_ms()
-        results = self._results(boxes, host_maps, host_tables, host_confs, return_confidence)
+        results = self._results(boxes, host_maps, host_tables, host_confs, return_confidence, return_embeddings)
         return results[0] if single else results
 
     def _fused_outputs(self, batch_in: list[np.ndarray], boxes: list[Letterbox], color: str, return_confidence: bool,
-                       clock: _StageClock) -> list[dict]:
+                       clock: _StageClock, return_embeddings: bool = False) -> list[dict]:
         """Fusion outputs (at the resized resolution) per image, one forward pass per padded size
         (or one for all with ``mixed_size_batching="pad"``)."""
         groups: dict[tuple[int, int], list[int]] = {}
@@ -524,14 +544,16 @@ class Predictor:
             clock.mark("preprocess")
             raw = self.forward_raw(batch)
             clock.mark("forward")
-            for i, o in zip(idx, self.postprocess(raw, [boxes[i] for i in idx], return_confidence)):
+            for i, o in zip(idx, self.postprocess(raw, [boxes[i] for i in idx], return_confidence, return_embeddings)):
                 outs[i] = o
             clock.mark("postprocess")
         return outs
 
-    def _map_back(self, outs: list[dict], boxes: list[Letterbox], return_confidence: bool):
+    def _map_back(self, outs: list[dict], boxes: list[Letterbox], return_confidence: bool,
+                  return_embeddings: bool = False):
         """Id maps (and confidences) at the input resolution, flattened, and segment tables ``(K, 8)``
-        float64 ``id, label, score, area, x, y, w, h`` recomputed from the mapped id maps; on the device."""
+        float64 ``id, label, score, area, x, y, w, h`` recomputed from the mapped id maps (``(K, 8 + D)``
+        with the segments' embeddings appended); on the device."""
         maps, confs, tables = [], [], []
         with torch.inference_mode():
             for out, lb in zip(outs, boxes):
@@ -544,6 +566,8 @@ class Predictor:
                 k = pos[seg_ids]
                 table = torch.cat([seg_ids[:, None].double(), out["labels"].long()[k][:, None].double(),
                                    out["scores"].double()[k][:, None], areas[:, None].double(), bxs.double()], dim=1)
+                if return_embeddings:
+                    table = torch.cat([table, out["embeddings"].double()[k]], dim=1)
                 maps.append(id_map.reshape(-1))
                 tables.append(table)
                 if return_confidence:
@@ -553,8 +577,8 @@ class Predictor:
                     confs.append(resize_nearest(conf.float(), (lb.height, lb.width)).reshape(-1))
         return maps, tables, confs
 
-    def _results(self, boxes: list[Letterbox], host_maps, host_tables, host_confs,
-                 return_confidence: bool) -> list[PanopticResult]:
+    def _results(self, boxes: list[Letterbox], host_maps, host_tables, host_confs, return_confidence: bool,
+                 return_embeddings: bool = False) -> list[PanopticResult]:
         """Cut the host copies back into one ``PanopticResult`` per image."""
         results = []
         off_m = off_c = 0
@@ -566,7 +590,9 @@ class Predictor:
             if return_confidence:
                 conf = host_confs[off_c:off_c + n].reshape(lb.height, lb.width)
                 off_c += n
-            results.append(PanopticResult(id_map=id_map, segments=self._segments(host_tables[i]), confidence=conf))
+            emb = host_tables[i][:, 8:].astype(np.float32) if return_embeddings else None
+            results.append(PanopticResult(id_map=id_map, segments=self._segments(host_tables[i][:, :8]),
+                                          confidence=conf, embeddings=emb))
         return results
 
     def _to_host(self, maps, tables, confs):
@@ -581,12 +607,12 @@ class Predictor:
             host.copy_(dev, non_blocking=True)
             return host.numpy()
 
-        sizes = [t.shape[0] for t in tables]
+        shapes = [t.shape for t in tables]
         flat_tables = copy([t.reshape(-1) for t in tables])
         out_tables, off = [], 0
-        for s in sizes:
-            out_tables.append(flat_tables[off:off + s * 8].reshape(s, 8))
-            off += s * 8
+        for rows, cols in shapes:
+            out_tables.append(flat_tables[off:off + rows * cols].reshape(rows, cols))
+            off += rows * cols
         return copy(maps), out_tables, copy(confs)
 
     def _segments(self, table: np.ndarray) -> list[Segment]:

@@ -10,7 +10,8 @@ without loading a model.
 * **Input size**: default 640 for ResNet-50/101 models and 320 for the small backbones
   (resnet18/34, mobilenet_v3_large); the valid range is [512, 800] for the large backbones (the
   paper's operating points) and [192, 800] for the small ones; ``input_size_range`` overrides it.
-* ``ENGINES`` and ``PRECISIONS``: the ``engine`` and ``precision`` values the predictor takes.
+* ``ENGINES`` and ``PRECISIONS``: the ``engine`` and ``precision`` values the predictor takes;
+  ``ENGINE_PRECISIONS``: which precisions each engine runs.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ THRESHOLD_ALIASES = {"stuff_area_min": "min_stuff_area"}
 _POSITIVE_INT = ("pre_nms_topk", "detections_per_img", "stuff_area_reference")
 _NON_NEGATIVE_INT = ("min_stuff_area", "min_instance_area")
 SMALL_BACKBONES = ("resnet18", "resnet34", "mobilenet_v3_large")
-ENGINES = ("torch", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "bf16")
+ENGINES = ("torch", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "auto")
+# what each engine runs ("auto": resolved at construction, :func:`ciae_core.cpu_features.choose_precision`)
+ENGINE_PRECISIONS = {"torch": ("fp32", "fp16", "bf16", "auto"), "onnxruntime": ("fp32", "auto"),
+                     "openvino": ("fp32", "bf16", "int8", "fp16", "auto")}
 
 
 def _checked_thresholds(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

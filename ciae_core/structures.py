@@ -42,6 +42,9 @@ class Segment:
     ``score``: for things the detection score of the proposal; for stuff the mean cosine
     similarity between the region's pixel embeddings and its stuff query (memory embedding).
     ``bbox`` is ``(x, y, w, h)``: the tight box of the segment's pixels in the id map.
+    ``id`` is per frame (1..N, the value in the id map). ``track_id`` is the identity that persists
+    across frames, set by :class:`ciae_core.tracking.SegmentTracker`: ``> 0`` for a confirmed track,
+    ``0`` for none (stuff, a thing whose track is not yet confirmed, or tracking off).
     """
 
     id: int
@@ -51,6 +54,7 @@ class Segment:
     score: float
     area: int
     bbox: tuple[int, int, int, int]
+    track_id: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -66,11 +70,15 @@ class PanopticResult:
         ``segments[i]`` with ``segments[i].id == k``.
     segments: one per non-zero id in ``id_map``, ordered by id.
     confidence: optional ``(H, W)`` float32, top-1 minus top-2 similarity per pixel.
+    embeddings: optional ``(len(segments), D)`` float32, row ``i`` the L2-normalised mean pixel
+        embedding of ``segments[i]`` over its mask (the appearance cue of the tracker); ``None``
+        when not requested.
     """
 
     id_map: np.ndarray
     segments: list[Segment] = field(default_factory=list)
     confidence: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
 
     def segment_by_id(self) -> dict[int, Segment]:
         return {s.id: s for s in self.segments}

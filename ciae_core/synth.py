@@ -12,7 +12,7 @@ final id map, so the image and the ground truth always agree pixel for pixel.
 Everything is a pure function of the seed (``numpy.random.default_rng``), so the same seed gives
 the same arrays and, through :func:`write_dataset`, byte-identical files.
 
-``ciae-synth --out DIR --num N --size HxW --seed S [--sequence]`` (:mod:`ciae_core.cli.synth`)
+``ciae-synth --out DIR --num N --size WIDTHxHEIGHT --seed S [--sequence]`` (:mod:`ciae_core.cli.synth`)
 writes the COCO panoptic format (``images/``, ``panoptic/``, ``panoptic.json``) that
 :class:`ciae_core.data.CocoPanopticDataset` reads.
 """
@@ -407,7 +407,7 @@ def render_scene(seed, height: int = 320, width: int = 320, *, max_instances: in
 def _check_size(height: int, width: int) -> tuple[int, int]:
     height, width = int(height), int(width)
     if height < 32 or width < 32:
-        raise SynthError(f"image size must be at least 32x32, got {height}x{width}")
+        raise SynthError(f"image size must be at least 32x32, got {width}x{height} (WIDTHxHEIGHT)")
     return height, width
 
 

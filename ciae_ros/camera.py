@@ -4,7 +4,11 @@ Sources:
 
 * ``synth`` (default): a moving synthetic scene from :class:`ciae_core.synth.SceneSequence`.
   Rendering costs ~0.1 s per 640x480 frame on one CPU core, so ``--clip N`` frames are rendered
-  first and then played in a loop at ``--rate``.
+  first and then played forwards and backwards at ``--rate`` (``--loop pingpong``, the default
+  for synth: the motion reverses instead of every thing jumping back to its start, which would
+  look like new things to a tracker). ``--truth FILE`` writes one JSON line per published frame
+  (stamp and frame index, after a first line with the scene's seed, size and clip), from which
+  the demo's report re-renders the ground truth.
 * a folder of images (``*.png``, ``*.jpg``, sorted by name), played in a loop;
 * a video file (anything OpenCV can read), played in a loop.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import json
 import logging
 import pathlib
 import sys
@@ -47,13 +52,27 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def synth_sequence(seed: int, height: int, width: int):
+    """The moving scene of the ``synth`` source (the demo's report re-renders its frames)."""
+    from ciae_core.synth import SceneSequence
+
+    return SceneSequence(seed, height, width, num_instances=10, speed=4.0)
+
+
+def play_index(n: int, count: int, loop: str) -> int:
+    """Frame of the clip shown as the ``n``-th published frame: ``repeat`` 0, 1, .., N-1, 0, 1, ..;
+    ``pingpong`` 0, 1, .., N-1, N-2, .., 1, 0, 1, .. (consecutive frames are always neighbours)."""
+    if loop == "pingpong" and count > 1:
+        k = n % (2 * count - 2)
+        return k if k < count else 2 * count - 2 - k
+    return n % count
+
+
 def load_frames(source: str, size: tuple[int, int] | None, clip: int, seed: int = 0) -> list[np.ndarray]:
     """Frames ``(H, W, 3)`` uint8 RGB of ``source`` (``size`` = (H, W) resizes; synth default 480x640)."""
     if source == "synth":
-        from ciae_core.synth import SceneSequence
-
         h, w = size or (480, 640)
-        seq = SceneSequence(seed, h, w, num_instances=10, speed=4.0)
+        seq = synth_sequence(seed, h, w)
         t0 = time.monotonic()
         frames = [seq.frame(t)[0] for t in range(clip)]
         _LOG.info("rendered %d synthetic %dx%d frames in %.1f s", clip, w, h, time.monotonic() - t0)
@@ -108,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=_parse_size, default=None, help="WIDTHxHEIGHT (synth default 640x480)")
     ap.add_argument("--clip", type=int, default=30, help="frames rendered/read before playing in a loop")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loop", choices=("auto", "repeat", "pingpong"), default="auto",
+                    help="play the frames in a loop (repeat) or forwards and backwards (pingpong); auto: pingpong "
+                         "for synth, repeat otherwise")
     ap.add_argument("--encoding", default="rgb8", choices=("rgb8", "bgr8", "mono8"))
     ap.add_argument("--compressed", action="store_true", help="publish JPEG CompressedImage on <topic>/compressed")
     ap.add_argument("--reliability", default="reliable", choices=("reliable", "best_effort"))
@@ -116,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--frames", type=int, default=0, help="stop after publishing this many frames (0: no limit)")
     ap.add_argument("--large-data-profile", action="store_true",
                     help="load config/fastdds_large_data.xml (unless FASTDDS_DEFAULT_PROFILES_FILE is set)")
+    ap.add_argument("--truth", default="", metavar="FILE",
+                    help="synth: write the stamp and frame index of every published frame to FILE (JSON lines)")
     return ap
 
 
@@ -149,6 +173,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data, step = encode_frame(f, args.encoding)
             payloads.append((array.array("B", data), step, f.shape))
+    loop = args.loop if args.loop != "auto" else ("pingpong" if args.source == "synth" else "repeat")
+    try:
+        truth = open(args.truth, "w") if args.truth else None  # noqa: SIM115 - open for the whole run
+    except OSError as exc:
+        _LOG.error("cannot write --truth %s: %s", args.truth, exc.strerror)
+        return 1
+    if truth is not None:
+        truth.write(json.dumps({"source": args.source, "seed": args.seed, "width": frames[0].shape[1],
+                                "height": frames[0].shape[0], "clip": len(frames), "frame_id": args.frame_id,
+                                "loop": loop}) + "\n")
     with rclpy.init(args=["ciae_camera"]):
         node = rclpy.create_node("ciae_camera")
         qos = input_qos(reliability_policy(args.reliability), depth=1)
@@ -156,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
             pub = node.create_publisher(CompressedImage, args.topic + "/compressed", qos)
         else:
             pub = node.create_publisher(Image, args.topic, qos)
-        _LOG.info("publishing %d frame(s) of %s on %s at %.1f Hz (%s)", len(frames), args.source, pub.topic_name,
-                  args.rate, args.reliability)
+        _LOG.info("publishing %d frame(s) of %s on %s at %.1f Hz (%s, %s)", len(frames), args.source,
+                  pub.topic_name, args.rate, args.reliability, loop)
         period = 1.0 / args.rate
         t_start = time.monotonic()
         n = 0
         try:
             while rclpy.ok():
-                data, step, shape = payloads[n % len(payloads)]
+                index = play_index(n, len(payloads), loop)
+                data, step, shape = payloads[index]
                 stamp = node.get_clock().now().to_msg()
                 if args.compressed:
                     msg = CompressedImage(format="jpeg", data=data)
@@ -173,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                 msg.header.stamp = stamp
                 msg.header.frame_id = args.frame_id
                 pub.publish(msg)
+                if truth is not None:
+                    truth.write(json.dumps({"stamp": [stamp.sec, stamp.nanosec], "frame": index}) + "\n")
+                    truth.flush()
                 n += 1
                 if (args.frames and n >= args.frames) or (args.duration and time.monotonic() - t_start >= args.duration):
                     break
@@ -184,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
         _LOG.info("published %d frame(s)", n)
         node.destroy_node()
+    if truth is not None:
+        truth.close()
     return 0
 
 

@@ -3,7 +3,8 @@
 What it does, on loopback DDS only (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and a per-run
 ``ROS_DOMAIN_ID`` are set here, for every process it starts):
 
-1. starts the camera publisher (``python -m ciae_ros.camera``: a moving synthetic scene, or the
+1. starts the camera publisher (``python -m ciae_ros.camera``: a moving synthetic scene played
+   forwards and backwards, which names the frame of every stamp in ``camera_truth.jsonl``, or the
    folder of images / video file given as ``source``), as a camera driver would run;
 2. starts the node (``python -m ciae_ros.node``) with the shipped model (``models/``); without
    one it falls back to a randomly initialised model and says loudly that the segments are
@@ -13,7 +14,9 @@ What it does, on loopback DDS only (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` 
    an MCAP rosbag, saves overlay PNGs, and measures camera-to-client latency (``header.stamp``
    is the camera's publication time; all processes share the machine's clock);
 4. after ``--duration`` seconds of output stops everything and writes ``report.md`` /
-   ``report.json`` (frames in/out, dropped, latency p50/p99, segments per frame) to ``--out``.
+   ``report.json`` (frames in/out, dropped, latency p50/p99, segments per frame; track ids, and
+   ID switches / IDF1 / MOTA against the synthetic ground truth: :mod:`ciae_ros.demo_tracking`)
+   to ``--out``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ import sys
 import time
 
 import numpy as np
+
+from ciae_core.cli.sizes import size_type
+
+from .demo_tracking import TRUTH_FILE, tracking_markdown
 
 _LOG = logging.getLogger("ciae_demo")
 
@@ -71,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("source", nargs="?", default="synth", help="'synth' (default), a folder of images or a video")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of output to record")
     ap.add_argument("--out", default="demo_out", help="output folder (overwritten)")
-    ap.add_argument("--size", default="640x480", help="camera frame size WIDTHxHEIGHT")
+    ap.add_argument("--size", type=size_type("--size", minimum=32, as_text=True), default="640x480",
+                    metavar="WIDTHxHEIGHT", help="camera frame size WIDTHxHEIGHT (default 640x480)")
     ap.add_argument("--rate", type=float, default=10.0, help="camera frame rate (Hz)")
     ap.add_argument("--weights", default="", help="model file (default: the shipped model in models/)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
+    ap.add_argument("--device", default="cpu", help="node device: cpu, cuda or cuda:<index> (default cpu)")
+    ap.add_argument("--engine", default="auto", choices=("auto", "torch", "onnxruntime", "openvino"),
+                    help="node inference engine; auto (default): the node's CPU default for this CPU (logged in node.log)")
     ap.add_argument("--input-size", type=int, default=0, help="network input size (default: the node's default)")
     ap.add_argument("--png-every", type=float, default=1.0, help="save one overlay PNG per this many seconds")
     ap.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: derived from the pid)")
@@ -131,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         node_cmd[-4:-4] = ["-p", f"input_size:={args.input_size}"]
     cam_cmd = [sys.executable, "-m", "ciae_ros.camera", args.source, "--topic", "/camera/image_raw",
                "--rate", str(args.rate), "--size", args.size]
+    if args.source == "synth":  # the frame of every stamp: ground truth for the tracking report
+        cam_cmd += ["--truth", str(out / TRUTH_FILE)]
     _LOG.info("ROS_DOMAIN_ID=%s, loopback only; model %s", env["ROS_DOMAIN_ID"], weights)
     node = subprocess.Popen(node_cmd, env=env, stdout=logs["node"], stderr=subprocess.STDOUT)
     camera = subprocess.Popen(cam_cmd, env=env, stdout=logs["camera"], stderr=subprocess.STDOUT)
@@ -319,7 +330,21 @@ def _summary(rec: _Recorder, args, out: pathlib.Path, recorded: float, weights: 
         "overlays_received": stats["overlays"], "overlay_pngs": stats["pngs"],
         "bag": str((out / "bag").resolve()), "bag_messages": rec.bag.count,
         "engine": model_diag.get("engine", ""), "device": model_diag.get("device", ""),
+        "tracking": _tracking(out), "tracking_resets": {k[len("tracking_resets_"):]: int(v) for k, v in
+                                                         cam_diag.items() if k.startswith("tracking_resets_")},
     }
+
+
+def _tracking(out: pathlib.Path) -> dict:
+    """Tracks in the recorded outputs, scored against the synthetic camera's ground truth."""
+    from ciae_core.structures import CategoryInfo
+
+    from .bag import read_messages
+    from .demo_tracking import tracking_report
+
+    cats = next((m for _, m in read_messages(out / "bag", "/panoptic/categories")), None)
+    categories = [CategoryInfo(int(c.id), str(c.name), bool(c.isthing)) for c in (cats.categories if cats else [])]
+    return tracking_report(out / "bag", out, categories) if categories else {"tracks": 0, "ground_truth": None}
 
 
 def _report_markdown(r: dict) -> str:
@@ -338,6 +363,7 @@ def _report_markdown(r: dict) -> str:
         f"- segments per frame: mean {r['segments_per_frame']['mean']} "
         f"(min {r['segments_per_frame']['min']}, max {r['segments_per_frame']['max']})",
         f"- overlay PNGs: {r['overlay_pngs']}; MCAP bag: `{r['bag']}` ({r['bag_messages']} messages)",
+        tracking_markdown(r),
     ]
     return "\n".join(lines) + "\n"
 

@@ -30,7 +30,8 @@ A thin layer over :class:`ciae_core.predictor.Predictor`:
 
 The node's pieces live beside it: the parameter table and its checks in :mod:`ciae_ros.node_params`,
 building the Predictor in :mod:`ciae_ros.node_model`, the mailbox in :mod:`ciae_ros.mailbox`, the
-counters and /diagnostics in :mod:`ciae_ros.node_diagnostics`; their names stay importable from here.
+counters and /diagnostics in :mod:`ciae_ros.node_diagnostics`, the persistent ``Segment.track_id``
+(one tracker per camera) in :mod:`ciae_ros.node_tracking`; their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ from .mailbox import LatestFrameMailbox
 from .node_diagnostics import CameraStats, DiagnosticsBuilder, StageTimes
 from .node_model import ModelHandle, load_model, predictor_settings
 from .node_params import (PARAMS, SPECS, THRESHOLD_PARAMS, NodeStartupError, ParamSpec, _output_prefix,
-                          camera_topics_error, declare_parameters, read_parameters, unknown_parameter_warnings,
-                          validate_value, warn_unknown_overrides)
+                          camera_topics_error, declare_parameters, read_parameters, settings_error,
+                          unknown_parameter_warnings, validate_value, warn_unknown_overrides)
+from .node_tracking import NodeTracking
 
 __all__ = [  # the moved names stay importable from here (ciae-bag, tests, users of the node's pieces)
     "NODE_NAME", "DEFAULT_IMAGE_TOPIC", "NodeStartupError", "ParamSpec", "PARAMS", "SPECS", "THRESHOLD_PARAMS",
@@ -112,6 +114,7 @@ class _PanopticLogic:
         self._pub_diag = None
         self._diag = DiagnosticsBuilder()
         self._vision_msgs = self._vision_msgs_available()
+        self._tracking = NodeTracking(self._values, warn=self._warn, times=self._times)  # per camera, node_tracking
 
     @staticmethod
     def _vision_msgs_available() -> bool:
@@ -127,7 +130,8 @@ class _PanopticLogic:
         self._model = load_model(self._values)
         self.get_logger().info(
             f"model {self._model.name} ({self._model.version}) loaded from {self._model.weights} on "
-            f"{self._model.engine}/{self._model.device}, input_size {self._model.predictor.input_size}, "
+            f"{self._model.engine}/{self._model.device} {self._model.predictor.precision} "
+            f"({self._model.predictor.engine_reason}), input_size {self._model.predictor.input_size}, "
             f"{len(self._model.predictor.categories)} categories, in {time.monotonic() - t0:.2f} s")
 
     def _release_model(self) -> None:
@@ -309,10 +313,12 @@ class _PanopticLogic:
             if not images:
                 return
             t_conv = time.monotonic()
-            results = pred(images, color="rgb", return_confidence=bool(values["publish_confidence"]))
+            results = pred(images, color="rgb", return_confidence=bool(values["publish_confidence"]),
+                           return_embeddings=self._tracking.wants_embeddings)
             t_pred = time.monotonic()
             timings = dict(pred.timings)
         for (cam_idx, msg, t_recv), img, res, lb in zip(frames, images, results, boxes):
+            self._tracking.update(cam_idx, res, msg.header)
             self._publish_outputs(self._cameras[cam_idx], msg.header, img, res, model, lb.resized_size,
                                   (t_pred - t_conv) * 1e3 / len(images))
             self._stats[cam_idx].processed += 1
@@ -381,6 +387,8 @@ class _PanopticLogic:
             if err:
                 return SetParametersResult(successful=False, reason=err)
             new[p.name] = p.value
+        if (err := settings_error(new)) is not None:  # across parameters (the tracker's settings)
+            return SetParametersResult(successful=False, reason=err)
         changed = {p.name for p in params if p.name in SPECS and new[p.name] != self._values[p.name]}
         if self._model is not None and any(SPECS[n].reloads_model for n in changed):
             try:
@@ -389,6 +397,7 @@ class _PanopticLogic:
                 return SetParametersResult(successful=False, reason=str(exc))
             with self._model_lock:
                 self._model = model
+            self._tracking.reset_all("model")
             self.get_logger().info(f"model reloaded: {model.name} on {model.engine}/{model.device}, "
                                    f"input_size {model.predictor.input_size}")
             if self._pub_categories is not None:  # the new model may know other categories
@@ -407,6 +416,7 @@ class _PanopticLogic:
                     return SetParametersResult(successful=False, reason=str(exc))
         if "publish_confidence" in changed:
             self._set_confidence_publishers(bool(new["publish_confidence"]))
+        self._tracking.configure(new)
         self._values = new
         return SetParametersResult(successful=True)
 
@@ -432,8 +442,10 @@ class _PanopticLogic:
         with self._counts_lock:  # snapshots: the worker may add keys meanwhile
             bads = [collections.Counter(st.bad) for st in self._stats]
             errors = collections.Counter(self._errors)
-        self._pub_diag.publish(self._diag.build(self.get_fully_qualified_name(), self.get_clock().now().to_msg(),
-                                                self._cameras, self._stats, bads, errors, pct, self._model))
+        arr = self._diag.build(self.get_fully_qualified_name(), self.get_clock().now().to_msg(), self._cameras,
+                               self._stats, bads, errors, pct, self._model)
+        self._tracking.annotate(arr.status, range(len(self._cameras)))
+        self._pub_diag.publish(arr)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,4 +89,4 @@ def load_model(values: dict) -> ModelHandle:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise NodeStartupError(f"cannot load model {weights!r}: {first}") from None
     return ModelHandle(predictor=predictor, name=path.stem, version=_file_version(path), weights=str(path),
-                       engine=str(values["engine"]), device=str(values["device"]))
+                       engine=predictor.engine, device=str(values["device"]))

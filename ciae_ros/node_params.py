@@ -34,12 +34,16 @@ class ParamSpec:
 
 
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("weights", "", "Model file (.safetensors; .onnx for engine onnxruntime). Empty: the shipped "
+    ParamSpec("weights", "", "Model file (.safetensors; .onnx for onnxruntime/openvino; .xml int8 for openvino). "
+              "Empty: the shipped "
               "model (models/ in the source tree or share/ciae_ros/models).", reloads_model=True),
-    ParamSpec("engine", "torch", "Inference engine.", choices=("torch", "onnxruntime"), reloads_model=True),
+    ParamSpec("engine", "auto", "Inference engine. auto: on device cpu the fastest engine within the accuracy bound "
+              "for this CPU, decided at start from its features and logged (ciae_core.cpu_features.auto_engine); "
+              "torch on cuda.", choices=("auto", "torch", "onnxruntime", "openvino"), reloads_model=True),
     ParamSpec("device", "cpu", "Inference device: cpu, cuda or cuda:<index>.", reloads_model=True),
-    ParamSpec("precision", "fp32", "Inference precision (fp16 needs CUDA; bf16: torch engine).",
-              choices=("fp32", "fp16", "bf16"), reloads_model=True),
+    ParamSpec("precision", "auto", "Inference precision: auto (the engine's best native one), fp32, fp16 (CUDA), "
+              "bf16 (torch autocast; openvino on AMX/AVX512_BF16 CPUs), int8 (openvino with an int8 .xml from "
+              "ciae-export --int8).", choices=("auto", "fp32", "fp16", "bf16", "int8"), reloads_model=True),
     ParamSpec("max_size", 1333, "Upper bound on the longer side after resizing (px).", int_range=(64, 4096, 1),
               reloads_model=True),
     ParamSpec("input_size", 0, "Network input size: the image's shorter side is resized to this (px). 0: the "
@@ -77,8 +81,38 @@ PARAMS: tuple[ParamSpec, ...] = (
               int_range=(1, 65535, 1)),
     ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0),
               read_only=True),
+    # tracking (ciae_ros.node_tracking); defaults = ciae_core.tracking.SegmentTracker's
+    ParamSpec("tracking", True, "Persistent ids of thing segments across frames (Segment.track_id), one tracker "
+              "per camera. Off: every track_id is 0."),
+    ParamSpec("tracking_association", "embedding", "embedding: the segments' CIAE embedding and box IoU, with "
+              "re-identification; iou: box IoU only (SORT/ByteTrack).", choices=("embedding", "iou")),
+    ParamSpec("tracking_high_score", 0.4, "Segments scoring at least this take part in the first association "
+              "round.", float_range=(0.0, 1.0)),
+    ParamSpec("tracking_low_score", 0.1, "Segments scoring in [low, high) only extend confirmed tracks (by IoU); "
+              "lower ones are never tracked.", float_range=(0.0, 1.0)),
+    ParamSpec("tracking_new_track_score", 0.5, "Least score of a segment that starts a track (low <= high <= "
+              "new).", float_range=(0.0, 1.0)),
+    ParamSpec("tracking_min_hits", 3, "Matched frames before a track is confirmed and gets its id.",
+              int_range=(1, 1000, 1)),
+    ParamSpec("tracking_max_age", 2.0, "Seconds a track may go unseen before it is deleted (> 0).",
+              float_range=(0.0, 3600.0)),
+    ParamSpec("tracking_min_iou", 0.1, "Least box IoU with a track's predicted box for a match.",
+              float_range=(0.0, 1.0)),
+    ParamSpec("tracking_low_min_iou", 0.5, "Least box IoU for a match of a low-score segment.",
+              float_range=(0.0, 1.0)),
+    ParamSpec("tracking_iou_weight", 0.5, "Weight of 1 - IoU against the embedding distance in the matching "
+              "cost.", float_range=(0.0, 1.0)),
+    ParamSpec("tracking_max_embedding_distance", 0.4, "Largest embedding distance (1 - cos) of a match.",
+              float_range=(0.0, 2.0)),
+    ParamSpec("tracking_reid_distance", 0.15, "Largest embedding distance of a match by appearance alone "
+              "(re-identification of a lost or unforeseen thing).", float_range=(0.0, 2.0)),
+    ParamSpec("tracking_reid_speed", 4.0, "Re-identification reach: box sides per second since the last "
+              "sighting.", float_range=(0.0, 1000.0)),
+    ParamSpec("tracking_mask_iou", False, "Mask IoU instead of box IoU where boxes overlap."),
 )
 SPECS = {p.name: p for p in PARAMS}
+#: Tracking parameter -> ``SegmentTracker`` keyword (``tracking`` itself switches it on/off).
+TRACKER_PARAMS = {p.name: p.name[len("tracking_"):] for p in PARAMS if p.name.startswith("tracking_")}
 #: Parameters passed to ``Predictor.update`` at run time (-1 = the model config's own value).
 THRESHOLD_PARAMS = ("score_threshold", "nms_threshold", "instance_score_threshold", "stuff_area_min")
 
@@ -150,7 +184,32 @@ def validate_value(name: str, value) -> str | None:
         if len(set(value)) != len(value) or any(not t for t in value):
             return f"image_topics must be distinct non-empty topic names, got {list(value)}"
         return camera_topics_error([(t, t, _output_prefix(t)) for t in value])
+    bounds = spec.float_range or (spec.int_range[:2] if spec.int_range else None)
+    if name in TRACKER_PARAMS and bounds and not bounds[0] <= value <= bounds[1]:
+        return f"{name} must be in [{bounds[0]}, {bounds[1]}], got {value}"
     return None
+
+
+def settings_error(values: dict) -> str | None:
+    """Checks across parameters (after :func:`validate_value` of each): the tracker's settings
+    together, by the ``SegmentTracker`` constructor itself (e.g. ``low <= high <= new_track_score``,
+    ``max_age > 0``), its message in parameter names. ``None`` if valid."""
+    import re
+
+    from ciae_core.tracking import SegmentTracker
+
+    try:
+        SegmentTracker(**tracker_kwargs(values))
+    except ValueError as exc:
+        names = sorted(TRACKER_PARAMS.items(), key=lambda kv: -len(kv[1]))
+        pattern = re.compile(r"\b(" + "|".join(kw for _, kw in names) + r")\b")
+        return pattern.sub(lambda m: "tracking_" + m.group(1), str(exc))
+    return None
+
+
+def tracker_kwargs(values: dict) -> dict:
+    """``SegmentTracker`` keywords from node parameter values (the ``tracking_*`` parameters)."""
+    return {kw: values[name] for name, kw in TRACKER_PARAMS.items()}
 
 
 def camera_topics_error(cameras) -> str | None:
@@ -207,6 +266,9 @@ def read_parameters(node) -> dict:
         if err:
             raise NodeStartupError(f"invalid parameter: {err}")
         values[spec.name] = value
+    err = settings_error(values)
+    if err:
+        raise NodeStartupError(f"invalid parameters: {err}")
     # the same checks on resolved names ('x' makes the prefix a valid topic name to resolve)
     resolve = node.resolve_topic_name
     err = camera_topics_error([(t, resolve(t), resolve(_output_prefix(t) + "x")[:-1])

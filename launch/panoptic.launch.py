@@ -54,7 +54,7 @@ def generate_launch_description():
         DeclareLaunchArgument("weights", default_value="",
                               description="model file (.safetensors/.onnx); empty: as in params_file"),
         DeclareLaunchArgument("engine", default_value="",
-                              description="torch or onnxruntime; empty: as in params_file"),
+                              description="auto, torch, onnxruntime or openvino; empty: as in params_file"),
         DeclareLaunchArgument("device", default_value="",
                               description="cpu, cuda or cuda:<index>; empty: as in params_file"),
         DeclareLaunchArgument("input_transport", default_value="",

@@ -16,6 +16,9 @@ value or a model is unusable (one line on stderr); argparse's 2 for an unknown f
 registers it as the entry point ``node`` of the group ``ciae_core.bench_plugins`` (this package
 imports nothing of ROS); without that registration the flag fails with one line, exit status 2.
 
+``ciae-bench --tracking [...]``: the tracker's association variants on synthetic sequences
+(:mod:`ciae_core.cli.bench_tracking`).
+
 Run as ``python -m ciae_core.cli.bench``.
 """
 
@@ -38,7 +41,8 @@ import torch
 
 from ciae_core.bench import BenchError, load_inputs, synthetic_inputs
 from ciae_core.bench_contenders import (ALL_MODELS, BACKBONES, GRAPH_MODES, OURS_ARCH, SMALL_ARCH, BenchOptions,
-                                        bench_group, channels_last_for, ours_checkpoint, ours_variants)
+                                        bench_group, channels_last_for, ours_checkpoint, ours_variants,
+                                        parse_engine_spec)
 from ciae_core.bench_report import markdown_tables, ratios
 
 # entry points other packages register to extend ciae-bench; "node" runs `ciae-bench --node`
@@ -53,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ciae-bench", description="Latency of CIAE vs torchvision FCOS and Mask R-CNN "
                                 "(same process, inputs and threads; median and p90).",
                                 epilog="ciae-bench --node [...]: node overhead over real DDS "
-                                       "(see ciae-bench --node --help).")
+                                       "(see ciae-bench --node --help). ciae-bench --tracking [...]: tracker "
+                                       "association variants on synthetic sequences (see --tracking --help).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="autocast precision on CUDA (torch engines; fp16 also enables TensorRT fp16)")
@@ -62,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", default="r50,small",
                    help="r50, r50-p3 (embedding branch from P3), r50-p3c2 (P3 + C2 skip) and/or small")
     p.add_argument("--models", default=",".join(ALL_MODELS), help="ours,fcos,maskrcnn")
-    p.add_argument("--engines", default="torch,onnxruntime", help="engines for ours: torch,onnxruntime")
+    p.add_argument("--engines", default="torch,onnxruntime",
+                   help="engines for ours: torch, onnxruntime, openvino, each optionally with its precision, e.g. "
+                        "torch,torch:bf16,onnxruntime,openvino,openvino:bf16,openvino:int8 (bf16 needs AMX or "
+                        "AVX512_BF16; int8 quantises the model once on synthetic scenes, cached)")
+    p.add_argument("--int8-calib-images", type=int, default=64,
+                   help="synthetic calibration scenes of openvino:int8 rows (default 64)")
     p.add_argument("--ort-providers", default=None,
                    help="onnxruntime providers for ours, e.g. tensorrt,cuda (default: cuda on a GPU, the CPU "
                         "provider on the CPU); one this build cannot run fails only the onnxruntime rows")
@@ -86,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the ratios use (default: forward)")
     p.add_argument("--compile", action="store_true", help="torch.compile ours' forward (torch engine) and FCOS's "
                    "backbone + head (composes with the CUDA graphs)")
-    p.add_argument("--threads", type=int, default=0, help="torch and onnxruntime CPU threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch, onnxruntime and OpenVINO CPU threads (0: torch default)")
     p.add_argument("--json", default="bench.json", help="output JSON path")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -125,8 +136,7 @@ def _checked(args: argparse.Namespace) -> tuple[list[int], list[str], list[str],
         if m not in ALL_MODELS:
             raise BenchError(f"unknown model {m!r}; use {', '.join(ALL_MODELS)}")
     for e in engines:
-        if e not in ("torch", "onnxruntime"):
-            raise BenchError(f"unknown engine {e!r}; use torch and/or onnxruntime")
+        parse_engine_spec(e)
     bad = [m for m in _csv(args.cuda_graphs) if m not in GRAPH_MODES]
     if bad or not _csv(args.cuda_graphs):
         raise BenchError(f"--cuda-graphs takes {', '.join(GRAPH_MODES)} (comma-separated), got {args.cuda_graphs!r}")
@@ -153,7 +163,7 @@ def _run(args: argparse.Namespace, sizes, backbones, models, engines, device, co
                            max_size=args.max_size, precision=args.precision, channels_last=args.channels_last,
                            cuda_graphs=not args.no_cuda_graphs, graph_modes=tuple(_csv(args.cuda_graphs)),
                            compile=args.compile, threads=args.threads,
-                           ort_providers=args.ort_providers)
+                           ort_providers=args.ort_providers, int8_calib_images=args.int8_calib_images)
     results = []
     with tempfile.TemporaryDirectory(prefix="ciae-bench-") as tmp:
         tmp = pathlib.Path(tmp)
@@ -162,7 +172,7 @@ def _run(args: argparse.Namespace, sizes, backbones, models, engines, device, co
             weights = ours_checkpoint(bb, tmp, args.small_weights) if "ours" in models else None
             bb_name = config_from_checkpoint(weights).backbone if weights else \
                 (SMALL_ARCH["backbone"] if bb == "small" else BACKBONES[bb])
-            ours_engines = [v for e in engines for v in (ours_variants(options) if e == "torch" else [e])]
+            ours_engines = [v for e in engines for v in ours_variants(e, options)]
             entries = [(m, e) for m in models for e in (ours_engines if m == "ours" else ["torch"])]
             for size in sizes:
                 results += bench_group(entries, bb, bb_name, size, weights, images, device, options, tmp / "onnx",
@@ -187,6 +197,11 @@ def _metadata(args: argparse.Namespace, device: torch.device, coco_images, synth
         import torchvision
 
         meta.update(torchvision=torchvision.__version__, onnxruntime=onnxruntime.__version__)
+    if any(e.startswith("openvino") for e in _csv(args.engines)):
+        from ciae_core.cpu_features import cpu_features
+        from ciae_core.no_telemetry import import_openvino
+
+        meta.update(openvino=import_openvino().get_version(), cpu_features=cpu_features().describe())
     return meta
 
 
@@ -194,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "--node":
         return _node_benchmark(argv[1:])
+    if argv and argv[0] == "--tracking":
+        from ciae_core.cli import bench_tracking
+
+        return bench_tracking.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -1,9 +1,10 @@
 """``ciae-eval``: Panoptic Quality of prediction files, or of a model on a COCO-panoptic data set.
 
-Two modes: ``--gt-json/--pred-json`` scores COCO-panoptic files with
+Three modes: ``--gt-json/--pred-json`` scores COCO-panoptic files with
 :func:`ciae_core.evaluation.pq_compute`; ``--weights`` runs :class:`ciae_core.predictor.Predictor`
 over a data set (:class:`ciae_core.data.CocoPanopticDataset`) and evaluates in memory
-(optionally writing the predictions). Prints the PQ table; exit codes: 0 done, 2 a one-line
+(optionally writing the predictions); ``--weights --video DIR`` tracks over synthetic sequences
+and reports the video metrics (:mod:`ciae_core.cli.eval_video`). Prints the PQ table; exit codes: 0 done, 2 a one-line
 error or bad arguments. This layer is the only place that uses both the evaluator and the
 predictor (the library modules do not import each other).
 """
@@ -17,8 +18,11 @@ import os
 import sys
 from typing import Any, Sequence
 
+from ciae_core.cli import eval_video
 from ciae_core.evaluation import (CocoPanopticWriter, EvaluationError, PanopticEvaluator, format_pq_table,
                                   pq_compute)
+from ciae_core.predictor_settings import ENGINES, PRECISIONS
+from ciae_core.video_metrics import format_video_table
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt-dir", help="ground-truth PNG directory (default: JSON path without .json)")
     p.add_argument("--pred-json", help="prediction panoptic JSON")
     p.add_argument("--pred-dir", help="prediction PNG directory (default: JSON path without .json)")
-    p.add_argument("--weights", help="evaluate this model (.safetensors) instead of prediction files")
+    p.add_argument("--weights", help="evaluate this model (.safetensors; .onnx / int8 .xml for the other engines) "
+                   "instead of prediction files")
     p.add_argument("--data", help="with --weights: data set dir with images/, panoptic/, panoptic.json")
     p.add_argument("--image-dir", help="with --weights: image directory (default DATA/images)")
-    p.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", default="torch", choices=ENGINES,
+                   help="with --weights: inference engine (default torch; auto: the CPU default, see README)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="with --weights: the engine's precision (int8: openvino with an int8 .xml; auto: the best the "
+                        "CPU runs natively)")
+    p.add_argument("--threads", type=int, default=None, help="with --weights: torch / onnxruntime / OpenVINO threads")
+    p.add_argument("--device", default="cpu", help="with --weights: cpu, cuda or cuda:<index> (default cpu)")
     p.add_argument("--input-size", type=int, default=None,
                    help="with --weights: shorter side fed to the model (default: the model's)")
     p.add_argument("--max-images", type=int, default=0, help="with --weights: evaluate only the first N (0 = all)")
@@ -41,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="processes for file evaluation")
     p.add_argument("--per-class", action="store_true", help="also print the per-class table")
     p.add_argument("--json-out", help="write the full result (fractions, per class) to this JSON file")
+    eval_video.add_arguments(p)
     return p
 
 
@@ -54,7 +65,12 @@ def _evaluate_model(args) -> dict[str, Any]:
     image_dir = args.image_dir or os.path.join(args.data, "images")
     try:
         dataset = CocoPanopticDataset(image_dir, gt_dir, gt_json)
-        predictor = Predictor(args.weights, engine=args.engine, device=args.device, input_size=args.input_size)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        predictor = Predictor(args.weights, engine=args.engine, device=args.device, input_size=args.input_size,
+                              precision=args.precision, intra_op_threads=args.threads)
     except (DatasetError, PredictorError) as e:
         raise EvaluationError(str(e)) from None
     categories = list(predictor.categories)
@@ -89,6 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.video:
+            summary = eval_video.run(args)
+            print(format_video_table(summary))
+            if args.json_out:
+                with open(args.json_out, "w") as f:
+                    json.dump(summary, f, indent=1, default=str)
+            return 0
         if args.weights:
             if not (args.data or (args.gt_json and args.gt_dir and args.image_dir)):
                 p.error("--weights needs --data DIR (or --gt-json, --gt-dir and --image-dir)")

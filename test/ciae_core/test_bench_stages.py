@@ -48,13 +48,13 @@ def test_breakdown_with_cuda_events():
 
 def test_eager_calls_turns_both_graph_paths_off_and_back_on():
     from ciae_core.bench_stages import eager_calls
-    from ciae_core.full_graph import FullCallGraphs
+    from ciae_core.full_graph import FullCallGraphs, static_settings
     from ciae_core.gpu_check_probes import shipped_weights
 
     p = Predictor(shipped_weights(), input_size=192)
     marker = object()
     p._engine.cuda_graphs = marker
-    p._full = FullCallGraphs(torch.device("cpu"), p._engine.forward_eager, p._static_settings)
+    p._full = FullCallGraphs(torch.device("cpu"), p._engine.forward_eager, lambda: static_settings(p))
     with eager_calls(p):
         assert p._engine.cuda_graphs is False and not p._full.enabled
     assert p._engine.cuda_graphs is marker and p._full.enabled

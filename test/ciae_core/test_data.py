@@ -145,7 +145,7 @@ def test_collate_pads_to_multiple_of_32():
 
 
 def test_synthetic_dataset_matches_ciae_synth_files(tmp_path):
-    assert synth_main(["--out", str(tmp_path), "--num", "2", "--size", "64x80", "--seed", "4"]) == 0
+    assert synth_main(["--out", str(tmp_path), "--num", "2", "--size", "80x64", "--seed", "4"]) == 0
     files = CocoPanopticDataset(str(tmp_path / "images"), str(tmp_path / "panoptic"), str(tmp_path / "panoptic.json"))
     mem = SyntheticPanopticDataset(2, 64, 80, seed=4)
     assert [c.id for c in files.categories] == [c.id for c in SYNTH_CATEGORIES] == [c.id for c in mem.categories]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ciae_core.full_graph import FullCallGraphs, whole_call
+from ciae_core.full_graph import FullCallGraphs, static_settings, whole_call
 from ciae_core.gpu_check_probes import matched_agreement, shipped_weights
 from ciae_core.predictor import Predictor, PredictorError
 from ciae_core.synth import render_scene
@@ -25,7 +25,7 @@ def _host_result(p: Predictor, image: np.ndarray, color: str = "rgb"):
     image_hw = torch.tensor([lb.resized_size], device=p.device)
     with torch.inference_mode():
         flat, table = whole_call(torch.from_numpy(image.reshape(-1)), lb, color == "bgr", image_hw,
-                                 p._engine.forward_eager, {**p._static_settings(), "nms_iterations": 16})
+                                 p._engine.forward_eager, {**static_settings(p), "nms_iterations": 16})
     table = table.cpu().numpy()
     assert table[-1, 0] == 1.0  # converged
     rows = table[:-1][table[:-1, 0] > 0]
@@ -106,8 +106,9 @@ def test_full_graph_redoes_unconverged_frames_eagerly_and_recaptures_after_updat
     assert p._full.fallbacks >= 1 and "graph" not in p.timings  # the eager path answered
     assert eager.id_map.shape == scene.shape[:2]
     p.update(instance_score_threshold=0.3)
-    assert not p._full._graphs
     p._full.nms_iterations = 16
-    results = [p(scene) for _ in range(3)]
+    results = [p(scene)]
+    assert not p._full._graphs and "graph" not in p.timings  # new settings: a first sighting again
+    results += [p(scene) for _ in range(2)]
     assert "graph" in p.timings and len(p._full._graphs) == 1
     assert matched_agreement(results[0].id_map, results[2].id_map) >= 0.999

@@ -288,7 +288,7 @@ def _fixed_export(weights, path, size, batch_size=1):
 
 
 def test_fixed_shape_onnx_export_is_served_by_letterboxing_into_its_canvas(weights, tmp_path):
-    """`ciae-export --size HxW` (the default, TensorRT's favourite) files work in the Predictor: each
+    """`ciae-export --size WIDTHxHEIGHT` (the default, TensorRT's favourite) files work in the Predictor: each
     image is fitted into the canvas; a fixed batch of 2 serves 3 images (a chunk of 2, one padded).
     480x640 scenes into 320x448 get the same geometry as the dynamic letterbox at 320, so the
     results equal the dynamic engine's."""
@@ -309,9 +309,9 @@ def test_fixed_shape_onnx_export_is_served_by_letterboxing_into_its_canvas(weigh
         tall = np.ascontiguousarray(np.rot90(scenes[0]))
         assert p.letterbox(640, 480) == Letterbox(640, 480, 320, 240, 320, 448)
         assert p(tall).id_map.shape == (640, 480)
-        with pytest.raises(PredictorError, match="fixed 320x448 export.*input_size does not apply"):
+        with pytest.raises(PredictorError, match="fixed 448x320 export.*input_size does not apply"):
             Predictor(tmp_path / f"b{batch}.onnx", engine="onnxruntime", input_size=320)
-        with pytest.raises(PredictorError, match="fixed 320x448 export: input_size cannot change"):
+        with pytest.raises(PredictorError, match="fixed 448x320 export: input_size cannot change"):
             p.update(input_size=384)
         p.update(input_size=320, score_threshold=0.2)  # its own size is accepted
         assert p.default_input_size == 320

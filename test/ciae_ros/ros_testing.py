@@ -294,6 +294,11 @@ class Publisher:
         return self.request({"op": "compressed", "h": h, "w": w, "stamp": list(stamp), "frame_id": frame_id,
                              "garbage": garbage, "crafted": crafted})
 
+    def rgb_file(self, path, stamp: tuple[int, int], frame_id: str = "camera_optical_frame") -> dict:
+        """Publish the ``(H, W, 3)`` uint8 array saved with ``numpy.save`` at ``path`` as one rgb8
+        image (frames the test rendered itself, e.g. of a moving synthetic sequence)."""
+        return self.request({"op": "rgb_file", "path": str(path), "stamp": list(stamp), "frame_id": frame_id})
+
     def flood(self, h: int, w: int, rate: float, seconds: float) -> dict:
         return self.request({"op": "flood", "h": h, "w": w, "rate": rate, "seconds": seconds},
                             timeout=seconds * 3 + 30)
@@ -536,6 +541,12 @@ def _publisher_main(topic: str, reliability: str, compressed: bool, depth: int) 
                     reply["count"] = pub.get_subscription_count()
                 elif op == "image":
                     m = image_msg(cmd)
+                    stamp(m, cmd)
+                    pub.publish(m)
+                elif op == "rgb_file":
+                    rgb = np.ascontiguousarray(np.load(cmd["path"]), dtype=np.uint8)
+                    m = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", is_bigendian=0,
+                              step=rgb.shape[1] * 3, data=array.array("B", rgb.tobytes()))
                     stamp(m, cmd)
                     pub.publish(m)
                 elif op == "compressed":

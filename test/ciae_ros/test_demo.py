@@ -36,3 +36,12 @@ def test_demo_short_run(node_weights, tmp_path, capsys):
     assert len(list(read_messages(out / "bag", "/panoptic/categories"))) == 1
     _, first = segs[0]
     assert (first.id_image.height, first.id_image.width) == (240, 320)
+    # tracking (issue 14): the node tracks by default, the synthetic camera wrote its ground truth
+    tracking = report["tracking"]
+    assert tracking["tracks"] >= 1 and tracking["outputs_with_tracks"] >= 1, tracking
+    assert any(s.track_id for _, m in segs for s in m.segments)
+    gt = tracking["ground_truth"]
+    assert gt["frames_evaluated"] >= report["frames_out"] - 1 and gt["gt_things"] >= 1, gt
+    assert 0 <= gt["id_switches"] and -1.0 <= gt["mota"] <= 1.0 and 0.0 <= gt["idf1"] <= 1.0
+    assert report["tracking_resets"] == {"frame_id": 0, "time_backwards": 0, "model": 0, "parameters": 0}
+    assert "- tracking: " in (out / "report.md").read_text() and (out / "camera_truth.jsonl").is_file()

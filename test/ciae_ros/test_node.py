@@ -183,7 +183,7 @@ def test_get_parameters_answers_every_declared_parameter(client, node):
     values = client.get_parameters(NODE, *names)
     assert len(values) == len(names), "GetParameters gave an empty answer"
     got = dict(zip(names, values))
-    assert got["image_topics"] == [] and got["engine"] == "torch" and got["input_size"] == INPUT_SIZE
+    assert got["image_topics"] == [] and got["engine"] == "auto" and got["input_size"] == INPUT_SIZE
     [res] = client.set_parameters(NODE, image_topics=["/a/image_raw"])
     assert not res.successful and "read-only" in res.reason
 
@@ -261,7 +261,7 @@ def test_runtime_parameters_apply_and_invalid_values_are_rejected(client, camera
     [res] = client.set_parameters(NODE, image_topics=["/a", "/b"])  # read-only
     assert not res.successful
 
-    assert client.get_parameters(NODE, "input_size", "engine", "device") == [256, "torch", "cpu"]
+    assert client.get_parameters(NODE, "input_size", "engine", "device") == [256, "auto", "cpu"]
     _, msg = roundtrip(cam, outputs, node, 480, 640)
     assert (msg.input_height, msg.input_width) == (256, 341), "a rejected change altered the node"
 
@@ -422,6 +422,28 @@ def test_tiny_but_huge_compressed_frame_is_rejected_without_decoding(multicam, c
     assert multicam.node.alive() and "header, not decoded" in multicam.node.log()
 
 
+def test_each_camera_has_its_own_tracker(multicam):
+    """One tracker per camera (issue 14): the same scene on both cameras, each under a new frame_id
+    (its tracks restart, confirmed at once): each camera numbers its tracks on from its own last
+    id, as its /diagnostics status counts them, not from the other camera's."""
+    def issued(cam: str) -> int:
+        topic = f"/multi/{cam}/image_raw"
+        m = multicam.diag.wait_for(lambda m: diagnostics_values(m, topic) is not None, timeout=15,
+                                   since=len(multicam.diag))
+        assert m is not None, "no /diagnostics for " + topic
+        return int(diagnostics_values(m, topic)["track_ids_issued"])
+
+    for c in ("cam1", "cam2"):
+        before = issued(c)
+        stamp = next_stamp()
+        multicam.pubs[c].compressed(480, 640, stamp, frame_id=f"{c}_tracked")
+        msg = multicam.segs[c].wait_for(lambda m, s=stamp: stamp_of(m) == s, timeout=60)
+        assert msg is not None, multicam.node.log()[-3000:]
+        ids = sorted(s.track_id for s in msg.segments if s.isthing and s.track_id)
+        assert ids and ids == list(range(before + 1, before + 1 + len(ids))), (c, before, ids)
+        assert issued(c) == ids[-1]
+
+
 # ----------------------------------------------------------------------------------------------
 # lifecycle node (namespace /lc) and startup errors
 
@@ -549,7 +571,7 @@ def namespaced_node(client, log: pathlib.Path, ns: str, weights: str, params: di
 
 
 def test_fixed_shape_onnx_export_on_the_onnxruntime_engine(client, node_weights, tmp_path):
-    """The node on engine onnxruntime with a `ciae-export --size 288x384` file, across processes:
+    """The node on engine onnxruntime with a `ciae-export --size 384x288` file, across processes:
     a 480x640 frame is fitted into the canvas (the message's input size says so), thresholds
     change at run time, and input_size is refused with a reason (the canvas is fixed)."""
     from ciae_core.export import export_checkpoint
@@ -569,7 +591,7 @@ def test_fixed_shape_onnx_export_on_the_onnxruntime_engine(client, node_weights,
         [res] = client.set_parameters("/fixed/ciae_panoptic", score_threshold=0.3)
         assert res.successful, res.reason
         [res] = client.set_parameters("/fixed/ciae_panoptic", input_size=320)
-        assert not res.successful and "fixed 288x384 export" in res.reason, res.reason
+        assert not res.successful and "fixed 384x288 export" in res.reason, res.reason
         assert frame().input_height == 288
 
 

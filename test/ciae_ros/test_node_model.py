@@ -17,9 +17,14 @@ def _values(**overrides) -> dict:
 
 
 def test_load_model_names_the_exact_model_and_resolves_its_defaults(node_weights):
+    from ciae_core.cpu_features import auto_engine
+
     model = load_model(_values(weights=node_weights))
     path = pathlib.Path(node_weights)
-    assert (model.name, model.weights, model.engine, model.device) == (path.stem, str(path), "torch", "cpu")
+    # engine "auto" (the default): the CPU default for this machine's features, reported as chosen
+    engine, _, reason = auto_engine("cpu", str(path))
+    assert (model.name, model.weights, model.engine, model.device) == (path.stem, str(path), engine, "cpu")
+    assert model.predictor.engine_reason == reason
     assert model.version == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     pred = model.predictor
     cfg = pred.config

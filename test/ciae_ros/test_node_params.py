@@ -54,3 +54,37 @@ def test_the_moved_names_stay_importable_from_ciae_ros_node():
     for name in ("ModelHandle", "load_model", "predictor_settings"):
         assert getattr(node, name) is getattr(model, name), name
     assert model.NodeStartupError is params.NodeStartupError
+
+
+def test_tracking_parameters_mirror_the_tracker_constructor():
+    """Every tracking_<x> parameter is SegmentTracker's keyword <x> with the same default, so the
+    node tracks as the library does unless told otherwise."""
+    import inspect
+
+    from ciae_core.tracking import SegmentTracker
+    from ciae_ros.node_params import SPECS, TRACKER_PARAMS, tracker_kwargs
+
+    signature = inspect.signature(SegmentTracker.__init__).parameters
+    assert SPECS["tracking"].default is True
+    assert set(TRACKER_PARAMS) == {n for n in SPECS if n.startswith("tracking_")}
+    for name, kw in TRACKER_PARAMS.items():
+        assert kw in signature, f"{name}: SegmentTracker has no keyword {kw}"
+        assert SPECS[name].default == signature[kw].default and type(SPECS[name].default) is type(
+            signature[kw].default), f"{name}: default {SPECS[name].default!r} != {signature[kw].default!r}"
+    kwargs = tracker_kwargs({n: s.default for n, s in SPECS.items()})
+    assert SegmentTracker(**kwargs).__dict__.keys() >= kwargs.keys()
+
+
+def test_tracking_values_are_checked_alone_and_together():
+    from ciae_ros.node_params import SPECS, settings_error, validate_value
+
+    assert "tracking_association must be one of embedding, iou" in validate_value("tracking_association", "sort")
+    assert validate_value("tracking_high_score", 1.5) == "tracking_high_score must be in [0.0, 1.0], got 1.5"
+    assert "tracking_min_hits must be in [1, 1000]" in validate_value("tracking_min_hits", 0)
+    assert validate_value("tracking_reid_distance", 2.0) is None
+    good = {n: s.default for n, s in SPECS.items()}
+    assert settings_error(good) is None
+    err = settings_error({**good, "tracking_high_score": 0.7})
+    assert err.startswith("need tracking_low_score <= tracking_high_score <= tracking_new_track_score"), err
+    assert settings_error({**good, "tracking_max_age": 0.0}) == "tracking_max_age must be a number > 0, got 0.0"
+    assert settings_error({**good, "tracking_high_score": 0.7, "tracking_new_track_score": 0.8}) is None

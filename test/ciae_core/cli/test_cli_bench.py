@@ -127,6 +127,33 @@ def test_node_mode_without_the_ros_layer_fails_with_one_line(capsys, tmp_path, m
     assert err.count("\n") == 1 and "needs rclpy and the built ciae_ros messages" in err
 
 
+def test_engine_precision_rows_and_their_table(tmp_path, capsys):
+    """--engines with OpenVINO and precisions: each spec is a row of ours, labelled with the precision
+    the predictor ran, and the engine table gives its speed-up over torch fp32."""
+    pytest.importorskip("openvino")
+    out = tmp_path / "engines.json"
+    assert main(["--device", "cpu", "--sizes", "192", "--backbones", "small", "--models", "ours", "--repeats", "1",
+                 "--warmup", "0", "--detections", "5", "--threads", "1", "--engines", "torch,openvino",
+                 "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["engine"]: r for r in doc["results"]}
+    assert set(rows) == {"torch", "openvino"}
+    assert rows["openvino"]["precision"] == "fp32" and rows["openvino"]["providers"][0].startswith("OpenVINO")
+    assert {"preprocess", "forward", "postprocess"} <= set(rows["openvino"]["predictor_timings_ms"])
+    assert doc["meta"]["openvino"] and doc["meta"]["cpu_features"]
+    printed = capsys.readouterr().out
+    assert "x torch fp32" in printed and "| small | 192 | openvino | fp32 |" in printed
+
+
+def test_bench_rejects_unknown_engine_specs(tmp_path, capsys):
+    assert main(["--engines", "tensorflow", "--json", str(tmp_path / "x.json")]) == 1
+    assert "unknown engine 'tensorflow'" in capsys.readouterr().err
+    assert main(["--engines", "openvino:fp8", "--json", str(tmp_path / "x.json")]) == 1
+    assert "engine openvino has no precision 'fp8'" in capsys.readouterr().err
+    assert main(["--engines", "onnxruntime:bf16", "--json", str(tmp_path / "x.json")]) == 1
+    assert "has no precision 'bf16'" in capsys.readouterr().err
+
+
 def test_cuda_graph_paths_give_one_row_each(tmp_path, capsys):
     """--cuda-graphs forward,full: one ours row per path (on the CPU both run without graphs and
     say so); an unknown path is refused with one line."""

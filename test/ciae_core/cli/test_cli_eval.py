@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from ciae_core.cli.eval import main
@@ -80,3 +81,27 @@ def test_cli_weights_path_agrees_with_file_evaluation(tmp_path, capsys):
         len(a["segments_info"]) for a in gt["annotations"])
     assert main(args[:2] + ["--data", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_weights_with_the_openvino_engine(tmp_path, capsys):
+    """ciae-eval --engine openvino scores the same model as the torch engine (fp32: the same PQ
+    up to a pixel flip) and refuses a precision this CPU or engine cannot run in one line."""
+    pytest.importorskip("openvino")
+    from ciae_core.checkpoint import save_model
+    from ciae_core.model import CIAE
+    from ciae_core.synth import SYNTH_CATEGORIES, write_dataset
+
+    torch.manual_seed(0)
+    model = CIAE(categories=SYNTH_CATEGORIES, backbone="resnet18", backbone_norm="gn", fpn_channels=16,
+                 head_channels=16, tower_depth=1, embed_dim=8, embed_branch_channels=16, embedding_stride=4)
+    save_model(str(tmp_path / "m.safetensors"), model)
+    write_dataset(str(tmp_path / "val"), 2, 192, 192, seed=9)
+    args = ["--weights", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "val"), "--input-size", "192"]
+    assert main(args + ["--json-out", str(tmp_path / "torch.json")]) == 0
+    assert main(args + ["--engine", "openvino", "--threads", "1", "--json-out", str(tmp_path / "ov.json")]) == 0
+    a, b = json.load(open(tmp_path / "torch.json")), json.load(open(tmp_path / "ov.json"))
+    assert abs(a["All"]["pq"] - b["All"]["pq"]) < 0.01
+    capsys.readouterr()
+    assert main(args + ["--engine", "openvino", "--precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "needs an int8 model" in err and err.count("\n") == 1

@@ -25,7 +25,7 @@ def weights(tmp_path_factory) -> pathlib.Path:
 
 def test_export_fixed_size_checker_and_metadata(weights, tmp_path):
     out = tmp_path / "fixed.onnx"
-    assert main(["--weights", str(weights), "--out", str(out), "--size", "256x320", "--opset", "17"]) == 0
+    assert main(["--weights", str(weights), "--out", str(out), "--size", "320x256", "--opset", "17"]) == 0
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
     assert [i.name for i in proto.graph.input] == ["images"]
@@ -33,7 +33,7 @@ def test_export_fixed_size_checker_and_metadata(weights, tmp_path):
     dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 256, 320]
     meta = read_onnx_metadata(out)
-    assert meta["ciae_input_size"] == "256x320" and meta["ciae_format"] == "ciae-onnx/2"
+    assert meta["ciae_input_size"] == "320x256" and meta["ciae_format"] == "ciae-onnx/2"
     cfg = read_onnx_config(out)
     model = load_model(weights)
     assert cfg.to_dict() == model.config.to_dict()
@@ -41,7 +41,7 @@ def test_export_fixed_size_checker_and_metadata(weights, tmp_path):
 
 
 def test_export_cli_errors(weights, tmp_path, capsys):
-    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.onnx"), "--size", "250x320"]) == 1
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.onnx"), "--size", "320x250"]) == 1
     assert "multiples of 32" in capsys.readouterr().err
     assert main(["--weights", str(weights), "--out", str(tmp_path / "a.onnx"), "--opset", "7"]) == 1
     assert "opset 7" in capsys.readouterr().err
@@ -74,4 +74,34 @@ def test_export_help_states_the_opset_range(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
+    assert "WIDTHxHEIGHT" in out
     assert f"{OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})" in out
+
+
+def test_int8_export_needs_calibration_and_an_xml(weights, tmp_path, capsys):
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "m.xml"), "--dynamic", "--int8"]) == 1
+    assert "--int8 needs --calib" in capsys.readouterr().err
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "m.onnx"), "--dynamic", "--int8",
+                 "--calib", "synthetic"]) == 1
+    assert "--out must end in .xml" in capsys.readouterr().err
+    assert main(["--weights", str(weights), "--out", str(tmp_path / "m.xml"), "--dynamic", "--int8",
+                 "--calib", str(tmp_path / "no-such-folder")]) == 1
+    err = capsys.readouterr().err
+    assert "calibration folder not found" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_int8_export_writes_an_int8_ir_for_openvino(weights, tmp_path, capsys):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from ciae_core.engine_openvino import OpenVINOEngine
+
+    out = tmp_path / "m-int8.xml"
+    assert main(["--weights", str(weights), "--out", str(out), "--dynamic", "--int8", "--calib", "synthetic",
+                 "--calib-images", "2"]) == 0
+    assert "int8 OpenVINO IR" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-int8.bin", "m-int8.xml"]
+    engine = OpenVINOEngine(out, precision="auto", threads=1, cache_dir=tmp_path / "cache")
+    assert engine.precision == "int8" and engine.metadata["ciae_calibration"].startswith("synthetic: 2 scenes")
+    assert engine.fixed_hw is None  # --dynamic kept
