@@ -14,15 +14,15 @@ except through the number of detections, which we fix, see below):
   ``r50-p3c2``: the P3 branch plus a 1x1 skip from C2 back to stride 4 (our second variant);
   ``small``: the shipped model (``--small-weights``, default the first ``models/*.safetensors``),
   else the ``config/train/synthetic_small.yaml`` architecture with random weights.
-* ``fcos`` — ``torchvision.models.detection.FCOS`` with the same backbone
-  (``fcos_resnet50_fpn(weights=None, weights_backbone=None)`` for r50); input resized by its own
-  transform to the same shorter side / max size.
-* ``maskrcnn`` — ``torchvision.models.detection.MaskRCNN`` with the same backbone
-  (``maskrcnn_resnet50_fpn`` for r50), same resizing.
+* ``fcos`` / ``maskrcnn`` — the torchvision peers with the same backbone, resized by their own
+  transform to the same shorter side / max size (:mod:`ciae_core.bench_peers`; FCOS's backbone +
+  head replayed from a CUDA graph on CUDA, as ours' forward).
 
 Every torch model runs in the same memory format (``--channels-last``; by default the
 Predictor's: channels_last on the CPU, NCHW on CUDA; the peers are converted alike), with the
-same thread settings.
+same thread settings, the same precision (``--precision``: autocast on CUDA) and, with
+``--compile``, ``torch.compile`` for ours' ``forward_raw`` and FCOS's backbone + head. Every row
+says how it was timed (``timing``; ours: :data:`OURS_TIMING`).
 
 Decision (detections): random weights give arbitrary numbers of detections, which changes the
 cost of NMS, fusion and mask pasting. All models are therefore run at score threshold 0 with the
@@ -30,16 +30,10 @@ same cap of ``--detections`` (default 30) instances per image, so every model po
 same number of instances (Mask R-CNN runs its mask head and pastes that many masks; ours fuses
 that many instance queries plus all stuff queries).
 
-Stage breakdown of ours (torch engine, separate timed repeats with a synchronise between stages;
-the forward pass runs eagerly there, since module boundaries are invisible in a CUDA-graph
-replay, so on CUDA ``backbone_fpn + heads`` exceed the graph-replayed forward of the end-to-end
-timing; the fusion share is the ``fusion`` stage over the end-to-end median):
-``resize_copy`` (letterbox + upload; also the final map-back + device→host copy, reported as
-``map_back_copy``), ``backbone_fpn``, ``heads`` (proposal head + embedding branch, the rest of
-``forward_raw``), ``proposal_selection`` (:func:`ciae_core.fusion.select_proposals`) and
-``fusion`` (the rest of :func:`ciae_core.fusion.panoptic_from_raw`: queries + Eq. 16); the
-backbone and the selection are timed inside the calls that make them (forward hooks, a timing
-wrapper), so each stage comes from one call.
+Stage breakdown of ours (torch engine; :mod:`ciae_core.bench_stages`: CUDA events on CUDA, no
+synchronise between stages), in separate repeats after the timed rounds: ``resize_copy``,
+``backbone_fpn``, ``heads``, ``proposal_selection``, ``fusion``, ``map_back_copy``; the fusion
+share is the ``fusion`` stage over the end-to-end median.
 
 Timing: per (backbone, size) every model is built and warmed up, then the timed calls run in
 interleaved rounds (each round calls every model once on the same image, the order rotating), so
@@ -60,7 +54,11 @@ import numpy as np
 import torch
 
 from ciae_core.bench import (BenchError, PeakMemory, coco_categories, data_roots, device_used_bytes, memory_fields,
-                             memory_level, summarize, sync, time_calls)
+                             memory_level, summarize, time_calls)
+# build_peer and the stage-breakdown helpers keep their import path here
+from ciae_core.bench_peers import build_peer, peer_info, peer_runner  # noqa: F401
+from ciae_core.bench_stages import (EVENT_TIMING, SYNC_TIMING, _timed_proposal_selection, eager_calls,  # noqa: F401
+                                    ours_stage_breakdown)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +69,16 @@ OURS_ARCH = {"r50": {"backbone": "resnet50"}, "r50-p3": {"backbone": "resnet50",
              "r50-p3c2": {"backbone": "resnet50", "embedding_from_level": 3, "embedding_c2_skip": True}}
 ALL_MODELS = ("ours", "fcos", "maskrcnn")
 # the shipped small model's architecture (config/train/synthetic_small.yaml) for a random stand-in
+# how ours' rows were timed, by CUDA-graph path (the row's "timing")
+_OURS_CALL = ("wall time per call, synchronised at both ends: uint8 host image -> id map and segment table on the "
+              "host; ")
+OURS_TIMING = {"off": _OURS_CALL + "eager forward and postprocess",
+               "forward": _OURS_CALL + "forward replayed from a CUDA graph per input shape (captured on its second "
+                                       "sighting), postprocess eager",
+               "full": _OURS_CALL + "the whole call replayed from one CUDA graph per input shape (captured on its "
+                                    "second sighting; ciae_core.full_graph), H2D and D2H copies around it"}
+GRAPH_MODES = tuple(OURS_TIMING)  # --cuda-graphs values for ours
+STAGE_TIMING = {True: EVENT_TIMING, False: SYNC_TIMING}  # by "on CUDA"
 SMALL_ARCH = dict(backbone="mobilenet_v3_large", backbone_norm="gn", trainable_backbone_layers=5, fpn_channels=64,
                   head_channels=64, tower_depth=2, embed_dim=32, embed_branch_channels=64, embedding_stride=4)
 
@@ -86,7 +94,9 @@ class BenchOptions:
     max_size: int = 1333  # longer-side limit of every model's resize
     precision: str = "fp32"  # fp32, fp16 or bf16: autocast on CUDA (torch engines); fp16 also TensorRT fp16
     channels_last: str = "auto"  # auto, on or off: see channels_last_for
-    cuda_graphs: bool = True  # ours (torch): replay CUDA graphs on CUDA
+    cuda_graphs: bool = True  # FCOS (and ours unless graph_modes says otherwise): CUDA graphs on CUDA
+    graph_modes: tuple[str, ...] = ("forward",)  # ours (torch): one row per mode (GRAPH_MODES), see ours_variants
+    compile: bool = False  # torch.compile ours' forward_raw and FCOS's backbone + head
     threads: int = 0  # onnxruntime / OpenVINO threads (0: their default)
     ort_providers: str | None = None  # comma-separated onnxruntime providers for ours, see ort_providers
     int8_calib_images: int = 64  # synthetic calibration scenes of the openvino:int8 rows
@@ -142,47 +152,6 @@ def ours_checkpoint(backbone: str, directory: pathlib.Path, small_weights: str |
     return save_model(directory / f"ours-{backbone}-random.safetensors", model)
 
 
-def _tv_backbone(name: str, kind: str):
-    """torchvision FPN backbone of ``name`` (resnet*/mobilenet_v3_large), random weights;
-    ``kind="fcos"``: P3..P7 (P6/P7 from P5, as ``fcos_resnet50_fpn``), else P2..P6 (Mask R-CNN)."""
-    from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
-    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
-
-    extra = LastLevelP6P7(256, 256) if kind == "fcos" else LastLevelMaxPool()
-    if name.startswith("resnet"):
-        layers = [2, 3, 4] if kind == "fcos" else [1, 2, 3, 4]
-        return resnet_fpn_backbone(backbone_name=name, weights=None, trainable_layers=5, returned_layers=layers,
-                                   extra_blocks=extra)
-    # mobilenet stage outputs 1..4 have strides 4, 8, 16, 32: FCOS takes 8..32 (+P6, P7), Mask R-CNN 4..32
-    # (+pool), so both get the 5 maps their default anchor generators expect
-    layers = [2, 3, 4] if kind == "fcos" else [1, 2, 3, 4]
-    return mobilenet_backbone(backbone_name=name, weights=None, fpn=True, trainable_layers=6, returned_layers=layers,
-                              extra_blocks=extra)
-
-
-def build_peer(kind: str, backbone_name: str, size: int, max_size: int, detections: int) -> torch.nn.Module:
-    """torchvision FCOS / Mask R-CNN with ``backbone_name``, score threshold 0, ``detections`` cap."""
-    from torchvision.models import detection as det
-
-    common = dict(min_size=size, max_size=max_size)
-    if kind == "fcos":
-        if backbone_name == "resnet50":
-            m = det.fcos_resnet50_fpn(weights=None, weights_backbone=None, score_thresh=0.0,
-                                      detections_per_img=detections, **common)
-        else:
-            m = det.FCOS(_tv_backbone(backbone_name, "fcos"), num_classes=91, score_thresh=0.0,
-                         detections_per_img=detections, **common)
-    elif kind == "maskrcnn":
-        kw = dict(box_score_thresh=0.0, box_detections_per_img=detections, **common)
-        if backbone_name == "resnet50":
-            m = det.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kw)
-        else:
-            m = det.MaskRCNN(_tv_backbone(backbone_name, "rcnn"), num_classes=91, **kw)
-    else:
-        raise BenchError(f"unknown peer model {kind!r}")
-    return m.eval()
-
-
 # ----------------------------------------------------------------------------------------------
 # per-model runs
 
@@ -208,20 +177,46 @@ class Contender:
         self.times: list[float] = []
 
 
-def prepare_ours(weights: pathlib.Path, spec: str, size: int, images, device: torch.device,
+def ours_variants(spec: str, options: BenchOptions) -> list[str]:
+    """The rows of ours for the engine ``spec``: a torch spec (``torch``, ``torch:bf16``) gives one
+    row per CUDA-graph path of ``options.graph_modes`` — the spec itself for the first (the one the
+    ratios use), ``<spec>/<mode>`` for each further one; any other spec one row."""
+    if parse_engine_spec(spec)[0] != "torch":
+        return [spec]
+    modes = list(options.graph_modes) if options.cuda_graphs else ["off"]
+    return [spec] + [f"{spec}/{m}" for m in modes[1:]]
+
+
+def _graph_mode(label: str, options: BenchOptions) -> str:
+    return label.split("/", 1)[1] if "/" in label else (options.graph_modes[0] if options.cuda_graphs else "off")
+
+
+def _path_used(predictor) -> str:
+    """The CUDA-graph path a predictor's timed calls took (a failed capture falls back)."""
+    full = getattr(predictor, "_full", None)
+    if full is not None and full.enabled and full._graphs:
+        return "full"
+    return "forward" if predictor._engine.cuda_graphs else "off"
+
+
+def prepare_ours(weights: pathlib.Path, label: str, size: int, images, device: torch.device,
                  options: BenchOptions, cache_dir: pathlib.Path) -> Contender:
-    """Ours (a :class:`~ciae_core.predictor.Predictor` on the engine ``spec``, :func:`parse_engine_spec`)
-    at shorter side ``size``."""
+    """Ours (a :class:`~ciae_core.predictor.Predictor`) at shorter side ``size``; ``label``: a row of
+    :func:`ours_variants`, an engine spec (:func:`parse_engine_spec`) with, for torch, its CUDA-graph path."""
     from ciae_core.predictor import Predictor
 
+    spec = label.split("/", 1)[0]
     engine, precision = parse_engine_spec(spec)
     base_rss = memory_level(device)
     base_device_used = device_used_bytes(device)
+    torch_engine = engine == "torch"
+    mode = _graph_mode(label, options) if torch_engine else "off"
     kw = dict(engine=engine, device=str(device), input_size=size, max_size=options.max_size,
               input_size_range=(64, 4096), **_fusion_thresholds(options.detections))
-    if engine == "torch":
+    if torch_engine:
         kw.update(precision=precision or options.precision,
-                  channels_last=channels_last_for(options.channels_last, device), cuda_graphs=options.cuda_graphs)
+                  channels_last=channels_last_for(options.channels_last, device),
+                  cuda_graphs={"off": False, "forward": True, "full": "full"}[mode], compile=options.compile)
     elif engine == "openvino":
         kw.update(onnx_cache_dir=cache_dir, intra_op_threads=options.threads or None, precision=precision or "fp32")
         if precision == "int8":
@@ -247,27 +242,35 @@ def prepare_ours(weights: pathlib.Path, spec: str, size: int, images, device: to
                                           for k, v in stage_sums.items()}}
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if spec == "torch":
-            extra["stages_ms"] = ours_stage_breakdown(predictor, images, device, options)
+        if torch_engine:  # the path the timed calls took (a failed capture falls back to eager)
+            used = _path_used(predictor)
+            extra.update(cuda_graphs=used, timing=OURS_TIMING[used])
+            if predictor._full is not None:
+                extra["nms_fallbacks"] = predictor._full.fallbacks
+            if used == "full":
+                from ciae_core.bench_graph_stages import GRAPH_STAGE_TIMING, graph_stage_breakdown
+
+                extra["graph_stages_ms"] = graph_stage_breakdown(predictor, images[0], options.repeats)
+                extra["graph_stages_timing"] = GRAPH_STAGE_TIMING
+        if spec == "torch":  # (one eager breakdown per path; not for a second torch precision)
+            extra["stages_ms"] = ours_stage_breakdown(predictor, images, device, options.warmup, options.repeats)
+            extra["stages_timing"] = STAGE_TIMING[device.type == "cuda"]
         return extra
 
     memory_mode = None
-    if engine == "torch" and getattr(predictor._engine, "cuda_graphs", False):
+    if torch_engine and mode != "off" and device.type == "cuda":
         @contextlib.contextmanager
-        def memory_mode():  # eager forward for the memory call (ciae_core.bench's docstring)
-            torch_engine = predictor._engine
-            graphs, torch_engine.cuda_graphs = torch_engine.cuda_graphs, False
-            try:
+        def memory_mode():  # eager calls for the memory call (ciae_core.bench's docstring)
+            with eager_calls(predictor):
                 predictor(images[0])  # one untimed eager call first (eager allocations, cuDNN plans)
                 yield
-            finally:
-                torch_engine.cuda_graphs = graphs
 
     info = {"providers": predictor.providers, "weights": str(weights), "backbone_name": predictor.config.backbone,
             "precision": predictor.precision}
-    if engine == "torch":
-        info["channels_last"] = _is_channels_last(predictor._engine.model)
-    return Contender("ours", spec, call, info, finish, base_rss, base_device_used, memory_mode)
+    if torch_engine:
+        info.update(channels_last=_is_channels_last(predictor._engine.model), compile=options.compile,
+                    cuda_graphs=mode, timing=OURS_TIMING[mode])
+    return Contender("ours", label, call, info, finish, base_rss, base_device_used, memory_mode)
 
 
 def _is_channels_last(model: torch.nn.Module) -> bool:
@@ -278,109 +281,22 @@ def _is_channels_last(model: torch.nn.Module) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _timed_proposal_selection(device: torch.device, spans: list[float]):
-    """While active, every call of :func:`ciae_core.fusion.select_proposals` made through
-    ``ciae_core.fusion`` (the one ``panoptic_from_raw`` makes) appends its ms to ``spans``, with a
-    synchronise around it — the function-level counterpart of the backbone's forward hooks, so the
-    selection and the fusion are both timed inside the same postprocess call (two separately
-    timed calls differ by more than a small model's fusion on a busy machine)."""
-    from ciae_core import fusion
-
-    select = fusion.select_proposals
-
-    def timed(*args, **kwargs):
-        sync(device)
-        t0 = time.perf_counter()
-        out = select(*args, **kwargs)
-        sync(device)
-        spans.append((time.perf_counter() - t0) * 1e3)
-        return out
-
-    fusion.select_proposals = timed
-    try:
-        yield
-    finally:
-        fusion.select_proposals = select
-
-
-def ours_stage_breakdown(predictor, images, device: torch.device, options: BenchOptions) -> dict[str, float]:
-    """Median ms per stage (module docstring), with a synchronise between stages."""
-    engine = predictor._engine
-    model = engine.model
-    graphs, engine.cuda_graphs = engine.cuda_graphs, False  # module hooks do not fire in graph replays
-    marks: dict[str, float] = {}
-
-    def pre_hook(_m, _inp):
-        sync(device)
-        marks["bb0"] = time.perf_counter()
-
-    def post_hook(_m, _inp, _out):
-        sync(device)
-        marks["bb1"] = time.perf_counter()
-
-    h1 = model.backbone.register_forward_pre_hook(pre_hook)
-    h2 = model.backbone.register_forward_hook(post_hook)
-    rows: dict[str, list[float]] = {k: [] for k in ("resize_copy", "backbone_fpn", "heads", "proposal_selection",
-                                                    "fusion", "map_back_copy")}
-    try:
-        for i in range(options.warmup + options.repeats):
-            im = images[i % len(images)]
-            sync(device)
-            t0 = time.perf_counter()
-            batch, boxes = predictor.preprocess([im])
-            sync(device)
-            t1 = time.perf_counter()
-            raw = predictor.forward_raw(batch)
-            sync(device)
-            t2 = time.perf_counter()
-            backbone_ms = (marks["bb1"] - marks["bb0"]) * 1e3  # this forward's: the full call below fires the hooks too
-            spans: list[float] = []
-            with _timed_proposal_selection(device, spans):
-                predictor.postprocess(raw, boxes)
-            sync(device)
-            t3 = time.perf_counter()
-            if len(spans) != 1:
-                raise BenchError("stage breakdown: postprocess did not select proposals through ciae_core.fusion")
-            predictor(im)  # full call: its map_back + to_host stages
-            if i < options.warmup:
-                continue
-            rows["resize_copy"].append((t1 - t0) * 1e3)
-            rows["backbone_fpn"].append(backbone_ms)
-            rows["heads"].append((t2 - t1) * 1e3 - backbone_ms)
-            rows["proposal_selection"].append(spans[0])
-            rows["fusion"].append(max(0.0, (t3 - t2) * 1e3 - spans[0]))
-            rows["map_back_copy"].append(predictor.timings["map_back"] + predictor.timings["to_host"])
-    finally:
-        h1.remove()
-        h2.remove()
-        engine.cuda_graphs = graphs
-    return {k: float(np.median(v)) for k, v in rows.items()}
-
-
 def prepare_peer(kind: str, backbone_name: str, size: int, images, device: torch.device,
                  options: BenchOptions) -> Contender:
-    """A torchvision peer (``fcos`` / ``maskrcnn``) with the same input and output contract as ours."""
+    """A torchvision peer (``fcos`` / ``maskrcnn``) with the same input and output contract as ours,
+    run as :func:`ciae_core.bench_peers.peer_runner` says (FCOS: backbone + head from a CUDA graph)."""
     base_rss = memory_level(device)
     base_device_used = device_used_bytes(device)
-    model = build_peer(kind, backbone_name, size, options.max_size, options.detections).to(device)
-    if channels_last_for(options.channels_last, device):  # the same memory format as ours (fair ratios)
-        model = model.to(memory_format=torch.channels_last)
-    use_amp = device.type == "cuda" and options.precision in ("fp16", "bf16")
-    dtype = torch.float16 if options.precision == "fp16" else torch.bfloat16
+    run, model, forward = peer_runner(kind, backbone_name, size, device, max_size=options.max_size,
+                                      detections=options.detections, precision=options.precision,
+                                      channels_last=channels_last_for(options.channels_last, device),
+                                      cuda_graphs=options.cuda_graphs, compile=options.compile)
 
     def call(i: int):
-        im = images[i % len(images)]
-        # same input contract as ours: uint8 host image in, results on the host out
-        x = torch.from_numpy(im).to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0)
-        ctx = torch.autocast("cuda", dtype=dtype) if use_amp else contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
-            out = model([x])[0]
-        {k: v.cpu() for k, v in out.items()}
+        run(images[i % len(images)])
 
     return Contender(kind, "torch", call, {"backbone_name": backbone_name, "channels_last": _is_channels_last(model)},
-                     base_rss=base_rss,
-                     base_device_used=base_device_used)
+                     finish=lambda: peer_info(forward), base_rss=base_rss, base_device_used=base_device_used)
 
 
 def channels_last_for(choice: str, device: torch.device) -> bool:

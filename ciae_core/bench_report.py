@@ -84,14 +84,23 @@ def markdown_tables(results: list[dict[str, Any]], ratio_rows: list[dict[str, An
                      f"{cell(('fcos', 'torch'))} | {cell(('maskrcnn', 'torch'))} | {_fmt(rr['ours_over_fcos'], '.2f')} | "
                      f"{_fmt(rr['fusion_share'], '.1%')} | {_fmt(rr['ort_over_torch'], '.2f')} | "
                      f"{_fmt(rr['ours_over_maskrcnn'], '.2f')} |")
-    stage_rows = [r for r in results if "stages_ms" in r]
-    if stage_rows:
-        names = list(stage_rows[0]["stages_ms"])
-        lines += ["", "| backbone | size | " + " | ".join(names) + " | (ms, median) |",
-                  "|---|---|" + "---|" * len(names) + "---|"]
-        for r in stage_rows:
-            lines.append(f"| {r['backbone']} | {r['size']} | " + " | ".join(f"{r['stages_ms'][n]:.1f}" for n in names)
-                         + " | |")
+    variants = [r for r in results if r["model"] == "ours" and "/" in r["engine"]]
+    if variants:  # further CUDA-graph paths of ours (ciae-bench --cuda-graphs)
+        lines += ["", "| backbone | size | ours variant | ms (p90) | / ours torch |", "|---|---|---|---|---|"]
+        for r in variants:
+            base = next((b for b in results if b["model"] == "ours" and b["engine"] == "torch"
+                         and (b["backbone"], b["size"]) == (r["backbone"], r["size"])), None)
+            lines.append(f"| {r['backbone']} | {r['size']} | {r['engine']} | {r['median_ms']:.2f} ({r['p90_ms']:.2f}) | "
+                         f"{_fmt(r['median_ms'] / base['median_ms'] if base else None, '.2f')} |")
+    for key in ("stages_ms", "graph_stages_ms"):
+        stage_rows = [r for r in results if key in r]
+        if stage_rows:
+            names = list(stage_rows[0][key])
+            lines += ["", "| backbone | size | engine | " + " | ".join(names) + f" | ({key}, median) |",
+                      "|---|---|---|" + "---|" * len(names) + "---|"]
+            for r in stage_rows:
+                lines.append(f"| {r['backbone']} | {r['size']} | {r['engine']} | "
+                             + " | ".join(f"{r[key][n]:.2f}" for n in names) + " | |")
     lines += engine_table(results)
     mem_rows = [r for r in results if "mem_kind" in r]
     if mem_rows:
@@ -107,6 +116,16 @@ def markdown_tables(results: list[dict[str, Any]], ratio_rows: list[dict[str, An
             if device_level:
                 line += f" {_fmt(r.get('device_used_delta_mb'), '.0f')} |"
             lines.append(line)
+    timings = {}
+    for r in results:  # how each kind of row was timed (the rows' "timing" / "stages_timing")
+        if r.get("timing"):
+            timings.setdefault(f"{r['model']}/{r['engine']}", r["timing"])
+        if r.get("stages_timing"):
+            timings.setdefault("stages", r["stages_timing"])
+        if r.get("graph_stages_timing"):
+            timings.setdefault("graph stages", r["graph_stages_timing"])
+    if timings:
+        lines += [""] + [f"timing of {k}: {v}" for k, v in timings.items()]
     for r in failed:
         lines.append(f"\nfailed: {r['backbone']} {r['size']} {r['model']}/{r['engine']}: {r['error']}")
     return "\n".join(lines)

@@ -6,7 +6,10 @@ Decisions (set by the predictor's constructor arguments):
   for the forward pass (``cuda_graphs``; the eager R50 forward is launch-bound on an H100),
   optional fp16/bf16 autocast (the raw outputs are cast back to fp32 before fusion), optional
   channels_last (off by default on CUDA: no gain measured on an H100 for these GroupNorm heads).
-  Optional ``torch.compile(forward_raw, dynamic=True)`` (``compile=True``).
+  Optional ``torch.compile(forward_raw, dynamic=True)`` (``compile=True``; inductor's default
+  mode, no CUDA graphs of its own, so its kernels are captured into our graph like eager ones:
+  the three warm-up runs before a capture also compile, and a failed capture falls back to the
+  compiled function run directly).
 * **Memory format on the CPU**: channels_last by default (the predictor's ``channels_last=None``):
   oneDNN's NHWC convolutions made the whole call 10-31 % faster on the 2-core development machine
   (end to end, NCHW → channels_last: small model 96 → 66 ms at 320 and 180 → 148 ms at 512;
@@ -73,6 +76,13 @@ class _TorchEngine:
                 with torch.autocast(self.device.type, dtype=dtype):
                     raw = self._fn(images)
             return {k: v.float() for k, v in raw.items()}
+
+    def forward_eager(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The forward without this engine's graphs (what a whole-call graph captures,
+        :mod:`ciae_core.full_graph`): the memory format and precision as configured, fp32 outputs."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self._eager(images)
 
     def _capture(self, images: torch.Tensor):
         caller_stream = torch.cuda.current_stream(self.device)

@@ -45,7 +45,7 @@ Decisions (all constructor arguments):
   the torch and onnxruntime engines take fp32. ``Predictor.precision`` is the resolved one.
 * **CUDA path**: cudnn.benchmark, uint8 upload from a pinned staging buffer with an async copy,
   resize on the GPU, fusion and map-back on the GPU, then one device→host copy of all final id
-  maps (plus one for the small segment table).
+  maps (plus one for the small segment table); or the whole call in one graph (:mod:`ciae_core.full_graph`).
 
 Timings (``predictor.timings``, milliseconds of the last call): ``preprocess``, ``forward``,
 ``postprocess`` (proposal selection + fusion), ``map_back`` (resize to input resolution +
@@ -70,6 +70,7 @@ import torch
 from ciae_core.engine_onnxruntime import (RAW_OUTPUT_NAMES, _OrtEngine, default_onnx_cache_dir, onnx_for_checkpoint,
                                           select_providers, tensorrt_runtime_loadable)
 from ciae_core.engine_torch import _TorchEngine
+from ciae_core.full_graph import full_call_graphs
 from ciae_core.geometry import (MIN_IMAGE_SIDE, Letterbox, area_resize_weights, letterbox, letterbox_into,
                                 nearest_source_index, resize_image_like_cv2, resize_nearest, segment_table,
                                 validate_image)
@@ -139,8 +140,9 @@ class Predictor:
         channels_last: run the torch engine in channels_last. None (default): on for the CPU
             (10-31 % faster there, module docstring), off for CUDA (no gain on an H100).
         cudnn_benchmark: None → on for CUDA.
-        cuda_graphs: None → on for CUDA (torch engine): one CUDA graph per input shape.
-        compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; disables cuda_graphs).
+        cuda_graphs: None/True/"forward" (CUDA default): one CUDA graph per input shape for the forward; "full":
+            the whole call of one image in one graph (:mod:`ciae_core.full_graph`, eager fallback); False: eager.
+        compile: wrap ``forward_raw`` in ``torch.compile`` (torch engine; composes with cuda_graphs).
         input_size_range: ``(lo, hi)`` valid shorter sides (None: :func:`input_size_range`).
         providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads: onnxruntime
             (``intra_op_threads`` is also the OpenVINO engine's thread count).
@@ -163,7 +165,7 @@ class Predictor:
                  providers: Sequence[str] | None = None, trt_cache_dir: str | None = None, trt_fp16: bool = False,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
-                 mixed_size_batching: str = "group", cuda_graphs: bool | None = None, fusion_method: str = "auto",
+                 mixed_size_batching: str = "group", cuda_graphs: bool | str | None = None, fusion_method: str = "auto",
                  openvino_device: str = "CPU", openvino_cache_dir: str | os.PathLike | None = None, **thresholds):
         weights = self._resolved_weights(weights)
         self.engine_reason = "asked for"
@@ -190,6 +192,7 @@ class Predictor:
             self.thresholds = _checked_thresholds({}, {k: getattr(self.config, k) for k in THRESHOLD_NAMES})
         except PredictorError as e:
             raise PredictorError(f"{weights}: invalid inference setting in the model config: {e}") from None
+        self._full = full_call_graphs(self, cuda_graphs)  # cuda_graphs="full", else None
         self.update(**thresholds)
         self.timings: dict[str, float] = {}
         self._pinned: list[torch.Tensor] = []
@@ -283,9 +286,9 @@ class Predictor:
             cuda = self.device.type == "cuda"
             if cudnn_benchmark if cudnn_benchmark is not None else cuda:
                 torch.backends.cudnn.benchmark = True
-            self._engine = _TorchEngine(model, self.device, precision,
-                                        channels_last if channels_last is not None else not cuda, compile,
-                                        cuda_graphs=(cuda_graphs if cuda_graphs is not None else cuda) and not compile)
+            self._engine = _TorchEngine(model, self.device, precision, channels_last if channels_last is not None
+                                        else not cuda, compile, cuda_graphs=cuda if cuda_graphs is None
+                                        else cuda_graphs in (True, "forward", "full"))
         else:
             self.precision = "fp32"
             onnx_path = weights if is_onnx else onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
@@ -508,6 +511,11 @@ class Predictor:
             return []
         batch_in = [validate_image(im, i) for i, im in enumerate(batch_in)]
         boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in batch_in]
+        done = self._full and self._full.answer(batch_in, boxes, color, self._segments,
+                                                return_confidence or return_embeddings)
+        if done:  # the whole-call graph answered (None: the eager path below)
+            self.timings = dict(self._full.timings)
+            return done if single else [done]
         clock = _StageClock(self.device)
         outs = self._fused_outputs(batch_in, boxes, color, return_confidence, clock, return_embeddings)
         clock.mark("start")

@@ -45,8 +45,9 @@ from typing import Any
 import torch
 
 from ciae_core.bench import BenchError, load_inputs, synthetic_inputs
-from ciae_core.bench_contenders import (ALL_MODELS, BACKBONES, OURS_ARCH, SMALL_ARCH, BenchOptions, bench_group,
-                                        channels_last_for, ours_checkpoint, parse_engine_spec)
+from ciae_core.bench_contenders import (ALL_MODELS, BACKBONES, GRAPH_MODES, OURS_ARCH, SMALL_ARCH, BenchOptions,
+                                        bench_group, channels_last_for, ours_checkpoint, ours_variants,
+                                        parse_engine_spec)
 from ciae_core.bench_report import markdown_tables, ratios
 
 # entry points other packages register to extend ciae-bench; "node" runs `ciae-bench --node`
@@ -94,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="memory format of all torch models, ours and the peers alike (auto: the Predictor's "
                         "default, channels_last on the CPU and not on CUDA)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="ours (torch): eager forward on CUDA")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="ours (torch) and FCOS: eager forward on CUDA")
+    p.add_argument("--cuda-graphs", default="forward",
+                   help="ours (torch) on CUDA: comma-separated CUDA-graph paths, one row each: forward (the forward "
+                        "graphed, postprocess eager), full (the whole call in one graph), off; the first is the row "
+                        "the ratios use (default: forward)")
+    p.add_argument("--compile", action="store_true", help="torch.compile ours' forward (torch engine) and FCOS's "
+                   "backbone + head (composes with the CUDA graphs)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch, onnxruntime and OpenVINO CPU threads (0: torch default)")
     p.add_argument("--json", default="bench.json", help="output JSON path")
@@ -177,6 +184,9 @@ def _checked(args: argparse.Namespace) -> tuple[list[int], list[str], list[str],
             raise BenchError(f"unknown model {m!r}; use {', '.join(ALL_MODELS)}")
     for e in engines:
         parse_engine_spec(e)
+    bad = [m for m in _csv(args.cuda_graphs) if m not in GRAPH_MODES]
+    if bad or not _csv(args.cuda_graphs):
+        raise BenchError(f"--cuda-graphs takes {', '.join(GRAPH_MODES)} (comma-separated), got {args.cuda_graphs!r}")
     if args.repeats < 1 or args.warmup < 0 or not sizes or min(sizes) < 32:
         raise BenchError("need --repeats >= 1, --warmup >= 0 and sizes >= 32")
     device = torch.device(args.device)
@@ -198,7 +208,8 @@ def _run(args: argparse.Namespace, sizes, backbones, models, engines, device, co
 
     options = BenchOptions(warmup=args.warmup, repeats=args.repeats, detections=args.detections,
                            max_size=args.max_size, precision=args.precision, channels_last=args.channels_last,
-                           cuda_graphs=not args.no_cuda_graphs, threads=args.threads,
+                           cuda_graphs=not args.no_cuda_graphs, graph_modes=tuple(_csv(args.cuda_graphs)),
+                           compile=args.compile, threads=args.threads,
                            ort_providers=args.ort_providers, int8_calib_images=args.int8_calib_images)
     results = []
     with tempfile.TemporaryDirectory(prefix="ciae-bench-") as tmp:
@@ -208,7 +219,8 @@ def _run(args: argparse.Namespace, sizes, backbones, models, engines, device, co
             weights = ours_checkpoint(bb, tmp, args.small_weights) if "ours" in models else None
             bb_name = config_from_checkpoint(weights).backbone if weights else \
                 (SMALL_ARCH["backbone"] if bb == "small" else BACKBONES[bb])
-            entries = [(m, e) for m in models for e in (engines if m == "ours" else ["torch"])]
+            ours_engines = [v for e in engines for v in ours_variants(e, options)]
+            entries = [(m, e) for m in models for e in (ours_engines if m == "ours" else ["torch"])]
             for size in sizes:
                 results += bench_group(entries, bb, bb_name, size, weights, images, device, options, tmp / "onnx",
                                        on_row=_print_row)
@@ -220,6 +232,7 @@ def _metadata(args: argparse.Namespace, device: torch.device, coco_images, synth
     meta = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "precision": args.precision, "torch": torch.__version__,
+            "compile": args.compile, "cuda_graphs": not args.no_cuda_graphs, "ours_graph_modes": _csv(args.cuda_graphs),
             "channels_last": channels_last_for(args.channels_last, device),
             "warmup": args.warmup, "repeats": args.repeats, "detections": args.detections,
             "images": len(coco_images), "image_sizes": [list(im.shape[:2]) for im in coco_images],

@@ -22,3 +22,13 @@ def test_summary_and_ratio_arithmetic():
     assert r["ours_over_fcos"] == pytest.approx(1.5) and r["ort_over_torch"] == pytest.approx(0.5)
     assert r["fusion_share"] == pytest.approx(6 / 30) and r["ours_over_maskrcnn"] is None
     assert "| r50 | 512 | 30.0 (31.0) | 15.0 (16.0) | 20.0 (21.0) | – |" in markdown_tables(rows, [r])
+
+
+def test_tables_say_how_each_kind_of_row_was_timed():
+    rows = [{"backbone": "r50", "size": 800, "model": "ours", "engine": "torch", "median_ms": 8.0, "p90_ms": 9.0,
+             "timing": "ours: whole call", "stages_ms": {"fusion": 1.0}, "stages_timing": "CUDA events"},
+            {"backbone": "r50", "size": 800, "model": "fcos", "engine": "torch", "median_ms": 7.0, "p90_ms": 8.0,
+             "timing": "fcos: trunk graph"}]
+    text = markdown_tables(rows, ratios(rows))
+    assert "timing of ours/torch: ours: whole call" in text and "timing of fcos/torch: fcos: trunk graph" in text
+    assert "timing of stages: CUDA events" in text

@@ -185,3 +185,18 @@ def test_spatial_mode_rows_with_and_without_the_ros_layer(capsys, tmp_path, monk
     assert bench.bench_plugin("spatial") is None
     assert bench.main(["--spatial", "--repeats", "2"]) == 0
     assert "no ROS layer registered" in capsys.readouterr().out
+
+
+def test_cuda_graph_paths_give_one_row_each(tmp_path, capsys):
+    """--cuda-graphs forward,full: one ours row per path (on the CPU both run without graphs and
+    say so); an unknown path is refused with one line."""
+    out = tmp_path / "paths.json"
+    assert main(["--device", "cpu", "--sizes", "128", "--backbones", "small", "--repeats", "1", "--warmup", "0",
+                 "--detections", "5", "--threads", "1", "--engines", "torch", "--models", "ours",
+                 "--cuda-graphs", "forward,full", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["engine"], r["cuda_graphs"]) for r in doc["results"]] == [("torch", "off"), ("torch/full", "off")]
+    assert doc["meta"]["ours_graph_modes"] == ["forward", "full"]
+    assert "| ours variant |" in capsys.readouterr().out
+    assert main(["--cuda-graphs", "always", "--json", str(tmp_path / "x.json")]) == 1
+    assert "--cuda-graphs takes" in capsys.readouterr().err
