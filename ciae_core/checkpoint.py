@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ciae_core.user_input import clip_path, file_problem
+
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "ciae_config"
@@ -100,11 +102,18 @@ def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], met
     return atomic_write_bytes(path, save(clean, metadata=meta))
 
 
+def check_readable_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """``path`` as a :class:`Path` if it is a readable, non-empty regular file; else
+    :class:`CheckpointError` saying exactly why not ("checkpoint /x does not exist", "... is a
+    directory", "... is a character device" for ``/dev/zero``, "... is not readable ...")."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{what} {clip_path(path)} {problem}")
+    return Path(path)
+
+
 def _open_checked(path: Path):
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    check_readable_file(path)
     size = path.stat().st_size
     if size < 8:
         raise CheckpointError(f"{path} is truncated ({size} bytes) or not a safetensors file")

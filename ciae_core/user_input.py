@@ -36,6 +36,16 @@ def clip(text: str, limit: int = ECHO_LIMIT) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+#: Characters of a path echoed in a message (the end is kept: it names the file).
+PATH_ECHO_LIMIT = 160
+
+
+def clip_path(path: str | os.PathLike, limit: int = PATH_ECHO_LIMIT) -> str:
+    """A path for a message: whole when short, else "..." and its last ``limit`` characters."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
 _KINDS = ((stat.S_ISDIR, "is a directory"), (stat.S_ISCHR, "is a character device"),
           (stat.S_ISBLK, "is a block device"), (stat.S_ISFIFO, "is a named pipe"),
           (stat.S_ISSOCK, "is a socket"))

@@ -49,3 +49,12 @@ def test_file_problem_unreadable(tmp_path):
         assert file_problem(locked) == "is not readable (permission denied)"
     finally:
         locked.chmod(0o600)
+
+
+def test_clip_path_keeps_the_file_name():
+    from ciae_core.user_input import clip_path
+
+    assert clip_path("/a/b.safetensors") == "/a/b.safetensors"
+    long = "/" + "d" * 500 + "/model.safetensors"
+    assert clip_path(long).startswith("...") and clip_path(long).endswith("/model.safetensors")
+    assert len(clip_path(long)) == 163
