@@ -40,6 +40,10 @@ setup(
             "ciae-panoptic-node = ciae_ros.node:main",
             "ciae-demo = ciae_ros.demo:main",
             "ciae-bag = ciae_ros.bag:main",
+            "ciae-topic = ciae_ros.topic_tool:main",
         ],
+        # ciae-bench --node: the ROS layer registers its node benchmark with ciae_core's bench, which
+        # never imports ciae_ros itself (ciae_core/cli/bench.py looks the group up by name)
+        "ciae_core.bench_plugins": ["node = ciae_ros.bench_node:main"],
     },
 )

@@ -1,8 +1,8 @@
-"""ONNX export of ``CIAE.forward_raw`` (``ciae-export``) and reading exported files back.
+"""ONNX export of ``CIAE.forward_raw`` and reading exported files back (command line: ``ciae-export``).
 
 The graph is the export boundary of docs/DESIGN.md (``do_postprocess=False``): everything up to
 the raw network outputs, no data-dependent control flow. Proposal selection and the Eq. 16 fusion
-are *not* in the graph; the onnxruntime engine of :mod:`ciae_core.predictor` runs the same torch
+are *not* in the graph; the onnxruntime engine of :mod:`ciae_core.engine_onnxruntime` runs the same torch
 code (:func:`ciae_core.fusion.panoptic_from_raw`) on the graph's outputs instead.
 
 Decision (measured, torch 2.14.1, onnxruntime 1.31.1, opset 17, the shipped
@@ -46,10 +46,10 @@ Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
   ``P' + P''`` for ``embedding_stride == 1`` (the fusion normalises after up-sampling) and
   normalised for ``embedding_stride == 4``; ``memory (T+S, D)``.
 * shapes: ``--dynamic`` makes N, H and W symbolic (``batch``, ``height``, ``width``) and A, the
-  embedding size follow; ``--size HxW`` (default 640x640) fixes them (what TensorRT likes best).
+  embedding size follow; ``--size WIDTHxHEIGHT`` (default 640x640) fixes them (what TensorRT likes best).
 * ``metadata_props``: ``ciae_config`` (the :class:`~ciae_core.model.CIAEConfig` JSON: categories,
   thresholds, embedding stride), ``ciae_format`` (``ciae-onnx/2``), ``ciae_version``,
-  ``ciae_outputs`` (output names in order), ``ciae_input_size`` (``HxW`` or ``dynamic``) and
+  ``ciae_outputs`` (output names in order), ``ciae_input_size`` (``WIDTHxHEIGHT`` or ``dynamic``) and
   ``ciae_source_sha256`` (hash of the checkpoint it came from, used by the predictor's cache).
 
 Decision: we use the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): it
@@ -64,14 +64,12 @@ destination directory, is an :class:`ExportError` with a one-line message.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import pathlib
-import sys
 import tempfile
 import warnings
 
@@ -102,17 +100,6 @@ class RawOutputs(torch.nn.Module):
     def forward(self, images: torch.Tensor):
         raw = self.model.forward_raw(images)
         return tuple(raw[k] for k in OUTPUT_NAMES)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"640x480"`` (H x W) → ``(640, 480)``; both multiples of 32."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ExportError(f"--size must look like 640x640 (HxW), got {text!r}") from None
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise ExportError(f"--size {text}: height and width must be positive multiples of 32")
-    return h, w
 
 
 def file_sha256(path: str) -> str:
@@ -188,7 +175,7 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: tuple[in
         proto = onnx.load(str(tmp))
         meta = {"ciae_config": json.dumps(model.config.to_dict(), sort_keys=True), "ciae_format": FORMAT,
                 "ciae_version": __version__, "ciae_outputs": ",".join(OUTPUT_NAMES),
-                "ciae_input_size": "dynamic" if dynamic else f"{h}x{w}"}
+                "ciae_input_size": "dynamic" if dynamic else f"{w}x{h}"}
         meta.update(extra_metadata or {})
         del proto.metadata_props[:]
         for k, v in meta.items():
@@ -208,7 +195,7 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: tuple[in
     finally:
         if tmp is not None and tmp.exists():
             tmp.unlink()
-    logger.info("exported %s (opset %d, %s)", path, opset, "dynamic" if dynamic else f"{h}x{w}")
+    logger.info("exported %s (opset %d, %s)", path, opset, "dynamic" if dynamic else f"{w}x{h}")
     return str(path)
 
 
@@ -268,36 +255,3 @@ def read_onnx_config(path: str | os.PathLike):
         raise ExportError(f"{path} is a {fmt or 'unversioned'} export whose embedding output this version cannot "
                           f"fuse (needs {FORMAT}); re-export it with ciae-export")
     return cfg
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ciae-export", description="Export a CIAE checkpoint's forward_raw to ONNX "
-                                "(network outputs; selection and fusion run in ciae_core.fusion).")
-    p.add_argument("--weights", required=True, help=".safetensors checkpoint")
-    p.add_argument("--out", required=True, help="output .onnx path")
-    shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--size", default="640x640", help="fixed input HxW, multiples of 32 (default 640x640)")
-    shape.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
-    p.add_argument("--batch-size", type=int, default=1, help="fixed batch size (ignored with --dynamic)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset, {OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.batch_size < 1:
-            raise ExportError("--batch-size must be >= 1")
-        size = parse_size(args.size)
-        out = export_checkpoint(args.weights, args.out, size=size, dynamic=args.dynamic,
-                                batch_size=args.batch_size, opset=args.opset)
-    except ExportError as e:
-        print(f"ciae-export: error: {e}", file=sys.stderr)
-        return 1
-    print(f"ciae-export: wrote {out} (opset {args.opset}, {'dynamic' if args.dynamic else args.size}, "
-          f"{os.path.getsize(out) / 1e6:.1f} MB)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,6 +14,10 @@ Layout (stride = input pixels per feature pixel)::
       box embeddings of P3..P7 ─ upsample to stride 4, sum ─ conv ─ P''
       P = L2norm(up4(P' + P''))    (Eq. 1)
 
+The backbone lives in :mod:`ciae_core.backbone`, the proposal head and the embedding branch in
+:mod:`ciae_core.heads`; this module holds the configuration, the loading of local backbone
+weights and the assembled network.
+
 Configuration is by constructor arguments; ``CIAEConfig`` records all of them (plus the category
 list) so a checkpoint can rebuild the model (:mod:`ciae_core.checkpoint`).
 """
@@ -22,33 +26,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import models as tvm
-from torchvision.ops import DeformConv2d, FeaturePyramidNetwork, FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from ciae_core.backbone import BACKBONES, BackboneFPN, fold_frozen_batchnorm  # noqa: F401 - re-exported
+from ciae_core.heads import EmbeddingBranch, ProposalHead
 from ciae_core.structures import CategoryInfo
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255
 IMAGENET_STD = (58.395, 57.12, 57.375)
-
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
-_RESNET_CHANNELS = {"resnet18": (64, 128, 256, 512), "resnet34": (64, 128, 256, 512),
-                    "resnet50": (256, 512, 1024, 2048), "resnet101": (256, 512, 1024, 2048)}
-# mobilenet_v3_large ``features`` indices whose outputs have stride 4, 8, 16, 32.
-_MOBILENET_TAPS = (3, 6, 12, 16)
-_MOBILENET_CHANNELS = (24, 40, 112, 960)
 
 
 class ModelConfigError(ValueError):
@@ -225,206 +218,7 @@ class CIAEConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# building blocks
-
-
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= ``max_groups`` that divides ``channels``.
-
-    Groups keep at least 2 channels, so a 1x1 map (P7 of a small image) still normalises over
-    more than one value.
-    """
-    g = math.gcd(channels, min(max_groups, max(1, channels // 2)))
-    return nn.GroupNorm(g, channels)
-
-
-class Scale(nn.Module):
-    """Learnable scalar (FCOS per-level regression scale)."""
-
-    def __init__(self, init: float = 1.0):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(float(init)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale
-
-
-class DeformableConv3x3(DeformConv2d):
-    """3x3 deformable conv (DCNv1) with its own zero-initialised offset predictor.
-
-    Subclasses ``DeformConv2d`` so that its ``weight`` has the same state-dict key as the plain
-    conv it replaces (ImageNet weights load into it); the offsets start at zero, i.e. the layer
-    starts as the plain convolution.
-    """
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__(conv.in_channels, conv.out_channels, 3, stride=conv.stride, padding=conv.padding,
-                         dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
-        self.offset = nn.Conv2d(conv.in_channels, 18, 3, stride=conv.stride, padding=conv.padding,
-                                dilation=conv.dilation)
-        nn.init.zeros_(self.offset.weight)
-        nn.init.zeros_(self.offset.bias)
-        with torch.no_grad():
-            self.weight.copy_(conv.weight)
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x, self.offset(x))
-
-
-def add_coords(x: Tensor) -> Tensor:
-    """CoordConv input: append normalised x and y coordinate channels in [-1, 1] (paper ref. [48]).
-
-    x: ``(N, C, H, W)`` → ``(N, C + 2, H, W)``. Built with ``arange`` so it traces to ONNX.
-    """
-    n, _, h, w = x.shape
-    xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w * 2 - 1
-    ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h * 2 - 1
-    gx = xs.view(1, 1, 1, w).expand(n, 1, h, w)
-    gy = ys.view(1, 1, h, 1).expand(n, 1, h, w)
-    return torch.cat([x, gx, gy], dim=1)
-
-
-class ConvGNReLU(nn.Module):
-    """3x3 conv (optionally CoordConv) → GroupNorm → ReLU."""
-
-    def __init__(self, in_ch: int, out_ch: int, coord: bool = False):
-        super().__init__()
-        self.coord = coord
-        self.conv = nn.Conv2d(in_ch + (2 if coord else 0), out_ch, 3, padding=1, bias=False)
-        self.norm = group_norm(out_ch)
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.coord:
-            x = add_coords(x)
-        return F.relu(self.norm(self.conv(x)))
-
-
-# ----------------------------------------------------------------------------------------------
-# backbone + FPN
-
-
-def _norm_layer(kind: str):
-    if kind == "frozen_bn":
-        return FrozenBatchNorm2d
-    if kind == "bn":
-        return nn.BatchNorm2d
-    return lambda c: group_norm(c)
-
-
-class BackboneFPN(nn.Module):
-    """torchvision backbone (no weights downloaded) + FPN with P2..P5 and P6/P7 from P5 (FCOS).
-
-    forward(x ``(N,3,H,W)`` normalised, H and W multiples of 32) → OrderedDict
-    ``p2..p7`` of ``(N, fpn_channels, H/s, W/s)`` for s = 4, 8, 16, 32, 64, 128 (P6/P7 rounded up);
-    ``p3..p7`` with ``min_level=3`` (no stride-4 lateral or output conv); with ``return_c2`` also
-    ``c2``, the backbone's stride-4 stage (``c2_channels`` channels).
-    """
-
-    def __init__(self, name: str, norm: str, trainable_layers: int, dcn_stages: tuple[int, ...], fpn_channels: int,
-                 min_level: int = 2, return_c2: bool = False):
-        super().__init__()
-        self.name = name
-        self.min_level = min_level
-        self.return_c2 = return_c2
-        norm_layer = _norm_layer(norm)
-        if name.startswith("resnet"):
-            net = getattr(tvm, name)(weights=None, norm_layer=norm_layer)
-            del net.fc, net.avgpool
-            for stage in dcn_stages:
-                layer = getattr(net, f"layer{stage - 1}")
-                for block in layer:
-                    block.conv2 = DeformableConv3x3(block.conv2)
-            self.body = net
-            in_channels = _RESNET_CHANNELS[name]
-            stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-        else:
-            if norm == "frozen_bn":
-                nl = partial(FrozenBatchNorm2d, eps=1e-3)
-            elif norm == "bn":
-                nl = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
-            else:
-                nl = norm_layer
-            net = tvm.mobilenet_v3_large(weights=None, norm_layer=nl)
-            self.body = net.features
-            in_channels = _MOBILENET_CHANNELS
-            n = len(self.body)
-            stages = [[str(i) for i in range(0, 2)], [str(i) for i in range(2, 4)],
-                      [str(i) for i in range(4, 7)], [str(i) for i in range(7, 13)],
-                      [str(i) for i in range(13, n)]]
-        # torchvision convention: the last ``trainable_layers`` of the 5 stages train.
-        frozen = stages[: 5 - trainable_layers]
-        for group in frozen:
-            for mod_name in group:
-                for p in self.body.get_submodule(mod_name).parameters():
-                    p.requires_grad_(False)
-        self.c2_channels = in_channels[0]
-        self.fpn = FeaturePyramidNetwork(list(in_channels)[min_level - 2:], fpn_channels,
-                                         extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
-
-    def _body_features(self, x: Tensor) -> list[Tensor]:
-        if self.name.startswith("resnet"):
-            b = self.body
-            x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-            c2 = b.layer1(x)
-            c3 = b.layer2(c2)
-            c4 = b.layer3(c3)
-            c5 = b.layer4(c4)
-            return [c2, c3, c4, c5]
-        outs = []
-        for i, m in enumerate(self.body):
-            x = m(x)
-            if i in _MOBILENET_TAPS:
-                outs.append(x)
-        return outs
-
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        body = self._body_features(x)
-        names = [f"p{lvl}" for lvl in range(self.min_level, 8)]
-        feats = self.fpn(OrderedDict(zip(names, body[self.min_level - 2:])))
-        out = OrderedDict(zip(names, feats.values()))
-        if self.return_c2:
-            out["c2"] = body[0]
-        return out
-
-
-@torch.no_grad()
-def fold_frozen_batchnorm(model: nn.Module) -> int:
-    """Fold every ``FrozenBatchNorm2d`` that directly follows a convolution into that convolution.
-
-    Inference-only, in place: ``bn(conv(x)) = conv'(x)`` with ``w' = w * s`` and
-    ``b' = (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)`` per output channel; the BN
-    becomes ``nn.Identity``. Frozen BN is an affine map, so the outputs are unchanged up to float
-    rounding while two full passes over each feature map (the multiply and the add) disappear:
-    ~8 % of an R50-FPN forward on CPU. Covers torchvision ResNet stems, bottleneck/basic blocks
-    (conv1/bn1, conv2/bn2, conv3/bn3), their ``downsample`` (conv, BN) pairs and
-    ``Conv2dNormActivation``-style ``Sequential`` s (MobileNet), including deformable convs.
-    Trainable BN (``nn.BatchNorm2d``) and GroupNorm are left alone. Returns the number folded.
-    """
-    pairs: list[tuple[nn.Module, str, str]] = []
-    for parent in model.modules():
-        children = dict(parent.named_children())
-        for name, child in children.items():
-            if isinstance(child, FrozenBatchNorm2d):
-                conv_name = None
-                if name.startswith("bn") and f"conv{name[2:]}" in children:  # ResNet: convN / bnN
-                    conv_name = f"conv{name[2:]}"
-                elif isinstance(parent, nn.Sequential) and name.isdigit() and int(name) > 0:
-                    conv_name = str(int(name) - 1)  # Sequential(conv, bn, ...)
-                if conv_name is not None and isinstance(children[conv_name], (nn.Conv2d, DeformConv2d)):
-                    pairs.append((parent, conv_name, name))
-    for parent, conv_name, bn_name in pairs:
-        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
-        conv.weight.mul_(scale.view(-1, 1, 1, 1))
-        new_bias = (bias - bn.running_mean) * scale + bn.bias
-        if conv.bias is None:
-            conv.bias = nn.Parameter(new_bias, requires_grad=False)
-        else:
-            conv.bias.copy_(new_bias)
-        setattr(parent, bn_name, nn.Identity())
-    return len(pairs)
+# backbone weights
 
 
 def load_backbone_weights(backbone: BackboneFPN, path: str) -> None:
@@ -463,125 +257,6 @@ def load_backbone_weights(backbone: BackboneFPN, path: str) -> None:
             f"{len(bad)} shape-mismatched keys (e.g. {(missing + unexpected + bad)[:3]})")
     backbone.body.load_state_dict(mapped, strict=False)
     logger.info("loaded %d backbone tensors from %s", len(mapped), path)
-
-
-# ----------------------------------------------------------------------------------------------
-# heads
-
-
-class ProposalHead(nn.Module):
-    """Shared FCOS head over P3..P7 with the CIAE box-embedding output (§IV-A, Fig. 3).
-
-    Classification tower → box classification (T logits). Regression tower → centerness (1),
-    box regression (4: l, t, r, b) and the box embedding (D channels, not supervised directly).
-    Box regression decodes as ``stride * exp(scale_l * x)`` (original FCOS, per-level learnable
-    scale; exp keeps every location's gradient alive, unlike a ReLU).
-
-    forward(features: list of ``(N, C, h_l, w_l)``) → four lists (per level) of
-    ``(N, T, h, w)``, ``(N, 4, h, w)`` distances in input pixels, ``(N, 1, h, w)``, ``(N, D, h, w)``.
-    """
-
-    def __init__(self, in_channels: int, channels: int, num_classes: int, embed_dim: int, strides, tower_depth: int = 4,
-                 prior_prob: float = 0.01):
-        super().__init__()
-        self.strides = tuple(strides)
-
-        def tower():
-            layers: list[nn.Module] = []
-            c = in_channels
-            for _ in range(tower_depth):
-                layers += [nn.Conv2d(c, channels, 3, padding=1), group_norm(channels), nn.ReLU()]
-                c = channels
-            return nn.Sequential(*layers), c
-
-        self.cls_tower, c_cls = tower()
-        self.reg_tower, c_reg = tower()
-        self.cls_logits = nn.Conv2d(c_cls, num_classes, 3, padding=1)
-        self.bbox_pred = nn.Conv2d(c_reg, 4, 3, padding=1)
-        self.centerness = nn.Conv2d(c_reg, 1, 3, padding=1)
-        self.box_embedding = nn.Conv2d(c_reg, embed_dim, 3, padding=1)
-        self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
-
-    def forward(self, features: list[Tensor]):
-        cls, reg, ctr, emb = [], [], [], []
-        for i, x in enumerate(features):
-            c = self.cls_tower(x)
-            r = self.reg_tower(x)
-            cls.append(self.cls_logits(c))
-            reg.append(torch.exp(self.scales[i](self.bbox_pred(r)).clamp(max=12.0)) * self.strides[i])
-            ctr.append(self.centerness(r))
-            emb.append(self.box_embedding(r))
-        return cls, reg, ctr, emb
-
-
-class EmbeddingBranch(nn.Module):
-    """Pixel-embedding branch (§IV-A): Panoptic-FPN aggregation of P2..P5 → P', box embeddings → P''.
-
-    P_l (stride 2^l) passes through max(1, l-2) blocks of 3x3 conv + GN + ReLU, each but P2's
-    followed by 2x bilinear up-sampling, so all four reach stride 4; they are summed and a 1x1
-    conv predicts P' (D channels). The P5 path uses CoordConv (``use_coordconv``). P'' is a 3x3
-    conv over the sum of the box embeddings of P3..P7 bilinearly up-sampled to stride 4
-    (``use_box_embedding``; off → P = f(P'), Table VI).
-
-    forward(p2..p5, box_embeddings) → pre-normalisation embedding ``P' + P''`` ``(N, D, H/4, W/4)``.
-    With ``num_levels=3`` the same construction over P3..P5 gives ``(N, D, H/8, W/8)``; with
-    ``c2_channels`` as well (``CIAEConfig.embedding_c2_skip``) that stride-8 sum is up-sampled 2x
-    and added to ``relu(GN(conv1x1(C2)))`` (forward's ``c2``) before the predictor: stride 4.
-    """
-
-    def __init__(self, in_channels: int, channels: int, embed_dim: int, use_coordconv: bool = True,
-                 use_box_embedding: bool = True, num_levels: int = 4, c2_channels: int | None = None):
-        super().__init__()
-        self.c2_skip = None
-        if c2_channels:
-            self.c2_skip = nn.Sequential(nn.Conv2d(c2_channels, channels, 1, bias=False), group_norm(channels),
-                                         nn.ReLU())
-            nn.init.kaiming_normal_(self.c2_skip[0].weight, mode="fan_out", nonlinearity="relu")
-        self.use_box_embedding = use_box_embedding
-        self.scale_heads = nn.ModuleList()
-        for level in range(num_levels):  # P2..P5 (or P3..P5)
-            n_blocks = max(1, level)
-            blocks = []
-            for b in range(n_blocks):
-                blocks.append(ConvGNReLU(in_channels if b == 0 else channels, channels,
-                                         coord=use_coordconv and level == num_levels - 1))
-            self.scale_heads.append(nn.ModuleList(blocks))
-        self.predictor = nn.Conv2d(channels, embed_dim, 1)
-        nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.predictor.bias)
-        if use_box_embedding:
-            self.box_fuse = nn.Conv2d(embed_dim, embed_dim, 3, padding=1)
-            nn.init.normal_(self.box_fuse.weight, std=0.01)
-            nn.init.zeros_(self.box_fuse.bias)
-
-    def forward(self, pyramid: list[Tensor], box_embeddings: list[Tensor], c2: Tensor | None = None) -> Tensor:
-        size = pyramid[0].shape[-2:]
-        out = None
-        for level, (x, blocks) in enumerate(zip(pyramid, self.scale_heads)):
-            for b, block in enumerate(blocks):
-                x = block(x)
-                if level > 0:
-                    # 2x up-sampling, written as "to the size of the next finer level" (identical for
-                    # inputs padded to 32; keeps torch.export free of shape equations)
-                    x = F.interpolate(x, size=pyramid[level - b - 1].shape[-2:], mode="bilinear", align_corners=False)
-            out = x if out is None else out + x
-        if self.c2_skip is not None:
-            size = c2.shape[-2:]
-            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False) + self.c2_skip(c2)
-        p1 = self.predictor(out)  # P'
-        if not self.use_box_embedding:
-            return p1
-        acc = None
-        for e in box_embeddings:
-            e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
-            acc = e if acc is None else acc + e
-        return p1 + self.box_fuse(acc)  # P' + P''
-
 
 # ----------------------------------------------------------------------------------------------
 # the model

@@ -1,4 +1,4 @@
-"""ROS-free inference: ``Predictor`` (torch and onnxruntime engines), letterbox maths, ``ciae-predict``.
+"""ROS-free inference: the ``Predictor`` facade over the torch and onnxruntime engines.
 
 Pipeline of one call (docs/DESIGN.md, "Data flow")::
 
@@ -12,16 +12,10 @@ Pipeline of one call (docs/DESIGN.md, "Data flow")::
 
 Decisions (all constructor arguments):
 
-* **Resize geometry** is the one of :func:`ciae_core.data.shortest_edge_size` used in training:
-  ``scale = input_size / min(h, w)``, reduced to ``max_size / max(h, w)`` if the long side would
-  exceed ``max_size``; resized size ``round(h * scale), round(w * scale)``. Images whose shorter
-  side is below ``min_image_side`` (default 8 px) or whose resized shorter side would fall below
-  ``stride`` are rejected with :class:`PredictorError` (a 1-pixel-high strip has no usable
-  receptive field). Image interpolation matches training (:mod:`ciae_core.data`): area averaging
-  when both sides shrink (``cv2.INTER_AREA``), bilinear otherwise; on CUDA the same maths runs on
-  the GPU (:func:`resize_image_like_cv2`, within one grey level of cv2), so CPU and GPU feed the
-  network the same pixels. (An antialiased bilinear GPU resize differed from INTER_AREA by 2.7 grey
-  levels on average and changed a fifth of the pixels of a random-weight model's output.)
+* **Resize geometry** is the one used in training (:mod:`ciae_core.geometry`: shorter side →
+  ``input_size``, longer side ≤ ``max_size``, interpolation as cv2's ``INTER_AREA``/``INTER_LINEAR``
+  on CPU and GPU alike); images too small (``min_image_side``) or too elongated for ``stride`` are
+  rejected with :class:`PredictorError`.
 * **Map back**: fusion runs at the *resized* resolution (where the network saw the image); the id
   map (and the optional confidence) is mapped to the input resolution with pixel-centre
   nearest-neighbour sampling (source index ``floor((i + 0.5) * resized / input)``, the geometry
@@ -29,42 +23,23 @@ Decisions (all constructor arguments):
   id map, so ``segment.area`` equals the segment's pixel count in ``result.id_map``; segments
   that vanish in the mapping (sub-pixel slivers when up-/down-scaling) are dropped. Fusing at the
   input resolution instead would cost ``1/scale^2`` more similarity work for no new information.
-* **Thresholds** are in network-input pixels (``min_stuff_area`` is interpreted by the fusion
-  relative to ``stuff_area_reference``); defaults come from the model config
-  (:class:`ciae_core.model.CIAEConfig`); :meth:`Predictor.update` changes them between calls.
-* **Input size**: default 640 for ResNet-50/101 models and 320 for the small backbones
-  (resnet18/34, mobilenet_v3_large); the valid range is [512, 800] for the large backbones (the
-  paper's operating points) and [192, 800] for the small ones; ``input_size_range`` overrides it.
+* **Thresholds** and **input size**: names, checks and the per-backbone defaults and ranges are in
+  :mod:`ciae_core.predictor_settings`; :meth:`Predictor.update` changes them between calls.
 * **Batches**: a list of N images is letterboxed image by image; images with the same padded size
   (e.g. several identical cameras) run as one forward pass. Images of different padded sizes run
   as one forward per size by default (``mixed_size_batching="group"``), because padding an image
   further changes the GroupNorm statistics of the heads and so its result (with random weights up
   to a quarter of the pixels): a result must not depend on which other images share the batch.
   ``mixed_size_batching="pad"`` pads all to the largest padded size and runs one forward.
-* **CUDA path** (torch engine): cudnn.benchmark, one CUDA graph per input shape replayed for the
-  forward pass (``cuda_graphs``; the eager R50 forward is launch-bound on an H100), optional
-  fp16/bf16 autocast (the raw outputs are cast back to fp32 before fusion), optional
-  channels_last (off by default on CUDA: no gain measured on an H100 for these GroupNorm heads), uint8
-  upload from a pinned staging buffer with an async copy, resize on the GPU, fusion and map-back
-  on the GPU, then one device→host copy of all final id maps (plus one for the small segment
-  table). Optional ``torch.compile(forward_raw, dynamic=True)`` (``compile=True``).
-* **Memory format on the CPU** (torch engine): channels_last by default (``channels_last=None``):
-  oneDNN's NHWC convolutions made the whole call 10-31 % faster on the 2-core development machine
-  (end to end, NCHW → channels_last: small model 96 → 66 ms at 320 and 180 → 148 ms at 512;
-  random-weight R50 1278 → 1155 ms at 512 and 3459 → 3078 ms at 800), with identical id maps on
-  the shipped model's scenes and the COCO sample. ``channels_last=False`` restores NCHW.
-* **onnxruntime engine**: ``weights`` may be a ``.onnx`` written by ``ciae-export`` (its
-  metadata carries the model config) or a ``.safetensors`` checkpoint, which is exported on the fly
-  (dynamic batch/height/width) to ``<onnx_cache_dir>/<stem>-<sha256[:16]>-opset<N>.onnx``;
-  ``onnx_cache_dir`` defaults to ``$CIAE_CACHE_DIR/onnx`` or ``~/.cache/ciae/onnx``. The cached
-  file is reused while the checkpoint's hash matches. Providers: TensorRT → CUDA → CPU (the ones
-  this onnxruntime build offers; TensorRT only when its runtime loads) for device="cuda", CPU for
-  device="cpu"; ``trt_cache_dir`` (default ``$CIAE_CACHE_DIR/tensorrt``, engines and timing cache
-  kept across restarts) and ``trt_fp16`` configure TensorRT; a chosen GPU provider that does not
-  start is an error, not a silent CPU run; full graph optimisation; thread counts settable. A
-  fixed-shape file (``ciae-export --size HxW [--batch-size N]``) is served by fitting each image
-  into its ``HxW`` canvas (:func:`letterbox_into`; ``input_size`` and ``max_size`` do not apply) and running
-  batches in chunks of ``N``.
+* **Engines**: ``engine="torch"`` (:mod:`ciae_core.engine_torch`: CUDA graphs, fp16/bf16
+  autocast, channels_last, ``torch.compile``) or ``engine="onnxruntime"``
+  (:mod:`ciae_core.engine_onnxruntime`: ``.onnx`` from ``ciae-export`` or a ``.safetensors``
+  exported on the fly to ``onnx_cache_dir``, TensorRT → CUDA → CPU providers; a fixed-shape file
+  is served by fitting each image into its canvas, :func:`letterbox_into`). Both return the same
+  raw outputs, so everything after ``forward_raw`` is shared.
+* **CUDA path**: cudnn.benchmark, uint8 upload from a pinned staging buffer with an async copy,
+  resize on the GPU, fusion and map-back on the GPU, then one device→host copy of all final id
+  maps (plus one for the small segment table).
 
 Timings (``predictor.timings``, milliseconds of the last call): ``preprocess``, ``forward``,
 ``postprocess`` (proposal selection + fusion), ``map_back`` (resize to input resolution +
@@ -74,586 +49,37 @@ CUDA events.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
-import json
 import logging
-import math
 import os
 import pathlib
-import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+# PredictorError, the geometry, the settings and the onnxruntime helpers keep their old import path
+# ciae_core.predictor (re-exported, see __all__)
+from ciae_core.engine_onnxruntime import (RAW_OUTPUT_NAMES, _OrtEngine, default_onnx_cache_dir, onnx_for_checkpoint,
+                                          select_providers, tensorrt_runtime_loadable)
+from ciae_core.engine_torch import _TorchEngine
+from ciae_core.geometry import (MIN_IMAGE_SIDE, Letterbox, area_resize_weights, letterbox, letterbox_into,
+                                nearest_source_index, resize_image_like_cv2, resize_nearest, segment_table,
+                                validate_image)
+from ciae_core.predictor_error import PredictorError
+from ciae_core.predictor_settings import (ENGINES, PRECISIONS, SMALL_BACKBONES, THRESHOLD_ALIASES, THRESHOLD_NAMES,
+                                          _checked_thresholds, default_input_size, input_size_range,
+                                          input_size_range_for)
 from ciae_core.structures import CategoryInfo, PanopticResult, Segment
 
 logger = logging.getLogger(__name__)
 
-THRESHOLD_NAMES = ("score_threshold", "pre_nms_topk", "nms_threshold", "detections_per_img",
-                   "instance_score_threshold", "min_stuff_area", "stuff_area_reference", "min_visible_fraction",
-                   "min_instance_area", "outside_box_value")
-_UNIT_INTERVAL = ("score_threshold", "nms_threshold", "instance_score_threshold", "min_visible_fraction")
-# accepted alternative spellings (the ROS node's parameter names)
-THRESHOLD_ALIASES = {"stuff_area_min": "min_stuff_area"}
-_POSITIVE_INT = ("pre_nms_topk", "detections_per_img", "stuff_area_reference")
-_NON_NEGATIVE_INT = ("min_stuff_area", "min_instance_area")
-SMALL_BACKBONES = ("resnet18", "resnet34", "mobilenet_v3_large")
-ENGINES = ("torch", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "bf16")
-MIN_IMAGE_SIDE = 8
-RAW_OUTPUT_NAMES = ("cls_logits", "box_regression", "centerness", "points", "embedding", "memory")
-
-
-class PredictorError(RuntimeError):
-    """User-facing inference problem (one line: what is wrong and what to do)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# letterbox maths
-
-
-@dataclass(frozen=True)
-class Letterbox:
-    """Geometry of one image through the predictor.
-
-    ``(height, width)``: input image; ``(resized_height, resized_width)``: what the network sees
-    (and the resolution of fusion); ``(padded_height, padded_width)``: multiple of the stride.
-    """
-
-    height: int
-    width: int
-    resized_height: int
-    resized_width: int
-    padded_height: int
-    padded_width: int
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """Per-axis scale ``(sy, sx)`` input → resized."""
-        return self.resized_height / self.height, self.resized_width / self.width
-
-    @property
-    def resized_size(self) -> tuple[int, int]:
-        return self.resized_height, self.resized_width
-
-    @property
-    def is_identity(self) -> bool:
-        return (self.resized_height, self.resized_width) == (self.height, self.width)
-
-
-def _checked_image_sides(height: int, width: int, min_image_side: int) -> tuple[int, int]:
-    height, width = int(height), int(width)
-    if min(height, width) < min_image_side:
-        raise PredictorError(f"image of {height}x{width} pixels is too small; both sides must be at least "
-                             f"{min_image_side} pixels")
-    return height, width
-
-
-def letterbox(height: int, width: int, input_size: int, max_size: int, stride: int = 32,
-              min_image_side: int = MIN_IMAGE_SIDE) -> Letterbox:
-    """Shorter side → ``input_size``, longer side capped at ``max_size``, padded to ``stride``.
-
-    Same rounding as :func:`ciae_core.data.shortest_edge_size` (training). Raises
-    :class:`PredictorError` for images with a side below ``min_image_side`` or whose resized
-    shorter side would be below ``stride`` (extreme aspect ratios).
-    """
-    height, width = _checked_image_sides(height, width, min_image_side)
-    scale = input_size / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    rh, rw = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
-    if min(rh, rw) < stride:
-        raise PredictorError(f"image of {height}x{width} pixels has an aspect ratio too extreme for max_size={max_size}: "
-                             f"it would be resized to {rh}x{rw}, below the {stride}-pixel stride; crop it or raise max_size")
-    ph, pw = int(math.ceil(rh / stride) * stride), int(math.ceil(rw / stride) * stride)
-    return Letterbox(height, width, rh, rw, ph, pw)
-
-
-def letterbox_into(height: int, width: int, canvas_height: int, canvas_width: int, stride: int = 32,
-                   min_image_side: int = MIN_IMAGE_SIDE) -> Letterbox:
-    """Fit an image into a fixed ``canvas_height x canvas_width`` input (a fixed-shape ONNX export).
-
-    Decision: the whole image is kept (no crop) at its aspect ratio, ``scale = min(Hc / h, Wc / w)``,
-    resized with the same rounding as :func:`letterbox` (clamped to the canvas) and padded
-    bottom/right to the canvas, so results map back exactly as for dynamic inputs. The padding
-    enters the heads' GroupNorm statistics, so results can differ slightly from a dynamic export at
-    the same scale (as for ``mixed_size_batching="pad"``). Same rejections as :func:`letterbox`;
-    the predictor's ``max_size`` does not apply (the canvas is the limit).
-    """
-    height, width = _checked_image_sides(height, width, min_image_side)
-    scale = min(canvas_height / height, canvas_width / width)
-    rh = min(canvas_height, max(1, int(round(height * scale))))
-    rw = min(canvas_width, max(1, int(round(width * scale))))
-    if min(rh, rw) < stride:
-        raise PredictorError(f"image of {height}x{width} pixels has an aspect ratio too extreme for the fixed "
-                             f"{canvas_height}x{canvas_width} input: it would be resized to {rh}x{rw}, below the "
-                             f"{stride}-pixel stride; crop it or use a dynamic export")
-    return Letterbox(height, width, rh, rw, int(canvas_height), int(canvas_width))
-
-
-def nearest_source_index(out_len: int, in_len: int, device=None) -> torch.Tensor:
-    """Pixel-centre nearest-neighbour: source index of each of ``out_len`` output pixels when a
-    length-``in_len`` axis is resampled, ``floor((i + 0.5) * in_len / out_len)`` in exact integers."""
-    i = torch.arange(out_len, device=device, dtype=torch.int64)
-    return torch.clamp(((2 * i + 1) * in_len) // (2 * out_len), max=in_len - 1)
-
-
-def resize_nearest(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resample of a ``(h, w)`` map (any dtype) to ``size = (H, W)``."""
-    h, w = t.shape[-2:]
-    if (h, w) == tuple(size):
-        return t
-    ys = nearest_source_index(size[0], h, t.device)
-    xs = nearest_source_index(size[1], w, t.device)
-    return t.index_select(-2, ys).index_select(-1, xs)
-
-
-def area_resize_weights(in_len: int, out_len: int, device=None, dtype=torch.float64) -> torch.Tensor:
-    """``(out_len, in_len)`` weights of area-averaging down-sampling (cv2 ``INTER_AREA``).
-
-    Output pixel ``i`` averages the source interval ``[i * s, (i + 1) * s)``, ``s = in / out``,
-    each source pixel weighted by its overlap with the interval (fractional at the ends).
-    """
-    s = in_len / out_len
-    i = torch.arange(out_len, device=device, dtype=dtype)[:, None]
-    j = torch.arange(in_len, device=device, dtype=dtype)[None, :]
-    overlap = torch.minimum((i + 1) * s, j + 1) - torch.maximum(i * s, j)
-    return overlap.clamp_min(0) / s
-
-
-def resize_image_like_cv2(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize a float ``(3, H, W)`` image (0..255) to ``size = (h, w)`` as the training pipeline's
-    ``cv2.resize`` does: area averaging (``INTER_AREA``) when both sides shrink, else bilinear with
-    pixel-centre alignment (``INTER_LINEAR``); the result is rounded to integers like cv2's uint8
-    output. Runs on any device (two float64 matrix products for the area case, exact to
-    rounding), so the CUDA path feeds the network the same pixels as the CPU path (±1 grey level).
-    """
-    h, w = x.shape[-2:]
-    oh, ow = size
-    if (oh, ow) == (h, w):
-        return x
-    if oh < h and ow < w:
-        wy = area_resize_weights(h, oh, x.device)
-        wx = area_resize_weights(w, ow, x.device)
-        y = torch.matmul(torch.matmul(wy, x.double()), wx.t())
-    else:
-        y = F.interpolate(x[None].float(), size=(oh, ow), mode="bilinear", align_corners=False)[0]
-    return torch.floor(y + 0.5).clamp_(0, 255).to(x.dtype)  # cv2 rounds uint8 half up
-
-
-def segment_table(id_map: torch.Tensor, max_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Areas and tight boxes of the non-zero ids of ``id_map`` ``(H, W)`` (values in ``0..max_id``).
-
-    Returns ``ids (K,)`` int64 present ids in increasing order, ``areas (K,)`` int64 pixel
-    counts and ``boxes (K, 4)`` int64 ``x, y, w, h``. Runs on the map's device, so on CUDA only the
-    tiny table goes to the host. Boxes come from ``(max_id+1, H)`` / ``(max_id+1, W)`` presence
-    tables filled by plain (idempotent) index writes: a scatter-min/max over the pixels is
-    several times slower on a GPU because every pixel of a large region hits the same slot.
-    """
-    h, w = id_map.shape
-    ids_l = id_map.long()
-    n = int(max_id) + 1
-    dev = id_map.device
-    areas = torch.bincount(ids_l.reshape(-1), minlength=n)[:n]
-    rows = torch.zeros((n, h), dtype=torch.bool, device=dev)
-    cols = torch.zeros((n, w), dtype=torch.bool, device=dev)
-    rows[ids_l, torch.arange(h, device=dev)[:, None].expand(h, w)] = True
-    cols[ids_l, torch.arange(w, device=dev)[None, :].expand(h, w)] = True
-    ids = torch.nonzero(areas[1:] > 0).squeeze(1) + 1
-    r, c = rows[ids].to(torch.uint8), cols[ids].to(torch.uint8)
-    y0, x0 = r.argmax(1), c.argmax(1)
-    y1, x1 = h - 1 - r.flip(1).argmax(1), w - 1 - c.flip(1).argmax(1)
-    boxes = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dim=1)
-    return ids, areas[ids], boxes
-
-
-def validate_image(image: Any, index: int = 0) -> np.ndarray:
-    """Check one input image: numpy ``uint8`` ``(H, W, 3)``; returns it (C-contiguous)."""
-    where = f"image {index}"
-    if not isinstance(image, np.ndarray):
-        raise PredictorError(f"{where}: expected a numpy uint8 array of shape (H, W, 3), got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        hint = {np.dtype(np.uint16): "scale 16-bit images to 8 bits, e.g. (img >> 8).astype(np.uint8)",
-                np.dtype(np.bool_): "convert masks with img.astype(np.uint8) * 255"}.get(
-            image.dtype, "scale to 0..255 first, then np.clip(img, 0, 255).astype(np.uint8)")
-        raise PredictorError(f"{where}: expected dtype uint8 (0..255 pixels), got {image.dtype}; {hint}")
-    if image.ndim == 4 and image.shape[-1] == 3:
-        raise PredictorError(f"{where}: got a stacked array of shape {image.shape}; pass a batch as a list of "
-                             f"(H, W, 3) images, e.g. list(images)")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise PredictorError(f"{where}: expected shape (H, W, 3), got {image.shape}; convert grey/RGBA images to 3 channels")
-    return np.ascontiguousarray(image)
-
-
-def _checked_thresholds(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``current`` updated with ``changes`` (names or :data:`THRESHOLD_ALIASES`), each value checked;
-    :class:`PredictorError` (one line) on an unknown name or a bad value."""
-    changes = {THRESHOLD_ALIASES.get(k, k): v for k, v in changes.items()}
-    unknown = sorted(set(changes) - set(THRESHOLD_NAMES))
-    if unknown:
-        raise PredictorError(f"unknown threshold(s) {', '.join(unknown)}; valid: {', '.join(THRESHOLD_NAMES)}")
-    new = dict(current)
-    for k, v in changes.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-            raise PredictorError(f"{k} must be a finite number, got {v!r}")
-        if k in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
-            raise PredictorError(f"{k} must be in [0, 1], got {v}")
-        if k in _POSITIVE_INT and (int(v) != v or v < 1):
-            raise PredictorError(f"{k} must be a positive integer, got {v}")
-        if k in _NON_NEGATIVE_INT and (int(v) != v or v < 0):
-            raise PredictorError(f"{k} must be a non-negative integer, got {v}")
-        new[k] = int(v) if k in _POSITIVE_INT + _NON_NEGATIVE_INT else float(v)
-    return new
-
-
-# ----------------------------------------------------------------------------------------------
-# input-size policy
-
-
-def default_input_size(backbone: str) -> int:
-    """640 for ResNet-50/101 models (between the paper's 512 and 800 points), 320 for the small
-    backbones (the shipped MobileNetV3 model, trained at 224-288, scores PQ 85.3 at 320 against
-    82.9 at 256 on its held-out scenes, models/README.md: small things gain from the upscale)."""
-    return 320 if backbone in SMALL_BACKBONES else 640
-
-
-def input_size_range(backbone: str) -> tuple[int, int]:
-    """Valid shorter-side sizes: the paper's [512, 800] for large backbones, [192, 800] for small."""
-    return (192, 800) if backbone in SMALL_BACKBONES else (512, 800)
-
-
-# ----------------------------------------------------------------------------------------------
-# engines
-
-
-class _TorchEngine:
-    """``CIAE.forward_raw`` in PyTorch, fp32 outputs, frozen BN folded into the convolutions
-    (:func:`ciae_core.model.fold_frozen_batchnorm`; the engine owns its model copy).
-
-    On CUDA with ``cuda_graphs`` the forward pass of each input shape is captured once into a
-    CUDA graph (after 3 eager warm-up runs that also let cuDNN pick its algorithms) and replayed:
-    ``forward_raw`` has no data-dependent control flow, and at camera rates the eager forward is
-    bound by kernel-launch overhead (an R50 forward launches ~700 kernels). Up to
-    ``max_graphs`` shapes are kept (least recently used dropped); a capture failure falls back
-    to eager execution with a warning. Outputs are copied out of the graph's static buffers.
-    Decision: a shape is captured the second time it is seen, not the first: a capture costs
-    three warm-up runs, a device sync and an ``empty_cache``, which a folder of differently sized
-    photos (``ciae-predict``) would pay on every image, while a camera repeats its shape at once.
-    """
-
-    name = "torch"
-
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool,
-                 compile: bool, cuda_graphs: bool = False, max_graphs: int = 4):
-        from ciae_core.model import fold_frozen_batchnorm
-
-        self.model = model.eval().to(device)
-        # frozen BN is affine: folded into its conv (same outputs to float rounding; onnxruntime
-        # does the same to the exported graph)
-        folded = fold_frozen_batchnorm(self.model)
-        if folded:
-            logger.debug("folded %d frozen BatchNorm layers into their convolutions", folded)
-        self.device = device
-        self.precision = precision
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self._fn = self.model.forward_raw
-        if compile:
-            self._fn = torch.compile(self.model.forward_raw, dynamic=True)
-        self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
-        self.max_graphs = int(max_graphs)
-        self._graphs: dict[tuple, tuple] = {}
-        self._seen: dict[tuple, None] = {}  # shapes run once (an ordered set, the last 64)
-        self.providers: list[str] = []
-
-    def _eager(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
-        with torch.inference_mode():
-            if dtype is None:
-                raw = self._fn(images)
-            else:
-                with torch.autocast(self.device.type, dtype=dtype):
-                    raw = self._fn(images)
-            return {k: v.float() for k, v in raw.items()}
-
-    def _capture(self, images: torch.Tensor):
-        caller_stream = torch.cuda.current_stream(self.device)
-        try:
-            static_in = images.clone()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._eager(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # captured on our side stream of self.device (torch's default capture stream would
-            # belong to the thread's current device)
-            with torch.cuda.graph(graph, stream=side):
-                static_out = self._eager(static_in)
-        except Exception as e:  # noqa: BLE001 - any capture problem: run eagerly instead
-            # a capture that fails in capture_end leaves the capture stream current (torch's
-            # graph context skips restoring it): go back to the caller's stream
-            torch.cuda.set_stream(caller_stream)
-            logger.warning("CUDA graph capture failed (%s: %s); running the forward pass eagerly",
-                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.cuda_graphs = False
-            self._graphs.clear()
-            return None
-        if len(self._graphs) >= self.max_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
-        entry = (graph, static_in, static_out)
-        self._graphs[tuple(images.shape)] = entry
-        return entry
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if not self.cuda_graphs:
-            return self._eager(images)
-        key = tuple(images.shape)
-        entry = self._graphs.pop(key, None)
-        if entry is None:
-            if key not in self._seen:  # first sighting: eager (see the class docstring)
-                self._seen[key] = None
-                while len(self._seen) > 64:
-                    self._seen.pop(next(iter(self._seen)))
-                return self._eager(images)
-            entry = self._capture(images)
-            if entry is None:
-                return self._eager(images)
-        self._graphs[key] = entry  # most recently used last
-        graph, static_in, static_out = entry
-        static_in.copy_(images)
-        graph.replay()
-        return {k: v.clone() for k, v in static_out.items()}
-
-
-def select_providers(device: str, available: Sequence[str], providers: Sequence[str] | None = None,
-                     trt_cache_dir: str | None = None, trt_fp16: bool = False,
-                     device_id: int = 0) -> list[tuple[str, dict]]:
-    """onnxruntime execution providers with options, in priority order.
-
-    device="cuda": TensorRT → CUDA → CPU (those in ``available``); device="cpu": CPU only.
-    ``providers`` (short names "tensorrt", "cuda", "cpu" or full provider names; one string or a
-    sequence) restricts and orders the choice; asking for one this build lacks raises
-    :class:`PredictorError`.
-
-    Decision: by default TensorRT is offered only when its runtime library can be loaded
-    (:func:`tensorrt_runtime_loadable`). onnxruntime-gpu lists the TensorRT provider whenever it
-    was built with it, and without ``libnvinfer`` the session fails and falls back to CUDA
-    without the provider options (so ``device_id`` would be lost). Asked for explicitly, it is
-    always tried, and a failure is an error.
-    """
-    full = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-    if providers is None:
-        wanted = ["tensorrt", "cuda", "cpu"] if device == "cuda" else ["cpu"]
-        chosen = [full[p] for p in wanted if full[p] in available
-                  and (p != "tensorrt" or tensorrt_runtime_loadable())]
-    else:
-        if isinstance(providers, str):
-            providers = [providers]
-        chosen = []
-        for p in providers:
-            name = full.get(str(p).lower(), str(p))
-            if name not in available:
-                raise PredictorError(f"onnxruntime provider {p!r} is not available in this onnxruntime build "
-                                     f"(available: {', '.join(available)})")
-            if device == "cpu" and name != "CPUExecutionProvider":
-                raise PredictorError(f"onnxruntime provider {p!r} needs device='cuda'")
-            chosen.append(name)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    out = []
-    for name in chosen:
-        opts: dict = {}
-        if name == "TensorrtExecutionProvider":
-            opts = {"device_id": device_id, "trt_fp16_enable": bool(trt_fp16)}
-            if trt_cache_dir:
-                opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache_dir),
-                            trt_timing_cache_enable=True, trt_timing_cache_path=str(trt_cache_dir))
-        elif name == "CUDAExecutionProvider":
-            opts = {"device_id": device_id}
-        out.append((name, opts))
-    return out
-
-
-def tensorrt_runtime_loadable() -> bool:
-    """Whether the TensorRT runtime library (``libnvinfer``, major version 8..10) can be loaded."""
-    import ctypes
-
-    names = [f"libnvinfer.so.{v}" for v in (10, 9, 8)] + [f"nvinfer_{v}.dll" for v in (10, 9, 8)] + ["nvinfer.dll"]
-    for name in names:
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
-
-
-class _OrtEngine:
-    """An onnxruntime session over an exported ``forward_raw`` graph; returns torch tensors.
-
-    On CUDA the input is bound straight from the torch tensor and the outputs are written into
-    torch tensors (IO binding; output shapes are learnt on the first run of each input shape),
-    so nothing goes through the host.
-
-    A fixed-shape export (``ciae-export --size``) is served too: ``fixed_hw`` is its ``(H, W)``
-    (the predictor letterboxes into it, :func:`letterbox_into`), and a batch of another size
-    than its fixed N runs in chunks of N, the last one padded with black images whose outputs
-    are dropped (GroupNorm is per image, so they change nothing).
-
-    A GPU provider that was chosen but does not start (missing CUDA/cuDNN/TensorRT libraries:
-    onnxruntime then only warns and runs on the CPU) raises :class:`PredictorError`, as does a
-    failing provider (no silent fallback, ``enable_fallback=0``): a robot should not run 10x
-    slower without being told.
-
-    On the CPU provider its intra-op threads do not spin-wait after a run
-    (``session.intra_op.allow_spinning = 0``): the torch fusion that follows runs on the same
-    cores, and spinning threads had made it 6x slower (8 -> 45 ms on the 2-core machine). (A
-    session per input shape with the dynamic axes fixed was measured too: no difference to the
-    dynamic session once nothing spins, so there is one session.)
-    """
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str, device: torch.device, providers: Sequence[str] | None = None,
-                 trt_cache_dir: str | None = None, trt_fp16: bool = False, intra_op_threads: int | None = None,
-                 inter_op_threads: int | None = None):
-        import onnxruntime as ort
-
-        from ciae_core.export import ExportError, read_onnx_config
-
-        try:
-            self.config = read_onnx_config(path)
-        except ExportError as e:
-            raise PredictorError(str(e)) from None
-        self.device = device
-        self.path = path
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                      or value < 0):
-                raise PredictorError(f"{name} must be a non-negative integer (0: onnxruntime's default), got {value!r}")
-        if intra_op_threads:
-            opts.intra_op_num_threads = int(intra_op_threads)
-        if inter_op_threads:
-            opts.inter_op_num_threads = int(inter_op_threads)
-        opts.log_severity_level = 3
-        # TensorRT builds an engine per input shape range (minutes for an R50): keep them on disk so a
-        # restarted node does not build again (default: beside the ONNX cache; created only if used)
-        trt_cache_dir = str(trt_cache_dir or default_onnx_cache_dir().parent / "tensorrt")
-        chosen = select_providers(device.type, ort.get_available_providers(), providers, trt_cache_dir, trt_fp16,
-                                  device.index or 0)
-        if chosen[0][0] == "TensorrtExecutionProvider":
-            try:
-                os.makedirs(trt_cache_dir, exist_ok=True)
-            except OSError as e:
-                raise PredictorError(f"cannot create the TensorRT cache {trt_cache_dir}: {e.strerror}; set "
-                                     f"trt_cache_dir") from None
-        if chosen[0][0] == "CPUExecutionProvider":  # leave the cores to the fusion after a run (docstring)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(path, sess_options=opts, providers=[n for n, _ in chosen],
-                                                provider_options=[o for _, o in chosen], enable_fallback=0)
-        except Exception as e:  # noqa: BLE001 - any session failure is a bad/unsupported file or provider
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PredictorError(f"onnxruntime cannot load {path} with {[n for n, _ in chosen]}: {msg}") from None
-        self.providers = self.session.get_providers()
-        missing = [n for n, _ in chosen if n not in self.providers]
-        if missing:
-            raise PredictorError(f"onnxruntime could not start {', '.join(missing)} (running would fall back to "
-                                 f"{self.providers}): check that its CUDA, cuDNN and TensorRT libraries match this "
-                                 f"onnxruntime-gpu build, or choose other providers / engine='torch'")
-        if device.type == "cuda" and self.providers[0] == "CPUExecutionProvider":
-            raise PredictorError("device='cuda' but this onnxruntime build has no GPU provider (available: "
-                                 f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu, use "
-                                 "engine='torch', or device='cpu'")
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != ["images"] or sorted(outputs) != sorted(RAW_OUTPUT_NAMES):
-            raise PredictorError(f"{path} is not a ciae forward_raw export: inputs {inputs}, outputs {outputs} "
-                                 f"(expected ['images'] and {list(RAW_OUTPUT_NAMES)}); re-export with ciae-export")
-        self.output_names = outputs
-        shapes = {o.name: o.shape for o in self.session.get_outputs()}
-        t = self.config.num_things
-        d = self.config.embed_dim
-        mem = shapes["memory"]
-        cls_t = shapes["cls_logits"][-1]
-        if (isinstance(cls_t, int) and cls_t != t) or (all(isinstance(v, int) for v in mem)
-                                                       and tuple(mem) != (len(self.config.categories), d)):
-            raise PredictorError(f"{path}: graph outputs (cls_logits {shapes['cls_logits']}, memory {mem}) do not match "
-                                 f"its metadata config ({t} thing classes, {len(self.config.categories)} categories, "
-                                 f"embed_dim {d}); re-export with ciae-export")
-        self._on_cuda = device.type == "cuda"
-        self._out_shapes: dict[tuple, list] = {}
-        in_shape = list(self.session.get_inputs()[0].shape)
-        fixed = [isinstance(v, int) and v > 0 for v in in_shape]
-        if len(in_shape) != 4 or (fixed[2] != fixed[3]):
-            raise PredictorError(f"{path}: input shape {in_shape} is not (N, 3, H, W) with both H and W fixed or both "
-                                 f"dynamic; re-export with ciae-export")
-        self.fixed_batch: int | None = int(in_shape[0]) if fixed[0] else None
-        self.fixed_hw: tuple[int, int] | None = (int(in_shape[2]), int(in_shape[3])) if fixed[2] else None
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        n, fb = images.shape[0], self.fixed_batch
-        if fb is None or n == fb:
-            return self._run(images)
-        chunks = []
-        for start in range(0, n, fb):
-            part = images[start:start + fb]
-            if part.shape[0] < fb:
-                part = torch.cat([part, part.new_zeros((fb - part.shape[0], *part.shape[1:]))])
-            chunks.append(self._run(part))
-        per_image = ("cls_logits", "box_regression", "centerness", "embedding")
-        return {k: torch.cat([c[k] for c in chunks])[:n] if k in per_image else chunks[0][k] for k in chunks[0]}
-
-    def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self._run_session(images)
-        h, w = images.shape[-2:]
-        s, d = self.config.branch_stride, self.config.embed_dim
-        want = (images.shape[0], d, -(-h // s), -(-w // s))
-        if tuple(out["embedding"].shape) != want:
-            raise PredictorError(f"{self.path}: the graph's embedding output {tuple(out['embedding'].shape)} does not "
-                                 f"match its metadata config (embed_dim {d}, stride {s}: {want} for a {h}x{w} "
-                                 f"input); the file was edited or mixed up, re-export it with ciae-export")
-        return out
-
-    def _run_session(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        images = images.float().contiguous()
-        if not self._on_cuda:
-            outs = self.session.run(self.output_names, {"images": images.cpu().numpy()})
-            return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.output_names, outs)}
-        torch.cuda.current_stream(self.device).synchronize()
-        dev_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        binding = self.session.io_binding()
-        binding.bind_input("images", "cuda", dev_id, np.float32, list(images.shape), images.data_ptr())
-        key = tuple(images.shape)
-        shapes = self._out_shapes.get(key)
-        if shapes is None:
-            for name in self.output_names:
-                binding.bind_output(name, "cuda", dev_id)
-            self.session.run_with_iobinding(binding)
-            vals = binding.copy_outputs_to_cpu()
-            self._out_shapes[key] = [v.shape for v in vals]
-            return {k: torch.from_numpy(v).to(self.device) for k, v in zip(self.output_names, vals)}
-        result = {}
-        for name, shape in zip(self.output_names, shapes):
-            t = torch.empty(shape, dtype=torch.float32, device=self.device)
-            binding.bind_output(name, "cuda", dev_id, np.float32, list(shape), t.data_ptr())
-            result[name] = t
-        self.session.run_with_iobinding(binding)
-        return result
-
+__all__ = ["ENGINES", "MIN_IMAGE_SIDE", "PRECISIONS", "RAW_OUTPUT_NAMES", "SMALL_BACKBONES", "THRESHOLD_ALIASES",
+           "THRESHOLD_NAMES", "Letterbox", "Predictor", "PredictorError", "area_resize_weights", "default_input_size",
+           "default_onnx_cache_dir", "input_size_range", "input_size_range_for", "letterbox", "letterbox_into",
+           "nearest_source_index", "resize_image_like_cv2", "resize_nearest", "segment_table", "select_providers",
+           "tensorrt_runtime_loadable", "validate_image"]
 
 # ----------------------------------------------------------------------------------------------
 # timing
@@ -687,23 +113,6 @@ class _StageClock:
 
 # ----------------------------------------------------------------------------------------------
 # the predictor
-
-
-def _file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def default_onnx_cache_dir() -> pathlib.Path:
-    """``$CIAE_CACHE_DIR/onnx`` or ``~/.cache/ciae/onnx``."""
-    base = os.environ.get("CIAE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ciae")
-    return pathlib.Path(base) / "onnx"
 
 
 class Predictor:
@@ -743,16 +152,50 @@ class Predictor:
                  onnx_cache_dir: str | os.PathLike | None = None, onnx_opset: int | None = None,
                  mixed_size_batching: str = "group", cuda_graphs: bool | None = None, fusion_method: str = "auto",
                  **thresholds):
+        self.device = self._checked_engine_and_device(engine, precision, device)
+        weights = self._resolved_weights(weights)
+        self.mixed_size_batching, self.fusion_method = self._checked_batching_and_fusion(mixed_size_batching,
+                                                                                         fusion_method)
+        self.weights = weights
+        self.engine_name = engine
+        self.precision = precision
+        self._set_geometry(stride, min_image_side, max_size, input_size_range)
+        self._build_engine(weights, engine, precision, channels_last, cudnn_benchmark, compile, cuda_graphs,
+                           providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads, onnx_cache_dir,
+                           onnx_opset)
+        self.categories: list[CategoryInfo] = list(self.config.categories)
+        self.num_things = self.config.num_things
+        self._set_input_size(weights, input_size, input_size_range)
+        try:
+            self.thresholds = _checked_thresholds({}, {k: getattr(self.config, k) for k in THRESHOLD_NAMES})
+        except PredictorError as e:
+            raise PredictorError(f"{weights}: invalid inference setting in the model config: {e}") from None
+        self.update(**thresholds)
+        self.timings: dict[str, float] = {}
+        self._pinned: list[torch.Tensor] = []
+        self.model_name = pathlib.Path(weights).stem
+        self._prepare_fusion_kernels()
+        logger.info("Predictor: %s engine=%s device=%s providers=%s input_size=%d", weights, engine, self.device,
+                    self._engine.providers, self.input_size)
+
+    # -- construction steps (in the constructor's order) -------------------------------------------
+    def _checked_engine_and_device(self, engine: str, precision: str, device: str) -> torch.device:
+        """The resolved device, after checking ``engine`` and ``precision`` (and that they fit it)."""
         if engine not in ENGINES:
             raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if precision not in PRECISIONS:
             raise PredictorError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        self.device = self._resolve_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
+        dev = self._resolve_device(device)
+        if precision == "fp16" and dev.type != "cuda":
             raise PredictorError("precision='fp16' needs device='cuda'; use 'fp32' or 'bf16' on the CPU")
         if precision != "fp32" and engine != "torch":
             raise PredictorError(f"precision={precision!r} applies to the torch engine; for onnxruntime use "
                                  f"trt_fp16=True (TensorRT) or precision='fp32'")
+        return dev
+
+    @staticmethod
+    def _resolved_weights(weights: str | os.PathLike) -> str:
+        """The weights file (``model.safetensors`` inside a directory); it must exist."""
         weights = os.fspath(weights)
         if not os.path.exists(weights):
             raise PredictorError(f"weights file not found: {weights}")
@@ -761,19 +204,21 @@ class Predictor:
             if not os.path.isfile(cand):
                 raise PredictorError(f"weights path {weights} is a directory without model.safetensors")
             weights = cand
+        return weights
+
+    def _checked_batching_and_fusion(self, mixed_size_batching: str, fusion_method: str) -> tuple[str, str]:
         if mixed_size_batching not in ("group", "pad"):
             raise PredictorError(f"mixed_size_batching must be 'group' or 'pad', got {mixed_size_batching!r}")
-        self.mixed_size_batching = mixed_size_batching
-        from ciae_core.fusion import FUSION_METHODS, compile_fusion_kernels
+        from ciae_core.fusion import FUSION_METHODS
 
         if fusion_method not in FUSION_METHODS:
             raise PredictorError(f"unknown fusion_method {fusion_method!r}; choose one of {', '.join(FUSION_METHODS)}")
         if fusion_method == "numba" and self.device.type != "cpu":
             raise PredictorError("fusion_method='numba' runs on the CPU; use 'auto' (or 'coarse_to_fine') on CUDA")
-        self.fusion_method = fusion_method
-        self.weights = weights
-        self.engine_name = engine
-        self.precision = precision
+        return mixed_size_batching, fusion_method
+
+    def _set_geometry(self, stride, min_image_side, max_size, input_size_range) -> None:
+        """Check and keep ``stride``, ``min_image_side``, ``max_size``; check ``input_size_range``."""
         for name, value, low in (("stride", stride, 1), ("min_image_side", min_image_side, 1), ("max_size", max_size, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise PredictorError(f"{name} must be a positive integer, got {value!r}")
@@ -790,6 +235,11 @@ class Predictor:
             except (TypeError, ValueError):
                 raise PredictorError(f"input_size_range must be two integers (low, high) with 0 < low <= high, got "
                                      f"{input_size_range!r}") from None
+
+    def _build_engine(self, weights: str, engine: str, precision: str, channels_last, cudnn_benchmark, compile,
+                      cuda_graphs, providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads,
+                      onnx_cache_dir, onnx_opset) -> None:
+        """``self._engine`` and ``self.config`` (plus ``self.onnx_path`` for onnxruntime)."""
         is_onnx = weights.lower().endswith(".onnx")
         if engine == "torch":
             if is_onnx:
@@ -803,18 +253,19 @@ class Predictor:
                                         channels_last if channels_last is not None else not cuda, compile,
                                         cuda_graphs=(cuda_graphs if cuda_graphs is not None else cuda) and not compile)
         else:
-            onnx_path = weights if is_onnx else self._onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
+            onnx_path = weights if is_onnx else onnx_for_checkpoint(weights, onnx_cache_dir, onnx_opset)
             self.onnx_path = onnx_path
             self._engine = _OrtEngine(onnx_path, self.device, providers, trt_cache_dir, trt_fp16,
                                       intra_op_threads, inter_op_threads)
             self.config = self._engine.config
-        self.categories: list[CategoryInfo] = list(self.config.categories)
-        self.num_things = self.config.num_things
+
+    def _set_input_size(self, weights: str, input_size, input_size_range) -> None:
+        """``self.fixed_input_hw``, ``self.input_size_range`` and ``self.input_size`` (checked)."""
         self.fixed_input_hw: tuple[int, int] | None = getattr(self._engine, "fixed_hw", None)
         if self.fixed_input_hw is not None:
             fh, fw = self.fixed_input_hw
             if input_size is not None or input_size_range is not None:
-                raise PredictorError(f"{weights} is a fixed {fh}x{fw} export: images are fitted into {fh}x{fw} and "
+                raise PredictorError(f"{weights} is a fixed {fw}x{fh} export: images are fitted into {fw}x{fh} and "
                                      f"input_size does not apply; leave it unset or re-export with --dynamic")
             self.input_size_range = (min(fh, fw), min(fh, fw))
             self.input_size = min(fh, fw)
@@ -823,19 +274,14 @@ class Predictor:
                                      else input_size_range_for(self.config))
             self.input_size = self._check_input_size(input_size if input_size is not None
                                                      else default_input_size(self.config.backbone))
-        try:
-            self.thresholds = _checked_thresholds({}, {k: getattr(self.config, k) for k in THRESHOLD_NAMES})
-        except PredictorError as e:
-            raise PredictorError(f"{weights}: invalid inference setting in the model config: {e}") from None
-        self.update(**thresholds)
-        self.timings: dict[str, float] = {}
-        self._pinned: list[torch.Tensor] = []
-        self.model_name = pathlib.Path(weights).stem
-        if self.device.type == "cpu" and fusion_method in ("auto", "numba"):
-            if not compile_fusion_kernels() and fusion_method == "numba":
+
+    def _prepare_fusion_kernels(self) -> None:
+        """On the CPU, compile (or load from numba's cache) the fusion kernels now, not on the first frame."""
+        from ciae_core.fusion import compile_fusion_kernels
+
+        if self.device.type == "cpu" and self.fusion_method in ("auto", "numba"):
+            if not compile_fusion_kernels() and self.fusion_method == "numba":
                 raise PredictorError("fusion_method='numba' needs the numba package (pip install numba); use 'auto'")
-        logger.info("Predictor: %s engine=%s device=%s providers=%s input_size=%d", weights, engine, self.device,
-                    self._engine.providers, self.input_size)
 
     # -- construction helpers -------------------------------------------------------------------
     @staticmethod
@@ -862,32 +308,6 @@ class Predictor:
             return load_model(weights, device="cpu")
         except CheckpointError as e:
             raise PredictorError(str(e)) from None
-
-    def _onnx_for_checkpoint(self, weights: str, cache_dir, opset: int | None) -> str:
-        from ciae_core.export import DEFAULT_OPSET, ExportError, export_checkpoint, read_onnx_metadata
-        from ciae_core.export import FORMAT as ONNX_FORMAT
-
-        opset = int(opset or DEFAULT_OPSET)
-        digest = _file_sha256(weights)
-        cache = pathlib.Path(cache_dir) if cache_dir else default_onnx_cache_dir()
-        path = cache / f"{pathlib.Path(weights).stem}-{digest[:16]}-opset{opset}.onnx"
-        if path.is_file():
-            try:
-                meta = read_onnx_metadata(str(path))
-                if meta.get("ciae_source_sha256") == digest and meta.get("ciae_format") == ONNX_FORMAT:
-                    logger.info("reusing cached ONNX export %s", path)
-                    return str(path)
-            except ExportError:
-                logger.warning("cached ONNX export %s is unreadable; exporting again", path)
-        logger.info("exporting %s to %s for onnxruntime (first use)", weights, path)
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            export_checkpoint(weights, str(path), dynamic=True, opset=opset)
-        except ExportError as e:
-            raise PredictorError(str(e)) from None
-        except OSError as e:
-            raise PredictorError(f"cannot write the ONNX cache {path}: {e.strerror}; set onnx_cache_dir") from None
-        return str(path)
 
     def _check_input_size(self, size) -> int:
         lo, hi = self.input_size_range
@@ -928,7 +348,7 @@ class Predictor:
             if isinstance(input_size, bool) or not isinstance(input_size, (int, np.integer)) \
                     or int(input_size) != self.input_size:
                 fh, fw = self.fixed_input_hw
-                raise PredictorError(f"{self.weights} is a fixed {fh}x{fw} export: input_size cannot change "
+                raise PredictorError(f"{self.weights} is a fixed {fw}x{fh} export: input_size cannot change "
                                      f"(re-export with --dynamic)")
         elif input_size is not None:
             self.input_size = self._check_input_size(input_size)
@@ -1028,6 +448,8 @@ class Predictor:
             return self._call(images, color, return_confidence)
 
     def _call(self, images, color: str, return_confidence: bool):
+        """Validate → letterbox → per padded-size group: preprocess, forward, postprocess → map back
+        → one device→host copy → results (stage times in ``self.timings``)."""
         if color not in ("rgb", "bgr"):
             raise PredictorError(f"color must be 'rgb' or 'bgr', got {color!r}")
         single = not isinstance(images, (list, tuple))
@@ -1036,11 +458,27 @@ class Predictor:
             return []
         batch_in = [validate_image(im, i) for i, im in enumerate(batch_in)]
         boxes = [self.letterbox(im.shape[0], im.shape[1]) for im in batch_in]
+        clock = _StageClock(self.device)
+        outs = self._fused_outputs(batch_in, boxes, color, return_confidence, clock)
+        clock.mark("start")
+        maps, tables, confs = self._map_back(outs, boxes, return_confidence)
+        clock.mark("map_back")
+        host_maps, host_tables, host_confs = self._to_host(maps, tables, confs)
+        clock.mark("to_host")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self.timings = clock.durations_ms()
+        results = self._results(boxes, host_maps, host_tables, host_confs, return_confidence)
+        return results[0] if single else results
+
+    def _fused_outputs(self, batch_in: list[np.ndarray], boxes: list[Letterbox], color: str, return_confidence: bool,
+                       clock: _StageClock) -> list[dict]:
+        """Fusion outputs (at the resized resolution) per image, one forward pass per padded size
+        (or one for all with ``mixed_size_batching="pad"``)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, lb in enumerate(boxes):
             key = (0, 0) if self.mixed_size_batching == "pad" else (lb.padded_height, lb.padded_width)
             groups.setdefault(key, []).append(i)
-        clock = _StageClock(self.device)
         outs: list[dict] = [{}] * len(batch_in)
         for idx in groups.values():
             clock.mark("start")
@@ -1051,7 +489,11 @@ class Predictor:
             for i, o in zip(idx, self.postprocess(raw, [boxes[i] for i in idx], return_confidence)):
                 outs[i] = o
             clock.mark("postprocess")
-        clock.mark("start")
+        return outs
+
+    def _map_back(self, outs: list[dict], boxes: list[Letterbox], return_confidence: bool):
+        """Id maps (and confidences) at the input resolution, flattened, and segment tables ``(K, 8)``
+        float64 ``id, label, score, area, x, y, w, h`` recomputed from the mapped id maps; on the device."""
         maps, confs, tables = [], [], []
         with torch.inference_mode():
             for out, lb in zip(outs, boxes):
@@ -1071,12 +513,11 @@ class Predictor:
                     if conf is None:
                         raise PredictorError("this fusion returned no confidence map")
                     confs.append(resize_nearest(conf.float(), (lb.height, lb.width)).reshape(-1))
-        clock.mark("map_back")
-        host_maps, host_tables, host_confs = self._to_host(maps, tables, confs)
-        clock.mark("to_host")
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        self.timings = clock.durations_ms()
+        return maps, tables, confs
+
+    def _results(self, boxes: list[Letterbox], host_maps, host_tables, host_confs,
+                 return_confidence: bool) -> list[PanopticResult]:
+        """Cut the host copies back into one ``PanopticResult`` per image."""
         results = []
         off_m = off_c = 0
         for i, lb in enumerate(boxes):
@@ -1088,7 +529,7 @@ class Predictor:
                 conf = host_confs[off_c:off_c + n].reshape(lb.height, lb.width)
                 off_c += n
             results.append(PanopticResult(id_map=id_map, segments=self._segments(host_tables[i]), confidence=conf))
-        return results[0] if single else results
+        return results
 
     def _to_host(self, maps, tables, confs):
         """One device→host copy for all id maps (and one for the tables, one for confidences)."""
@@ -1117,97 +558,3 @@ class Predictor:
             segs.append(Segment(id=int(seg_id), category_id=cat.id, label=cat.name, isthing=cat.isthing,
                                 score=float(score), area=int(area), bbox=(int(x), int(y), int(w), int(h))))
         return segs
-
-
-def input_size_range_for(config) -> tuple[int, int]:
-    """:func:`input_size_range` of a model config."""
-    return input_size_range(config.backbone)
-
-
-# ----------------------------------------------------------------------------------------------
-# ciae-predict
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def _list_images(path: str) -> list[pathlib.Path]:
-    p = pathlib.Path(path)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise PredictorError(f"--images {path}: no such file or directory")
-    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise PredictorError(f"--images {path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
-def _build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ciae-predict", description="Panoptic segmentation of an image folder; writes "
-                                "COCO-panoptic PNGs + predictions.json (scorable with ciae-eval or panopticapi).")
-    p.add_argument("--weights", required=True, help=".safetensors checkpoint or .onnx export")
-    p.add_argument("--images", required=True, help="image file or directory")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--engine", default="torch", choices=ENGINES)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--input-size", type=int, default=None)
-    p.add_argument("--max-size", type=int, default=1333)
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--score-threshold", type=float, default=None)
-    p.add_argument("--nms-threshold", type=float, default=None)
-    p.add_argument("--instance-score-threshold", type=float, default=None)
-    p.add_argument("--min-stuff-area", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime intra-op threads")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.batch_size < 1:
-        print("ciae-predict: error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        import cv2
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        thr = {k: v for k, v in (("score_threshold", args.score_threshold), ("nms_threshold", args.nms_threshold),
-                                 ("instance_score_threshold", args.instance_score_threshold),
-                                 ("min_stuff_area", args.min_stuff_area)) if v is not None}
-        predictor = Predictor(args.weights, engine=args.engine, device=args.device, input_size=args.input_size,
-                              max_size=args.max_size, precision=args.precision, intra_op_threads=args.threads, **thr)
-        files = _list_images(args.images)
-        results, names, total_ms = [], [], 0.0
-        for start in range(0, len(files), args.batch_size):
-            chunk = files[start:start + args.batch_size]
-            imgs = []
-            for f in chunk:
-                im = cv2.imread(str(f), cv2.IMREAD_COLOR)
-                if im is None:
-                    raise PredictorError(f"cannot decode image {f}")
-                imgs.append(im)
-            results.extend(predictor(imgs, color="bgr"))
-            names.extend(f.name for f in chunk)
-            total_ms += sum(predictor.timings.values())
-        from ciae_core.evaluation import EvaluationError, write_coco_panoptic
-
-        triples = [(n, int(pathlib.Path(n).stem) if pathlib.Path(n).stem.isdigit() else pathlib.Path(n).stem, r)
-                   for n, r in zip(names, results)]
-        try:
-            json_path = write_coco_panoptic(args.out, triples, predictor.categories)
-        except EvaluationError as e:
-            raise PredictorError(str(e)) from None
-    except PredictorError as e:
-        print(f"ciae-predict: error: {e}", file=sys.stderr)
-        return 1
-    print(f"ciae-predict: {len(results)} image(s), {total_ms / max(1, len(results)):.1f} ms/image "
-          f"({predictor.engine} on {predictor.device}); wrote {json_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,19 +12,17 @@ final id map, so the image and the ground truth always agree pixel for pixel.
 Everything is a pure function of the seed (``numpy.random.default_rng``), so the same seed gives
 the same arrays and, through :func:`write_dataset`, byte-identical files.
 
-``ciae-synth --out DIR --num N --size HxW --seed S [--sequence]`` writes the COCO panoptic format
-(``images/``, ``panoptic/``, ``panoptic.json``) that :class:`ciae_core.data.CocoPanopticDataset`
-reads.
+``ciae-synth --out DIR --num N --size WIDTHxHEIGHT --seed S [--sequence]`` (:mod:`ciae_core.cli.synth`)
+writes the COCO panoptic format (``images/``, ``panoptic/``, ``panoptic.json``) that
+:class:`ciae_core.data.CocoPanopticDataset` reads.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -409,7 +407,7 @@ def render_scene(seed, height: int = 320, width: int = 320, *, max_instances: in
 def _check_size(height: int, width: int) -> tuple[int, int]:
     height, width = int(height), int(width)
     if height < 32 or width < 32:
-        raise SynthError(f"image size must be at least 32x32, got {height}x{width}")
+        raise SynthError(f"image size must be at least 32x32, got {width}x{height} (WIDTHxHEIGHT)")
     return height, width
 
 
@@ -535,40 +533,3 @@ def write_dataset(out_dir: str, num: int, height: int, width: int, seed: int = 0
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
     return json_path
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 320x320 (HxW), got {text!r}") from None
-    return h, w
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``ciae-synth``: write a synthetic COCO-panoptic data set."""
-    p = argparse.ArgumentParser(prog="ciae-synth", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output directory (images/, panoptic/, panoptic.json)")
-    p.add_argument("--num", type=int, default=100, help="number of images (frames with --sequence)")
-    p.add_argument("--size", type=_parse_size, default=(320, 320), help="HxW, e.g. 320x320")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sequence", action="store_true", help="frames of one moving scene instead of independent scenes")
-    p.add_argument("--image-format", choices=("png", "jpg"), default="png")
-    p.add_argument("--void-border", type=int, default=0,
-                   help="void seam width in px at segment boundaries (independent scenes only)")
-    p.add_argument("--workers", type=int, default=0, help="render in this many processes")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        kwargs = {} if args.sequence else {"void_border": args.void_border}
-        path = write_dataset(args.out, args.num, args.size[0], args.size[1], args.seed, args.sequence,
-                             args.image_format, num_workers=args.workers, **kwargs)
-    except SynthError as e:
-        print(f"ciae-synth: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.num} {'frames' if args.sequence else 'scenes'} to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,11 +4,25 @@
   message definitions (our ``ciae_ros/msg/*`` types are registered from the ``msg/*.msg`` text),
   so Foxglove Studio, ``ros2 bag play`` and rviz users can replay it. The demo client records
   through it.
-* :func:`process_bag` runs the model over every camera image of a recorded bag and writes a new
-  bag holding the input topics plus ``panoptic/segments``, ``panoptic/overlay`` and
-  ``panoptic/categories``, with the input messages' record times and headers (outputs of camera
-  ``/cam1/image_raw`` go to ``/cam1/panoptic/...`` when the bag has several cameras, else to
-  ``/panoptic/...``, as the node does).
+* :func:`plan_bag` decides, from the input bag's topic list alone, what an offline run reads and
+  writes; :func:`process_bag` runs the model over those camera images and writes a new bag holding
+  every input topic plus ``panoptic/segments``, ``panoptic/overlay`` and ``panoptic/categories``,
+  with the input messages' record times and headers.
+
+Decisions (issue 16):
+
+* **Inputs are camera images only**: by default every ``sensor_msgs/Image`` / ``CompressedImage``
+  topic except our own outputs (any topic with a ``panoptic`` namespace, e.g. a recorded
+  ``/panoptic/overlay``) and depth images (a name part containing ``depth``); ``--topics`` names
+  them explicitly (an output of ours is refused even then). A camera recorded both raw and
+  ``/compressed`` is read once, from the raw topic unless the ``/compressed`` one is named.
+* **Outputs are named as the node names them**, under ``--namespace`` (default the root, as the
+  node in the root namespace): one camera -> ``<ns>/panoptic/segments``, ``<ns>/panoptic/overlay``;
+  several cameras -> per camera namespace, ``/cam1/image_raw`` -> ``<ns>/cam1/panoptic/...`` (the
+  node's ``image_topics`` rule); ``<ns>/panoptic/categories`` once.
+* **Never mixed into recorded topics**: an output topic that the input bag already has (e.g. the
+  live ``/panoptic/segments`` of a ``ciae-demo`` bag) is an error naming it; choose another
+  ``--namespace`` (``--namespace /offline``), so live and offline results stay apart.
 
 Needs ``rosbags`` (pure Python) and the rclpy message packages (for serialisation; no DDS).
 """
@@ -18,8 +32,10 @@ from __future__ import annotations
 import argparse
 import logging
 import pathlib
+import re
 import sys
 import time
+from dataclasses import dataclass, field
 
 from .image_conversion import ImageConversionError, compressed_to_rgb, image_to_rgb
 
@@ -98,6 +114,144 @@ class BagWriter:
     def __exit__(self, *exc):
         self.close()
 
+# ----------------------------------------------------------------------------------------------
+# What an offline run reads and writes
+# ----------------------------------------------------------------------------------------------
+
+_NAME_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_our_output(topic: str) -> bool:
+    """A topic under a ``panoptic`` namespace (``/panoptic/overlay``, ``/cam1/panoptic/confidence``,
+    ``/offline/panoptic/segments``): something the node or ``ciae-bag`` published, not a camera."""
+    return "panoptic" in topic.strip("/").split("/")[:-1]
+
+
+def _is_depth(topic: str) -> bool:
+    return any("depth" in part.lower() for part in topic.strip("/").split("/"))
+
+
+def normalize_namespace(namespace: str) -> str:
+    """``"offline"`` / ``"/offline/"`` -> ``"/offline"``; ``""`` / ``"/"`` -> ``""`` (the root).
+    ``BagError`` for a name ROS would not accept."""
+    parts = [p for p in (namespace or "").strip().split("/") if p]
+    for p in parts:
+        if not _NAME_PART.fullmatch(p):
+            raise BagError(f"--namespace {namespace!r} is not a ROS namespace (parts are letters, digits and _, "
+                           "not starting with a digit), e.g. /offline")
+    return "".join("/" + p for p in parts)
+
+
+def _camera_prefix(topic: str) -> str:
+    """``/cam1/image_raw`` -> ``/cam1/`` (the node's rule for ``image_topics``)."""
+    from .node_params import _output_prefix
+
+    prefix = _output_prefix(topic)
+    return prefix if prefix.startswith("/") else "/" + prefix
+
+
+@dataclass
+class BagPlan:
+    """What :func:`process_bag` reads and writes (built by :func:`plan_bag`).
+
+    ``inputs``: ``(topic, msgtype)`` of the image connections to segment; ``cameras``: image topic
+    (``/compressed`` removed) -> output prefix (``<ns>/`` or ``<ns>/<camera ns>/``); ``outputs``:
+    every topic that will be written, in order.
+    """
+
+    inputs: list[tuple[str, str]]
+    cameras: dict[str, str]
+    categories_topic: str
+    outputs: list[str]
+    frames: int = 0  # image messages to segment (from the bag's index)
+
+
+def _base_topic(topic: str, msgtype: str) -> str:
+    return topic.removesuffix("/compressed") if msgtype.endswith("CompressedImage") else topic
+
+
+def _chosen_inputs(connections, topics: list[str] | None) -> list[tuple[str, str]]:
+    """The ``(topic, msgtype)`` image streams to segment (rules in the module docstring)."""
+    images = sorted({(c.topic, c.msgtype) for c in connections if c.msgtype in IMAGE_TYPES})
+    if topics:
+        for t in topics:
+            if is_our_output(t):
+                raise BagError(f"--topics {t} is an output of the panoptic node, not a camera image topic")
+            if not any(t in (topic, _base_topic(topic, mt)) for topic, mt in images):
+                have = ", ".join(topic for topic, _ in images) or "none"
+                raise BagError(f"--topics {t}: no such image topic in the bag (image topics: {have})")
+        picked = [(topic, mt) for topic, mt in images if topic in topics or _base_topic(topic, mt) in topics]
+    else:
+        picked = [(topic, mt) for topic, mt in images if not is_our_output(topic) and not _is_depth(topic)]
+    by_camera: dict[str, list[tuple[str, str]]] = {}
+    for topic, mt in picked:
+        by_camera.setdefault(_base_topic(topic, mt), []).append((topic, mt))
+    chosen = []
+    for base, streams in by_camera.items():  # one stream per camera
+        named = [s for s in streams if topics and s[0] != base and s[0] in topics]  # an explicit /compressed
+        raw = [s for s in streams if s[1] == "sensor_msgs/msg/Image"]
+        chosen.append((named or raw or streams)[0])
+    return sorted(chosen)
+
+
+def plan_bag(connections, topics: list[str] | None = None, namespace: str = "", overlay: bool = True,
+             source: str = "the input bag") -> BagPlan:
+    """Inputs and output topics of an offline run over a bag with ``connections`` (rosbags
+    ``Connection``s); ``BagError`` (one line) when there is no camera image topic, when two cameras
+    would write the same outputs, or when an output topic already exists in the input bag."""
+    inputs = _chosen_inputs(connections, topics)
+    if not inputs:
+        raise BagError(f"{source} has no camera image topics (sensor_msgs/Image or CompressedImage, other than "
+                       "panoptic outputs and depth images); name them with --topics")
+    ns = normalize_namespace(namespace)
+    bases = [_base_topic(t, mt) for t, mt in inputs]
+    cameras = {b: ns + (_camera_prefix(b) if len(bases) > 1 else "/") for b in bases}
+    seen: dict[str, str] = {}
+    for base, prefix in cameras.items():
+        if prefix in seen:
+            raise BagError(f"cameras {seen[prefix]} and {base} would both write under {prefix}panoptic/ (outputs go "
+                           "to each camera's namespace); process them in separate runs with --topics")
+        seen[prefix] = base
+    outputs = []
+    for prefix in cameras.values():
+        outputs += [prefix + "panoptic/segments"] + ([prefix + "panoptic/overlay"] if overlay else [])
+    categories_topic = ns + "/panoptic/categories"
+    outputs.append(categories_topic)
+    recorded = {c.topic for c in connections}
+    clash = [t for t in outputs if t in recorded]
+    if clash:
+        raise BagError(f"{source} already has {', '.join(clash)}: ciae-bag does not write into recorded topics; "
+                       "choose another --namespace, e.g. --namespace /offline")
+    frames = sum(c.msgcount for c in connections if (c.topic, c.msgtype) in inputs)
+    return BagPlan(inputs=inputs, cameras=cameras, categories_topic=categories_topic, outputs=outputs, frames=frames)
+
+
+def _open_reader(in_path: pathlib.Path):
+    from rosbags.rosbag2 import Reader
+
+    if not in_path.exists():
+        raise BagError(f"input bag {in_path} does not exist")
+    try:
+        reader = Reader(in_path)
+        reader.open()
+    except Exception as exc:  # noqa: BLE001 - rosbags raises several types for unreadable bags
+        raise BagError(f"cannot read bag {in_path}: {exc}") from None
+    return reader
+
+
+def plan_bag_file(in_path, topics: list[str] | None = None, namespace: str = "", overlay: bool = True) -> BagPlan:
+    """:func:`plan_bag` for the bag at ``in_path`` (reads only its index)."""
+    in_path = pathlib.Path(in_path)
+    reader = _open_reader(in_path)
+    try:
+        return plan_bag(reader.connections, topics, namespace, overlay, source=f"input bag {in_path}")
+    finally:
+        reader.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline run
+# ----------------------------------------------------------------------------------------------
 
 def _rclpy_header(header):
     """rosbags ``std_msgs/Header`` -> rclpy ``std_msgs.msg.Header``."""
@@ -108,91 +262,109 @@ def _rclpy_header(header):
                   frame_id=str(header.frame_id))
 
 
-def _output_prefix(topic: str, several: bool) -> str:
-    if not several:
-        return "/"
-    from .node import _output_prefix as prefix
+@dataclass
+class BagSummary:
+    """What an offline run did (:func:`process_bag`)."""
 
-    return prefix(topic)
+    frames_read: int = 0
+    segmented: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    segments: int = 0
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    out: str = ""
+    storage_files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def skip(self, reason: str, topic: str, timestamp: int, text) -> None:
+        n = self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if n <= 3:
+            _LOG.warning("skipping frame on %s at %d: %s%s", topic, timestamp, text,
+                         f" (further {reason} frames are only counted)" if n == 3 else "")
+
+    def line(self) -> str:
+        """The one summary line ``ciae-bag`` prints."""
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
+        files = ", ".join(self.storage_files) or "no storage file"
+        return (f"ciae-bag: {self.frames_read} frame(s) read from {', '.join(self.inputs)}, "
+                f"{self.segmented} segmented, "
+                f"{skipped} skipped{f' ({reasons})' if reasons else ''}; {self.segments} segment(s); wrote "
+                f"{', '.join(self.outputs)} to {self.out} ({files}) in {self.seconds:.1f} s")
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="frame", desc="ciae-bag", file=sys.stderr, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 def process_bag(in_path, out_path, predictor, topics: list[str] | None = None, overlay: bool = True,
                 overlay_alpha: float = 0.5, model_name: str = "", model_version: str = "",
-                storage: str = "mcap") -> dict:
+                storage: str = "mcap", namespace: str = "", progress: bool = False) -> BagSummary:
     """Run ``predictor`` over the camera images of ``in_path``; write inputs + outputs to ``out_path``.
 
-    ``topics`` selects image topics (default: every ``sensor_msgs/Image`` and ``CompressedImage``
-    topic). Undecodable frames are skipped and counted. Returns a summary dict
-    (``frames``, ``bad``, ``segments``, ``seconds``).
+    Inputs and output names: :func:`plan_bag` (``topics``, ``namespace``, ``overlay``). Frames that
+    cannot be decoded or used are skipped and counted by reason. ``progress``: a tqdm bar on stderr
+    (only when stderr is a terminal).
     """
-    from rosbags.rosbag2 import Reader
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from ciae_core.predictor import PredictorError
 
     from .conversions import categories_msg, render_overlay, segments_msg
     from .image_conversion import numpy_to_image
 
-    in_path = pathlib.Path(in_path)
-    if not in_path.exists():
-        raise BagError(f"input bag {in_path} does not exist")
+    in_path, out_path = pathlib.Path(in_path), pathlib.Path(out_path)
     store = make_typestore()
-    summary = {"frames": 0, "bad": {}, "segments": 0, "seconds": 0.0}
     t0 = time.monotonic()
+    reader = _open_reader(in_path)
     try:
-        reader = Reader(in_path)
-        reader.open()
-    except Exception as exc:  # noqa: BLE001 - rosbags raises several types for unreadable bags
-        raise BagError(f"cannot read bag {in_path}: {exc}") from None
-    try:
-        image_conns = [c for c in reader.connections if c.msgtype in IMAGE_TYPES
-                       and (topics is None or c.topic in topics or c.topic.removesuffix("/compressed") in topics)]
-        if not image_conns:
-            raise BagError(f"bag {in_path} has no image topics"
-                           + (f" among {topics}" if topics else "") + " (sensor_msgs/Image or CompressedImage)")
-        image_topics = sorted({c.topic.removesuffix("/compressed") if c.msgtype.endswith("CompressedImage")
-                               else c.topic for c in image_conns})
-        several = len(image_topics) > 1
-        colors = {c.id: c.color for c in predictor.categories}
-        with BagWriter(out_path, store, storage=storage) as out:
+        plan = plan_bag(reader.connections, topics, namespace, overlay, source=f"input bag {in_path}")
+        summary = BagSummary(inputs=[t for t, _ in plan.inputs], outputs=plan.outputs, out=str(out_path))
+        inputs = set(plan.inputs)
+        with BagWriter(out_path, store, storage=storage) as out, _progress(plan.frames, progress) as bar, \
+                logging_redirect_tqdm(loggers=[_LOG]):
             from std_msgs.msg import Header
 
-            first_ts = None
+            first = True
             for conn, timestamp, raw in reader.messages():
                 out.write(conn.topic, conn.msgtype, raw, timestamp)
-                if first_ts is None:
-                    first_ts = timestamp
-                    out.write_msg("/panoptic/categories",
+                if first:
+                    first = False
+                    out.write_msg(plan.categories_topic,
                                   categories_msg(predictor.categories, model_name, Header()), timestamp)
-                if conn not in image_conns:
+                if (conn.topic, conn.msgtype) not in inputs:
                     continue
+                summary.frames_read += 1
+                bar.update(1)
                 msg = store.deserialize_cdr(raw, conn.msgtype)
                 compressed = conn.msgtype.endswith("CompressedImage")
                 try:
                     rgb = compressed_to_rgb(msg) if compressed else image_to_rgb(msg)
                     hw = predictor.letterbox(rgb.shape[0], rgb.shape[1]).resized_size
                 except PredictorError as exc:
-                    summary["bad"]["bad_size"] = summary["bad"].get("bad_size", 0) + 1
-                    _LOG.warning("skipping frame on %s at %d: %s", conn.topic, timestamp, exc)
+                    summary.skip("bad_size", conn.topic, timestamp, exc)
                     continue
                 except ImageConversionError as exc:
-                    summary["bad"][exc.reason] = summary["bad"].get(exc.reason, 0) + 1
-                    _LOG.warning("skipping frame on %s at %d: %s", conn.topic, timestamp, exc)
+                    summary.skip(exc.reason, conn.topic, timestamp, exc)
                     continue
                 result = predictor(rgb, color="rgb")
                 header = _rclpy_header(msg.header)
-                base = conn.topic.removesuffix("/compressed") if compressed else conn.topic
-                prefix = _output_prefix(base, several)
+                prefix = plan.cameras[_base_topic(conn.topic, conn.msgtype)]
                 ms = float(sum(predictor.timings.values()))
                 out.write_msg(prefix + "panoptic/segments",
                               segments_msg(result, header, model_name, model_version, hw, ms), timestamp)
                 if overlay:
-                    ov = render_overlay(rgb, result, colors, overlay_alpha)
+                    ov = render_overlay(rgb, result, predictor.categories, overlay_alpha)
                     out.write_msg(prefix + "panoptic/overlay", numpy_to_image(ov, "bgr8", header=header), timestamp)
-                summary["frames"] += 1
-                summary["segments"] += len(result.segments)
+                summary.segmented += 1
+                summary.segments += len(result.segments)
     finally:
         reader.close()
-    summary["seconds"] = time.monotonic() - t0
+    summary.storage_files = sorted(p.name for p in out_path.iterdir() if p.suffix in (".mcap", ".db3"))
+    summary.seconds = time.monotonic() - t0
     return summary
 
 
@@ -209,27 +381,49 @@ def read_messages(path, topic: str):
             yield ts, store.deserialize_cdr(raw, conn.msgtype)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
-    ap = argparse.ArgumentParser(prog="ciae-bag", description="Run the panoptic model over a recorded rosbag2.")
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="ciae-bag", description="Run the panoptic model over the camera images of a recorded rosbag2 and write "
+        "a new bag with every input topic plus the node's outputs.",
+        epilog="Outputs are named as the node's: <namespace>/panoptic/segments, /panoptic/overlay (per camera "
+        "namespace with several cameras: <namespace>/cam1/panoptic/...) and <namespace>/panoptic/categories. "
+        "An output topic the input bag already has is an error: use --namespace /offline.")
     ap.add_argument("--in", dest="inp", required=True, help="input bag (folder)")
     ap.add_argument("--out", required=True, help="output bag folder (must not exist)")
-    ap.add_argument("--weights", default="", help="model file; default: the shipped model")
-    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--input-size", type=int, default=0, help="0: the model's default")
-    ap.add_argument("--instance-score-threshold", type=float, default=-1.0, help="-1: the model's default")
-    ap.add_argument("--topics", nargs="*", default=None, help="image topics to process (default: all)")
-    ap.add_argument("--no-overlay", action="store_true")
-    ap.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"))
-    args = ap.parse_args(argv)
-    if pathlib.Path(args.out).exists():  # checked before the (slow) model load
+    ap.add_argument("--weights", default="", help="model file (default: the shipped model)")
+    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
+                    help="inference engine (default torch)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index> (default cpu)")
+    ap.add_argument("--input-size", type=int, default=0, help="network input size (0: the model's default)")
+    ap.add_argument("--instance-score-threshold", type=float, default=-1.0,
+                    help="minimum score of a thing instance (-1: the model's default)")
+    ap.add_argument("--topics", nargs="+", default=None, metavar="TOPIC",
+                    help="image topics to segment (default: every camera image topic: sensor_msgs/Image and "
+                         "CompressedImage, except panoptic outputs and depth images)")
+    ap.add_argument("--namespace", default="", metavar="NS",
+                    help="namespace of the outputs, e.g. /offline -> /offline/panoptic/segments (default: the root, "
+                         "as the node)")
+    ap.add_argument("--no-overlay", action="store_true", help="do not write panoptic/overlay images")
+    ap.add_argument("--storage", default="mcap", choices=("mcap", "sqlite3"), help="output bag storage (default mcap)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar (there is none when stderr is not a "
+                    "terminal)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
+    args = build_parser().parse_args(argv)
+    if pathlib.Path(args.out).exists():  # everything that needs no model is checked before the (slow) load
         _LOG.error("output bag %s already exists; choose a new path", args.out)
         return 1
-    if not pathlib.Path(args.inp).exists():
-        _LOG.error("input bag %s does not exist", args.inp)
+    try:
+        plan_bag_file(args.inp, args.topics, args.namespace, not args.no_overlay)
+    except BagError as exc:
+        _LOG.error("%s", exc)
         return 1
-    from .node import SPECS, NodeStartupError, load_model
+    from .node_model import load_model
+    from .node_params import SPECS, NodeStartupError
 
     values = {name: spec.default for name, spec in SPECS.items()}
     values.update(weights=args.weights, engine=args.engine, device=args.device, input_size=args.input_size,
@@ -237,13 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(values)
         summary = process_bag(args.inp, args.out, model.predictor, topics=args.topics, overlay=not args.no_overlay,
-                              model_name=model.name, model_version=model.version, storage=args.storage)
+                              model_name=model.name, model_version=model.version, storage=args.storage,
+                              namespace=args.namespace, progress=not args.quiet)
     except (NodeStartupError, BagError) as exc:
         _LOG.error("%s", exc)
         return 1
-    bad = sum(summary["bad"].values())
-    print(f"ciae-bag: {summary['frames']} frame(s) processed, {bad} skipped {summary['bad'] or ''}, "
-          f"{summary['segments']} segment(s), {summary['seconds']:.1f} s -> {args.out}")
+    print(summary.line())
     return 0
 
 

@@ -1,4 +1,8 @@
-"""Node overhead benchmark: publish -> receive latency minus predictor time (``python -m ciae_ros.bench_node``).
+"""Node overhead benchmark: publish -> receive latency minus predictor time (``ciae-bench --node``).
+
+``ciae-bench --node ARGS`` calls :func:`main` with ``ARGS``: the ROS layer registers it as the
+entry point ``node`` of the group ``ciae_core.bench_plugins`` (setup.py), since ``ciae_core``
+imports nothing of ROS. ``python -m ciae_ros.bench_node ARGS`` runs the same.
 
 Starts the node in its own process (like on a robot), publishes ``--frames`` camera images
 (``--size``, rgb8, reliable, Fast DDS defaults like a camera driver) one at a time - the next frame
@@ -32,6 +36,8 @@ import time
 
 import numpy as np
 
+from ciae_core.cli.sizes import size_type
+
 _LOG = logging.getLogger("ciae_bench_node")
 
 
@@ -41,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
     ap.add_argument("--input-size", type=int, default=0, help="network input size (0: the model's default)")
-    ap.add_argument("--size", default="640x480", help="camera frame WIDTHxHEIGHT")
+    ap.add_argument("--size", type=size_type("--size", minimum=32), default=(640, 480), metavar="WIDTHxHEIGHT",
+                    help="camera frame size WIDTHxHEIGHT (default 640x480)")
     ap.add_argument("--frames", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -52,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the node benchmark with the command line ``argv`` (without ``--node``); exit status."""
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
     args = build_parser().parse_args(argv)
-    w, h = (int(v) for v in args.size.lower().split("x"))
+    w, h = args.size
 
     from .demo import demo_environment, random_fallback_model
     from .resources import default_weights

@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from ciae_core.cli.sizes import size_type
+
 _LOG = logging.getLogger("ciae_demo")
 
 
@@ -71,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("source", nargs="?", default="synth", help="'synth' (default), a folder of images or a video")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of output to record")
     ap.add_argument("--out", default="demo_out", help="output folder (overwritten)")
-    ap.add_argument("--size", default="640x480", help="camera frame size WIDTHxHEIGHT")
+    ap.add_argument("--size", type=size_type("--size", minimum=32, as_text=True), default="640x480",
+                    metavar="WIDTHxHEIGHT", help="camera frame size WIDTHxHEIGHT (default 640x480)")
     ap.add_argument("--rate", type=float, default=10.0, help="camera frame rate (Hz)")
     ap.add_argument("--weights", default="", help="model file (default: the shipped model in models/)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"))
+    ap.add_argument("--device", default="cpu", help="node device: cpu, cuda or cuda:<index> (default cpu)")
+    ap.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"), help="node inference engine")
     ap.add_argument("--input-size", type=int, default=0, help="network input size (default: the node's default)")
     ap.add_argument("--png-every", type=float, default=1.0, help="save one overlay PNG per this many seconds")
     ap.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: derived from the pid)")
@@ -153,124 +156,151 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_model: bool) -> dict | None:
-    import cv2
-    import rclpy
-    from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from rclpy.serialization import deserialize_message
-    from sensor_msgs.msg import Image
+class _Recorder:
+    """The demo client's subscription callbacks: every message goes to the bag as it arrives
+    (serialized, ``raw=True``), and the counters the report needs are kept on the way."""
 
-    from ciae_ros.msg import CategoryArray, PanopticSegments
+    def __init__(self, out: pathlib.Path, png_every: float, duration: float):
+        from .bag import BagWriter
 
-    from .bag import BagWriter
-    from .image_conversion import image_msg_to_array
+        self.out, self.png_every, self.duration = out, png_every, duration
+        self.stats = {"segments": 0, "latency_ms": [], "segments_per_frame": [], "overlays": 0,
+                      "camera_frames": 0, "inference_ms": [], "diagnostics": None, "pngs": 0, "diag_count": 0}
+        self.bag = BagWriter(out / "bag")
+        self.last_png = 0.0
+        self.first_output: float | None = None
 
-    stats = {"segments": 0, "latency_ms": [], "segments_per_frame": [], "overlays": 0, "camera_frames": 0,
-             "inference_ms": [], "diagnostics": None, "pngs": 0, "diag_count": 0}
-    bag = BagWriter(out / "bag")
-    last_png = [0.0]
-    first_output = [None]
-
-    def now_ns() -> int:
-        return time.time_ns()
-
-    def on_raw(topic, msgtype, handler=None):
+    def raw(self, topic: str, msgtype: str, handler=None):
         def cb(data: bytes):
-            bag.write(topic, msgtype, data, now_ns())
+            self.bag.write(topic, msgtype, data, time.time_ns())
             if handler is not None:
                 handler(data)
         return cb
 
-    def on_segments(data):
+    def on_segments(self, data) -> None:
+        from rclpy.serialization import deserialize_message
+
+        from ciae_ros.msg import PanopticSegments
+
         t = time.time()
         msg = deserialize_message(data, PanopticSegments)
+        stats = self.stats
         stats["segments"] += 1
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         stats["latency_ms"].append((t - stamp) * 1e3)
         stats["segments_per_frame"].append(len(msg.segments))
         stats["inference_ms"].append(msg.inference_time_ms)
-        if first_output[0] is None:
-            first_output[0] = time.monotonic()
-            _LOG.info("first segmentation received; recording for %.0f s", args.duration)
+        if self.first_output is None:
+            self.first_output = time.monotonic()
+            _LOG.info("first segmentation received; recording for %.0f s", self.duration)
 
-    def on_overlay(data):
-        stats["overlays"] += 1
-        if time.monotonic() - last_png[0] >= args.png_every:
-            last_png[0] = time.monotonic()
+    def on_overlay(self, data) -> None:
+        import cv2
+        from rclpy.serialization import deserialize_message
+        from sensor_msgs.msg import Image
+
+        from .image_conversion import image_msg_to_array
+
+        self.stats["overlays"] += 1
+        if time.monotonic() - self.last_png >= self.png_every:
+            self.last_png = time.monotonic()
             img = image_msg_to_array(deserialize_message(data, Image))
-            cv2.imwrite(str(out / "overlays" / f"overlay_{stats['pngs']:04d}.png"), img)
-            stats["pngs"] += 1
+            cv2.imwrite(str(self.out / "overlays" / f"overlay_{self.stats['pngs']:04d}.png"), img)
+            self.stats["pngs"] += 1
 
-    def on_camera(data):
-        stats["camera_frames"] += 1
+    def on_camera(self, data) -> None:
+        self.stats["camera_frames"] += 1
 
-    def on_diag(data):
-        stats["diag_count"] += 1
+    def on_diag(self, data) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.serialization import deserialize_message
+
+        self.stats["diag_count"] += 1
         msg = deserialize_message(data, DiagnosticArray)
         if any(s.name.endswith("/camera/image_raw") for s in msg.status):
-            stats["diagnostics"] = {s.name: {kv.key: kv.value for kv in s.values} for s in msg.status}
+            self.stats["diagnostics"] = {s.name: {kv.key: kv.value for kv in s.values} for s in msg.status}
 
-    with rclpy.init(args=["ciae_demo_client"]):
-        client = rclpy.create_node("ciae_demo_client")
+    def subscribe(self, client) -> list:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image
+
+        from ciae_ros.msg import CategoryArray, PanopticSegments
+
         reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        subs = [
+        raw = self.raw
+        return [
             client.create_subscription(Image, "/camera/image_raw",
-                                       on_raw("/camera/image_raw", "sensor_msgs/msg/Image", on_camera),
+                                       raw("/camera/image_raw", "sensor_msgs/msg/Image", self.on_camera),
                                        reliable, raw=True),
             client.create_subscription(PanopticSegments, "/panoptic/segments",
-                                       on_raw("/panoptic/segments", "ciae_ros/msg/PanopticSegments", on_segments),
+                                       raw("/panoptic/segments", "ciae_ros/msg/PanopticSegments", self.on_segments),
                                        reliable, raw=True),
             client.create_subscription(Image, "/panoptic/overlay",
-                                       on_raw("/panoptic/overlay", "sensor_msgs/msg/Image", on_overlay),
+                                       raw("/panoptic/overlay", "sensor_msgs/msg/Image", self.on_overlay),
                                        reliable, raw=True),
             client.create_subscription(CategoryArray, "/panoptic/categories",
-                                       on_raw("/panoptic/categories", "ciae_ros/msg/CategoryArray"), latched,
-                                       raw=True),
+                                       raw("/panoptic/categories", "ciae_ros/msg/CategoryArray"), latched, raw=True),
             client.create_subscription(DiagnosticArray, "/diagnostics",
-                                       on_raw("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", on_diag),
+                                       raw("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", self.on_diag),
                                        10, raw=True),
         ]
-        t_start = time.monotonic()
-        ok = True
-        try:
-            while rclpy.ok():
-                rclpy.spin_once(client, timeout_sec=0.1)
-                if node.poll() is not None:
-                    _LOG.error("the node exited with status %s", node.returncode)
-                    ok = False
-                    break
-                if camera.poll() is not None:
-                    _LOG.error("the camera exited with status %s", camera.returncode)
-                    ok = False
-                    break
-                if first_output[0] is None:
-                    if time.monotonic() - t_start > args.startup_timeout:
-                        _LOG.error("no segmentation received within %.0f s", args.startup_timeout)
-                        ok = False
-                        break
-                elif time.monotonic() - first_output[0] >= args.duration:
-                    break
-        except KeyboardInterrupt:
-            _LOG.info("interrupted; writing what was recorded")
+
+
+def _record_until_done(rclpy, client, rec: _Recorder, args, node, camera) -> bool:
+    """Spin until ``args.duration`` seconds after the first segmentation (False when the node or
+    the camera died, or nothing came within ``args.startup_timeout``)."""
+    t_start = time.monotonic()
+    try:
+        while rclpy.ok():
+            rclpy.spin_once(client, timeout_sec=0.1)
+            if node.poll() is not None:
+                _LOG.error("the node exited with status %s", node.returncode)
+                return False
+            if camera.poll() is not None:
+                _LOG.error("the camera exited with status %s", camera.returncode)
+                return False
+            if rec.first_output is None:
+                if time.monotonic() - t_start > args.startup_timeout:
+                    _LOG.error("no segmentation received within %.0f s", args.startup_timeout)
+                    return False
+            elif time.monotonic() - rec.first_output >= args.duration:
+                return True
+    except KeyboardInterrupt:
+        _LOG.info("interrupted; writing what was recorded")
+    return True
+
+
+def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_model: bool) -> dict | None:
+    import rclpy
+
+    rec = _Recorder(out, args.png_every, args.duration)
+    with rclpy.init(args=["ciae_demo_client"]):
+        client = rclpy.create_node("ciae_demo_client")
+        subs = rec.subscribe(client)
+        ok = _record_until_done(rclpy, client, rec, args, node, camera)
         t_stop = time.monotonic()
         # stop the camera, let the node finish its last frame and publish its final counters
         cam_rc = _stop(camera, "camera")
         if ok and cam_rc not in (0, None):
             _LOG.warning("camera exited with status %s", cam_rc)
-        n_diag = stats["diag_count"]
+        n_diag = rec.stats["diag_count"]
         t_end = time.monotonic() + 5.0
-        while ok and time.monotonic() < t_end and node.poll() is None and stats["diag_count"] < n_diag + 2:
+        while ok and time.monotonic() < t_end and node.poll() is None and rec.stats["diag_count"] < n_diag + 2:
             rclpy.spin_once(client, timeout_sec=0.1)
         for s in subs:
             client.destroy_subscription(s)
         client.destroy_node()
-    bag.close()
-    if not ok or stats["segments"] == 0:
+    rec.bag.close()
+    if not ok or rec.stats["segments"] == 0:
         return None
-    recorded = t_stop - first_output[0]
+    return _summary(rec, args, out, t_stop - rec.first_output, weights, random_model)
+
+
+def _summary(rec: _Recorder, args, out: pathlib.Path, recorded: float, weights: str, random_model: bool) -> dict:
+    stats = rec.stats
     p50, p99 = _percentiles(stats["latency_ms"])
     i50, i99 = _percentiles(stats["inference_ms"])
     diag = stats["diagnostics"] or {}
@@ -290,7 +320,7 @@ def _run_client(args, out: pathlib.Path, node, camera, weights: str, random_mode
                                "min": int(np.min(stats["segments_per_frame"])),
                                "max": int(np.max(stats["segments_per_frame"]))},
         "overlays_received": stats["overlays"], "overlay_pngs": stats["pngs"],
-        "bag": str((out / "bag").resolve()), "bag_messages": bag.count,
+        "bag": str((out / "bag").resolve()), "bag_messages": rec.bag.count,
         "engine": model_diag.get("engine", ""), "device": model_diag.get("device", ""),
     }
 

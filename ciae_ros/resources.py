@@ -1,5 +1,7 @@
 """Where ciae_ros finds its data files (config/, models/, msg/) and how processes join DDS.
 
+The shipped model's lookup lives in :mod:`ciae_core.shipped_model` (the ROS-free tools need it too).
+
 Two layouts are supported:
 
 * the source tree (``pip install -e .`` or running from the repository): ``<repo>/config``,
@@ -55,12 +57,11 @@ def find_data_file(relative: str) -> pathlib.Path | None:
 
 
 def default_weights() -> pathlib.Path | None:
-    """The shipped model: the newest ``models/*.safetensors`` of the first data root that has one."""
-    for root in share_dirs():
-        models = sorted((root / "models").glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if models:
-            return models[0]
-    return None
+    """The shipped model (:func:`ciae_core.shipped_model.default_weights`: the same lookup as
+    ``ciae-predict``, which cannot import this package)."""
+    from ciae_core.shipped_model import default_weights as shipped
+
+    return shipped()
 
 
 def use_large_data_dds_profile(env: dict | None = None) -> str | None:

@@ -51,7 +51,7 @@ def _entry_points() -> dict[str, str]:
 
 
 EXPECTED_SCRIPTS = {"ciae-train", "ciae-eval", "ciae-predict", "ciae-export", "ciae-bench", "ciae-synth",
-                    "ciae-panoptic-node", "ciae-demo", "ciae-bag"}
+                    "ciae-panoptic-node", "ciae-demo", "ciae-bag", "ciae-topic"}
 
 
 def test_setup_py_declares_every_console_script():

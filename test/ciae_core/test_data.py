@@ -11,7 +11,7 @@ from ciae_core.data import (CocoPanopticDataset, DatasetError, RandomHorizontalF
                             collate_panoptic, read_panoptic_png, resize_id_map, shortest_edge_size,
                             targets_from_panoptic)
 from ciae_core.synth import SYNTH_CATEGORIES
-from ciae_core.synth import main as synth_main
+from ciae_core.cli.synth import main as synth_main
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "data", "coco-panoptic-sample")
 
@@ -145,7 +145,7 @@ def test_collate_pads_to_multiple_of_32():
 
 
 def test_synthetic_dataset_matches_ciae_synth_files(tmp_path):
-    assert synth_main(["--out", str(tmp_path), "--num", "2", "--size", "64x80", "--seed", "4"]) == 0
+    assert synth_main(["--out", str(tmp_path), "--num", "2", "--size", "80x64", "--seed", "4"]) == 0
     files = CocoPanopticDataset(str(tmp_path / "images"), str(tmp_path / "panoptic"), str(tmp_path / "panoptic.json"))
     mem = SyntheticPanopticDataset(2, 64, 80, seed=4)
     assert [c.id for c in files.categories] == [c.id for c in SYNTH_CATEGORIES] == [c.id for c in mem.categories]

@@ -1,4 +1,4 @@
-"""ONNX export of forward_raw, the onnxruntime engine and torch ↔ onnxruntime parity."""
+"""ONNX export of forward_raw, reading exported files back, torch ↔ onnxruntime parity (the engine: test_engine_onnxruntime.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from ciae_core.checkpoint import load_model
-from ciae_core.export import (OUTPUT_NAMES, ExportError, export_checkpoint, main, read_onnx_config,
-                              read_onnx_metadata)
+from ciae_core.export import OUTPUT_NAMES, export_checkpoint, read_onnx_config
 from ciae_core.predictor import Predictor, PredictorError
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -45,23 +44,6 @@ def _real_images() -> list[np.ndarray]:
     return images + [image]
 
 
-def test_export_fixed_size_checker_and_metadata(weights, tmp_path):
-    out = tmp_path / "fixed.onnx"
-    assert main(["--weights", str(weights), "--out", str(out), "--size", "256x320", "--opset", "17"]) == 0
-    proto = onnx.load(str(out))
-    onnx.checker.check_model(proto)
-    assert [i.name for i in proto.graph.input] == ["images"]
-    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
-    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [1, 3, 256, 320]
-    meta = read_onnx_metadata(out)
-    assert meta["ciae_input_size"] == "256x320" and meta["ciae_format"] == "ciae-onnx/2"
-    cfg = read_onnx_config(out)
-    model = load_model(weights)
-    assert cfg.to_dict() == model.config.to_dict()
-    assert len(cfg.categories) == len(model.categories)
-
-
 @pytest.mark.parametrize("shape", [(1, 3, 256, 352), (2, 3, 192, 256)])
 def test_raw_outputs_match_torch(weights, dynamic_onnx, shape):
     import onnxruntime as ort
@@ -84,52 +66,6 @@ def test_raw_outputs_match_torch(weights, dynamic_onnx, shape):
         assert err <= 1e-3, (k, err)
 
 
-def test_onnxruntime_cpu_session_leaves_the_cores_after_a_run(dynamic_onnx):
-    """On the CPU provider the intra-op threads must not spin-wait after a run: the torch fusion
-    that follows needs the same cores (spinning made it 6x slower on a 2-core machine)."""
-    engine = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=2)._engine
-    assert engine.providers == ["CPUExecutionProvider"]
-    options = engine.session.get_session_options()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert options.intra_op_num_threads == 2
-
-
-def test_onnxruntime_session_gets_full_optimisation_and_the_thread_counts(dynamic_onnx):
-    """The real session (read back from onnxruntime) has ORT_ENABLE_ALL and the given intra-/inter-op
-    thread counts; without counts onnxruntime's defaults (0) stay. (ORT_ENABLE_ALL is also
-    SessionOptions' default in onnxruntime 1.31: this guards against a lower level being set.)"""
-    import onnxruntime as ort
-
-    engine = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256, intra_op_threads=2,
-                       inter_op_threads=3)._engine
-    options = engine.session.get_session_options()
-    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 3)
-    options = Predictor(dynamic_onnx, engine="onnxruntime", input_size=256)._engine.session.get_session_options()
-    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (0, 0)
-
-
-def test_tensorrt_provider_options():
-    """Unit level (no GPU/TensorRT here, so no TensorRT session can be built): the options
-    select_providers hands to onnxruntime for TensorRT — fp16 as asked, engine and timing caches
-    in the given directory, the device id — and CUDA gets the same device."""
-    from ciae_core.predictor import select_providers
-
-    avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    # asked for explicitly (by default TensorRT may be skipped where its runtime library is missing)
-    chosen = dict(select_providers("cuda", avail, ["tensorrt", "cuda"], trt_cache_dir="/var/cache/trt", trt_fp16=True,
-                                   device_id=1))
-    assert list(chosen) == avail
-    trt = chosen["TensorrtExecutionProvider"]
-    assert trt["trt_fp16_enable"] is True and trt["device_id"] == 1
-    assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == "/var/cache/trt"
-    assert trt["trt_timing_cache_enable"] is True and trt["trt_timing_cache_path"] == "/var/cache/trt"
-    assert chosen["CUDAExecutionProvider"] == {"device_id": 1} and chosen["CPUExecutionProvider"] == {}
-    trt = dict(select_providers("cuda", avail, ["tensorrt"]))["TensorrtExecutionProvider"]
-    assert trt["trt_fp16_enable"] is False and "trt_engine_cache_path" not in trt
-
-
 @pytest.mark.parametrize("thresholds", [{}, FAST], ids=["model_defaults", "fast"])
 def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onnx, thresholds):
     """Requirement: final id maps agree on >= 99.5% of pixels with identical segment categories —
@@ -146,20 +82,6 @@ def test_onnxruntime_predictor_matches_torch_on_real_images(weights, dynamic_onn
         seg_a = sorted((s.id, s.category_id) for s in a.segments)
         seg_b = sorted((s.id, s.category_id) for s in b.segments)
         assert seg_a and seg_a == seg_b
-
-
-def test_safetensors_with_onnxruntime_exports_once_to_cache(weights, tmp_path):
-    cache = tmp_path / "cache"
-    p = Predictor(weights, engine="onnxruntime", input_size=256, onnx_cache_dir=cache, **FAST)
-    files = list(cache.glob("*.onnx"))
-    assert len(files) == 1 and p.onnx_path == str(files[0])
-    assert read_onnx_metadata(files[0])["ciae_source_name"] == pathlib.Path(weights).name
-    mtime = files[0].stat().st_mtime_ns
-    Predictor(weights, engine="onnxruntime", input_size=256, onnx_cache_dir=cache)
-    assert files[0].stat().st_mtime_ns == mtime  # reused
-    im = _real_images()[0]
-    r = p(im)
-    assert r.id_map.shape == im.shape[:2] and r.segments
 
 
 def _write(path: pathlib.Path, data: bytes) -> pathlib.Path:
@@ -197,19 +119,6 @@ def test_onnx_without_ciae_metadata(tmp_path):
         Predictor(path, engine="onnxruntime")
 
 
-def test_onnx_with_mismatched_config(dynamic_onnx, tmp_path):
-    proto = onnx.load(str(dynamic_onnx))
-    meta = {p.key: p for p in proto.metadata_props}
-    cfg = json.loads(meta["ciae_config"].value)
-    extra = dict(cfg["categories"][0], id=9999, name="extra-thing")
-    cfg["categories"] = [extra] + cfg["categories"]  # one more thing class than the graph predicts
-    meta["ciae_config"].value = json.dumps(cfg)
-    path = tmp_path / "mismatch.onnx"
-    onnx.save(proto, str(path))
-    with pytest.raises(PredictorError, match="mismatch.onnx: graph outputs .* do not match"):
-        Predictor(path, engine="onnxruntime")
-
-
 def test_onnx_from_the_full_resolution_embedding_format_is_refused(dynamic_onnx, tmp_path):
     """A ciae-onnx/1 export of a paper-order (embedding_stride 1) model output the full-resolution P;
     this version fuses from the stride-4 map, so it asks for a re-export instead of misreading it.
@@ -232,33 +141,6 @@ def test_onnx_file_with_torch_engine_is_refused(dynamic_onnx):
         Predictor(dynamic_onnx, engine="torch")
 
 
-def test_export_cli_errors(weights, tmp_path, capsys):
-    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.onnx"), "--size", "250x320"]) == 1
-    assert "multiples of 32" in capsys.readouterr().err
-    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.onnx"), "--opset", "7"]) == 1
-    assert "opset 7" in capsys.readouterr().err
-    assert main(["--weights", str(weights), "--out", str(tmp_path / "a.txt")]) == 1
-    assert ".onnx" in capsys.readouterr().err
-    bad = _write(tmp_path / "bad.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
-    assert main(["--weights", str(bad), "--out", str(tmp_path / "b.onnx")]) == 1
-    err = capsys.readouterr().err
-    assert "bad.safetensors" in err and err.count("\n") == 1
-    assert not os.path.exists(tmp_path / "a.onnx") and not os.path.exists(tmp_path / "b.onnx")
-    with pytest.raises(ExportError, match="not found"):
-        read_onnx_metadata(tmp_path / "none.onnx")
-
-
-def test_export_below_a_regular_file_is_a_one_line_error(weights, tmp_path, capsys):
-    """--out /x/afile/m.onnx where afile is a regular file: one line naming it, no traceback."""
-    afile = _write(tmp_path / "afile", b"not a directory")
-    assert main(["--weights", str(weights), "--out", str(afile / "m.onnx")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("ciae-export: error: ") and err.count("\n") == 1, err
-    assert f"{afile} exists and is not a directory" in err and "Traceback" not in err
-    assert main(["--weights", str(weights), "--out", str(afile / "sub" / "m.onnx")]) == 1
-    assert f"{afile} exists and is not a directory" in capsys.readouterr().err
-
-
 def test_export_writes_through_a_unique_temporary_file(weights, tmp_path):
     """Two exports to the same file must not share a temporary path: a ``m.onnx.tmp`` of another
     process (the old fixed name) is left alone, and nothing of ours is left behind."""
@@ -275,16 +157,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def test_export_help_states_the_opset_range(capsys):
-    from ciae_core.export import DEFAULT_OPSET, OPSET_RANGE
-
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
-    assert e.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())
-    assert f"{OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})" in out
 
 
 @pytest.mark.cuda

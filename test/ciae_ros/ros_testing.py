@@ -8,6 +8,10 @@ started here inherit). Three processes take part, as on a robot:
 * a camera publisher (this file run as a script), controlled with JSON lines on stdin, with
   Fast DDS defaults (like a camera driver) unless asked to load the large-data profile;
 * the pytest process, whose :class:`Client` subscribes with default settings.
+
+For the launch file there is a fourth: :class:`LaunchProcess` runs it under the real upstream
+``launch``/``launch_ros`` from ``../shared/ros2-src`` (this file run as a script, ``launch`` mode),
+with ``composition_interfaces`` built by :func:`build_ros2_src_interfaces`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,133 @@ def child_env(large_data_profile: bool = False) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     assert env.get("ROS_AUTOMATIC_DISCOVERY_RANGE") == "LOCALHOST", "test/conftest.py must pin DDS to loopback"
     return env
+
+
+# ----------------------------------------------------------------------------------------------
+# upstream ROS 2 sources beside the checkout (../shared/ros2-src, tests only)
+# ----------------------------------------------------------------------------------------------
+
+ROS2_SRC = REPO.parent / "shared" / "ros2-src"
+ROS2_SRC_CACHE = REPO / "build" / "ros2-src"
+
+
+def rewrite_wheel_cmake_paths(venv: pathlib.Path) -> None:
+    """What ``scripts/setup.sh`` does before building ``msg/``: the ROS wheels' exported CMake
+    files name the wheel build container's Python and numpy include dirs; point them at this
+    interpreter's (idempotent: only files still naming the container are rewritten)."""
+    import sysconfig
+
+    import numpy
+
+    old_np = "/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include"
+    old_py = "/opt/python/cp311-cp311/include/python3.11"
+    for f in (venv / "share").rglob("*.cmake"):
+        text = f.read_text()
+        if "/opt/python/cp311-cp311" in text:
+            tmp = f.with_name(f.name + ".ciae-tmp")
+            tmp.write_text(text.replace(old_np, numpy.get_include()).replace(old_py, sysconfig.get_paths()["include"]))
+            os.replace(tmp, f)
+
+
+def build_ros2_src_interfaces(package: str, timeout: float = 1800.0) -> pathlib.Path:
+    """Build the interface package ``../shared/ros2-src/<package>`` with rosidl into its own prefix
+    ``build/ros2-src/<package>/install`` (cmake against the venv, as ``scripts/setup.sh`` builds
+    ``msg/``) once, and return that prefix. Its Python packages are under
+    ``lib/python3.X/site-packages``, its libraries under ``lib``. A prefix whose build did not
+    finish (no ``.complete`` marker naming the sources' hash) is built again; a file lock keeps
+    two test processes from building at the same time."""
+    import fcntl
+    import hashlib
+    import shutil
+
+    venv = pathlib.Path(sys.prefix)
+    src = ROS2_SRC / package
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    digest = hashlib.sha256(str(venv).encode())
+    for f in files:
+        digest.update(str(f.relative_to(src)).encode() + f.read_bytes())
+    stamp = digest.hexdigest()[:16]
+    cache = ROS2_SRC_CACHE / package
+    prefix, build, marker = cache / "install", cache / "build", cache / "install" / ".complete"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and marker.read_text() == stamp:
+            return prefix
+        shutil.rmtree(prefix, ignore_errors=True)
+        shutil.rmtree(build, ignore_errors=True)
+        build.mkdir(parents=True)
+        rewrite_wheel_cmake_paths(venv)
+        env = {**os.environ, "AMENT_PREFIX_PATH": str(venv)}
+        steps = [["cmake", str(src), f"-DCMAKE_PREFIX_PATH={venv}", f"-DCMAKE_INSTALL_PREFIX={prefix}",
+                  f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+                 ["make", f"-j{os.cpu_count() or 1}"], ["make", "install"]]
+        for cmd in steps:
+            res = subprocess.run(cmd, cwd=build, env=env, capture_output=True, text=True, timeout=timeout)
+            if res.returncode != 0:
+                raise RuntimeError(f"building {package} failed at `{' '.join(cmd[:2])}`:\n"
+                                   f"{(res.stdout + res.stderr)[-3000:]}")
+        marker.write_text(stamp)
+    return prefix
+
+
+def real_launch_env(interfaces_prefix: pathlib.Path, log_dir: pathlib.Path) -> dict:
+    """Environment of a launch process as a new user has it with the venv *not* activated: the
+    upstream ``launch``/``launch_ros``/``osrf_pycommon`` and the built ``composition_interfaces``
+    on PYTHONPATH (neither the checkout nor the venv: the installed files must stand on their
+    own), AMENT_PREFIX_PATH = the venv and that prefix, and a PATH without the venv's ``bin``
+    (so ``/usr/bin/env python3`` is not the venv's Python)."""
+    venv, venv_bin = pathlib.Path(sys.prefix), pathlib.Path(sys.executable).parent
+    env = child_env()
+    for name in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP"):
+        env.pop(name, None)
+    env["PATH"] = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                  if p and os.path.realpath(p) != os.path.realpath(venv_bin))
+    site = interfaces_prefix / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (ROS2_SRC / "launch", ROS2_SRC / "launch_ros",
+                                                         ROS2_SRC / "osrf_pycommon", site))
+    env["AMENT_PREFIX_PATH"] = os.pathsep.join([str(venv), str(interfaces_prefix)])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(interfaces_prefix / "lib"), env.get("LD_LIBRARY_PATH"))
+                                             if p)
+    env["ROS_LOG_DIR"] = str(log_dir)
+    return env
+
+
+class LaunchProcess:
+    """A launch file run by the real ``launch.LaunchService`` in its own process, as ``ros2 launch
+    FILE name:=value ...`` does (ros2launch itself needs ros2cli, which is not here): the file is
+    included with ``IncludeLaunchDescription(PythonLaunchDescriptionSource(FILE))`` carrying the
+    arguments. Output (launch's and the nodes') in ``log``; see :func:`_launch_main`."""
+
+    def __init__(self, launch_file: pathlib.Path, arguments: dict, env: dict, log: pathlib.Path):
+        self.log_path = pathlib.Path(log)
+        self._log = open(self.log_path, "w")
+        cmd = [sys.executable, str(THIS), "launch", str(launch_file), *(f"{k}:={v}" for k, v in arguments.items())]
+        # its own session: on a failed stop the launch process and its nodes go together
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, timeout: float = 90.0) -> int:
+        """Ctrl-C as a terminal sends it: SIGINT to the launch process and its nodes (launch does
+        not forward a SIGINT it got itself; it waits ``sigterm_timeout`` for its processes before
+        escalating to SIGTERM). The session is killed after ``timeout``."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
 
 
 def rss_mb(pid: int) -> float:
@@ -447,7 +578,26 @@ def _publisher_main(topic: str, reliability: str, compressed: bool, depth: int) 
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# the launch process (see LaunchProcess)
+# ----------------------------------------------------------------------------------------------
+
+def _launch_main(launch_file: str, arguments: list[str]) -> int:
+    """What ``ros2 launch`` does with a Python launch file and ``name:=value`` arguments."""
+    import launch
+    from launch.actions import IncludeLaunchDescription
+    from launch.launch_description_sources import PythonLaunchDescriptionSource
+
+    pairs = [tuple(a.split(":=", 1)) for a in arguments]
+    service = launch.LaunchService(argv=arguments)
+    service.include_launch_description(launch.LaunchDescription([
+        IncludeLaunchDescription(PythonLaunchDescriptionSource(launch_file), launch_arguments=pairs)]))
+    return service.run()
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "publisher":
         sys.exit(_publisher_main(sys.argv[2], sys.argv[3], bool(int(sys.argv[4])), int(sys.argv[5])))
-    sys.exit(f"usage: {sys.argv[0]} publisher TOPIC RELIABILITY COMPRESSED DEPTH")
+    if len(sys.argv) >= 3 and sys.argv[1] == "launch":
+        sys.exit(_launch_main(sys.argv[2], sys.argv[3:]))
+    sys.exit(f"usage: {sys.argv[0]} publisher TOPIC RELIABILITY COMPRESSED DEPTH | launch FILE [NAME:=VALUE ...]")

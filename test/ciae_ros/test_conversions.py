@@ -10,8 +10,9 @@ pytest.importorskip("ciae_ros.msg")
 from std_msgs.msg import Header  # noqa: E402
 
 from ciae_core.structures import CategoryInfo, PanopticResult, segments_from_id_map  # noqa: E402
-from ciae_ros.conversions import (categories_msg, detections_msg, render_overlay, segment_boundaries,  # noqa: E402
-                                  segments_msg)
+from ciae_core import visualize  # noqa: E402
+from ciae_core.visualize import category_colors  # noqa: E402
+from ciae_ros.conversions import categories_msg, detections_msg, render_overlay, segments_msg  # noqa: E402
 from ciae_ros.image_conversion import image_msg_to_array  # noqa: E402
 
 CATS = [CategoryInfo(5, "car", True, (255, 0, 0)), CategoryInfo(40, "road", False, (0, 0, 255))]
@@ -43,37 +44,27 @@ def test_segments_msg_carries_everything():
     assert msg.inference_time_ms == pytest.approx(12.5)
 
 
-def test_categories_msg_colours_in_unit_range():
+def test_categories_msg_advertises_the_overlay_colours():
     msg = categories_msg(CATS, "m", Header())
     assert [c.id for c in msg.categories] == [5, 40] and msg.model_name == "m"
-    assert (msg.categories[0].color.r, msg.categories[0].color.b, msg.categories[0].color.a) == (1.0, 0.0, 1.0)
     assert msg.categories[1].isthing is False
+    palette = category_colors(CATS)
+    for c in msg.categories:
+        rgba = (c.color.r, c.color.g, c.color.b, c.color.a)
+        assert rgba == pytest.approx((*(v / 255.0 for v in palette[c.id]), 1.0))
+    assert palette[5] != CATS[0].color, "the overlay's palette, not the model file's colour"
 
 
-def test_overlay_blends_colours_and_draws_outlines():
+def test_overlay_is_the_shared_renderer_in_the_advertised_colours():
+    """The node draws panoptic/overlay through conversions.render_overlay: ciae_core's renderer
+    (tested in test/ciae_core/test_visualize.py), called as the node calls it (a dict keyed by
+    category id); stuff pixels get the colour panoptic/categories advertises."""
     res = _result()
-    image = np.full((6, 8, 3), 100, np.uint8)
-    colors = {c.id: c.color for c in CATS}
-    bgr = render_overlay(image, res, colors, alpha=0.5)
-    assert bgr.shape == (6, 8, 3) and bgr.dtype == np.uint8
-    edges = segment_boundaries(res.id_map)
-    assert np.all(bgr[edges] == 255)
-    interior_road = bgr[0, 0]  # road colour (0, 0, 255) RGB -> BGR (255, 0, 0), blended 50 %
-    np.testing.assert_allclose(interior_road, [177, 50, 50], atol=1)
-    void = (res.id_map == 0) & ~edges
-    assert np.all(bgr[void] == 100), "void pixels keep the image"
-    with pytest.raises(ValueError):
-        render_overlay(image[:5], res, colors)
-
-
-def test_overlay_separates_touching_instances_of_one_class():
-    ids = np.zeros((4, 8), np.int32)
-    ids[:, :4], ids[:, 4:] = 1, 2
-    meta = {1: (5, "car", True, 0.9), 2: (5, "car", True, 0.8)}
-    res = PanopticResult(id_map=ids, segments=segments_from_id_map(ids, meta))
-    bgr = render_overlay(np.zeros((4, 8, 3), np.uint8), res, {5: (255, 0, 0)}, alpha=1.0)
-    assert not np.array_equal(bgr[0, 0], bgr[0, 7]), "two instances of one class got the same colour"
-    assert np.all(bgr[:, 3] == 255), "the boundary between the instances is outlined"
+    image = np.zeros((6, 8, 3), np.uint8)
+    bgr = render_overlay(image, res, {c.id: c.color for c in CATS}, 1.0)
+    np.testing.assert_array_equal(bgr, visualize.render_overlay(image, res, CATS, alpha=1.0))
+    road = categories_msg(CATS, "m", Header()).categories[1].color
+    assert tuple(bgr[0, 0]) == tuple(round(v * 255) for v in (road.b, road.g, road.r))
 
 
 def test_detections_need_vision_msgs():

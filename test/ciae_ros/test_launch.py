@@ -1,13 +1,20 @@
 """launch/panoptic.launch.py, config/panoptic.yaml and config/panoptic.rviz agree with the node
-and with the install rules (``launch``/``launch_ros`` are not installable here, so the launch file
-is checked by parsing it; the node itself runs with config/panoptic.yaml in test_node.py)."""
+and with the install rules; the installed launch file runs under the real upstream
+``launch``/``launch_ros`` (from ``../shared/ros2-src``, skipped without it) and starts the
+installed node without the venv activated."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import itertools
 import pathlib
 import re
+import sys
+import time
+from types import SimpleNamespace
 
+import pytest
 import yaml
 
 from ciae_ros.node import PARAMS, SPECS
@@ -168,56 +175,133 @@ def test_rviz_config_shows_overlay_and_camera():
     assert topics == {"/panoptic/overlay", "/camera/image_raw"}
 
 
-def test_launch_file_wiring_with_stand_in_launch_modules(monkeypatch):
-    """Runs the launch file's own code. MOCKS: ``launch``/``launch_ros`` cannot be installed here (no
-    ROS 2 install; the PyPI package named ``launch`` is an unrelated program), so minimal stand-ins
-    record what the file builds: argument defaults, and the node actions with their parameters,
-    made by the OpaqueFunction from the launch arguments' values."""
-    import importlib.util
-    import sys
-    import types
+# ----------------------------------------------------------------------------------------------
+# the launch file under the real launch/launch_ros (../shared/ros2-src), node and camera over DDS
 
-    class Recorder:
-        def __init__(self, *args, **kwargs):
-            self.args, self.kwargs = args, kwargs
 
-    class LaunchConfiguration(Recorder):
-        def perform(self, context):
-            return context[self.args[0]]
+AMENT_MARKER = "share/ament_index/resource_index/packages/ciae_ros"  # what ament_index looks for in a prefix
 
-    mods = {
-        "launch": dict(LaunchDescription=Recorder),
-        "launch.actions": dict(DeclareLaunchArgument=Recorder, OpaqueFunction=Recorder),
-        "launch.conditions": dict(IfCondition=Recorder, UnlessCondition=Recorder),
-        "launch.substitutions": dict(LaunchConfiguration=LaunchConfiguration, PathJoinSubstitution=Recorder),
-        "launch_ros": {},
-        "launch_ros.actions": dict(LifecycleNode=Recorder, Node=Recorder),
-        "launch_ros.substitutions": dict(FindPackageShare=Recorder),
-    }
-    for name, attrs in mods.items():
-        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
-    spec = importlib.util.spec_from_file_location("panoptic_launch_under_test", LAUNCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
 
-    ld = module.generate_launch_description()
-    entities = ld.args[0]
-    defaults = {e.args[0]: e.kwargs["default_value"] for e in entities if "default_value" in e.kwargs}
-    assert defaults["image_topic"] == "camera/image_raw"
-    [opaque] = [e for e in entities if "function" in e.kwargs]
-    context = {**{k: v for k, v in defaults.items() if isinstance(v, str)}, "params_file": "/p.yaml"}
+@pytest.fixture(scope="module")
+def real_launch(tmp_path_factory):
+    """What running the installed launch file needs: the upstream launch/launch_ros sources beside
+    the checkout (skipped without them, as on a user's machine), composition_interfaces built with
+    rosidl (cached in build/ros2-src), rclpy and our messages."""
+    from ros_testing import ROS2_SRC
 
-    def node_parameters(ctx):
-        plain, managed = opaque.kwargs["function"](ctx)
-        assert plain.kwargs["parameters"] == managed.kwargs["parameters"]
-        assert managed.kwargs["arguments"] == ["--lifecycle"]
-        assert plain.kwargs["remappings"][0][0] == "image"
-        return plain.kwargs["parameters"]
+    if not ROS2_SRC.is_dir():
+        pytest.skip(f"{ROS2_SRC} is absent: the upstream launch/launch_ros sources are needed to run the launch file")
+    pytest.importorskip("rclpy")
+    pytest.importorskip("ciae_ros.msg")
+    from ros_testing import Client, build_ros2_src_interfaces, real_launch_env
 
-    params = node_parameters(context)
-    assert len(params) == 1 and params[0].args == ("params_file",), "only the params file when nothing is given"
-    params = node_parameters({**context, "device": "cuda:0", "engine": "onnxruntime"})
-    assert params[0].args == ("params_file",) and params[1] == {"engine": "onnxruntime", "device": "cuda:0"}
+    venv = pathlib.Path(sys.prefix)
+    assert (venv / AMENT_MARKER).is_file(), f"ciae_ros is not installed in {venv} (make setup)"
+    prefix = build_ros2_src_interfaces("composition_interfaces")
+    client = Client("ciae_test_launch_client")
+    yield SimpleNamespace(env=real_launch_env(prefix, tmp_path_factory.mktemp("ros_log")), client=client,
+                          launch_file=venv / "share" / "ciae_ros" / "launch" / "panoptic.launch.py",
+                          installed_params=venv / "share" / "ciae_ros" / "config" / "panoptic.yaml")
+    client.close()
+
+
+@contextlib.contextmanager
+def launched(real_launch, log: pathlib.Path, **arguments):
+    """The installed launch file running with ``arguments``; afterwards it is stopped with Ctrl-C
+    and every node it started must have finished cleanly."""
+    from ros_testing import LaunchProcess
+
+    # launch's own argument: how long it waits after Ctrl-C before SIGTERM (5 s by default; a
+    # node's DDS and torch teardown alone takes about that long on this loaded 2-core machine)
+    run = LaunchProcess(real_launch.launch_file, {**arguments, "sigterm_timeout": "60"}, real_launch.env, log)
+    try:
+        yield run
+    finally:
+        rc = run.stop()
+    text = run.log()
+    assert "No module named" not in text and "Traceback" not in text, text[-3000:]
+    assert rc == 0 and "process has finished cleanly" in text, f"launch exit status {rc}\n{text[-3000:]}"
+
+
+@pytest.mark.ros
+def test_installed_scripts_run_with_the_python_that_built_them():
+    """colcon's rule for Python executables: the installed script names the interpreter that
+    built the package, so it runs with that environment's packages without activating it."""
+    pytest.importorskip("ciae_ros.msg")
+    import subprocess
+
+    venv = pathlib.Path(sys.prefix)
+    assert (venv / AMENT_MARKER).is_file(), f"ciae_ros is not installed in {venv} (make setup)"
+    lib = venv / "lib" / "ciae_ros"
+    for name in ("panoptic_node", "demo"):
+        first = (lib / name).read_text().splitlines()[0]
+        interpreter = first[2:].split()
+        assert first.startswith("#!/") and pathlib.Path(interpreter[0]).name != "env", \
+            f"{lib / name} starts with {first!r} (installed before CMakeLists.txt set the interpreter? run make setup)"
+        prefix = subprocess.run([*interpreter, "-c", "import sys; print(sys.prefix)"], capture_output=True,
+                                text=True, timeout=60).stdout.strip()
+        assert prefix == sys.prefix, f"{lib / name} runs with {first[2:]} (prefix {prefix}), not this venv's Python"
+
+
+@pytest.mark.ros
+def test_launch_file_starts_the_installed_node_without_an_activated_venv(real_launch, node_weights, tmp_path):
+    """`ros2 launch ciae_ros panoptic.launch.py namespace:=... weights:=...` with the real
+    launch/launch_ros, the venv not activated (its bin not on PATH): the node starts from the
+    installed script, takes the installed params file plus the given weights, subscribes to the
+    default relative camera topic in its namespace and publishes segments for a camera's frames."""
+    from ciae_ros.msg import PanopticSegments
+    from ros_testing import Publisher
+
+    ns = "/launch_plain"
+    client = real_launch.client
+    segs = client.subscribe(PanopticSegments, f"{ns}/panoptic/segments")
+    with launched(real_launch, tmp_path / "launch.log", namespace=ns, weights=node_weights) as run:
+        cam = Publisher(f"{ns}/camera/image_raw", reliability="reliable")
+        try:
+            deadline = time.monotonic() + 300
+            while run.alive() and time.monotonic() < deadline and cam.wait_subscribers(1, timeout=5) < 1:
+                pass
+            assert run.alive() and cam.wait_subscribers(1, timeout=1) >= 1, run.log()[-3000:]
+            msg, deadline = None, time.monotonic() + 120
+            for k in itertools.count(1):  # until a frame's segments arrive (the first may go unmatched)
+                if msg is not None or not run.alive() or time.monotonic() > deadline:
+                    break
+                stamp = (2000 + k, 17)
+                cam.image(480, 640, stamp, frame_id="launch_cam")
+                msg = segs.wait_for(lambda m, s=stamp: (m.header.stamp.sec, m.header.stamp.nanosec) == s, timeout=10)
+        finally:
+            cam.close()
+        assert msg is not None, f"no segments from the launched node\n{run.log()[-3000:]}"
+        assert msg.header.frame_id == "launch_cam" and (msg.id_image.height, msg.id_image.width) == (480, 640)
+        assert msg.segments and msg.model_name == pathlib.Path(node_weights).stem
+        shipped = yaml.safe_load(real_launch.installed_params.read_text())["/**"]["ros__parameters"]
+        names = ["weights", "engine", "device", "overlay_alpha", "input_transport"]
+        expected = [node_weights] + [shipped[n] for n in names[1:]]
+        assert client.get_parameters(f"{ns}/ciae_panoptic", *names) == expected, \
+            "the given weights on top of the installed params file, the rest from the file"
+
+
+@pytest.mark.ros
+def test_launch_file_lifecycle_argument_starts_the_managed_node(real_launch, tmp_path):
+    """`lifecycle:=true engine:=onnxruntime`: only the managed node starts (unconfigured, model not
+    loaded), with the given engine on top of the installed params file."""
+    from lifecycle_msgs.srv import GetState
+
+    ns = "/launch_lc"
+    client = real_launch.client
+    with launched(real_launch, tmp_path / "launch.log", namespace=ns, lifecycle="true", engine="onnxruntime") as run:
+        state, deadline = None, time.monotonic() + 180
+        while state is None and run.alive() and time.monotonic() < deadline:
+            try:
+                state = client.call(GetState, f"{ns}/ciae_panoptic/get_state", GetState.Request(),
+                                    timeout=5).current_state.label
+            except TimeoutError:
+                pass
+        assert state == "unconfigured", run.log()[-3000:]
+        assert "loaded from" not in run.log(), "the managed node must not load the model before configure"
+        assert client.get_parameters(f"{ns}/ciae_panoptic", "engine", "weights") == ["onnxruntime", ""]
+        nodes = [n for n, node_ns in client.node.get_node_names_and_namespaces() if node_ns == ns]
+        assert nodes == ["ciae_panoptic"], f"exactly one node (the managed one) in {ns}: {nodes}"
 
 
 def test_readme_and_params_file_document_every_parameter():

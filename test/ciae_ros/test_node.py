@@ -549,7 +549,7 @@ def namespaced_node(client, log: pathlib.Path, ns: str, weights: str, params: di
 
 
 def test_fixed_shape_onnx_export_on_the_onnxruntime_engine(client, node_weights, tmp_path):
-    """The node on engine onnxruntime with a `ciae-export --size 288x384` file, across processes:
+    """The node on engine onnxruntime with a `ciae-export --size 384x288` file, across processes:
     a 480x640 frame is fitted into the canvas (the message's input size says so), thresholds
     change at run time, and input_size is refused with a reason (the canvas is fixed)."""
     from ciae_core.export import export_checkpoint
@@ -569,7 +569,7 @@ def test_fixed_shape_onnx_export_on_the_onnxruntime_engine(client, node_weights,
         [res] = client.set_parameters("/fixed/ciae_panoptic", score_threshold=0.3)
         assert res.successful, res.reason
         [res] = client.set_parameters("/fixed/ciae_panoptic", input_size=320)
-        assert not res.successful and "fixed 288x384 export" in res.reason, res.reason
+        assert not res.successful and "fixed 384x288 export" in res.reason, res.reason
         assert frame().input_height == 288
 
 
@@ -672,52 +672,6 @@ def test_processing_errors_set_the_model_diagnostics_to_error_only_while_they_ha
 # pieces of the node without DDS
 
 
-def test_mailbox_keeps_only_the_newest_frame_per_camera():
-    import threading
-
-    from ciae_ros.node import LatestFrameMailbox
-
-    box = LatestFrameMailbox(2)
-    assert box.put(0, "a0") is False
-    assert box.put(0, "a1") is True, "replacing an unprocessed frame is a drop"
-    assert box.put(1, "b0") is False
-    assert box.take(timeout=0.0) == [(0, "a1"), (1, "b0")], "all cameras' newest frames go into one batch"
-    assert box.take(timeout=0.05) == []
-    got = []
-    t = threading.Thread(target=lambda: got.append(box.take(timeout=5.0)))
-    t.start()
-    time.sleep(0.05)
-    box.put(1, "b1")
-    t.join(2)
-    assert got == [[(1, "b1")]], "take wakes up when a frame arrives"
-
-
-def test_parameter_validation_messages():
-    from ciae_ros.node import validate_value
-
-    assert validate_value("engine", "torch") is None
-    assert "one of" in validate_value("engine", "tf")
-    assert "cuda:<index>" in validate_value("device", "gpu0")
-    assert validate_value("device", "cuda:1") is None
-    assert "does not exist" in validate_value("weights", "/nonexistent.safetensors")
-    assert "-1" in validate_value("nms_threshold", -0.5)
-    assert validate_value("stuff_area_min", 5000) is None
-    assert "distinct" in validate_value("image_topics", ["/a", "/a"])
-    assert "both publish under /cam/panoptic/" in validate_value("image_topics", ["/cam/image_raw", "/cam/image_rect"])
-    assert validate_value("image_topics", ["/cam1/image_raw", "/cam2/image_raw"]) is None
-
-
-def test_unknown_parameter_warnings_skip_declared_and_explain_qos_overrides():
-    from ciae_ros.node import unknown_parameter_warnings
-
-    declared = {"input_size", "use_sim_time", "start_type_description_service"}
-    given = ["input_size", "use_sim_time", "scor_threshold", "qos_overrides./x.publisher.depth"]
-    lines = unknown_parameter_warnings(given, declared.__contains__)
-    assert lines[0].startswith("parameter 'qos_overrides./x.publisher.depth' ignored") and "output_depth" in lines[0]
-    assert lines[1] == "unknown parameter 'scor_threshold' (did you mean 'score_threshold'?) \u2014 ignored"
-    assert len(lines) == 2
-
-
 def test_autostart_without_lifecycle_is_a_usage_error(capsys):
     import subprocess
 
@@ -735,13 +689,32 @@ def test_autostart_without_lifecycle_is_a_usage_error(capsys):
                                                    "(a plain node is active from the start anyway)")
 
 
-def test_output_prefix_is_the_camera_namespace():
-    from ciae_ros.node import _output_prefix
+def _node_publishes(client, topic: str, expected: bool, timeout: float = 60.0) -> bool:
+    """Poll the ROS graph (the node's own publishers, seen from another process) until ``topic`` is
+    among them (``expected`` True) or not; the final state either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = {t for t, _ in client.node.get_publisher_names_and_types_by_node("ciae_panoptic", "/")}
+        if (topic in topics) == expected or time.monotonic() > deadline:
+            return topic in topics
+        time.sleep(0.2)
 
-    assert _output_prefix("/cam1/image_raw") == "/cam1/"
-    assert _output_prefix("cam1/image_raw") == "cam1/"
-    assert _output_prefix("/robot/front/image_raw") == "/robot/front/"
-    assert _output_prefix("left") == "left/"
+
+def test_confidence_topic_is_advertised_only_while_publish_confidence_is_on(client, node):
+    """With publish_confidence false (config/panoptic.yaml) the node has no panoptic/confidence
+    publisher at all; setting it true through the parameter service creates one, false removes it."""
+    assert client.get_parameters(NODE, "publish_confidence") == [False]
+    # the node's other publishers (categories and diagnostics are created after the confidence one
+    # used to be): once this process knows them, it would know a confidence publisher too
+    for other in ("/panoptic/segments", "/panoptic/overlay", "/panoptic/categories", "/diagnostics"):
+        assert _node_publishes(client, other, True), f"{other} not in the graph\n{node.log()[-2000:]}"
+    assert not _node_publishes(client, "/panoptic/confidence", False), "advertised with publish_confidence false"
+    [res] = client.set_parameters(NODE, publish_confidence=True)
+    assert res.successful, res.reason
+    assert _node_publishes(client, "/panoptic/confidence", True), "not advertised after publish_confidence true"
+    [res] = client.set_parameters(NODE, publish_confidence=False)
+    assert res.successful, res.reason
+    assert not _node_publishes(client, "/panoptic/confidence", False), "still advertised after false again"
 
 
 def test_confidence_output_and_max_rate_at_run_time(client, cameras, outputs, node):
@@ -751,9 +724,14 @@ def test_confidence_output_and_max_rate_at_run_time(client, cameras, outputs, no
     conf = client.subscribe(Image, "/panoptic/confidence")
     [res] = client.set_parameters(NODE, publish_confidence=True)
     assert res.successful, res.reason
-    time.sleep(1.0)
-    stamp, _ = roundtrip(cam, outputs, node, 480, 640)
-    msg = conf.wait_for(lambda m: stamp_of(m) == stamp, timeout=10)
+    # the confidence publisher is created now: frames may go out before it has matched our
+    # subscription, so send frames until one's confidence arrives (or the deadline passes)
+    deadline = time.monotonic() + 60
+    while True:
+        stamp, _ = roundtrip(cam, outputs, node, 480, 640)
+        msg = conf.wait_for(lambda m, s=stamp: stamp_of(m) == s, timeout=10)
+        if msg is not None or time.monotonic() > deadline:
+            break
     assert msg is not None and (msg.height, msg.width, msg.encoding) == (480, 640, "32FC1")
     c = image_msg_to_array(msg)
     assert np.isfinite(c).all() and c.min() >= -1e-6

@@ -1,0 +1,65 @@
+"""``ciae-export``: a checkpoint's ``forward_raw`` as an ONNX file (:mod:`ciae_core.export`).
+
+``--size WIDTHxHEIGHT`` (default 640x640, multiples of 32) with ``--batch-size N`` gives a fixed-shape
+graph, ``--dynamic`` a symbolic batch/height/width; ``--opset`` in ``OPSET_RANGE``. Exit codes:
+0 written, 1 a one-line error (nothing is left behind), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ciae_core.cli.sizes import parse_size
+from ciae_core.export import DEFAULT_OPSET, OPSET_RANGE, ExportError, export_checkpoint
+
+
+def parse_export_size(text: str) -> tuple[int, int]:
+    """``"640x480"`` (WIDTHxHEIGHT) → ``(height, width)`` = ``(480, 640)``, as
+    :func:`ciae_core.export.export_checkpoint` takes it; both multiples of 32."""
+    try:
+        width, height = parse_size(text, "--size", minimum=32, multiple_of=32)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    return height, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ciae-export", description="Export a CIAE checkpoint's forward_raw to ONNX "
+                                "(network outputs; selection and fusion run in ciae_core.fusion).")
+    p.add_argument("--weights", required=True, help=".safetensors checkpoint")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--size", default="640x640", metavar="WIDTHxHEIGHT",
+                       help="fixed input size WIDTHxHEIGHT, multiples of 32 (default 640x640)")
+    shape.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    p.add_argument("--batch-size", type=int, default=1, help="fixed batch size (ignored with --dynamic)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ciae-export``: write ``--weights``' ``forward_raw`` as ONNX to ``--out``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.batch_size < 1:
+            raise ExportError("--batch-size must be >= 1")
+        size = parse_export_size(args.size)
+        out = export_checkpoint(args.weights, args.out, size=size, dynamic=args.dynamic,
+                                batch_size=args.batch_size, opset=args.opset)
+    except ExportError as e:
+        print(f"ciae-export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"ciae-export: wrote {out} (opset {args.opset}, {'dynamic' if args.dynamic else args.size}, "
+          f"{os.path.getsize(out) / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

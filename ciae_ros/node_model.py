@@ -1,0 +1,92 @@
+"""The node's model: building the Predictor from node parameter values, and what messages report.
+
+:func:`load_model` turns the parameter values into a :class:`ciae_core.predictor.Predictor` (or
+one ``NodeStartupError`` line), :class:`ModelHandle` carries it with the name, content hash,
+engine and device that every output message and /diagnostics report, and
+:func:`predictor_settings` maps the run-time parameters (input size, thresholds; 0/-1 = the
+model's own default) to ``Predictor.update`` keywords. Used by the node and by ``ciae-bag``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+from dataclasses import dataclass
+
+from .node_params import THRESHOLD_PARAMS, NodeStartupError
+
+
+@dataclass
+class ModelHandle:
+    """A loaded Predictor plus what the messages report about it."""
+
+    predictor: object
+    name: str
+    version: str
+    weights: str
+    engine: str
+    device: str
+
+
+def _file_version(path: pathlib.Path) -> str:
+    """Short content hash of the weights file: identifies the exact model in every message."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()[:12]
+
+
+def predictor_settings(values: dict, model_config=None, model_input_size: int | None = None) -> dict:
+    """``Predictor.update`` keywords from node parameter values.
+
+    ``input_size`` 0 and thresholds -1 mean "the model's own default"; with ``model_config`` given
+    they are resolved to its values (so switching back to -1 at run time restores them), without
+    it they are left out (the Predictor then uses its defaults). ``model_input_size``: the loaded
+    predictor's own input size (``Predictor.default_input_size``: a fixed-shape ONNX export's
+    canvas), else the backbone's default.
+    """
+    out = {}
+    size = int(values["input_size"])
+    if size:
+        out["input_size"] = size
+    elif model_config is not None:
+        from ciae_core.predictor import default_input_size
+
+        out["input_size"] = model_input_size or default_input_size(model_config.backbone)
+    for name in THRESHOLD_PARAMS:
+        v = values[name]
+        if v != -1:
+            out[name] = v
+        elif model_config is not None:
+            out[name] = getattr(model_config, "min_stuff_area" if name == "stuff_area_min" else name)
+    return out
+
+
+def load_model(values: dict) -> ModelHandle:
+    """Build the Predictor from node parameter values; ``NodeStartupError`` with one line on failure."""
+    from ciae_core.predictor import Predictor, PredictorError
+
+    from .resources import default_weights
+
+    weights = str(values["weights"] or "")
+    if not weights:
+        found = default_weights()
+        if found is None:
+            raise NodeStartupError("no weights given and no shipped model found (models/*.safetensors); "
+                                   "set the 'weights' parameter")
+        weights = str(found)
+    path = pathlib.Path(weights).expanduser()
+    if not path.is_file():
+        raise NodeStartupError(f"weights file {weights!r} does not exist")
+    try:
+        predictor = Predictor(str(path), engine=str(values["engine"]), device=str(values["device"]),
+                              max_size=int(values["max_size"]), precision=str(values["precision"]),
+                              **predictor_settings(values))
+    except PredictorError as exc:
+        raise NodeStartupError(str(exc)) from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise NodeStartupError(f"cannot load model {weights!r}: {first}") from None
+    return ModelHandle(predictor=predictor, name=path.stem, version=_file_version(path), weights=str(path),
+                       engine=str(values["engine"]), device=str(values["device"]))

@@ -1,0 +1,253 @@
+"""The node's parameters: the declared table, descriptors, and every check on their values.
+
+:data:`PARAMS` is the single source of the node's parameters (name, default, description, range,
+read-only, whether a change reloads the model); ``config/panoptic.yaml``, the launch file and the
+README are tested against it. :func:`validate_value` holds the checks a ``ParameterDescriptor``
+cannot express (choices, device and weights formats, camera topics), used at start and on every
+run-time change; :func:`unknown_parameter_warnings` reports misspelled override keys. The
+``declare_parameters`` / ``read_parameters`` / ``warn_unknown_overrides`` helpers do this on a
+running rclpy node (the only functions here that touch rclpy, imported when called).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+
+from .image_conversion import DEFAULT_MAX_PIXELS
+
+
+class NodeStartupError(RuntimeError):
+    """The node cannot start (weights, engine, device, parameters); the message says why."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: object
+    description: str
+    choices: tuple[str, ...] = ()
+    int_range: tuple[int, int, int] | None = None        # from, to, step
+    float_range: tuple[float, float] | None = None
+    read_only: bool = False
+    reloads_model: bool = False     # changing it builds a new Predictor
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("weights", "", "Model file (.safetensors; .onnx for engine onnxruntime). Empty: the shipped "
+              "model (models/ in the source tree or share/ciae_ros/models).", reloads_model=True),
+    ParamSpec("engine", "torch", "Inference engine.", choices=("torch", "onnxruntime"), reloads_model=True),
+    ParamSpec("device", "cpu", "Inference device: cpu, cuda or cuda:<index>.", reloads_model=True),
+    ParamSpec("precision", "fp32", "Inference precision (fp16 needs CUDA; bf16: torch engine).",
+              choices=("fp32", "fp16", "bf16"), reloads_model=True),
+    ParamSpec("max_size", 1333, "Upper bound on the longer side after resizing (px).", int_range=(64, 4096, 1),
+              reloads_model=True),
+    ParamSpec("input_size", 0, "Network input size: the image's shorter side is resized to this (px). 0: the "
+              "model's default (640 for ResNet-50/101, 320 for small backbones); the model's valid range applies "
+              "(512..800 for ResNet-50/101, 192..800 for small backbones).", int_range=(0, 800, 32)),
+    ParamSpec("score_threshold", -1.0, "Candidate threshold of thing proposals before NMS. -1: the model's default.",
+              float_range=(-1.0, 1.0)),
+    ParamSpec("nms_threshold", -1.0, "IoU threshold of the class-wise NMS of thing proposals. -1: the model's "
+              "default.", float_range=(-1.0, 1.0)),
+    ParamSpec("instance_score_threshold", -1.0, "Minimum score of a thing proposal to become a segment. -1: the "
+              "model's default.", float_range=(-1.0, 1.0)),
+    ParamSpec("stuff_area_min", -1, "Stuff regions smaller than this many pixels (per 640x480 image, scaled with "
+              "the image area) become void. -1: the model's default.", int_range=(-1, 10_000_000, 1)),
+    ParamSpec("overlay", "auto", "Colour overlay on panoptic/overlay: auto = only while someone subscribes, "
+              "on = always, off = never.", choices=("auto", "on", "off")),
+    ParamSpec("overlay_alpha", 0.5, "Opacity of the segment colours in the overlay.", float_range=(0.0, 1.0)),
+    ParamSpec("publish_confidence", False, "Publish panoptic/confidence (32FC1, top-1 minus top-2 similarity)."),
+    ParamSpec("publish_detections", True, "Publish thing instances as vision_msgs/Detection2DArray on "
+              "panoptic/detections (only when vision_msgs is installed).", read_only=True),
+    ParamSpec("input_transport", "raw", "raw: sensor_msgs/Image on <image>; compressed: sensor_msgs/"
+              "CompressedImage on <image>/compressed.", choices=("raw", "compressed"), read_only=True),
+    ParamSpec("image_topics", [], "Several cameras: their image topics (one model, batched). Empty: the "
+              "single topic 'image'.", read_only=True),
+    ParamSpec("input_reliability", "auto", "Input QoS reliability; auto matches the publishers' offer.",
+              choices=("auto", "reliable", "best_effort"), read_only=True),
+    ParamSpec("input_depth", 1, "Input QoS history depth.", int_range=(1, 100, 1), read_only=True),
+    ParamSpec("output_reliability", "reliable", "Output QoS reliability.", choices=("reliable", "best_effort"),
+              read_only=True),
+    ParamSpec("output_depth", 1, "Output QoS history depth.", int_range=(1, 100, 1), read_only=True),
+    ParamSpec("max_rate", 0.0, "Maximum processing rate in Hz (0: as fast as the model runs).",
+              float_range=(0.0, 1000.0)),
+    ParamSpec("max_image_pixels", DEFAULT_MAX_PIXELS, "Frames with more pixels are rejected (too_large).",
+              int_range=(1, 2**31 - 1, 1)),
+    ParamSpec("scale16_max", 65535, "16-bit input: this value maps to 255 (4095 for 12-bit cameras).",
+              int_range=(1, 65535, 1)),
+    ParamSpec("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", float_range=(0.1, 60.0),
+              read_only=True),
+)
+SPECS = {p.name: p for p in PARAMS}
+#: Parameters passed to ``Predictor.update`` at run time (-1 = the model config's own value).
+THRESHOLD_PARAMS = ("score_threshold", "nms_threshold", "instance_score_threshold", "stuff_area_min")
+
+
+def _descriptor(spec: ParamSpec):
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+
+    kinds = {str: ParameterType.PARAMETER_STRING, bool: ParameterType.PARAMETER_BOOL,
+             int: ParameterType.PARAMETER_INTEGER, float: ParameterType.PARAMETER_DOUBLE,
+             list: ParameterType.PARAMETER_STRING_ARRAY}
+    d = ParameterDescriptor(name=spec.name, type=kinds[type(spec.default)], read_only=spec.read_only)
+    d.description = spec.description
+    if spec.choices:
+        d.additional_constraints = "one of: " + ", ".join(spec.choices)
+    if spec.int_range:
+        d.integer_range = [IntegerRange(from_value=spec.int_range[0], to_value=spec.int_range[1],
+                                        step=spec.int_range[2])]
+    if spec.float_range:
+        d.floating_point_range = [FloatingPointRange(from_value=spec.float_range[0], to_value=spec.float_range[1],
+                                                     step=0.0)]
+    return d
+
+
+def unknown_parameter_warnings(override_names, is_declared, candidates=None) -> list[str]:
+    """One warning line per parameter override (params file, ``-p``) that the node never declared.
+
+    ``is_declared(name)`` is the node's ``has_parameter``, so everything rclpy itself declares
+    (``use_sim_time``, ``start_type_description_service``, ...) counts as known. ``candidates``
+    (default: our parameter names) feed a difflib close-match suggestion.
+
+    Decision: warn, not fail. A mature node keeps running on a typo (the declared default stays
+    in effect), and one ``/**`` file is often shared by several nodes, so keys meant for another
+    node must not stop this one. ``qos_overrides.*`` keys get their own hint: this node takes its
+    QoS from ``input_reliability``/``output_reliability``/``*_depth``, not from QoS overrides.
+    """
+    import difflib
+
+    names = sorted(candidates if candidates is not None else SPECS)
+    out = []
+    for name in sorted(override_names):
+        if is_declared(name):
+            continue
+        if name.startswith("qos_overrides."):
+            out.append(f"parameter {name!r} ignored: this node does not take QoS overrides; use input_reliability, "
+                       "input_depth, output_reliability, output_depth")
+            continue
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(f"unknown parameter {name!r}{hint} \u2014 ignored")
+    return out
+
+
+def validate_value(name: str, value) -> str | None:
+    """Checks beyond what the descriptor enforces: choices and value formats. ``None`` if valid."""
+    spec = SPECS.get(name)
+    if spec is None:
+        return None
+    if spec.choices and value not in spec.choices:
+        return f"{name} must be one of {', '.join(spec.choices)}, got {value!r}"
+    if name == "device":
+        v = str(value)
+        if not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+            return f"device must be cpu, cuda or cuda:<index>, got {value!r}"
+    if name in THRESHOLD_PARAMS and value != -1 and not (name == "stuff_area_min" or 0.0 <= value <= 1.0):
+        return f"{name} must be -1 (the model's default) or in [0, 1], got {value}"
+    if name == "weights" and value and not pathlib.Path(str(value)).expanduser().is_file():
+        return f"weights file {value!r} does not exist"
+    if name == "image_topics":
+        if len(set(value)) != len(value) or any(not t for t in value):
+            return f"image_topics must be distinct non-empty topic names, got {list(value)}"
+        return camera_topics_error([(t, t, _output_prefix(t)) for t in value])
+    return None
+
+
+def camera_topics_error(cameras) -> str | None:
+    """Reason why several cameras cannot share one node, or ``None``.
+
+    ``cameras``: ``(given, input_topic, output_prefix)`` per entry of ``image_topics``. Each camera's
+    outputs go under its topic's parent namespace (``/cam1/image_raw`` -> ``/cam1/panoptic/...``), so
+    two cameras in one namespace (``/cam/image_raw`` and ``/cam/image_rect``) would publish into the
+    same topics; that is refused, as are two names for the same input topic. The node calls this
+    with fully resolved names (``cam1/image_raw`` and ``/<ns>/cam1/image_raw`` are the same topic);
+    :func:`validate_value` with the names as given.
+    """
+    seen_topic: dict[str, str] = {}
+    seen_prefix: dict[str, str] = {}
+    for given, topic, prefix in cameras:
+        if topic in seen_topic:
+            return f"image_topics {seen_topic[topic]} and {given} are the same topic {topic}"
+        if prefix in seen_prefix:
+            return (f"image_topics {seen_prefix[prefix]} and {given} would both publish under {prefix}panoptic/: "
+                    "each camera needs its own namespace")
+        seen_topic[topic], seen_prefix[prefix] = given, given
+    return None
+
+
+def _output_prefix(topic: str) -> str:
+    """Camera namespace of an image topic: ``/cam1/image_raw`` -> ``/cam1/``, ``cam1`` -> ``cam1/``."""
+    parent = topic.rstrip("/").rsplit("/", 1)[0] if "/" in topic.strip("/") else topic.rstrip("/")
+    return (parent or topic) + "/"
+
+
+
+# ----------------------------------------------------------------------------------------------
+# On a running rclpy node (Node or LifecycleNode)
+# ----------------------------------------------------------------------------------------------
+
+def declare_parameters(node) -> None:
+    """Declare every parameter of :data:`PARAMS` on ``node`` with its descriptor."""
+    for spec in PARAMS:
+        if isinstance(spec.default, list):
+            _declare_string_array(node, spec)
+        else:
+            node.declare_parameter(spec.name, spec.default, _descriptor(spec))
+
+
+def read_parameters(node) -> dict:
+    """The declared parameters' values, validated; ``NodeStartupError`` names the first bad one.
+
+    ``image_topics`` is checked again on fully resolved names (:func:`camera_topics_error`).
+    """
+    values = {}
+    for spec in PARAMS:
+        value = node.get_parameter(spec.name).value
+        err = validate_value(spec.name, value)
+        if err:
+            raise NodeStartupError(f"invalid parameter: {err}")
+        values[spec.name] = value
+    # the same checks on resolved names ('x' makes the prefix a valid topic name to resolve)
+    resolve = node.resolve_topic_name
+    err = camera_topics_error([(t, resolve(t), resolve(_output_prefix(t) + "x")[:-1])
+                               for t in values["image_topics"]])
+    if err:
+        raise NodeStartupError(f"invalid parameter: {err}")
+    return values
+
+
+def _declare_string_array(node, spec: ParamSpec) -> None:
+    """Declare a string-array parameter whose value is always initialised (``[]`` by default).
+
+    rclpy types a ``[]`` default as BYTE_ARRAY, so such a parameter can only be declared by
+    type, which leaves it *unset*; rclpy's GetParameters service then answers an empty list for
+    any request naming it (``ros2 param dump`` came back empty). With public API only: declare
+    it writable by type, set ``[]`` unless an override gave a value, then apply the real
+    descriptor (read-only for ``image_topics``) with ``set_descriptor``.
+    """
+    from rclpy.exceptions import ParameterUninitializedException
+    from rclpy.parameter import Parameter
+
+    final = _descriptor(spec)
+    writable = _descriptor(spec)
+    writable.read_only = False
+    node.declare_parameter(spec.name, Parameter.Type.STRING_ARRAY, writable)
+    try:
+        node.get_parameter(spec.name)
+    except ParameterUninitializedException:
+        node.set_parameters([Parameter(spec.name, Parameter.Type.STRING_ARRAY, list(spec.default))])
+    node.set_descriptor(spec.name, final)
+
+
+def warn_unknown_overrides(node) -> None:
+    """Warn about misspelled or foreign keys in the params file / ``-p`` (see
+    :func:`unknown_parameter_warnings`). rclpy keeps the overrides given to this node in the
+    private ``Node._parameter_overrides`` (a dict name -> Parameter on Kilted and Jazzy; there
+    is no public accessor); if a later rclpy drops or changes it, the check is skipped with a
+    debug message rather than breaking the node."""
+    overrides = getattr(node, "_parameter_overrides", None)
+    if not isinstance(overrides, dict):
+        node.get_logger().debug("rclpy exposes no parameter overrides: unknown parameter keys not checked")
+        return
+    for line in unknown_parameter_warnings(overrides, node.has_parameter):
+        node.get_logger().warning(line)
