@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,23 +223,18 @@ class CIAEConfig:
 def load_backbone_weights(backbone: BackboneFPN, path: str) -> None:
     """Load ImageNet (torchvision layout) backbone weights from a LOCAL file into ``backbone.body``.
 
-    Accepts ``.safetensors`` or a ``torch.save`` state dict (read with ``weights_only=True``).
-    Classifier keys (``fc.*``, ``classifier.*``) are ignored; deformable offset convs keep their
-    zero init. Raises :class:`ModelConfigError` on a missing file or mismatching keys/shapes.
+    Accepts ``.safetensors`` or a torchvision ``.pth`` read tensors-only
+    (:func:`ciae_core.backbone_weights.read_backbone_state`: ``torch.load(weights_only=True)``,
+    a refused file is one line). Classifier keys (``fc.*``, ``classifier.*``) are ignored;
+    deformable offset convs keep their zero init. Raises :class:`ModelConfigError` on an
+    unreadable file or mismatching keys/shapes.
     """
-    if not os.path.isfile(path):
-        raise ModelConfigError(f"backbone weights file not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    from ciae_core.backbone_weights import BackboneWeightsError, read_backbone_state
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
-        raise ModelConfigError(f"cannot read backbone weights {path}: {type(e).__name__}: {e}") from None
+    try:
+        state = read_backbone_state(path)
+    except BackboneWeightsError as e:
+        raise ModelConfigError(str(e)) from None
     own = backbone.body.state_dict()
     mapped = {}
     for k, v in state.items():
