@@ -416,7 +416,8 @@ except cv2.error as exc:
 """
 
 
-@pytest.mark.parametrize("order,expected", [("first", "1000 1000\nrefused True"), ("late", "None None\ndecoded (40, 40)")])
+@pytest.mark.parametrize("order,expected", [("first", "1000 1000\nrefused True"),
+                                            ("late", "None None\ndecoded (40, 40)")])
 def test_opencv_reads_its_pixel_limit_once_when_it_loads(order, expected):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)
