@@ -450,6 +450,60 @@ def bomb(name: str, claim: tuple[int, int] = CLAIM) -> Bomb:
 # the camera process
 # ----------------------------------------------------------------------------------------------
 
+class BombCamera:
+    """This module run as a camera process publishing ``sensor_msgs/CompressedImage`` on
+    ``topic`` (reliable, depth 5, Fast DDS defaults), driven by JSON lines (see ``_publisher_main``)."""
+
+    def __init__(self, topic: str):
+        import pathlib
+        import subprocess
+        import sys
+
+        from ros_testing import REPO, child_env
+
+        self.proc = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).resolve()), "publisher", topic],
+                                     cwd=REPO, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
+
+    def request(self, cmd: dict, timeout: float = 120.0) -> dict:
+        import json
+        import select
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"bomb camera exited with status {self.proc.returncode}")
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"bomb camera did not answer {cmd['op']} within {timeout} s")
+        reply = json.loads(self.proc.stdout.readline())
+        if "error" in reply:
+            raise RuntimeError(f"bomb camera: {reply['error']}")
+        return reply
+
+    def wait_subscribers(self, timeout: float = 60.0) -> int:
+        return self.request({"op": "wait_subs", "timeout": timeout}, timeout=timeout + 30)["count"]
+
+    def bomb(self, name: str, stamp: tuple[int, int]) -> dict:
+        return self.request({"op": "bomb", "name": name, "sec": stamp[0], "nanosec": stamp[1]})
+
+    def jpeg(self, h: int, w: int, stamp: tuple[int, int]) -> dict:
+        return self.request({"op": "jpeg", "h": h, "w": w, "sec": stamp[0], "nanosec": stamp[1]})
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(20)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+
 def _publisher_main(topic: str) -> int:
     import array
     import json
