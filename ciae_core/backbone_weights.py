@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ciae_core.user_input import clip, clip_path, file_problem
+from ciae_core.user_input import clip, clip_path, file_problem, quote
 
 
 class BackboneWeightsError(ValueError):
@@ -35,7 +35,7 @@ def _refusal(exc: Exception) -> str:
     text = str(exc)
     found = _GLOBAL.search(text)
     if found:
-        return f"it refers to the Python object {found.group(1).rstrip('.')!r}, which a file of tensors never does"
+        return f"it refers to the Python object {quote(found.group(1).rstrip('.'))}, which a file of tensors never does"
     return "it is not a torch.save file of tensors (corrupt, or another kind of pickle)"
 
 

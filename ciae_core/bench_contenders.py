@@ -57,6 +57,7 @@ import torch
 
 from ciae_core.bench import (BenchError, PeakMemory, coco_categories, data_roots, device_used_bytes, memory_fields,
                              memory_level, summarize, sync, time_calls)
+from ciae_core.user_input import quote
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def build_peer(kind: str, backbone_name: str, size: int, max_size: int, detectio
         else:
             m = det.MaskRCNN(_tv_backbone(backbone_name, "rcnn"), num_classes=91, **kw)
     else:
-        raise BenchError(f"unknown peer model {kind!r}")
+        raise BenchError(f"unknown peer model {quote(kind)}")
     return m.eval()
 
 
@@ -342,7 +343,7 @@ def channels_last_for(choice: str, device: torch.device) -> bool:
     peers alike, so the ratios compare like with like): ``auto`` follows the Predictor's default
     (on for the CPU, off for CUDA)."""
     if choice not in ("auto", "on", "off"):
-        raise BenchError(f"--channels-last must be auto, on or off, got {choice!r}")
+        raise BenchError(f"--channels-last must be auto, on or off, got {quote(choice)}")
     return device.type == "cpu" if choice == "auto" else choice == "on"
 
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ciae_core.backbone import BACKBONES, BackboneFPN, fold_frozen_batchnorm  # noqa: F401 - re-exported
 from ciae_core.heads import EmbeddingBranch, ProposalHead
 from ciae_core.structures import CategoryInfo
+from ciae_core.user_input import quote
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +159,9 @@ class CIAEConfig:
         if len({c.id for c in self.categories}) != len(self.categories):
             raise ModelConfigError("CIAEConfig.categories has duplicate category ids")
         if self.backbone not in BACKBONES:
-            raise ModelConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+            raise ModelConfigError(f"unknown backbone {quote(self.backbone)}; choose one of {', '.join(BACKBONES)}")
         if self.backbone_norm not in ("frozen_bn", "gn", "bn"):
-            raise ModelConfigError(f"backbone_norm must be 'frozen_bn', 'gn' or 'bn', got {self.backbone_norm!r}")
+            raise ModelConfigError(f"backbone_norm must be 'frozen_bn', 'gn' or 'bn', got {quote(self.backbone_norm)}")
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ModelConfigError("trainable_backbone_layers must be in 0..5")
         if any(s not in (2, 3, 4, 5) for s in self.dcn_stages):
@@ -188,7 +189,7 @@ class CIAEConfig:
         if self.embed_dim < 2 or self.tower_depth < 0 or self.fpn_channels < 8:
             raise ModelConfigError("embed_dim >= 2, tower_depth >= 0 and fpn_channels >= 8 are required")
         if self.iou_loss not in ("iou", "giou"):
-            raise ModelConfigError(f"iou_loss must be 'iou' or 'giou', got {self.iou_loss!r}")
+            raise ModelConfigError(f"iou_loss must be 'iou' or 'giou', got {quote(self.iou_loss)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = {}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ciae_core.predictor_error import PredictorError
+from ciae_core.user_input import quote
 
 THRESHOLD_NAMES = ("score_threshold", "pre_nms_topk", "nms_threshold", "detections_per_img",
                    "instance_score_threshold", "min_stuff_area", "stuff_area_reference", "min_visible_fraction",
@@ -45,7 +46,7 @@ def _checked_thresholds(current: dict[str, Any], changes: dict[str, Any]) -> dic
     new = dict(current)
     for k, v in changes.items():
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-            raise PredictorError(f"{k} must be a finite number, got {v!r}")
+            raise PredictorError(f"{k} must be a finite number, got {quote(v)}")
         if k in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
             raise PredictorError(f"{k} must be in [0, 1], got {v}")
         if k in _POSITIVE_INT and (int(v) != v or v < 1):

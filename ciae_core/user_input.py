@@ -19,15 +19,19 @@ ECHO_LIMIT = 80
 
 
 def quote(value, limit: int = ECHO_LIMIT) -> str:
-    """``repr(str(value))`` cut to about ``limit`` characters: ``'abc...' (65536 characters)``.
+    """``repr(value)`` cut to about ``limit`` characters: ``'abc...' (65536 characters)``.
 
-    Non-strings are converted with ``str`` first; control characters (a newline in a topic name)
-    stay escaped, so the result is always one line.
+    Short values read exactly as ``repr`` (``'rgb8'``, ``5``, ``(1, 2)``); control characters (a
+    newline in a topic name) stay escaped, so the result is always one line.
     """
-    text = value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
     if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def clip(text: str, limit: int = ECHO_LIMIT) -> str:

@@ -429,7 +429,7 @@ def compressed_to_rgb(msg, max_pixels: int | None = DEFAULT_MAX_PIXELS, order: s
     decodes it). Reasons: ``empty``, ``unsupported_format``, ``decode_failed``, ``too_large``.
     """
     if order not in ("rgb", "bgr"):
-        raise ValueError(f"order must be 'rgb' or 'bgr', got {order!r}")
+        raise ValueError(f"order must be 'rgb' or 'bgr', got {quote(order)}")
     try:
         codec, width, height = compressed_image_size(msg.data)
     except ImageConversionError as exc:

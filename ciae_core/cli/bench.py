@@ -40,6 +40,7 @@ from ciae_core.bench import BenchError, load_inputs, synthetic_inputs
 from ciae_core.bench_contenders import (ALL_MODELS, BACKBONES, OURS_ARCH, SMALL_ARCH, BenchOptions, bench_group,
                                         channels_last_for, ours_checkpoint)
 from ciae_core.bench_report import markdown_tables, ratios
+from ciae_core.user_input import quote
 
 # entry points other packages register to extend ciae-bench; "node" runs `ciae-bench --node`
 PLUGIN_GROUP = "ciae_core.bench_plugins"
@@ -114,13 +115,13 @@ def _checked(args: argparse.Namespace) -> tuple[list[int], list[str], list[str],
     backbones, models, engines = _csv(args.backbones), _csv(args.models), _csv(args.engines)
     for b in backbones:
         if b not in ("small", *OURS_ARCH):
-            raise BenchError(f"unknown backbone {b!r}; use {', '.join(OURS_ARCH)} and/or small")
+            raise BenchError(f"unknown backbone {quote(b)}; use {', '.join(OURS_ARCH)} and/or small")
     for m in models:
         if m not in ALL_MODELS:
-            raise BenchError(f"unknown model {m!r}; use {', '.join(ALL_MODELS)}")
+            raise BenchError(f"unknown model {quote(m)}; use {', '.join(ALL_MODELS)}")
     for e in engines:
         if e not in ("torch", "onnxruntime"):
-            raise BenchError(f"unknown engine {e!r}; use torch and/or onnxruntime")
+            raise BenchError(f"unknown engine {quote(e)}; use torch and/or onnxruntime")
     if args.repeats < 1 or args.warmup < 0 or not sizes or min(sizes) < 32:
         raise BenchError("need --repeats >= 1, --warmup >= 0 and sizes >= 32")
     device = torch.device(args.device)

@@ -11,7 +11,8 @@ from ciae_core.user_input import ECHO_LIMIT, clip, file_problem, quote
 
 def test_quote_keeps_short_input_and_caps_long_input_on_one_line():
     assert quote("rgb8") == "'rgb8'"
-    assert quote(42) == "'42'"
+    assert quote(42) == "42" and quote((1, 2)) == "(1, 2)"
+    assert quote(list(range(1000))).endswith("characters)") and len(quote(list(range(1000)))) < ECHO_LIMIT + 40
     long = quote("x" * 65536)
     assert long.startswith("'" + "x" * ECHO_LIMIT + "'...") and long.endswith("(65536 characters)")
     assert len(long) < ECHO_LIMIT + 40
