@@ -73,7 +73,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("output_depth", 1, "Output QoS history depth.", int_range=(1, 100, 1), read_only=True),
     ParamSpec("max_rate", 0.0, "Maximum processing rate in Hz (0: as fast as the model runs).",
               float_range=(0.0, 1000.0)),
-    ParamSpec("max_image_pixels", DEFAULT_MAX_PIXELS, "Frames with more pixels are rejected (too_large).",
+    ParamSpec("max_image_pixels", DEFAULT_MAX_PIXELS, "Frames with more pixels are rejected (too_large); "
+              "OpenCV's decoder enforces the start-up value: at run time it can go below it, not above.",
               int_range=(1, 2**31 - 1, 1)),
     ParamSpec("scale16_max", 65535, "16-bit input: this value maps to 255 (4095 for 12-bit cameras).",
               int_range=(1, 65535, 1)),

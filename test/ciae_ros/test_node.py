@@ -494,7 +494,7 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
         "corrupt": ({"weights": str(corrupt)}, "corrupt.safetensors"),
         "engine": ({"engine": "tensorflow"}, "engine must be one of"),
         "range": ({"input_size": 333}, "input_size"),
-        "autostart": ({"weights": str(corrupt)}, "autostart failed"),
+        "autostart": ({"weights": str(corrupt)}, "corrupt.safetensors"),  # the configure error itself
         "prefix": ({"image_topics": ["/cam/image_raw", "/cam/image_rect"]}, "would both publish under /cam/panoptic/"),
         # in namespace /err_resolved the relative and the absolute name are one topic
         "resolved": ({"image_topics": ["cam/image_raw", "/err_resolved/cam/image_raw"]},
