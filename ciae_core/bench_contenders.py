@@ -59,6 +59,7 @@ from ciae_core.bench import (BenchError, PeakMemory, coco_categories, data_roots
 from ciae_core.bench_peers import build_peer, peer_info, peer_runner  # noqa: F401
 from ciae_core.bench_stages import (EVENT_TIMING, SYNC_TIMING, _timed_proposal_selection, eager_calls,  # noqa: F401
                                     ours_stage_breakdown)
+from ciae_core.user_input import quote
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ def channels_last_for(choice: str, device: torch.device) -> bool:
     peers alike, so the ratios compare like with like): ``auto`` follows the Predictor's default
     (on for the CPU, off for CUDA)."""
     if choice not in ("auto", "on", "off"):
-        raise BenchError(f"--channels-last must be auto, on or off, got {choice!r}")
+        raise BenchError(f"--channels-last must be auto, on or off, got {quote(choice)}")
     return device.type == "cpu" if choice == "auto" else choice == "on"
 
 

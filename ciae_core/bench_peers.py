@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from ciae_core.user_input import quote
+
 logger = logging.getLogger(__name__)
 
 FCOS_TIMING = ("wall time per call, synchronised at both ends: uint8 host image -> detections on the host; transform, "
@@ -69,7 +71,7 @@ def build_peer(kind: str, backbone_name: str, size: int, max_size: int, detectio
         else:
             m = det.MaskRCNN(_tv_backbone(backbone_name, "rcnn"), num_classes=91, **kw)
     else:
-        raise BenchError(f"unknown peer model {kind!r}")
+        raise BenchError(f"unknown peer model {quote(kind)}")
     return m.eval()
 
 

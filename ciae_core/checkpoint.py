@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ciae_core.user_input import clip_path, file_problem, quote
+
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "ciae_config"
@@ -94,17 +96,24 @@ def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], met
     clean = {}
     for k, v in tensors.items():
         if not isinstance(v, Tensor):
-            raise CheckpointError(f"cannot save {path}: entry {k!r} is {type(v).__name__}, not a tensor")
+            raise CheckpointError(f"cannot save {path}: entry {quote(k)} is {type(v).__name__}, not a tensor")
         clean[k] = v.detach().to("cpu").contiguous().clone()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     return atomic_write_bytes(path, save(clean, metadata=meta))
 
 
+def check_readable_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """``path`` as a :class:`Path` if it is a readable, non-empty regular file; else
+    :class:`CheckpointError` saying exactly why not ("checkpoint /x does not exist", "... is a
+    directory", "... is a character device" for ``/dev/zero``, "... is not readable ...")."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{what} {clip_path(path)} {problem}")
+    return Path(path)
+
+
 def _open_checked(path: Path):
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    check_readable_file(path)
     size = path.stat().st_size
     if size < 8:
         raise CheckpointError(f"{path} is truncated ({size} bytes) or not a safetensors file")
@@ -226,15 +235,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if missing or unexpected:
         example = (missing or unexpected)[0]
         raise CheckpointError(f"{path} does not match its config: {len(missing)} missing and {len(unexpected)} "
-                              f"unexpected tensors (e.g. {example!r})")
+                              f"unexpected tensors (e.g. {quote(example)})")
     cast = set()
     for k, v in own.items():
         if tuple(tensors[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
+            raise CheckpointError(f"{path}: tensor {quote(k)} has shape {tuple(tensors[k].shape)}, "
                                   f"model expects {tuple(v.shape)}")
         if not _dtype_compatible(tensors[k].dtype, v.dtype):
             kind = "a floating-point" if v.dtype.is_floating_point else "an integer"
-            raise CheckpointError(f"{path}: tensor {k!r} has dtype {_dtype_name(tensors[k].dtype)}, model expects "
+            raise CheckpointError(f"{path}: tensor {quote(k)} has dtype {_dtype_name(tensors[k].dtype)}, model expects "
                                   f"{kind} tensor ({_dtype_name(v.dtype)})")
         if tensors[k].dtype != v.dtype:
             cast.add(_dtype_name(tensors[k].dtype))

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from ciae_core.user_input import quote
+
 from .structures import CategoryInfo
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ def categories_from_json(cats: Sequence[dict]) -> list[CategoryInfo]:
     infos = []
     for c in cats:
         if "id" not in c or "isthing" not in c:
-            raise DatasetError(f"category entry {c!r} lacks 'id' or 'isthing' (not a COCO panoptic categories list)")
+            raise DatasetError(f"category entry {quote(c)} lacks 'id' or 'isthing' "
+                               "(not a COCO panoptic categories list)")
         color = tuple(int(v) for v in c.get("color", (128, 128, 128)))
         infos.append(CategoryInfo(id=int(c["id"]), name=str(c.get("name", c["id"])), isthing=bool(c["isthing"]),
                                   color=color))
@@ -200,7 +203,7 @@ class ResizeShortestEdge:
         if not self.min_sizes or min(self.min_sizes) <= 0 or self.max_size <= 0:
             raise ValueError(f"min_sizes and max_size must be positive, got {self.min_sizes}, {self.max_size}")
         if self.sample_style not in ("choice", "range"):
-            raise ValueError(f"sample_style must be 'choice' or 'range', got {self.sample_style!r}")
+            raise ValueError(f"sample_style must be 'choice' or 'range', got {quote(self.sample_style)}")
 
     def sample_short(self) -> int:
         if len(self.min_sizes) == 1:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ciae_core.predictor_error import PredictorError
+from ciae_core.user_input import quote
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ def select_providers(device: str, available: Sequence[str], providers: Sequence[
         for p in providers:
             name = full.get(str(p).lower(), str(p))
             if name not in available:
-                raise PredictorError(f"onnxruntime provider {p!r} is not available in this onnxruntime build "
+                raise PredictorError(f"onnxruntime provider {quote(p)} is not available in this onnxruntime build "
                                      f"(available: {', '.join(available)})")
             if device == "cpu" and name != "CPUExecutionProvider":
-                raise PredictorError(f"onnxruntime provider {p!r} needs device='cuda'")
+                raise PredictorError(f"onnxruntime provider {quote(p)} needs device='cuda'")
             chosen.append(name)
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
@@ -143,7 +144,8 @@ class _OrtEngine:
         for name, value in (("intra_op_threads", intra_op_threads), ("inter_op_threads", inter_op_threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                                       or value < 0):
-                raise PredictorError(f"{name} must be a non-negative integer (0: onnxruntime's default), got {value!r}")
+                raise PredictorError(f"{name} must be a non-negative integer (0: onnxruntime's default), "
+                                     f"got {quote(value)}")
         if intra_op_threads:
             opts.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads:

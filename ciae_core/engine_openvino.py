@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ciae_core.predictor_error import PredictorError
+from ciae_core.user_input import quote
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class OpenVINOEngine:
         self._properties = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _HINT[self.precision]}
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-                raise PredictorError(f"threads must be a non-negative integer (0: OpenVINO's default), got {threads!r}")
+                raise PredictorError(f"threads must be a non-negative integer (0: OpenVINO's default), got {quote(threads)}")
             if threads and self.ov_device == "CPU":
                 self._properties["INFERENCE_NUM_THREADS"] = int(threads)
         self.cache_dir = pathlib.Path(cache_dir) if cache_dir else default_openvino_cache_dir()
@@ -196,10 +197,10 @@ class OpenVINOEngine:
     def _checked_device(self, device: str) -> str:
         dev = str(device).upper()
         if dev.split(".")[0] not in OPENVINO_DEVICES:
-            raise PredictorError(f"unknown OpenVINO device {device!r}; use 'CPU' or 'GPU' (an Intel GPU)")
+            raise PredictorError(f"unknown OpenVINO device {quote(device)}; use 'CPU' or 'GPU' (an Intel GPU)")
         available = list(self.core.available_devices)
         if dev not in available and not (dev == "GPU" and any(d.startswith("GPU") for d in available)):
-            raise PredictorError(f"OpenVINO device {dev!r} is not present (available: {', '.join(available)}); "
+            raise PredictorError(f"OpenVINO device {quote(dev)} is not present (available: {', '.join(available)}); "
                                  f"use 'CPU'")
         return dev
 
@@ -207,7 +208,7 @@ class OpenVINOEngine:
         from ciae_core.cpu_features import check_precision, choose_precision, cpu_features
 
         if precision not in OPENVINO_PRECISIONS:
-            raise PredictorError(f"unknown precision {precision!r} for the openvino engine; choose one of "
+            raise PredictorError(f"unknown precision {quote(precision)} for the openvino engine; choose one of "
                                  f"{', '.join(OPENVINO_PRECISIONS)}")
         on_cpu = self.ov_device == "CPU"
         if precision == "auto":
@@ -218,7 +219,7 @@ class OpenVINOEngine:
             return choose_precision(features or cpu_features(), engine="openvino")
         if self.quantized and precision != "int8":
             raise PredictorError(f"{self.path} is an int8 (quantised) model; use precision='int8' (or 'auto'), or the "
-                                 f"fp32 .onnx for precision={precision!r}")
+                                 f"fp32 .onnx for precision={quote(precision)}")
         if precision == "int8" and not self.quantized:
             raise PredictorError(f"{self.path} is not quantised; precision='int8' needs an int8 IR written by "
                                  f"ciae-export --int8 --calib DIR")

@@ -35,6 +35,8 @@ from typing import Any, Iterable, Sequence
 import cv2
 import numpy as np
 
+from ciae_core.user_input import quote
+
 from .structures import CategoryInfo, PanopticResult
 
 logger = logging.getLogger(__name__)
@@ -306,7 +308,7 @@ class PanopticEvaluator:
 
     def __init__(self, categories: Sequence[CategoryInfo], sync_ranks: bool | str = "auto"):
         if sync_ranks not in ("auto", True, False):
-            raise EvaluationError(f"sync_ranks must be 'auto', True or False, got {sync_ranks!r}")
+            raise EvaluationError(f"sync_ranks must be 'auto', True or False, got {quote(sync_ranks)}")
         self.categories = list(categories)
         self._cats = {c.id: c for c in self.categories}
         self.sync_ranks = sync_ranks

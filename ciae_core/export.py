@@ -219,11 +219,16 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     import onnx
     from google.protobuf.message import DecodeError
 
+    from ciae_core.user_input import clip_path, file_problem
+
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise ExportError(f"ONNX file not found: {path}")
-    if path.stat().st_size == 0:
-        raise ExportError(f"{path} is empty (truncated ONNX file)")
+    problem = file_problem(path)
+    if problem == "does not exist":
+        raise ExportError(f"ONNX file not found: {clip_path(path)}")
+    if problem == "is empty":
+        raise ExportError(f"{clip_path(path)} is empty (truncated ONNX file)")
+    if problem is not None:  # a directory, /dev/zero, unreadable: named, not "not found"
+        raise ExportError(f"ONNX file {clip_path(path)} {problem}")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:

@@ -33,7 +33,6 @@ import os
 import pathlib
 import re
 import subprocess
-import sys
 import time
 from typing import Any, Callable
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from ciae_core.backbone import BACKBONES, BackboneFPN, fold_frozen_batchnorm  # noqa: F401 - re-exported
 from ciae_core.heads import EmbeddingBranch, ProposalHead
 from ciae_core.structures import CategoryInfo
+from ciae_core.user_input import quote
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ class CIAEConfig:
         if len({c.id for c in self.categories}) != len(self.categories):
             raise ModelConfigError("CIAEConfig.categories has duplicate category ids")
         if self.backbone not in BACKBONES:
-            raise ModelConfigError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+            raise ModelConfigError(f"unknown backbone {quote(self.backbone)}; choose one of {', '.join(BACKBONES)}")
         if self.backbone_norm not in ("frozen_bn", "gn", "bn"):
-            raise ModelConfigError(f"backbone_norm must be 'frozen_bn', 'gn' or 'bn', got {self.backbone_norm!r}")
+            raise ModelConfigError(f"backbone_norm must be 'frozen_bn', 'gn' or 'bn', got {quote(self.backbone_norm)}")
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ModelConfigError("trainable_backbone_layers must be in 0..5")
         if any(s not in (2, 3, 4, 5) for s in self.dcn_stages):
@@ -189,7 +189,7 @@ class CIAEConfig:
         if self.embed_dim < 2 or self.tower_depth < 0 or self.fpn_channels < 8:
             raise ModelConfigError("embed_dim >= 2, tower_depth >= 0 and fpn_channels >= 8 are required")
         if self.iou_loss not in ("iou", "giou"):
-            raise ModelConfigError(f"iou_loss must be 'iou' or 'giou', got {self.iou_loss!r}")
+            raise ModelConfigError(f"iou_loss must be 'iou' or 'giou', got {quote(self.iou_loss)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = {}
@@ -224,23 +224,18 @@ class CIAEConfig:
 def load_backbone_weights(backbone: BackboneFPN, path: str) -> None:
     """Load ImageNet (torchvision layout) backbone weights from a LOCAL file into ``backbone.body``.
 
-    Accepts ``.safetensors`` or a ``torch.save`` state dict (read with ``weights_only=True``).
-    Classifier keys (``fc.*``, ``classifier.*``) are ignored; deformable offset convs keep their
-    zero init. Raises :class:`ModelConfigError` on a missing file or mismatching keys/shapes.
+    Accepts ``.safetensors`` or a torchvision ``.pth`` read tensors-only
+    (:func:`ciae_core.backbone_weights.read_backbone_state`: ``torch.load(weights_only=True)``,
+    a refused file is one line). Classifier keys (``fc.*``, ``classifier.*``) are ignored;
+    deformable offset convs keep their zero init. Raises :class:`ModelConfigError` on an
+    unreadable file or mismatching keys/shapes.
     """
-    if not os.path.isfile(path):
-        raise ModelConfigError(f"backbone weights file not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    from ciae_core.backbone_weights import BackboneWeightsError, read_backbone_state
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
-        raise ModelConfigError(f"cannot read backbone weights {path}: {type(e).__name__}: {e}") from None
+    try:
+        state = read_backbone_state(path)
+    except BackboneWeightsError as e:
+        raise ModelConfigError(str(e)) from None
     own = backbone.body.state_dict()
     mapped = {}
     for k, v in state.items():

@@ -76,9 +76,10 @@ from ciae_core.geometry import (MIN_IMAGE_SIDE, Letterbox, area_resize_weights, 
                                 validate_image)
 from ciae_core.predictor_error import PredictorError
 from ciae_core.predictor_settings import (ENGINE_PRECISIONS, ENGINES, PRECISIONS, SMALL_BACKBONES, THRESHOLD_ALIASES,
-                                          THRESHOLD_NAMES, _checked_thresholds, default_input_size, input_size_range,
-                                          input_size_range_for)
+                                          THRESHOLD_NAMES, _checked_thresholds, check_engine_and_precision_names,
+                                          default_input_size, input_size_range, input_size_range_for)
 from ciae_core.structures import CategoryInfo, PanopticResult, Segment
+from ciae_core.user_input import quote
 
 logger = logging.getLogger(__name__)
 
@@ -204,13 +205,7 @@ class Predictor:
     # -- construction steps (in the constructor's order) -------------------------------------------
     def _checked_engine_and_device(self, engine: str, precision: str, device: str) -> torch.device:
         """The resolved device, after checking ``engine`` and ``precision`` (and that they fit it)."""
-        if engine not in ENGINES:
-            raise PredictorError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-        if precision not in PRECISIONS:
-            raise PredictorError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if precision == "int8" and engine != "openvino":
-            raise PredictorError(f"unknown precision 'int8' for the {engine} engine: int8 runs in engine='openvino' "
-                                 f"from a file written by ciae-export --int8")
+        check_engine_and_precision_names(engine, precision)
         dev = self._resolve_device(device)
         if engine == "openvino":
             if dev.type != "cpu":
@@ -220,8 +215,8 @@ class Predictor:
         if precision == "fp16" and dev.type != "cuda":
             raise PredictorError("precision='fp16' needs device='cuda'; use 'fp32' or 'bf16' on the CPU")
         if precision not in ENGINE_PRECISIONS[engine]:
-            raise PredictorError(f"precision={precision!r} applies to the torch and openvino engines; for onnxruntime "
-                                 f"use trt_fp16=True (TensorRT) or precision='fp32'")
+            raise PredictorError(f"precision={quote(precision)} applies to the torch and openvino engines; for "
+                                 f"onnxruntime use trt_fp16=True (TensorRT) or precision='fp32'")
         return dev
 
     @staticmethod
@@ -239,11 +234,12 @@ class Predictor:
 
     def _checked_batching_and_fusion(self, mixed_size_batching: str, fusion_method: str) -> tuple[str, str]:
         if mixed_size_batching not in ("group", "pad"):
-            raise PredictorError(f"mixed_size_batching must be 'group' or 'pad', got {mixed_size_batching!r}")
+            raise PredictorError(f"mixed_size_batching must be 'group' or 'pad', got {quote(mixed_size_batching)}")
         from ciae_core.fusion import FUSION_METHODS
 
         if fusion_method not in FUSION_METHODS:
-            raise PredictorError(f"unknown fusion_method {fusion_method!r}; choose one of {', '.join(FUSION_METHODS)}")
+            raise PredictorError(f"unknown fusion_method {quote(fusion_method)}; "
+                                 f"choose one of {', '.join(FUSION_METHODS)}")
         if fusion_method == "numba" and self.device.type != "cpu":
             raise PredictorError("fusion_method='numba' runs on the CPU; use 'auto' (or 'coarse_to_fine') on CUDA")
         return mixed_size_batching, fusion_method
@@ -252,7 +248,7 @@ class Predictor:
         """Check and keep ``stride``, ``min_image_side``, ``max_size``; check ``input_size_range``."""
         for name, value, low in (("stride", stride, 1), ("min_image_side", min_image_side, 1), ("max_size", max_size, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise PredictorError(f"{name} must be a positive integer, got {value!r}")
+                raise PredictorError(f"{name} must be a positive integer, got {quote(value)}")
         if stride % 32:
             raise PredictorError(f"stride must be a multiple of 32 (the network's coarsest pyramid level P5), got {stride}")
         self.stride = int(stride)
@@ -265,7 +261,7 @@ class Predictor:
                     raise ValueError
             except (TypeError, ValueError):
                 raise PredictorError(f"input_size_range must be two integers (low, high) with 0 < low <= high, got "
-                                     f"{input_size_range!r}") from None
+                                     f"{quote(input_size_range)}") from None
 
     def _build_engine(self, weights: str, engine: str, precision: str, channels_last, cudnn_benchmark, compile,
                       cuda_graphs, providers, trt_cache_dir, trt_fp16, intra_op_threads, inter_op_threads,
@@ -337,14 +333,15 @@ class Predictor:
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError):
-            raise PredictorError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+            raise PredictorError(f"unknown device {quote(device)}; use 'cpu', 'cuda' or 'cuda:N'") from None
         if dev.type not in ("cpu", "cuda"):
-            raise PredictorError(f"unsupported device {device!r}; use 'cpu', 'cuda' or 'cuda:N'")
+            raise PredictorError(f"unsupported device {quote(device)}; use 'cpu', 'cuda' or 'cuda:N'")
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise PredictorError("device='cuda' requested but no CUDA GPU is available; use device='cpu'")
             if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise PredictorError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+                raise PredictorError(f"device {quote(device)} does not exist: "
+                                     f"{torch.cuda.device_count()} CUDA device(s)")
             if dev.index is None:  # pin "cuda" to the GPU current now: later calls may come from other threads
                 dev = torch.device("cuda", torch.cuda.current_device())
         return dev
@@ -361,7 +358,7 @@ class Predictor:
         lo, hi = self.input_size_range
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not lo <= int(size) <= hi:
             raise PredictorError(f"input_size must be an integer in [{lo}, {hi}] for this {self.config.backbone} model, "
-                                 f"got {size!r} (input_size_range overrides the range)")
+                                 f"got {quote(size)} (input_size_range overrides the range)")
         if int(size) > self.max_size:
             raise PredictorError(f"input_size {size} exceeds max_size {self.max_size}")
         return int(size)
@@ -504,7 +501,7 @@ class Predictor:
         """Validate → letterbox → per padded-size group: preprocess, forward, postprocess → map back
         → one device→host copy → results (stage times in ``self.timings``)."""
         if color not in ("rgb", "bgr"):
-            raise PredictorError(f"color must be 'rgb' or 'bgr', got {color!r}")
+            raise PredictorError(f"color must be 'rgb' or 'bgr', got {quote(color)}")
         single = not isinstance(images, (list, tuple))
         batch_in = [images] if single else list(images)
         if not batch_in:

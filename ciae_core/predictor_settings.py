@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ciae_core.predictor_error import PredictorError
+from ciae_core.user_input import quote
 
 THRESHOLD_NAMES = ("score_threshold", "pre_nms_topk", "nms_threshold", "detections_per_img",
                    "instance_score_threshold", "min_stuff_area", "stuff_area_reference", "min_visible_fraction",
@@ -49,7 +50,7 @@ def _checked_thresholds(current: dict[str, Any], changes: dict[str, Any]) -> dic
     new = dict(current)
     for k, v in changes.items():
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-            raise PredictorError(f"{k} must be a finite number, got {v!r}")
+            raise PredictorError(f"{k} must be a finite number, got {quote(v)}")
         if k in _UNIT_INTERVAL and not 0.0 <= v <= 1.0:
             raise PredictorError(f"{k} must be in [0, 1], got {v}")
         if k in _POSITIVE_INT and (int(v) != v or v < 1):
@@ -62,6 +63,17 @@ def _checked_thresholds(current: dict[str, Any], changes: dict[str, Any]) -> dic
 
 # ----------------------------------------------------------------------------------------------
 # input-size policy
+
+
+def check_engine_and_precision_names(engine: str, precision: str) -> None:
+    """:class:`PredictorError` (one line) for an unknown engine or precision, or int8 outside OpenVINO."""
+    if engine not in ENGINES:
+        raise PredictorError(f"unknown engine {quote(engine)}; choose one of {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise PredictorError(f"unknown precision {quote(precision)}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and engine != "openvino":
+        raise PredictorError(f"unknown precision 'int8' for the {engine} engine: int8 runs in engine='openvino' "
+                             f"from a file written by ciae-export --int8")
 
 
 def default_input_size(backbone: str) -> int:

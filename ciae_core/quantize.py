@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 
 from ciae_core.export import ExportError
+from ciae_core.user_input import quote
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def calibration_images(source: str | os.PathLike, num_images: int | None = DEFAU
     """RGB uint8 ``(H, W, 3)`` calibration images: ``"synthetic"`` scenes ``(seed, i)`` of ``size``
     or the images of a folder (sorted by name, the first ``num_images``; None: all)."""
     if num_images is not None and (isinstance(num_images, bool) or int(num_images) < 1):
-        raise QuantizeError(f"the number of calibration images must be >= 1, got {num_images!r}")
+        raise QuantizeError(f"the number of calibration images must be >= 1, got {quote(num_images)}")
     if str(source) == "synthetic":
         from ciae_core.synth import render_scene
 
@@ -161,9 +162,9 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, calibration: str
     from ciae_core.openvino_ir import write_ir
 
     if scope not in QUANTIZE_SCOPES:
-        raise QuantizeError(f"unknown quantisation scope {scope!r}; choose one of {', '.join(QUANTIZE_SCOPES)}")
+        raise QuantizeError(f"unknown quantisation scope {quote(scope)}; choose one of {', '.join(QUANTIZE_SCOPES)}")
     if preset not in PRESETS:
-        raise QuantizeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise QuantizeError(f"unknown preset {quote(preset)}; choose one of {', '.join(PRESETS)}")
     source, out = os.fspath(source), pathlib.Path(out)
     if out.suffix != ".xml":
         raise QuantizeError(f"the int8 model is an OpenVINO IR: the output must end in .xml, got {out}")

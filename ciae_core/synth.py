@@ -29,6 +29,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from ciae_core.user_input import quote
+
 from .structures import CategoryInfo
 
 logger = logging.getLogger(__name__)
@@ -510,7 +512,7 @@ def write_dataset(out_dir: str, num: int, height: int, width: int, seed: int = 0
     if num < 1:
         raise SynthError(f"--num must be >= 1, got {num}")
     if image_format not in ("png", "jpg"):
-        raise SynthError(f"image format must be png or jpg, got {image_format!r}")
+        raise SynthError(f"image format must be png or jpg, got {quote(image_format)}")
     height, width = _check_size(height, width)
     img_dir, pan_dir = os.path.join(out_dir, "images"), os.path.join(out_dir, "panoptic")
     try:

@@ -70,6 +70,7 @@ from scipy.optimize import linear_sum_assignment
 from .structures import PanopticResult
 from .tracking_boxes import BoxKalmanFilter, box_iou_cxcywh, trimmed_boxes, xywh_to_cxcywh
 from .tracking_masks import FrameCells, mask_iou_matrix
+from .user_input import quote
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +124,13 @@ def _positive(name: str, v, integer: bool = False, allow_zero: bool = False):
     ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok_type or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+        raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {quote(v)}")
     return v
 
 
 def _fraction(name: str, v, lo: float = 0.0, hi: float = 1.0):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
-        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {quote(v)}")
     return float(v)
 
 
@@ -197,7 +198,7 @@ class SegmentTracker:
                  embedding_momentum: float = 0.9, mask_iou: bool = False,
                  motion_noise: float = 4.0, measurement_noise: float = 0.05, initial_velocity_std: float = 2.0):
         if association not in ASSOCIATIONS:
-            raise ValueError(f"association must be one of {', '.join(ASSOCIATIONS)}, got {association!r}")
+            raise ValueError(f"association must be one of {', '.join(ASSOCIATIONS)}, got {quote(association)}")
         self.association = association
         self.low_score = _fraction("low_score", low_score)
         self.high_score = _fraction("high_score", high_score)
@@ -216,7 +217,7 @@ class SegmentTracker:
         self.box_trim = _fraction("box_trim", box_trim, 0.0, 0.25)
         self.embedding_momentum = _fraction("embedding_momentum", embedding_momentum)
         if not isinstance(mask_iou, bool):
-            raise ValueError(f"mask_iou must be True or False, got {mask_iou!r}")
+            raise ValueError(f"mask_iou must be True or False, got {quote(mask_iou)}")
         self.mask_iou = mask_iou
         self.kf = BoxKalmanFilter(motion_noise, measurement_noise, initial_velocity_std)
         self._next_id = 1
@@ -341,9 +342,9 @@ class SegmentTracker:
         try:
             stamp = float(stamp)
         except (TypeError, ValueError):
-            raise ValueError(f"stamp must be a time in seconds, got {stamp!r}") from None
+            raise ValueError(f"stamp must be a time in seconds, got {quote(stamp)}") from None
         if not math.isfinite(stamp):
-            raise ValueError(f"stamp must be finite, got {stamp!r}")
+            raise ValueError(f"stamp must be finite, got {quote(stamp)}")
         if self._last_stamp is not None and stamp < self._last_stamp:
             logger.warning("stamp %.6f is older than the previous frame's %.6f: tracks reset (new run)",
                            stamp, self._last_stamp)

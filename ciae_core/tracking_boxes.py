@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from .user_input import quote
+
 
 
 def xywh_to_cxcywh(boxes: np.ndarray) -> np.ndarray:
@@ -116,7 +118,7 @@ class BoxKalmanFilter:
         for name, v in (("motion_noise", motion_noise), ("measurement_noise", measurement_noise),
                         ("initial_velocity_std", initial_velocity_std)):
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+                raise ValueError(f"{name} must be a positive number, got {quote(v)}")
         self.motion_noise = float(motion_noise)
         self.measurement_noise = float(measurement_noise)
         self.initial_velocity_std = float(initial_velocity_std)

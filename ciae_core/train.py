@@ -40,6 +40,7 @@ from ciae_core.train_config import (DatasetConfig, InputConfig, SolverConfig, Tr
                                     TrainError, config_to_dict)
 from ciae_core.train_state import (clean_stale, find_last_checkpoint, load_checkpoint, point_link,
                                    prune_checkpoints, save_checkpoint)
+from ciae_core.user_input import quote
 
 logger = logging.getLogger("ciae_core.train")
 
@@ -69,7 +70,7 @@ def learning_rate_at(iteration: int, lr: float, max_iter: int, schedule: str = "
     elif schedule == "cosine":
         value = lr * 0.5 * (1.0 + math.cos(math.pi * min(iteration, max_iter) / max_iter))
     else:
-        raise ValueError(f"unknown schedule {schedule!r}")
+        raise ValueError(f"unknown schedule {quote(schedule)}")
     if iteration < warmup_iters:
         a = iteration / warmup_iters
         value *= warmup_factor * (1.0 - a) + a

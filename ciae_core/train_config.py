@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ciae_core.user_input import quote
+
 
 class TrainConfigError(ValueError):
     """A training configuration (YAML file or override) is invalid; the message is one line."""
@@ -194,7 +196,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one YAML value against a type annotation; raise TrainConfigError naming ``key``."""
 
     def bad() -> TrainConfigError:
-        return TrainConfigError(f"config key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return TrainConfigError(f"config key '{key}' must be {_type_name(tp)}, "
+                                f"got {type(value).__name__} {quote(value)}")
 
     if tp is Any:
         return value
@@ -221,7 +224,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             value = {False: "off", True: "on"}[value] if ("off" in args or "on" in args) else value
         if not isinstance(value, bool) and value in args:
             return value
-        raise TrainConfigError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+        raise TrainConfigError(f"config key '{key}' must be one of {_type_name(tp)}, got {quote(value)}")
     if origin is list or origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise bad()

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 
 from .bag_depth import BagDepth, BagDepthError, DepthOptions, depth_pairs, output_topics
 from .depth_sync import stamp_ns
+from ciae_core.user_input import quote
+
 from .image_conversion import ImageConversionError, compressed_to_rgb, image_to_rgb
 
 _LOG = logging.getLogger(__name__)
@@ -147,7 +149,7 @@ def normalize_namespace(namespace: str) -> str:
     parts = [p for p in (namespace or "").strip().split("/") if p]
     for p in parts:
         if not _NAME_PART.fullmatch(p):
-            raise BagError(f"--namespace {namespace!r} is not a ROS namespace (parts are letters, digits and _, "
+            raise BagError(f"--namespace {quote(namespace)} is not a ROS namespace (parts are letters, digits and _, "
                            "not starting with a digit), e.g. /offline")
     return "".join("/" + p for p in parts)
 

@@ -38,6 +38,8 @@ import time
 import cv2
 import numpy as np
 
+from ciae_core.user_input import quote
+
 _LOG = logging.getLogger("ciae_camera")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -51,9 +53,9 @@ def _parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 640x480, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 640x480, got {quote(text)}") from None
     if w < 32 or h < 32:
-        raise argparse.ArgumentTypeError(f"size must be at least 32x32, got {text!r}")
+        raise argparse.ArgumentTypeError(f"size must be at least 32x32, got {quote(text)}")
     return h, w
 
 
@@ -114,9 +116,9 @@ def load_frames(source: str, size: tuple[int, int] | None, clip: int, seed: int 
             frames.append(bgr[:, :, ::-1])
         cap.release()
     else:
-        raise CameraSourceError(f"camera source {source!r} is neither 'synth', a folder nor a video file")
+        raise CameraSourceError(f"camera source {quote(source)} is neither 'synth', a folder nor a video file")
     if not frames:
-        raise CameraSourceError(f"camera source {source!r} holds no readable frames")
+        raise CameraSourceError(f"camera source {quote(source)} holds no readable frames")
     if size is not None:
         frames = [cv2.resize(np.ascontiguousarray(f), (size[1], size[0]), interpolation=cv2.INTER_AREA)
                   for f in frames]
@@ -132,7 +134,7 @@ def encode_frame(rgb: np.ndarray, encoding: str) -> tuple[bytes, int]:
     elif encoding == "mono8":
         a = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
     else:
-        raise ValueError(f"camera encoding must be rgb8, bgr8 or mono8, got {encoding!r}")
+        raise ValueError(f"camera encoding must be rgb8, bgr8 or mono8, got {quote(encoding)}")
     a = np.ascontiguousarray(a)
     return a.tobytes(), a.shape[1] * (a.shape[2] if a.ndim == 3 else 1)
 

@@ -37,26 +37,29 @@ counters and /diagnostics in :mod:`ciae_ros.node_diagnostics`, the persistent ``
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
 import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass
-
 import numpy as np
 
-from .image_conversion import ImageConversionError, compressed_to_rgb, image_to_rgb
+from .image_conversion import (ImageConversionError, compressed_to_rgb, decoder_pixel_limit, image_to_rgb,
+                               set_decoder_pixel_limit)
 from .mailbox import LatestFrameMailbox
 from .node_depth import NodeDepth
 from .node_diagnostics import CameraStats, DiagnosticsBuilder, StageTimes
+from .node_interfaces import Camera as _Camera
+from .node_interfaces import InterfacesMixin
 from .node_model import ModelHandle, load_model, predictor_settings
-from .node_params import (PARAMS, SPECS, THRESHOLD_PARAMS, NodeStartupError, ParamSpec, _output_prefix,
+from .node_params import (PARAMS, SPECS, THRESHOLD_PARAMS, NodeStartupError, ParamSpec,
                           camera_topics_error, declare_parameters, depth_values_error, read_parameters,
                           settings_error, unknown_parameter_warnings, validate_value, warn_unknown_overrides)
+from .node_startup import params_file_problem, parse_args, ros_args_problem
 from .node_tracking import NodeTracking
+from .pacing import RatePacer
+from .process_memory import HeapTrimmer, freeze_long_lived_objects, thaw
 
 __all__ = [  # the moved names stay importable from here (ciae-bag, tests, users of the node's pieces)
     "NODE_NAME", "DEFAULT_IMAGE_TOPIC", "NodeStartupError", "ParamSpec", "PARAMS", "SPECS", "THRESHOLD_PARAMS",
@@ -70,31 +73,14 @@ DEFAULT_IMAGE_TOPIC = "camera/image_raw"  # relative: /camera/image_raw in the r
 # The node logic (shared by the plain and the lifecycle node)
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class _Camera:
-    index: int
-    topic: str                  # fully resolved input topic
-    prefix: str                 # output namespace prefix ('' for the single camera)
-    sub: object = None
-    reliability: object = None  # rclpy ReliabilityPolicy of the current subscription
-    pub_segments: object = None
-    pub_overlay: object = None
-    pub_confidence: object = None   # only while publish_confidence is on
-    pub_detections: object = None
-    waiting_logged: bool = False
-
-
-class _PanopticLogic:
+class _PanopticLogic(InterfacesMixin):
     """Everything the node does; mixed into an ``rclpy`` Node or LifecycleNode."""
 
     def _init_logic(self) -> None:
+        """Attributes first, then the parameters (which may raise NodeStartupError): destroy_node
+        of a node whose construction failed must still work (the context calls it at shutdown)."""
         from .qos import latched_qos
 
-        self._latched_qos = latched_qos()
-        declare_parameters(self)
-        self._values = read_parameters(self)
-        warn_unknown_overrides(self)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
         self._model: ModelHandle | None = None
         self._model_lock = threading.Lock()
         self._cameras: list[_Camera] = []
@@ -116,8 +102,26 @@ class _PanopticLogic:
         self._pub_diag = None
         self._diag = DiagnosticsBuilder()
         self._vision_msgs = self._vision_msgs_available()
-        self._tracking = NodeTracking(self._values, warn=self._warn, times=self._times)  # per camera, node_tracking
         self._depth = NodeDepth(self, self._warn, self._times)
+        self._pacer = RatePacer()
+        self._trimmer = HeapTrimmer()
+        self._latched_qos = latched_qos()
+        declare_parameters(self)
+        self._values = read_parameters(self)
+        self._tracking = NodeTracking(self._values, warn=self._warn, times=self._times)  # per camera, node_tracking
+        warn_unknown_overrides(self)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._set_decoder_limit()
+
+    def _set_decoder_limit(self) -> None:
+        """OpenCV's decoders refuse images above max_image_pixels (image_conversion's guarantee);
+        OpenCV reads the limit once, so this runs before anything in the process loads it."""
+        wanted = int(self._values["max_image_pixels"])
+        got = set_decoder_pixel_limit(wanted)
+        if got != wanted:
+            self.get_logger().warning(
+                f"OpenCV was loaded before the node could set its decoder limit (now {got or 'unknown'}, "
+                f"wanted max_image_pixels={wanted}): compressed frames are checked from their headers only")
 
     @staticmethod
     def _vision_msgs_available() -> bool:
@@ -131,6 +135,7 @@ class _PanopticLogic:
     def _load(self) -> None:
         t0 = time.monotonic()
         self._model = load_model(self._values)
+        freeze_long_lived_objects()  # full GC passes over torch + the model stalled the node ~1 s
         self.get_logger().info(
             f"model {self._model.name} ({self._model.version}) loaded from {self._model.weights} on "
             f"{self._model.engine}/{self._model.device} {self._model.predictor.precision} "
@@ -140,6 +145,7 @@ class _PanopticLogic:
     def _release_model(self) -> None:
         with self._model_lock:
             self._model = None
+        thaw()
         gc.collect()
         # torch comes with the model: without it imported there is nothing to free (importing it
         # here cost a never-configured lifecycle node seconds at shutdown)
@@ -147,45 +153,11 @@ class _PanopticLogic:
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
-    # -- interfaces --------------------------------------------------------------------------
-    def _camera_topics(self) -> list[tuple[str, str]]:
-        topics = list(self._values["image_topics"])
-        if not topics:
-            return [(self.resolve_topic_name("image"), "")]
-        return [(self.resolve_topic_name(t), _output_prefix(t)) for t in topics]
-
-    def _create_interfaces(self) -> None:
-        from diagnostic_msgs.msg import DiagnosticArray
-        from sensor_msgs.msg import Image
-        from std_msgs.msg import Header
-
-        from ciae_ros.msg import CategoryArray, PanopticSegments
-
-        from .conversions import categories_msg
-        from .qos import output_qos
-
-        oq = output_qos(self._values["output_reliability"], self._values["output_depth"])
-        self._cameras = []
-        for k, (topic, prefix) in enumerate(self._camera_topics()):
-            cam = _Camera(index=k, topic=topic, prefix=prefix)
-            cam.pub_segments = self.create_publisher(PanopticSegments, prefix + "panoptic/segments", oq)
-            cam.pub_overlay = self.create_publisher(Image, prefix + "panoptic/overlay", oq)
-            if self._vision_msgs and self._values["publish_detections"]:
-                from vision_msgs.msg import Detection2DArray
-
-                cam.pub_detections = self.create_publisher(Detection2DArray, prefix + "panoptic/detections", oq)
-            self._cameras.append(cam)
-        self._set_confidence_publishers(bool(self._values["publish_confidence"]))
-        self._depth.create(self._values, [(c.topic, c.prefix) for c in self._cameras], oq, self._vision_msgs)
-        self._stats = [CameraStats() for _ in self._cameras]
-        self._pub_categories = self.create_publisher(CategoryArray, "panoptic/categories", self._latched_qos)
-        header = Header(stamp=self.get_clock().now().to_msg(), frame_id="")
-        self._pub_categories.publish(categories_msg(self._model.predictor.categories, self._model.name, header))
-        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-
     def _start_processing(self) -> None:
         self._mailbox = LatestFrameMailbox(len(self._cameras))
         self._stop.clear()
+        self._pacer.restart()
+        self._pacer.set_rate(float(self._values["max_rate"]))
         self._worker = threading.Thread(target=self._worker_loop, name="ciae_worker", daemon=True)
         self._worker.start()
         self._update_subscriptions()
@@ -204,56 +176,13 @@ class _PanopticLogic:
                 self.destroy_subscription(cam.sub)
                 cam.sub, cam.reliability = None, None
         self._stop.set()
+        self._pacer.stop()
         if self._mailbox is not None:
             self._mailbox.close()
         if self._worker is not None:
             self._worker.join(timeout=30.0)
         self._worker = None
         self._depth.stop()
-
-    def _destroy_interfaces(self) -> None:
-        for cam in self._cameras:
-            for pub in (cam.pub_segments, cam.pub_overlay, cam.pub_confidence, cam.pub_detections):
-                if pub is not None:
-                    self.destroy_publisher(pub)
-        self._cameras = []
-        self._depth.destroy()
-        for pub in (self._pub_categories, self._pub_diag):
-            if pub is not None:
-                self.destroy_publisher(pub)
-        self._pub_categories = self._pub_diag = None
-
-    def _update_subscriptions(self) -> None:
-        """(Re)create input subscriptions so that their reliability matches the publishers'."""
-        from sensor_msgs.msg import CompressedImage, Image
-
-        from .qos import input_qos, offered_reliability, policy_name, reliability_policy
-
-        compressed = self._values["input_transport"] == "compressed"
-        for cam in self._cameras:
-            topic = self._input_topic(cam)
-            wanted_name = self._values["input_reliability"]
-            if wanted_name == "auto":
-                wanted = offered_reliability(self.get_publishers_info_by_topic(topic))
-                if wanted is None:
-                    if cam.sub is None and not cam.waiting_logged:
-                        self.get_logger().info(f"waiting for a publisher on {topic} (input reliability auto)")
-                        cam.waiting_logged = True
-                    continue
-            else:
-                wanted = reliability_policy(wanted_name)
-            if cam.sub is not None and cam.reliability == wanted:
-                continue
-            if cam.sub is not None:
-                self.destroy_subscription(cam.sub)
-            cam.sub = self.create_subscription(
-                CompressedImage if compressed else Image, topic,
-                lambda msg, k=cam.index, c=compressed: self._on_image(k, msg, c),
-                input_qos(wanted, int(self._values["input_depth"])))
-            cam.reliability = wanted
-            self.get_logger().info(f"subscribed to {topic} ({'CompressedImage' if compressed else 'Image'}, "
-                                   f"{policy_name(wanted)})")
-        self._depth.update_subscriptions()
 
     # -- input ---------------------------------------------------------------------------------
     def _on_image(self, cam: int, msg, compressed: bool) -> None:
@@ -272,26 +201,23 @@ class _PanopticLogic:
 
     # -- worker --------------------------------------------------------------------------------
     def _worker_loop(self) -> None:
-        next_time = 0.0
-        while not self._stop.is_set():
-            rate = float(self._values["max_rate"])
-            if rate > 0.0:
-                delay = next_time - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
-                    break
+        # max_rate: the pacer's wait follows a rate change at once (set_rate wakes it)
+        while not self._stop.is_set() and self._pacer.wait_turn():
             items = self._mailbox.take(timeout=0.2)
             if not items:
                 continue
-            if rate > 0.0:
-                next_time = time.monotonic() + 1.0 / rate
+            self._pacer.started()
             try:
-                self._process(items)
+                pixels = self._process(items)
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything a frame causes
                 with self._counts_lock:
                     self._errors[type(exc).__name__] += 1
                 self._warn("process", f"frame processing failed: {type(exc).__name__}: {exc}")
+                continue
+            self._trimmer.after_frame(pixels)  # the heap a rare huge frame freed goes back to the OS
 
-    def _process(self, items) -> None:
+    def _process(self, items) -> int:
+        """Convert, run the model and publish; the number of pixels of the frames processed."""
         t_start = time.monotonic()
         values = self._values
         max_px, scale16 = int(values["max_image_pixels"]), int(values["scale16_max"])
@@ -300,7 +226,7 @@ class _PanopticLogic:
         with self._model_lock:
             model = self._model
             if model is None:
-                return
+                return 0
             pred = model.predictor
             images, frames, boxes = [], [], []
             for cam, (msg, compressed, t_recv) in items:
@@ -318,7 +244,7 @@ class _PanopticLogic:
                 frames.append((cam, msg, t_recv))
                 boxes.append(lb)
             if not images:
-                return
+                return 0
             t_conv = time.monotonic()
             results = pred(images, color="rgb", return_confidence=bool(values["publish_confidence"]),
                            return_embeddings=self._tracking.wants_embeddings)
@@ -339,11 +265,7 @@ class _PanopticLogic:
             if isinstance(v, (int, float)):
                 self._times.add("predictor." + str(k), float(v))
         self._times.add("publish", (t_pub - t_pred) * 1e3)  # all outputs of the batch
-
-    def _input_topic(self, cam: _Camera) -> str:
-        """The topic actually subscribed for a camera (``<image>/compressed`` for compressed input);
-        ``cam.topic`` stays the camera's base name (diagnostics, output prefix)."""
-        return cam.topic + "/compressed" if self._values["input_transport"] == "compressed" else cam.topic
+        return sum(img.shape[0] * img.shape[1] for img in images)
 
     def _bad_frame(self, cam: int, reason: str, text: str) -> None:
         with self._counts_lock:
@@ -399,6 +321,11 @@ class _PanopticLogic:
         if (err := settings_error(new) or depth_values_error(new)) is not None:  # across parameters
             return SetParametersResult(successful=False, reason=err)
         changed = {p.name for p in params if p.name in SPECS and new[p.name] != self._values[p.name]}
+        limit = decoder_pixel_limit()
+        if "max_image_pixels" in changed and limit is not None and new["max_image_pixels"] > limit:
+            return SetParametersResult(successful=False, reason=(
+                f"max_image_pixels can be at most {limit} in this process: OpenCV's decoder limit is "
+                f"fixed when OpenCV loads (restart the node to raise it)"))
         if self._model is not None and any(SPECS[n].reloads_model for n in changed):
             try:
                 model = load_model(new)
@@ -407,6 +334,8 @@ class _PanopticLogic:
             with self._model_lock:
                 self._model = model
             self._tracking.reset_all("model")
+            thaw()  # the old model's reference cycles are collected, the new model's objects frozen
+            freeze_long_lived_objects()
             self.get_logger().info(f"model reloaded: {model.name} on {model.engine}/{model.device}, "
                                    f"input_size {model.predictor.input_size}")
             if self._pub_categories is not None:  # the new model may know other categories
@@ -428,23 +357,9 @@ class _PanopticLogic:
         self._tracking.configure(new)
         self._depth.apply(new)
         self._values = new
+        if "max_rate" in changed:
+            self._pacer.set_rate(float(new["max_rate"]))  # wakes a worker waiting on the old rate
         return SetParametersResult(successful=True)
-
-    def _set_confidence_publishers(self, on: bool) -> None:
-        """``panoptic/confidence`` of every camera exists while ``publish_confidence`` is on, and only
-        then (an advertised topic that never carries data misleads). No cameras: nothing to do."""
-        from sensor_msgs.msg import Image
-
-        from .qos import output_qos
-
-        oq = output_qos(self._values["output_reliability"], self._values["output_depth"])
-        with self._confidence_lock:
-            for cam in self._cameras:
-                if on and cam.pub_confidence is None:
-                    cam.pub_confidence = self.create_publisher(Image, cam.prefix + "panoptic/confidence", oq)
-                elif not on and cam.pub_confidence is not None:
-                    self.destroy_publisher(cam.pub_confidence)
-                    cam.pub_confidence = None
 
     # -- diagnostics -----------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -484,7 +399,9 @@ def _make_node_classes():
     class PanopticLifecycleNode(_PanopticLogic, LifecycleNode):
         """Managed node: configure loads the model, activate subscribes, cleanup frees the GPU."""
 
-        def __init__(self, **kwargs):
+        def __init__(self, autostart: bool = False, **kwargs):
+            self._autostart = autostart  # main reports a failed configure itself, in one line
+            self.configure_error: str | None = None
             LifecycleNode.__init__(self, NODE_NAME, **kwargs)
             self._init_logic()
 
@@ -492,7 +409,9 @@ def _make_node_classes():
             try:
                 self._load()
             except NodeStartupError as exc:
-                self.get_logger().error(f"configure failed: {exc}")
+                self.configure_error = str(exc)
+                if not self._autostart:
+                    self.get_logger().error(f"configure failed: {exc}")
                 return TransitionCallbackReturn.FAILURE
             self._create_interfaces()
             return TransitionCallbackReturn.SUCCESS
@@ -536,18 +455,7 @@ def __getattr__(name):  # PanopticNode / PanopticLifecycleNode without importing
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="ciae-panoptic-node",
-        description="CIAE panoptic segmentation ROS 2 node. ROS arguments go after --ros-args, e.g. "
-                    "--ros-args --params-file config/panoptic.yaml -r image:=/my_camera/image_raw")
-    ap.add_argument("--lifecycle", action="store_true", help="run as a managed (lifecycle) node")
-    ap.add_argument("--autostart", action="store_true", help="with --lifecycle: configure and activate at start")
-    opts = ap.parse_args(argv)
-    if opts.autostart and not opts.lifecycle:
-        # an error, not a silent no-op: the user asked for something this combination cannot mean
-        ap.error("--autostart needs --lifecycle (a plain node is active from the start anyway)")
-    return opts
+_parse_args = parse_args  # (moved to node_startup; the name stays importable here)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -556,14 +464,28 @@ def main(argv: list[str] | None = None) -> int:
 
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.impl.implementation_singleton import rclpy_implementation
     from rclpy.signals import SignalHandlerOptions
     from rclpy.utilities import remove_ros_args
 
     from .resources import use_large_data_dds_profile
 
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
+    log = logging.getLogger(NODE_NAME)
     args = list(sys.argv[1:] if argv is None else argv)
-    opts = _parse_args(remove_ros_args(["ciae-panoptic-node", *args])[1:])
+    problem = params_file_problem(args)
+    if problem:
+        log.error("cannot start: %s", problem)
+        return 1
+    try:
+        opts = parse_args(remove_ros_args(["ciae-panoptic-node", *args])[1:])
+    except rclpy_implementation.RCLInvalidROSArgsError as exc:  # a malformed rule or params file
+        status, text = ros_args_problem(exc)
+        if status == 2:
+            print(text, file=sys.stderr)
+        else:
+            log.error("cannot start: %s", text)
+        return status
     use_large_data_dds_profile()
     # Default remap, used only when the user has no rule for 'image' (the first matching rule wins).
     ros_args = [*args, "--ros-args", "-r", f"image:={DEFAULT_IMAGE_TOPIC}"]
@@ -579,7 +501,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     PanopticNode, PanopticLifecycleNode = _make_node_classes()
-    log = logging.getLogger(NODE_NAME)
     try:
         import ciae_ros.msg  # noqa: F401 - generated by rosidl, not by pip
     except ImportError:
@@ -587,9 +508,14 @@ def main(argv: list[str] | None = None) -> int:
                   "(or `colcon build` and source install/setup.bash on a ROS 2 install)")
         return 1
     try:
-        with rclpy.init(args=["ciae-panoptic-node", *ros_args], signal_handler_options=SignalHandlerOptions.NO):
+        ros = rclpy.init(args=["ciae-panoptic-node", *ros_args], signal_handler_options=SignalHandlerOptions.NO)
+    except RuntimeError as exc:  # rcl cannot start (e.g. ROS_DOMAIN_ID out of range)
+        log.error("cannot start: %s", ros_args_problem(exc)[1].split(": error: ")[-1])
+        return 1
+    try:
+        with ros:
             try:
-                node = PanopticLifecycleNode() if opts.lifecycle else PanopticNode()
+                node = (PanopticLifecycleNode(autostart=opts.autostart) if opts.lifecycle else PanopticNode())
             except NodeStartupError as exc:
                 log.error("cannot start: %s", exc)
                 return 1
@@ -599,8 +525,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             try:
                 if opts.lifecycle and opts.autostart:
-                    if node.trigger_configure() != _success() or node.trigger_activate() != _success():
-                        log.error("cannot start: lifecycle autostart failed (see the message above)")
+                    if node.trigger_configure() != _success():
+                        log.error("cannot start: %s", node.configure_error or "lifecycle configure failed")
+                        return 1
+                    if node.trigger_activate() != _success():
+                        log.error("cannot start: lifecycle activate failed")
                         return 1
                 executor = SingleThreadedExecutor()
                 executor.add_node(node)

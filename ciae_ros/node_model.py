@@ -13,6 +13,8 @@ import hashlib
 import pathlib
 from dataclasses import dataclass
 
+from ciae_core.user_input import file_problem, quote
+
 from .node_params import THRESHOLD_PARAMS, NodeStartupError
 
 
@@ -77,8 +79,9 @@ def load_model(values: dict) -> ModelHandle:
                                    "set the 'weights' parameter")
         weights = str(found)
     path = pathlib.Path(weights).expanduser()
-    if not path.is_file():
-        raise NodeStartupError(f"weights file {weights!r} does not exist")
+    problem = file_problem(path)
+    if problem is not None:  # a directory or /dev/zero is not "missing"
+        raise NodeStartupError(f"weights file {quote(weights)} {problem}")
     try:
         predictor = Predictor(str(path), engine=str(values["engine"]), device=str(values["device"]),
                               max_size=int(values["max_size"]), precision=str(values["precision"]),
@@ -87,6 +90,6 @@ def load_model(values: dict) -> ModelHandle:
         raise NodeStartupError(str(exc)) from None
     except (OSError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise NodeStartupError(f"cannot load model {weights!r}: {first}") from None
+        raise NodeStartupError(f"cannot load model {quote(weights)}: {first}") from None
     return ModelHandle(predictor=predictor, name=path.stem, version=_file_version(path), weights=str(path),
                        engine=predictor.engine, device=str(values["device"]))

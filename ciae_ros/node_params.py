@@ -14,6 +14,8 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
+from ciae_core.user_input import file_problem, quote
+
 from .image_conversion import DEFAULT_MAX_PIXELS
 
 
@@ -75,7 +77,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("output_depth", 1, "Output QoS history depth.", int_range=(1, 100, 1), read_only=True),
     ParamSpec("max_rate", 0.0, "Maximum processing rate in Hz (0: as fast as the model runs).",
               float_range=(0.0, 1000.0)),
-    ParamSpec("max_image_pixels", DEFAULT_MAX_PIXELS, "Frames with more pixels are rejected (too_large).",
+    ParamSpec("max_image_pixels", DEFAULT_MAX_PIXELS, "Frames with more pixels are rejected (too_large); "
+              "OpenCV's decoder enforces the start-up value: at run time it can go below it, not above.",
               int_range=(1, 2**31 - 1, 1)),
     ParamSpec("scale16_max", 65535, "16-bit input: this value maps to 255 (4095 for 12-bit cameras).",
               int_range=(1, 65535, 1)),
@@ -179,12 +182,12 @@ def unknown_parameter_warnings(override_names, is_declared, candidates=None) -> 
         if is_declared(name):
             continue
         if name.startswith("qos_overrides."):
-            out.append(f"parameter {name!r} ignored: this node does not take QoS overrides; use input_reliability, "
-                       "input_depth, output_reliability, output_depth")
+            out.append(f"parameter {quote(name)} ignored: this node does not take QoS overrides; use "
+                       "input_reliability, input_depth, output_reliability, output_depth")
             continue
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        out.append(f"unknown parameter {name!r}{hint} \u2014 ignored")
+        hint = f" (did you mean {quote(close[0])}?)" if close else ""
+        out.append(f"unknown parameter {quote(name)}{hint} \u2014 ignored")
     return out
 
 
@@ -194,15 +197,17 @@ def validate_value(name: str, value) -> str | None:
     if spec is None:
         return None
     if spec.choices and value not in spec.choices:
-        return f"{name} must be one of {', '.join(spec.choices)}, got {value!r}"
+        return f"{name} must be one of {', '.join(spec.choices)}, got {quote(value)}"
     if name == "device":
         v = str(value)
         if not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
-            return f"device must be cpu, cuda or cuda:<index>, got {value!r}"
+            return f"device must be cpu, cuda or cuda:<index>, got {quote(value)}"
     if name in THRESHOLD_PARAMS and value != -1 and not (name == "stuff_area_min" or 0.0 <= value <= 1.0):
         return f"{name} must be -1 (the model's default) or in [0, 1], got {value}"
-    if name == "weights" and value and not pathlib.Path(str(value)).expanduser().is_file():
-        return f"weights file {value!r} does not exist"
+    if name == "weights" and value:
+        problem = file_problem(pathlib.Path(str(value)).expanduser())
+        if problem is not None:  # a directory or /dev/zero is not "missing"
+            return f"weights file {quote(value)} {problem}"
     if name == "image_topics":
         if len(set(value)) != len(value) or any(not t for t in value):
             return f"image_topics must be distinct non-empty topic names, got {list(value)}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from ciae_core.user_input import quote
+
 RELIABILITY_CHOICES = ("auto", "reliable", "best_effort")
 _POLICIES = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
 
@@ -22,7 +24,7 @@ def reliability_policy(name: str) -> ReliabilityPolicy:
     try:
         return _POLICIES[name]
     except KeyError:
-        raise ValueError(f"reliability must be one of {', '.join(_POLICIES)}, got {name!r}") from None
+        raise ValueError(f"reliability must be one of {', '.join(_POLICIES)}, got {quote(name)}") from None
 
 
 def policy_name(policy: ReliabilityPolicy) -> str:

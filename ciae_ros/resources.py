@@ -71,7 +71,9 @@ def use_large_data_dds_profile(env: dict | None = None) -> str | None:
     participant is created). Only done when the RMW is Fast DDS (the ROS default) and neither
     ``FASTDDS_DEFAULT_PROFILES_FILE`` nor the older ``FASTRTPS_DEFAULT_PROFILES_FILE`` is set.
     ``env`` defaults to ``os.environ`` (pass a copy to prepare a child process's environment).
-    Returns the profile path in effect (``None`` when none is set).
+    With our profile, ``RMW_FASTRTPS_USE_QOS_FROM_XML=1`` is set too (unless set already): the
+    profile's history memory policy applies only then. Returns the profile path in effect
+    (``None`` when none is set).
     """
     env = os.environ if env is None else env
     user = env.get("FASTDDS_DEFAULT_PROFILES_FILE") or env.get("FASTRTPS_DEFAULT_PROFILES_FILE")
@@ -86,4 +88,7 @@ def use_large_data_dds_profile(env: dict | None = None) -> str | None:
                      DDS_PROFILE_NAME)
         return None
     env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(path)
+    # the profile's endpoint memory policy (buffers freed, not kept at the largest sample's size)
+    # reaches rmw_fastrtps only with this variable; ROS QoS set in code still apply
+    env.setdefault("RMW_FASTRTPS_USE_QOS_FROM_XML", "1")
     return str(path)

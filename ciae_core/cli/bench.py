@@ -49,6 +49,7 @@ from ciae_core.bench_contenders import (ALL_MODELS, BACKBONES, GRAPH_MODES, OURS
                                         bench_group, channels_last_for, ours_checkpoint, ours_variants,
                                         parse_engine_spec)
 from ciae_core.bench_report import markdown_tables, ratios
+from ciae_core.user_input import quote
 
 # entry points other packages register to extend ciae-bench; "node" runs `ciae-bench --node`
 PLUGIN_GROUP = "ciae_core.bench_plugins"
@@ -178,15 +179,15 @@ def _checked(args: argparse.Namespace) -> tuple[list[int], list[str], list[str],
     backbones, models, engines = _csv(args.backbones), _csv(args.models), _csv(args.engines)
     for b in backbones:
         if b not in ("small", *OURS_ARCH):
-            raise BenchError(f"unknown backbone {b!r}; use {', '.join(OURS_ARCH)} and/or small")
+            raise BenchError(f"unknown backbone {quote(b)}; use {', '.join(OURS_ARCH)} and/or small")
     for m in models:
         if m not in ALL_MODELS:
-            raise BenchError(f"unknown model {m!r}; use {', '.join(ALL_MODELS)}")
+            raise BenchError(f"unknown model {quote(m)}; use {', '.join(ALL_MODELS)}")
     for e in engines:
         parse_engine_spec(e)
     bad = [m for m in _csv(args.cuda_graphs) if m not in GRAPH_MODES]
     if bad or not _csv(args.cuda_graphs):
-        raise BenchError(f"--cuda-graphs takes {', '.join(GRAPH_MODES)} (comma-separated), got {args.cuda_graphs!r}")
+        raise BenchError(f"--cuda-graphs takes {', '.join(GRAPH_MODES)} (comma-separated), got {quote(args.cuda_graphs)}")
     if args.repeats < 1 or args.warmup < 0 or not sizes or min(sizes) < 32:
         raise BenchError("need --repeats >= 1, --warmup >= 0 and sizes >= 32")
     device = torch.device(args.device)

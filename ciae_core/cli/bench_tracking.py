@@ -30,6 +30,8 @@ from ciae_core.structures import PanopticResult, Segment
 from ciae_core.synth import SYNTH_CATEGORIES
 from ciae_core.synth_video import TrackingSequence
 from ciae_core.tracking import SegmentTracker
+from ciae_core.cli.sizes import parse_size
+from ciae_core.user_input import quote
 from ciae_core.video_metrics import VideoEvaluator
 
 VARIANTS = {"iou": {"association": "iou"}, "iou+mask": {"association": "iou", "mask_iou": True},
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="model (default: models/*.safetensors)")
     p.add_argument("--seeds", default="9001,9002,9003,9004,9005", help="sequence seeds, comma separated")
     p.add_argument("--frames", type=int, default=200, help="frames per sequence")
-    p.add_argument("--size", default="320x320", help="HxW of the sequences")
+    p.add_argument("--size", default="320x320", metavar="WIDTHxHEIGHT", help="size of the sequences (default 320x320)")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate of the stamps")
     p.add_argument("--variants", default=",".join(VARIANTS), help="association variants: " + ", ".join(VARIANTS))
     p.add_argument("--timing-frames", type=int, default=60, help="frames of the 30-segment timing")
@@ -56,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args) -> tuple[list[int], tuple[int, int], list[str]]:
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        h, w = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--seeds must be integers and --size HxW, got {args.seeds!r}, {args.size!r}") from None
+        raise ValueError(f"--seeds must be comma-separated integers, got {quote(args.seeds)}") from None
+    w, h = parse_size(args.size, minimum=32)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants or not seeds or args.frames < 2 or not args.fps > 0:

@@ -6,6 +6,10 @@ graph, ``--dynamic`` a symbolic batch/height/width; ``--opset`` in ``OPSET_RANGE
 (:mod:`ciae_core.quantize`) and writes an OpenVINO IR (``--out`` ends in ``.xml``; the ``.bin``
 goes beside it) for ``engine="openvino"``. Exit codes: 0 written, 1 a one-line error (nothing is
 left behind), 2 bad arguments.
+
+``--convert-backbone FILE.pth --out FILE.safetensors`` instead converts torchvision ImageNet
+weights once, so that training never reads a pickle (:mod:`ciae_core.backbone_weights`: the
+``.pth`` is read with ``torch.load(weights_only=True)``, tensors only).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import pathlib
 import sys
 import tempfile
 
+from ciae_core.backbone_weights import BackboneWeightsError, read_backbone_state
+from ciae_core.checkpoint import CheckpointError, save_tensors_atomic
 from ciae_core.cli.sizes import parse_size
 from ciae_core.export import DEFAULT_OPSET, OPSET_RANGE, ExportError, export_checkpoint
 
@@ -34,8 +40,12 @@ def parse_export_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ciae-export", description="Export a CIAE checkpoint's forward_raw to ONNX "
                                 "(network outputs; selection and fusion run in ciae_core.fusion).")
-    p.add_argument("--weights", required=True, help=".safetensors checkpoint")
-    p.add_argument("--out", required=True, help="output .onnx path (.xml with --int8)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--weights", help=".safetensors checkpoint")
+    what.add_argument("--convert-backbone", metavar="PTH",
+                      help="instead: convert torchvision ImageNet weights (.pth) to --out (.safetensors), once")
+    p.add_argument("--out", required=True, help="output .onnx path (.xml with --int8, .safetensors with "
+                   "--convert-backbone)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--size", default="640x640", metavar="WIDTHxHEIGHT",
                        help="fixed input size WIDTHxHEIGHT, multiples of 32 (default 640x640)")
@@ -71,11 +81,30 @@ def _export_int8(args, size: tuple[int, int]) -> str:
                         input_size=args.input_size, scope=args.int8_scope)
 
 
+def convert_backbone(src: str, dst: str) -> int:
+    """Write the tensors of torchvision weights ``src`` (``.pth``) to ``dst`` (``.safetensors``,
+    atomically); the number of tensors. The classifier is kept (a faithful copy; the model
+    ignores it)."""
+    if not dst.endswith(".safetensors"):
+        raise BackboneWeightsError(f"--out must end in .safetensors with --convert-backbone, got {dst}")
+    state = read_backbone_state(src)
+    save_tensors_atomic(dst, state, {"converted_from": os.path.basename(src)})
+    return len(state)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``ciae-export``: write ``--weights``' ``forward_raw`` as ONNX to ``--out``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.convert_backbone:
+        try:
+            n = convert_backbone(args.convert_backbone, args.out)
+        except (BackboneWeightsError, CheckpointError) as e:
+            print(f"ciae-export: error: {e}", file=sys.stderr)
+            return 1
+        print(f"ciae-export: wrote {args.out} ({n} tensors from {args.convert_backbone})")
+        return 0
     try:
         if args.batch_size < 1:
             raise ExportError("--batch-size must be >= 1")

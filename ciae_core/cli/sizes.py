@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from ciae_core.user_input import quote
+
 
 def parse_size(text: str, option: str = "--size", minimum: int = 1, multiple_of: int = 1) -> tuple[int, int]:
     """``"640x480"`` -> ``(width, height)`` = ``(640, 480)``.
@@ -19,7 +21,7 @@ def parse_size(text: str, option: str = "--size", minimum: int = 1, multiple_of:
     try:
         width, height = (int(v) for v in str(text).lower().replace("×", "x").split("x"))
     except ValueError:
-        raise ValueError(f"{option} must be WIDTHxHEIGHT, e.g. 640x480; got {text!r}") from None
+        raise ValueError(f"{option} must be WIDTHxHEIGHT, e.g. 640x480; got {quote(text)}") from None
     if width < minimum or height < minimum:
         raise ValueError(f"{option} {text}: width and height must be at least {minimum}")
     if width % multiple_of or height % multiple_of:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ciae_core.checkpoint import (CheckpointError, atomic_write_bytes, config_from_checkpoint, load_model, load_tensors,
-                                  read_metadata, save_model, save_tensors_atomic)
+from ciae_core.checkpoint import (CheckpointError, atomic_write_bytes, check_readable_file, config_from_checkpoint,
+                                  load_model, load_tensors, read_metadata, save_model, save_tensors_atomic)
 from ciae_core.model import CIAE
 from ciae_core.structures import CategoryInfo
 
@@ -59,9 +59,24 @@ def test_metadata_and_sidecar(model, tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(CheckpointError, match="not found") as e:
+    with pytest.raises(CheckpointError, match="nope.safetensors does not exist") as e:
         load_model(tmp_path / "nope.safetensors")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda d: d, "is a directory"),
+    (lambda d: pathlib.Path("/dev/zero"), "is a character device"),
+    (lambda d: d / "empty.safetensors", "is empty"),
+])
+def test_paths_that_are_not_weight_files_are_named_for_what_they_are(tmp_path, make, problem):
+    """A directory or /dev/zero given as weights is not reported as missing."""
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    path = make(tmp_path)
+    for reader in (load_model, read_metadata, load_tensors, check_readable_file):
+        with pytest.raises(CheckpointError) as e:
+            reader(path)
+        assert str(e.value) == f"checkpoint {path} {problem}"
 
 
 def test_truncated_file(model, tmp_path):
@@ -83,7 +98,7 @@ def test_not_safetensors(tmp_path):
         load_model(p)
     d = tmp_path / "dir.safetensors"
     d.mkdir()
-    with pytest.raises(CheckpointError, match="not a file"):
+    with pytest.raises(CheckpointError, match="dir.safetensors is a directory"):
         load_model(d)
 
 

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+import image_bombs
 from ros_testing import REPO, huge_jpeg, huge_png
 
 from ciae_ros.image_conversion import (ImageConversionError, compressed_image_size, compressed_to_rgb,
@@ -303,3 +304,162 @@ def test_numpy_to_image_round_trips():
     np.testing.assert_array_equal(image_msg_to_array(numpy_to_image(conf, "32FC1")), conf)
     with pytest.raises(ValueError, match="32SC1"):
         numpy_to_image(ids.astype(np.int64), "32SC1")
+
+
+# ----------------------------------------------------------------------------------------------
+# adversarial headers (image_bombs.py): one reason each, and the decoder itself refuses
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bomb", image_bombs.bombs(), ids=lambda b: b.name)
+def test_every_bomb_is_refused_under_one_reason_or_decoded_as_its_true_image(bomb):
+    """In this process OpenCV's own limit is its default (2**30 pixels), so what refuses here is
+    the header check; the frames that are legitimate small images whatever their headers hide
+    (a huge EXIF thumbnail, a decoy SOF in an APP segment, a huge second TIFF page) decode."""
+    m = _compressed(bomb.data, bomb.codec)
+    if bomb.expect == "ok":
+        assert compressed_to_rgb(m, max_pixels=image_bombs.LIMIT).shape == bomb.shape
+        return
+    with pytest.raises(ImageConversionError) as e:
+        compressed_to_rgb(m, max_pixels=image_bombs.LIMIT)
+    assert e.value.reason == bomb.expect, str(e.value)
+    text = str(e.value)
+    assert "\n" not in text and 10 < len(text) < 300, text
+    if bomb.expect == "too_large" and bomb.decoder_size is not None:
+        assert f"{bomb.decoder_size[0]}x{bomb.decoder_size[1]}" in text  # WIDTHxHEIGHT, as the decoder sees it
+
+
+_DECODE_IN_FRESH_PROCESS = """
+import json, pathlib, sys, types
+from image_bombs import reset_peak_rss, rss_mib
+from ciae_ros.image_conversion import (ImageConversionError, compressed_to_rgb, decoder_pixel_limit,
+                                       set_decoder_pixel_limit)
+limit, header_check = int(sys.argv[1]), sys.argv[2] == "1"
+assert set_decoder_pixel_limit(limit) == limit == decoder_pixel_limit()
+out = []
+for path in sys.argv[3:]:
+    msg = types.SimpleNamespace(format="x", data=pathlib.Path(path).read_bytes())
+    reset_peak_rss()
+    before = rss_mib("self")
+    try:
+        compressed_to_rgb(msg, max_pixels=limit if header_check else None)
+        reason, text = "ok", ""
+    except ImageConversionError as exc:
+        reason, text = exc.reason, str(exc)
+    out.append([pathlib.Path(path).name, reason, text, rss_mib("self", "VmHWM") - before])
+print(json.dumps(out))
+"""
+
+
+def _decode_in_fresh_process(tmp_path, cases, limit: int, header_check: bool) -> dict:
+    """Decode ``cases`` one after the other in a new process whose OpenCV decoder limit is
+    ``limit``; ``{name: (reason, message, peak RSS growth in MiB during this case)}`` (the peak is
+    reset before each case through /proc/self/clear_refs)."""
+    paths = []
+    for b in cases:
+        (tmp_path / b.name).write_bytes(b.data)
+        paths.append(str(tmp_path / b.name))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "test" / "ciae_ros")])}
+    env.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)
+    res = subprocess.run([sys.executable, "-c", _DECODE_IN_FRESH_PROCESS, str(limit), str(int(header_check)), *paths],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {name: (reason, text, grown) for name, reason, text, grown in json.loads(res.stdout.splitlines()[-1])}
+
+
+def test_opencv_decoder_refuses_every_bomb_itself(tmp_path):
+    """No header check (max_pixels=None): OpenCV's decoder, limited by set_decoder_pixel_limit,
+    is the only size guard, and it refuses every bomb its own header reader can size before
+    allocating anything: peak memory stays within the bound for the limit (a decoded 16000x16000
+    frame would be 768 MB)."""
+    limit = image_bombs.LIMIT
+    cases = [b for b in image_bombs.bombs() if b.decoder_bounded]
+    got = _decode_in_fresh_process(tmp_path, cases, limit, header_check=False)
+    bound = image_bombs.rss_bound_mb(limit)
+    for b in cases:
+        reason, text, grown = got[b.name]
+        assert grown <= bound, f"{b.name}: peak RSS grew by {grown:.0f} MiB (bound {bound:.0f} MiB for {limit} pixels)"
+        if b.expect == "ok":
+            assert reason == "ok", (b.name, text)
+        elif b.decoder_size is not None and b.decoder_size[0] * b.decoder_size[1] > limit and b.expect == "too_large":
+            assert reason == "too_large" and "refused by the decoder" in text, (b.name, reason, text)
+        else:  # refused by the container check, or the decoder cannot read a header at all
+            assert reason in ("unsupported_format", "decode_failed"), (b.name, reason, text)
+
+
+def test_decoding_just_under_the_limit_costs_a_bounded_number_of_bytes_per_pixel(tmp_path):
+    """The same quirks declaring exactly the limit (1000x1000) are not refused by size: what
+    decoding (or failing to decode) them costs is what the bound of the node's RSS test allows
+    per permitted pixel (progressive JPEG coefficient buffers included)."""
+    limit = image_bombs.LIMIT
+    cases = [b for b in image_bombs.bombs((1000, 1000)) if b.decoder_bounded]
+    got = _decode_in_fresh_process(tmp_path, cases, limit, header_check=True)
+    bound = image_bombs.rss_bound_mb(limit)
+    assert any(reason == "ok" and name == "jpeg_progressive_sof2_huge" for name, (reason, _, _) in got.items())
+    for name, (reason, text, grown) in got.items():
+        assert grown <= bound, f"{name}: {reason}, peak RSS grew by {grown:.0f} MiB (bound {bound:.0f} MiB)"
+
+
+_LOAD_ORDER = """
+import os, sys
+from ciae_ros import image_conversion as ic
+assert ic.decoder_pixel_limit() is None  # OpenCV not loaded yet
+if sys.argv[1] == "late":
+    import cv2  # someone else loads OpenCV first: the limit set afterwards does not reach it
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = "1000"
+print(ic.set_decoder_pixel_limit(1000), ic.decoder_pixel_limit())
+import cv2, numpy as np
+png = cv2.imencode(".png", np.zeros((40, 40, 3), np.uint8))[1]   # 1600 pixels
+try:
+    print("decoded", cv2.imdecode(png, cv2.IMREAD_COLOR).shape[:2])
+except cv2.error as exc:
+    print("refused", "validateInputImageSize" in str(exc))
+"""
+
+
+@pytest.mark.parametrize("order,expected", [("first", "1000 1000\nrefused True"),
+                                            ("late", "None None\ndecoded (40, 40)")])
+def test_opencv_reads_its_pixel_limit_once_when_it_loads(order, expected):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)
+    res = subprocess.run([sys.executable, "-c", _LOAD_ORDER, order], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == expected
+
+
+def test_tiled_tiff_and_foreign_tiff_compressions_are_refused():
+    """OpenCV sizes a TIFF tile buffer by the tile, not by the image, beyond its pixel limit."""
+    tiled = image_bombs.bomb("tiff_tile_larger_than_image").data
+    with pytest.raises(ImageConversionError, match="tiled TIFF") as e:
+        compressed_image_size(tiled)
+    assert e.value.reason == "unsupported_format"
+    page = [(t, k, 7 if t == 259 else v) for t, k, v in image_bombs._grey_page(16, 16, bytes(256))]  # JPEG
+    with pytest.raises(ImageConversionError, match="compression 7") as e:
+        compressed_image_size(image_bombs._tiff([page], [bytes(256)]))
+    assert e.value.reason == "unsupported_format"
+    lzw = cv2.imencode(".tiff", _rgb(8, 8))[1].tobytes()  # OpenCV writes LZW strips
+    assert compressed_image_size(lzw) == ("tiff", 8, 8)
+
+
+def test_jpeg_header_walk_is_bounded_and_skips_stuffing_like_libjpeg():
+    jpg = image_bombs.real_jpeg(16, 16)
+    many = jpg[:2] + b"\xff\xfe\x00\x02" * 5000 + jpg[2:]  # 5000 empty comments before the frame header
+    with pytest.raises(ImageConversionError, match="more than 4096 segments") as e:
+        compressed_image_size(many)
+    assert e.value.reason == "decode_failed"
+    assert compressed_image_size(jpg[:2] + b"\xff\xfe\x00\x02" * 100 + jpg[2:]) == ("jpeg", 16, 16)
+    stuffed = image_bombs.jpeg_ff00_before_sof(640, 480)
+    assert compressed_image_size(stuffed) == ("jpeg", 640, 480)
+    assert cv2.imdecode(np.frombuffer(stuffed, np.uint8), cv2.IMREAD_COLOR).shape == (480, 640, 3)
+
+
+def test_echoed_user_input_is_capped():
+    m = _msg(_rgb(), "rgb8")
+    m.encoding = "x" * 65536
+    with pytest.raises(ImageConversionError) as e:
+        image_to_rgb(m)
+    assert e.value.reason == "unsupported_encoding" and len(str(e.value)) < 400 and "65536 characters" in str(e.value)
+    c = _compressed(b"GIF89a" + bytes(40), "f" * 65536)
+    with pytest.raises(ImageConversionError) as e:
+        compressed_to_rgb(c)
+    assert e.value.reason == "unsupported_format" and len(str(e.value)) < 400

@@ -236,7 +236,7 @@ def test_bad_frames_are_skipped_counted_and_reported(cameras, outputs, node, rea
     check_segments(msg, stamp, 480, 640)
     assert node.alive()
     assert outputs.segments.wait_for(lambda m: stamp_of(m) == bad_stamp, timeout=0.1) is None
-    assert f"[WARN]" in node.log() and "skipping frame" in node.log()
+    assert "[WARN]" in node.log() and "skipping frame" in node.log()
 
 
 def test_runtime_parameters_apply_and_invalid_values_are_rejected(client, cameras, outputs, node):
@@ -516,7 +516,7 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
         "corrupt": ({"weights": str(corrupt)}, "corrupt.safetensors"),
         "engine": ({"engine": "tensorflow"}, "engine must be one of"),
         "range": ({"input_size": 333}, "input_size"),
-        "autostart": ({"weights": str(corrupt)}, "autostart failed"),
+        "autostart": ({"weights": str(corrupt)}, "corrupt.safetensors"),  # the configure error itself
         "prefix": ({"image_topics": ["/cam/image_raw", "/cam/image_rect"]}, "would both publish under /cam/panoptic/"),
         # in namespace /err_resolved the relative and the absolute name are one topic
         "resolved": ({"image_topics": ["cam/image_raw", "/err_resolved/cam/image_raw"]},
