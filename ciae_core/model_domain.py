@@ -26,6 +26,7 @@ from typing import Iterable
 
 DOMAIN_KEY = "domain"
 ONNX_DOMAIN_KEY = "ciae_domain"
+CONFIG_KEY = "ciae_config"  # the model config's key in both formats (ciae_core.checkpoint.CONFIG_KEY)
 SYNTHETIC_SHAPES = "synthetic-shapes"
 REAL_SCENE_HINT = "train on COCO for real scenes: see README 'Train a real-scene model'"
 
@@ -50,40 +51,44 @@ def training_domain(kind: str, categories: Iterable) -> str | None:
 def read_model_domain(path: str | os.PathLike) -> tuple[str | None, list[str]]:
     """``(domain, category names)`` of a ``.safetensors`` model or a ``ciae-export`` ``.onnx``.
 
-    ``domain`` is ``None`` when the file does not say (unknown). Unreadable files raise what
-    their readers raise (:class:`~ciae_core.checkpoint.CheckpointError`,
-    :class:`~ciae_core.export.ExportError`); the tools call this after the model loaded.
+    ``domain`` is ``None`` when the file does not say (unknown). Only the metadata is read, without
+    torch (the demo's client process asks too). A file that cannot be read gives ``(None, [])``:
+    the model loaders report a bad file in their own one-line errors; this is only for the warning.
     """
     path = pathlib.Path(path)
-    if path.suffix.lower() == ".onnx":
-        from ciae_core.export import read_onnx_metadata
+    try:
+        if path.suffix.lower() == ".onnx":
+            import onnx
 
-        meta = read_onnx_metadata(path)
-        domain, config = meta.get(ONNX_DOMAIN_KEY), meta.get("ciae_config")
-    else:
-        from ciae_core.checkpoint import CONFIG_KEY, read_metadata
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            domain = meta.get(ONNX_DOMAIN_KEY)
+        else:
+            from safetensors import safe_open
 
-        meta = read_metadata(path)
-        domain, config = meta.get(DOMAIN_KEY), meta.get(CONFIG_KEY)
+            with safe_open(str(path), framework="numpy") as f:
+                meta = dict(f.metadata() or {})
+            domain = meta.get(DOMAIN_KEY)
+    except Exception:  # noqa: BLE001 - any reader failure (OSError, safetensors/protobuf errors): unknown
+        return None, []
     names: list[str] = []
-    if config:
-        try:
-            names = [str(c["name"]) for c in json.loads(config).get("categories", [])]
-        except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
-            names = []
+    try:
+        names = [str(c["name"]) for c in json.loads(meta.get(CONFIG_KEY) or "{}").get("categories", [])]
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+        names = []
     return (domain or None), names
 
 
-def domain_warning(domain: str | None, category_names: Iterable[str]) -> str | None:
-    """The one-line warning for a model of ``domain`` (``None`` when there is nothing to say)."""
+def domain_warning(domain: str | None, category_names: Iterable[str], file_name: str = "") -> str | None:
+    """The one-line warning for a model of ``domain`` (``None`` when there is nothing to say),
+    prefixed with ``file_name`` when given."""
     if domain != SYNTHETIC_SHAPES:
         return None
     names = list(category_names)
     knows = f"it knows {', '.join(names)} in rendered scenes" if names else "it knows rendered scenes only"
-    return f"synthetic-only model: {knows}; on real images its segments are meaningless; {REAL_SCENE_HINT}"
+    prefix = f"{file_name}: " if file_name else ""
+    return f"{prefix}synthetic-only model: {knows}; on real images its segments are meaningless; {REAL_SCENE_HINT}"
 
 
 def model_domain_warning(path: str | os.PathLike) -> str | None:
     """:func:`domain_warning` for the model file ``path`` (prefixed with the file name)."""
-    text = domain_warning(*read_model_domain(path))
-    return None if text is None else f"{pathlib.Path(path).name}: {text}"
+    return domain_warning(*read_model_domain(path), file_name=pathlib.Path(path).name)

@@ -36,6 +36,7 @@ import yaml
 from ciae_core.checkpoint import atomic_write_text, save_model
 from ciae_core.distributed import (DistContext, SeededDataset, TrainingSampler, barrier, check_replicas_agree,
                                    init_distributed, reduce_scalars, unwrap_model, wrap_ddp)
+from ciae_core.model_domain import training_domain
 from ciae_core.train_config import (DatasetConfig, InputConfig, SolverConfig, TrainConfig, TrainConfigError,
                                     TrainError, config_to_dict)
 from ciae_core.train_state import (clean_stale, find_last_checkpoint, load_checkpoint, point_link,
@@ -309,6 +310,8 @@ def _set_up(cfg: TrainConfig, out: Path, ctx: DistContext, resume: bool) -> _Run
             raise TrainError("data.val has different categories than data.train")
 
     model = build_model(cfg.model, categories, cfg.seed, None if resume else cfg.backbone_weights).to(device)
+    # what the weights will know, written into every model file of the run (ciae_core.model_domain)
+    model.domain = training_domain(cfg.data.train.kind, categories)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     lr = scaled_learning_rate(s.base_lr, s.reference_batch, s.ims_per_batch)

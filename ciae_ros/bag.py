@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                   instance_score_threshold=args.instance_score_threshold)
     try:
         model = load_model(values)
+        if model.domain_warning:
+            _LOG.warning("%s", model.domain_warning)
         summary = process_bag(args.inp, args.out, model.predictor, topics=args.topics, overlay=not args.no_overlay,
                               model_name=model.name, model_version=model.version, storage=args.storage)
     except (NodeStartupError, BagError) as exc:

@@ -60,6 +60,18 @@ def random_fallback_model(path: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(save_model(path, model.eval()))
 
 
+def _domain_warning(weights: str) -> str | None:
+    """The synthetic-only warning of the model (:mod:`ciae_core.model_domain`), logged here because
+    the node's own warning goes to node.log; ``None`` for other models or an unreadable file (the
+    node reports that one). Reads the file's metadata only (no torch in the client process)."""
+    from ciae_core.model_domain import model_domain_warning
+
+    text = model_domain_warning(weights)
+    if text:
+        _LOG.warning("%s", text)
+    return text
+
+
 def _percentiles(values) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not pathlib.Path(weights).is_file():
         _LOG.error("weights file %s does not exist", weights)
         return 1
+    domain_note = _domain_warning(weights)
 
     logs = {name: open(out / f"{name}.log", "w") for name in ("node", "camera")}
     node_cmd = [sys.executable, "-m", "ciae_ros.node", "--ros-args", "-p", f"weights:={weights}",
@@ -145,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         _LOG.error("demo failed; see %s/node.log and %s/camera.log", out, out)
         return 1
     report["exit_codes"] = {"camera": cam_rc, "node": node_rc}
+    report["model_warning"] = domain_note
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_report_markdown(report))
     print(_report_markdown(report))
@@ -327,6 +341,8 @@ def _report_markdown(r: dict) -> str:
     if r.get("random_model"):
         lines += ["**No shipped model was found: this run used a randomly initialised model; segments are "
                   "meaningless.**", ""]
+    if r.get("model_warning"):
+        lines += [f"**Note:** {r['model_warning']}", ""]
     lines += [
         f"- model: `{r['model']}` ({r.get('engine', '')} on {r.get('device', '')})",
         f"- camera: {r['source']} {r['size']} at {r['camera_rate_hz']} Hz; recorded {r['seconds_recorded']} s",

@@ -25,6 +25,8 @@ A thin layer over :class:`ciae_core.predictor.Predictor`:
   (transient local, once), ``/diagnostics``.
 * **Bad frames** never stop the node: they are skipped, counted per reason in /diagnostics and
   reported by a throttled warning.
+* **Stopping**: Ctrl-C / SIGTERM stop the node at any moment, also while it is still starting
+  (importing torch, loading the model): one log line, exit status 0 (the ROS 2 convention).
 * **Lifecycle**: ``--lifecycle`` runs a managed node (model loaded in ``configure``, released in
   ``cleanup``); ``--autostart`` configures and activates it at once (without ``--lifecycle`` it is a
   usage error rather than silently ignored).
@@ -130,6 +132,8 @@ class _PanopticLogic:
             f"model {self._model.name} ({self._model.version}) loaded from {self._model.weights} on "
             f"{self._model.engine}/{self._model.device}, input_size {self._model.predictor.input_size}, "
             f"{len(self._model.predictor.categories)} categories, in {time.monotonic() - t0:.2f} s")
+        if self._model.domain_warning:
+            self.get_logger().warning(self._model.domain_warning)
 
     def _release_model(self) -> None:
         with self._model_lock:
@@ -392,6 +396,8 @@ class _PanopticLogic:
                 self._model = model
             self.get_logger().info(f"model reloaded: {model.name} on {model.engine}/{model.device}, "
                                    f"input_size {model.predictor.input_size}")
+            if model.domain_warning:
+                self.get_logger().warning(model.domain_warning)
             if self._pub_categories is not None:  # the new model may know other categories
                 from std_msgs.msg import Header
 
@@ -531,10 +537,55 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return opts
 
 
+_INTERRUPTED_WHILE_STARTING = "interrupted while starting (before the node was running); exiting"
+
+
+def _configure_logging() -> None:
+    """Python logging of the node process: our own loggers at INFO, everything else at WARNING
+    (torch's INFO lines, e.g. its FakeTensor cache statistics at exit, are not the node's news)."""
+    logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] [%(name)s]: %(message)s")
+    for name in (NODE_NAME, "ciae_core", "ciae_ros"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the node until Ctrl-C / SIGTERM; returns the exit status (1 on a startup error)."""
+    """Run the node until Ctrl-C / SIGTERM; returns the exit status (1 on a startup error).
+
+    Ctrl-C or SIGTERM is a requested shutdown at any moment, also while the node is still starting
+    (importing rclpy or torch, loading the model): one log line, exit status 0, as ROS 2 nodes
+    do (``ros2 launch`` then reports the node as finished cleanly, not as died).
+    """
     import signal
 
+    _configure_logging()
+    log = logging.getLogger(NODE_NAME)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    # We handle SIGINT/SIGTERM ourselves, before anything slow is imported: a stop requested while
+    # rclpy or torch load ends in one line, not a traceback. And so that the worker thread is
+    # stopped before the context goes away (rclpy's handler would invalidate publishers under the
+    # worker's feet). SIGINT is set explicitly too: a process started in the background by a
+    # non-interactive shell (`node &` in a script) inherits SIGINT as ignored, Python then installs
+    # no KeyboardInterrupt handler, and the node would not stop on Ctrl-C or on ros2 launch's first
+    # shutdown signal.
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    phase = ["starting"]
+    try:
+        return _run(argv, log, phase)
+    except KeyboardInterrupt:
+        if phase[0] == "starting":
+            log.info(_INTERRUPTED_WHILE_STARTING)
+        else:
+            log.info("interrupted again while shutting down; exiting")
+        return 0
+
+
+def _run(argv: list[str] | None, log: logging.Logger, phase: list[str]) -> int:
+    """:func:`main` after the signal handlers: parse, start, spin, shut down. ``phase[0]`` says
+    where a KeyboardInterrupt reaching :func:`main` came from (``starting`` | ``stopping``)."""
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
@@ -542,57 +593,44 @@ def main(argv: list[str] | None = None) -> int:
 
     from .resources import use_large_data_dds_profile
 
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     opts = _parse_args(remove_ros_args(["ciae-panoptic-node", *args])[1:])
     use_large_data_dds_profile()
     # Default remap, used only when the user has no rule for 'image' (the first matching rule wins).
     ros_args = [*args, "--ros-args", "-r", f"image:={DEFAULT_IMAGE_TOPIC}"]
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    # We handle SIGINT/SIGTERM ourselves so that the worker thread is stopped before the context
-    # goes away (rclpy's handler would invalidate publishers under the worker's feet). SIGINT is set
-    # explicitly too: a process started in the background by a non-interactive shell (`node &` in a
-    # script) inherits SIGINT as ignored, Python then installs no KeyboardInterrupt handler, and
-    # the node would not stop on Ctrl-C or on ros2 launch's first shutdown signal.
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     PanopticNode, PanopticLifecycleNode = _make_node_classes()
-    log = logging.getLogger(NODE_NAME)
     try:
         import ciae_ros.msg  # noqa: F401 - generated by rosidl, not by pip
     except ImportError:
         log.error("cannot start: the ciae_ros messages are not built (no module ciae_ros.msg); run `make setup` "
                   "(or `colcon build` and source install/setup.bash on a ROS 2 install)")
         return 1
-    try:
-        with rclpy.init(args=["ciae-panoptic-node", *ros_args], signal_handler_options=SignalHandlerOptions.NO):
-            try:
-                node = PanopticLifecycleNode() if opts.lifecycle else PanopticNode()
-            except NodeStartupError as exc:
-                log.error("cannot start: %s", exc)
-                return 1
-            except Exception as exc:  # noqa: BLE001 - e.g. a parameter file value outside its range
-                text = (str(exc).strip().splitlines() or [""])[0]
-                log.error("cannot start: %s: %s", type(exc).__name__, text)
-                return 1
-            try:
-                if opts.lifecycle and opts.autostart:
-                    if node.trigger_configure() != _success() or node.trigger_activate() != _success():
-                        log.error("cannot start: lifecycle autostart failed (see the message above)")
-                        return 1
-                executor = SingleThreadedExecutor()
-                executor.add_node(node)
-                while True:  # wakes up regularly so that Python's SIGINT/SIGTERM handlers can run
-                    executor.spin_once(timeout_sec=0.25)
-            except (KeyboardInterrupt, ExternalShutdownException):
-                pass
-            finally:
-                node.destroy_node()
-    except KeyboardInterrupt:
-        pass
+    with rclpy.init(args=["ciae-panoptic-node", *ros_args], signal_handler_options=SignalHandlerOptions.NO):
+        try:
+            node = PanopticLifecycleNode() if opts.lifecycle else PanopticNode()
+        except NodeStartupError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        except Exception as exc:  # noqa: BLE001 - e.g. a parameter file value outside its range
+            text = (str(exc).strip().splitlines() or [""])[0]
+            log.error("cannot start: %s: %s", type(exc).__name__, text)
+            return 1
+        try:
+            if opts.lifecycle and opts.autostart:
+                if node.trigger_configure() != _success() or node.trigger_activate() != _success():
+                    log.error("cannot start: lifecycle autostart failed (see the message above)")
+                    return 1
+            executor = SingleThreadedExecutor()
+            executor.add_node(node)
+            phase[0] = "running"
+            while True:  # wakes up regularly so that Python's SIGINT/SIGTERM handlers can run
+                executor.spin_once(timeout_sec=0.25)
+        except (KeyboardInterrupt, ExternalShutdownException):
+            if phase[0] == "starting":  # during the lifecycle autostart (model loading)
+                log.info(_INTERRUPTED_WHILE_STARTING)
+        finally:
+            phase[0] = "stopping"
+            node.destroy_node()
     return 0
 
 

@@ -2,7 +2,8 @@
 
 :func:`load_model` turns the parameter values into a :class:`ciae_core.predictor.Predictor` (or
 one ``NodeStartupError`` line), :class:`ModelHandle` carries it with the name, content hash,
-engine and device that every output message and /diagnostics report, and
+engine, device and domain (:mod:`ciae_core.model_domain`: what images the weights know, and
+the warning to log for a synthetic-only model) that the messages and /diagnostics report, and
 :func:`predictor_settings` maps the run-time parameters (input size, thresholds; 0/-1 = the
 model's own default) to ``Predictor.update`` keywords. Used by the node and by ``ciae-bag``.
 """
@@ -26,6 +27,8 @@ class ModelHandle:
     weights: str
     engine: str
     device: str
+    domain: str | None = None            # None: the file does not say (unknown)
+    domain_warning: str | None = None    # the one-line warning for a synthetic-only model, else None
 
 
 def _file_version(path: pathlib.Path) -> str:
@@ -88,5 +91,9 @@ def load_model(values: dict) -> ModelHandle:
     except (OSError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise NodeStartupError(f"cannot load model {weights!r}: {first}") from None
+    from ciae_core.model_domain import domain_warning, read_model_domain
+
+    domain, names = read_model_domain(path)
     return ModelHandle(predictor=predictor, name=path.stem, version=_file_version(path), weights=str(path),
-                       engine=str(values["engine"]), device=str(values["device"]))
+                       engine=str(values["engine"]), device=str(values["device"]), domain=domain,
+                       domain_warning=domain_warning(domain, names, file_name=path.name))

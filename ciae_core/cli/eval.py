@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _evaluate_model(args) -> dict[str, Any]:
     """Run ``Predictor`` over a COCO-panoptic data set and evaluate in memory (optionally write)."""
     from ciae_core.data import CocoPanopticDataset, DatasetError  # lazy: these pull in torch and the model
+    from ciae_core.model_domain import model_domain_warning
     from ciae_core.predictor import Predictor, PredictorError
 
     gt_json = args.gt_json or os.path.join(args.data, "panoptic.json")
@@ -57,6 +58,9 @@ def _evaluate_model(args) -> dict[str, Any]:
         predictor = Predictor(args.weights, engine=args.engine, device=args.device, input_size=args.input_size)
     except (DatasetError, PredictorError) as e:
         raise EvaluationError(str(e)) from None
+    warning = model_domain_warning(predictor.weights)
+    if warning:
+        logger.warning("%s", warning)
     categories = list(predictor.categories)
     model_ids = {c.id for c in categories}
     missing = [c.id for c in dataset.categories if c.id not in model_ids]

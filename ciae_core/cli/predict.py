@@ -17,6 +17,7 @@ import cv2
 import torch
 
 from ciae_core.evaluation import EvaluationError, write_coco_panoptic
+from ciae_core.model_domain import model_domain_warning
 from ciae_core.predictor import ENGINES, PRECISIONS, Predictor, PredictorError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                                  ("min_stuff_area", args.min_stuff_area)) if v is not None}
         predictor = Predictor(args.weights, engine=args.engine, device=args.device, input_size=args.input_size,
                               max_size=args.max_size, precision=args.precision, intra_op_threads=args.threads, **thr)
+        warning = model_domain_warning(predictor.weights)
+        if warning:
+            logging.getLogger("ciae-predict").warning("%s", warning)
         files = _list_images(args.images)
         results, names, total_ms = [], [], 0.0
         for start in range(0, len(files), args.batch_size):

@@ -103,3 +103,25 @@ def test_warning_text_only_for_synthetic_models():
     assert domain_warning(None, ["a"]) is None
     assert domain_warning("coco-panoptic", ["a"]) is None
     assert domain_warning(SYNTHETIC_SHAPES, []).startswith("synthetic-only model: it knows rendered scenes only;")
+
+
+def test_reading_the_domain_needs_no_torch_and_an_unreadable_file_is_unknown(tmp_path):
+    """The demo's client asks without torch loaded; a bad file is the loaders' error to report."""
+    import subprocess
+    import sys
+
+    from ciae_core.checkpoint import CONFIG_KEY
+
+    from ciae_core import model_domain
+
+    assert model_domain.CONFIG_KEY == CONFIG_KEY
+    code = ("import sys, ciae_core.model_domain as m; w = m.model_domain_warning(sys.argv[1]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print(w)")
+    res = subprocess.run([sys.executable, "-c", code, str(SHIPPED)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ciae_synthetic_small.safetensors: synthetic-only model:")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    assert read_model_domain(bad) == (None, []) and model_domain_warning(bad) is None
+    assert read_model_domain(tmp_path / "missing.onnx") == (None, [])
