@@ -41,5 +41,8 @@ setup(
             "ciae-demo = ciae_ros.demo:main",
             "ciae-bag = ciae_ros.bag:main",
         ],
+        # ciae-bench --node: the ROS layer registers its node benchmark with ciae_core's bench, which
+        # never imports ciae_ros itself (ciae_core/cli/bench.py looks the group up by name)
+        "ciae_core.bench_plugins": ["node = ciae_ros.bench_node:main"],
     },
 )

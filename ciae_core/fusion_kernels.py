@@ -1,6 +1,6 @@
 """Compiled CPU kernels for the coarse-to-fine panoptic fusion (numba, optional).
 
-:func:`ciae_core.fusion.coarse_to_fine_assignment` decides whole stride-s cells from bounds with
+:func:`ciae_core.fusion_coarse.coarse_to_fine_assignment` decides whole stride-s cells from bounds with
 batched tensor ops; on a CPU its cost is dozens of passes over ``(N, K, h, w)`` tensors and the
 full-resolution histogram tail, about 10 % of a small model's frame. These kernels run the same
 algorithm as loops, one cell at a time, touching each corner value once:
@@ -161,6 +161,130 @@ def _corner_winner(pa, pb, pc, pd, cand, m, s_num, inst_ok, cov_y, cov_x, cr, cc
     return winner
 
 
+@_inlined
+def _column_sums(col_start, cols_per, vw, l0x, l1x, sx0, sx1, vx):
+    """Per cell column: its valid output columns ``vx`` and their summed weights ``sx0, sx1``
+    (the separable sums of a decided cell's similarity)."""
+    for cc in range(col_start.shape[0]):
+        sx0[cc] = 0.0
+        sx1[cc] = 0.0
+        vx[cc] = 0
+        for x in range(col_start[cc], min(col_start[cc] + cols_per[cc], vw)):
+            sx0[cc] += l0x[x]
+            sx1[cc] += l1x[x]
+            vx[cc] += 1
+
+
+@_inlined
+def _row_instances(ok, cov_y, cr, row_active):
+    """The enabled instances whose box reaches cell row ``cr`` (into ``row_active``, ascending)
+    and the first enabled one whose box does not (Q if none): ``(n_active, first_out_row)``."""
+    q_num = ok.shape[0]
+    n_active = 0
+    first_out_row = q_num
+    for j in range(q_num):
+        if ok[j]:
+            if cov_y[j, cr] > 0:
+                row_active[n_active] = j
+                n_active += 1
+            elif first_out_row == q_num:
+                first_out_row = j
+    return n_active, first_out_row
+
+
+@_inlined
+def _cell_slots(s_num, row_active, n_active, first_out_row, cov_x, cc, slot):
+    """The slots that can matter in the cell at column ``cc`` of a row (:func:`assign_cells`), into
+    ``slot`` ascending: the stuff slots, the row's active instances whose box reaches the column,
+    and the first instance whose box misses the cell, at its rank. Returns ``(m, first_out)``:
+    how many, and that instance (Q if none)."""
+    first_out = first_out_row
+    for i in range(n_active):
+        j = row_active[i]
+        if j >= first_out:
+            break
+        if cov_x[j, cc] == 0:
+            first_out = j
+    m = 0
+    for k in range(s_num):
+        slot[m] = k
+        m += 1
+    placed = first_out == cov_x.shape[0]  # the first outside instance goes in at its rank
+    for i in range(n_active):
+        j = row_active[i]
+        if not placed and first_out < j:
+            slot[m] = s_num + first_out
+            m += 1
+            placed = True
+        if cov_x[j, cc] > 0:
+            slot[m] = s_num + j
+            m += 1
+    if not placed:
+        slot[m] = s_num + first_out
+        m += 1
+    if m == 0:  # no stuff and no enabled instance: every value is -inf, the first slot wins
+        slot[0] = 0
+        m = 1
+    return m, first_out
+
+
+@_inlined
+def _cell_bounds(pa, pb, pc, pd, slot, m, s_num, ok, first_out, cov_y, cov_x, cr, cc, ov, lo, hi):
+    """Lower and upper bounds ``lo, hi [:m]`` of the visited slots over the cell (corner values,
+    widened to ``ov`` where the box crosses the cell). Returns ``(best_lo, winner)``: the best
+    lower bound (first slot on ties) and the slot that wins the whole cell by bounds (its lower
+    bound beats every other upper bound), else -1."""
+    neg = np.float32(-np.inf)
+    best = 0
+    best_lo = neg
+    top_hi = neg
+    top_i = -1
+    second_hi = neg
+    for i in range(m):
+        k = slot[i]
+        j = k - s_num
+        if j >= 0 and not ok[j]:
+            low = neg
+            high = neg
+        elif j >= 0 and j == first_out:  # outside its box: the constant
+            low = ov
+            high = ov
+        else:
+            a = pa[k]
+            b = pb[k]
+            c = pc[k]
+            d = pd[k]
+            low = min(min(a, b), min(c, d))
+            high = max(max(a, b), max(c, d))
+            if j >= 0 and (cov_y[j, cr] == 1 or cov_x[j, cc] == 1):  # the box crosses the cell
+                low = min(low, ov)
+                high = max(high, ov)
+        lo[i] = low
+        hi[i] = high
+        if i == 0 or low > best_lo:
+            best_lo = low
+            best = i
+        if high > top_hi:
+            second_hi = top_hi
+            top_hi = high
+            top_i = i
+        elif high > second_hi:
+            second_hi = high
+    others = second_hi if top_i == best else top_hi
+    return best_lo, (slot[best] if others < best_lo else -1)
+
+
+@_inlined
+def _candidates(slot, hi, m, best_lo, cand):
+    """The visited slots whose upper bound reaches ``best_lo`` into ``cand`` (ascending); how many."""
+    c_num = 0
+    for i in range(m):
+        if hi[i] >= best_lo:
+            cand[c_num] = slot[i]
+            c_num += 1
+    return c_num
+
+
 @_jit
 def assign_cells(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, inst_ok, sizes, s_num, outside,
                  assign, counts, sums):
@@ -176,16 +300,15 @@ def assign_cells(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, 
     up-sampled value to sums ``(N, K)`` float64 (instance entries are not used by the fusion and
     stay as they are).
 
-    Per cell only the slots that can matter are visited: the stuff slots, the instances whose box
-    reaches into the cell, and of the instances whose box misses the cell only the first (they
-    all have the constant ``outside`` there, so a later one can never win; disabled instances,
-    at -inf, never win while a stuff slot exists). A cell is decided by bounds (the best lower
-    bound beats every other upper bound), else by :func:`_corner_winner`, else pixel by pixel
-    over the candidates (upper bound reaching the best lower bound).
+    Per cell only the slots that can matter are visited (:func:`_cell_slots`): the stuff slots,
+    the instances whose box reaches into the cell, and of the instances whose box misses the cell
+    only the first (they all have the constant ``outside`` there, so a later one can never win;
+    disabled instances, at -inf, never win while a stuff slot exists). A cell is decided by bounds
+    (:func:`_cell_bounds`), else by :func:`_corner_winner`, else pixel by pixel over the
+    candidates (upper bound reaching the best lower bound).
     """
     n_img, h, w, k_num = sim.shape
     q_num = k_num - s_num
-    neg = np.float32(-np.inf)
     ov = np.float32(outside)
     row_start, rows_per = _cells_of(i0y, h)
     col_start, cols_per = _cells_of(i0x, w)
@@ -204,14 +327,7 @@ def assign_cells(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, 
         box_x = in_x[n]
         cov_y = _coverage(box_y, row_start, rows_per)
         cov_x = _coverage(box_x, col_start, cols_per)
-        for cc in range(w):  # valid columns per cell and their summed weights (separable sums)
-            sx0[cc] = 0.0
-            sx1[cc] = 0.0
-            vx[cc] = 0
-            for x in range(col_start[cc], min(col_start[cc] + cols_per[cc], vw)):
-                sx0[cc] += l0x[x]
-                sx1[cc] += l1x[x]
-                vx[cc] += 1
+        _column_sums(col_start, cols_per, vw, l0x, l1x, sx0, sx1, vx)
         for cr in range(h):
             y_begin = row_start[cr]
             y_end = min(y_begin + rows_per[cr], vh)
@@ -223,93 +339,20 @@ def assign_cells(sim, norm, i0y, i1y, l0y, l1y, i0x, i1x, l0x, l1x, in_y, in_x, 
             for y in range(y_begin, y_end):
                 sy0 += l0y[y]
                 sy1 += l1y[y]
-            n_active = 0  # enabled instances whose box reaches this cell row; the first one that does not
-            first_out_row = q_num
-            for j in range(q_num):
-                if ok[j]:
-                    if cov_y[j, cr] > 0:
-                        row_active[n_active] = j
-                        n_active += 1
-                    elif first_out_row == q_num:
-                        first_out_row = j
+            n_active, first_out_row = _row_instances(ok, cov_y, cr, row_active)
             for cc in range(w):
                 if vx[cc] == 0:
                     continue
                 x_begin = col_start[cc]
                 x_end = x_begin + vx[cc]
                 c1 = i1x[x_begin]
-                first_out = first_out_row
-                for i in range(n_active):
-                    j = row_active[i]
-                    if j >= first_out:
-                        break
-                    if cov_x[j, cc] == 0:
-                        first_out = j
-                m = 0
-                for k in range(s_num):
-                    slot[m] = k
-                    m += 1
-                placed = first_out == q_num  # the first outside instance goes in at its rank
-                for i in range(n_active):
-                    j = row_active[i]
-                    if not placed and first_out < j:
-                        slot[m] = s_num + first_out
-                        m += 1
-                        placed = True
-                    if cov_x[j, cc] > 0:
-                        slot[m] = s_num + j
-                        m += 1
-                if not placed:
-                    slot[m] = s_num + first_out
-                    m += 1
-                if m == 0:  # no stuff and no enabled instance: every value is -inf, the first slot wins
-                    slot[0] = 0
-                    m = 1
+                m, first_out = _cell_slots(s_num, row_active, n_active, first_out_row, cov_x, cc, slot)
                 pa, pb, pc, pd = _corners(sim, n, cr, r1, cc, c1)
-                # bounds of the visited slots; the best lower bound (first) and the two largest upper bounds
-                best = 0
-                best_lo = neg
-                top_hi = neg
-                top_i = -1
-                second_hi = neg
-                for i in range(m):
-                    k = slot[i]
-                    j = k - s_num
-                    if j >= 0 and not ok[j]:
-                        low = neg
-                        high = neg
-                    elif j >= 0 and j == first_out:  # outside its box: the constant
-                        low = ov
-                        high = ov
-                    else:
-                        a = pa[k]
-                        b = pb[k]
-                        c = pc[k]
-                        d = pd[k]
-                        low = min(min(a, b), min(c, d))
-                        high = max(max(a, b), max(c, d))
-                        if j >= 0 and (cov_y[j, cr] == 1 or cov_x[j, cc] == 1):  # the box crosses the cell
-                            low = min(low, ov)
-                            high = max(high, ov)
-                    lo[i] = low
-                    hi[i] = high
-                    if i == 0 or low > best_lo:
-                        best_lo = low
-                        best = i
-                    if high > top_hi:
-                        second_hi = top_hi
-                        top_hi = high
-                        top_i = i
-                    elif high > second_hi:
-                        second_hi = high
-                others = second_hi if top_i == best else top_hi
-                winner = slot[best] if others < best_lo else -1  # bounds: the whole cell is the best slot's
+                best_lo, winner = _cell_bounds(pa, pb, pc, pd, slot, m, s_num, ok, first_out, cov_y, cov_x, cr, cc,
+                                               ov, lo, hi)
+                c_num = 0
                 if winner < 0:
-                    c_num = 0  # candidates: an upper bound that reaches the best lower bound (ascending)
-                    for i in range(m):
-                        if hi[i] >= best_lo:
-                            cand[c_num] = slot[i]
-                            c_num += 1
+                    c_num = _candidates(slot, hi, m, best_lo, cand)
                     winner = _corner_winner(pa, pb, pc, pd, cand, c_num, s_num, ok, cov_y, cov_x, cr, cc, ov)
                 if winner >= 0:
                     for y in range(y_begin, y_end):

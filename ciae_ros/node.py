@@ -19,10 +19,9 @@ A thin layer over :class:`ciae_core.predictor.Predictor`:
   the input rate and memory is bounded.
 * **Outputs** (header = input header): ``panoptic/segments`` (``ciae_ros/PanopticSegments``),
   ``panoptic/overlay`` (bgr8, computed only while subscribed unless ``overlay: on``),
-  ``panoptic/confidence`` (32FC1; advertised only while ``publish_confidence`` is on, created and
-  removed when it changes at run time), ``panoptic/detections``
-  (``vision_msgs/Detection2DArray``, only when vision_msgs is importable), ``panoptic/categories``
-  (transient local, once), ``/diagnostics``.
+  ``panoptic/confidence`` (32FC1, advertised only while ``publish_confidence`` is on),
+  ``panoptic/detections`` (``vision_msgs/Detection2DArray``, only when vision_msgs is importable),
+  ``panoptic/categories`` (transient local, once), ``/diagnostics``.
 * **Bad frames** never stop the node: they are skipped, counted per reason in /diagnostics and
   reported by a throttled warning.
 * **Stopping**: Ctrl-C / SIGTERM stop the node at any moment, also while it is still starting
@@ -418,10 +417,8 @@ class _PanopticLogic:
         return SetParametersResult(successful=True)
 
     def _set_confidence_publishers(self, on: bool) -> None:
-        """Advertise ``panoptic/confidence`` of every camera while ``publish_confidence`` is on, and
-        only then (a topic nobody will ever get data on misleads ``ros2 topic list`` and tools).
-        Without interfaces (an unconfigured lifecycle node) there is nothing to do: configure
-        creates them from the current value."""
+        """``panoptic/confidence`` of every camera exists while ``publish_confidence`` is on, and only
+        then (an advertised topic that never carries data misleads). No cameras: nothing to do."""
         from sensor_msgs.msg import Image
 
         from .qos import output_qos

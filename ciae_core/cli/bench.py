@@ -9,8 +9,8 @@ the median and the 90th percentile of the end-to-end wall time and the peak memo
 
 Output: a markdown table of latencies and ratios (ours / FCOS, fusion share of ours' total,
 onnxruntime / torch, ours / Mask R-CNN) and a stage table on stdout
-(:mod:`ciae_core.bench_report`); everything in ``--json``. Exit status 0, 1 on a bad option or
-an unusable model (one line on stderr).
+(:mod:`ciae_core.bench_report`); everything in ``--json``. Exit status 0; 1 when an option's
+value or a model is unusable (one line on stderr); argparse's 2 for an unknown flag.
 
 ``ciae-bench --node [...]``: the node overhead over real DDS. It belongs to the ROS layer, which
 registers it as the entry point ``node`` of the group ``ciae_core.bench_plugins`` (this package

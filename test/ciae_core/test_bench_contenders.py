@@ -1,6 +1,8 @@
-"""ciae_core.bench_contenders: interleaved timed rounds and the onnxruntime provider option."""
+"""ciae_core.bench_contenders: interleaved timed rounds, the onnxruntime provider option, the selection timing."""
 
 from __future__ import annotations
+
+import pytest
 
 
 def test_timed_calls_interleave_models_round_by_round():
@@ -36,3 +38,28 @@ def test_ort_providers_option():
     assert ort_providers(None, torch.device("cuda")) == ["cuda"]
     assert ort_providers("tensorrt, cuda", torch.device("cuda")) == ["tensorrt", "cuda"]
     assert ort_providers("cuda", torch.device("cpu")) == ["cuda"]  # passed on: that row fails, visibly
+
+
+def test_stage_breakdown_times_the_selection_inside_the_postprocess_call():
+    """The fusion stage is postprocess minus the proposal selection of that same call: a timing
+    wrapper around ciae_core.fusion.select_proposals records each call (what panoptic_from_raw
+    calls) and is removed afterwards, also when the timed code raises."""
+    import torch
+
+    from ciae_core import fusion
+    from ciae_core.bench_contenders import _timed_proposal_selection
+
+    select = fusion.select_proposals
+    a, t = 6, 3
+    g = torch.Generator().manual_seed(0)
+    raw = dict(cls_logits=torch.randn(1, a, t, generator=g), box_regression=torch.rand(1, a, 4, generator=g) * 8,
+               centerness=torch.randn(1, a, generator=g), points=torch.rand(a, 2, generator=g) * 16)
+    spans = []
+    with _timed_proposal_selection(torch.device("cpu"), spans):
+        out = fusion.select_proposals(*raw.values(), [(16, 16)], score_threshold=0.0)
+    assert len(spans) == 1 and spans[0] >= 0 and fusion.select_proposals is select
+    assert torch.equal(out[0]["boxes"], select(*raw.values(), [(16, 16)], score_threshold=0.0)[0]["boxes"])
+    with pytest.raises(RuntimeError, match="stop"):
+        with _timed_proposal_selection(torch.device("cpu"), spans):
+            raise RuntimeError("stop")
+    assert fusion.select_proposals is select and len(spans) == 1

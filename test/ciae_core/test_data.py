@@ -11,7 +11,7 @@ from ciae_core.data import (CocoPanopticDataset, DatasetError, RandomHorizontalF
                             collate_panoptic, read_panoptic_png, resize_id_map, shortest_edge_size,
                             targets_from_panoptic)
 from ciae_core.synth import SYNTH_CATEGORIES
-from ciae_core.synth import main as synth_main
+from ciae_core.cli.synth import main as synth_main
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "data", "coco-panoptic-sample")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ciae_core.fusion import (MASKED_SIMILARITY, first_argmax, fuse_panoptic, instance_queries_at, panoptic_from_raw, panoptic_similarity,
+from ciae_core.fusion import (MASKED_SIMILARITY, fuse_panoptic, instance_queries_at, panoptic_from_raw, panoptic_similarity,
                               select_proposals, split_panoptic)
 from ciae_core.synth import SYNTH_CATEGORIES, render_scene
 
@@ -317,16 +317,6 @@ def test_fusion_on_gpu_matches_cpu(coco_sample):
         assert torch.equal(cpu[k], gpu[k].cpu()), k
 
 
-@pytest.mark.parametrize("k", [1, 7, 83, 300])
-def test_first_argmax_equals_torch_max_with_ties(k):
-    g = torch.Generator().manual_seed(k)
-    sim = torch.randint(-3, 4, (2, k, 9, 11), generator=g).float() / 4  # many exact ties
-    values, index = first_argmax(sim, 1)
-    ref_values, ref_index = sim.max(dim=1)
-    assert torch.equal(values, ref_values) and torch.equal(index, ref_index)
-    assert torch.equal(first_argmax(sim.transpose(1, 3), 3)[1], ref_index.transpose(1, 2))
-
-
 def _direct_fusion(emb, stuff_q, inst_q, boxes, valid, stride, min_visible_fraction, min_instance_area,
                    min_stuff_pixels):
     """One image, the paper's rules spelled out with full (K, H, W) masks, torch.max and per-slot loops."""
@@ -495,18 +485,6 @@ def test_coarse_to_fine_fusion_on_the_shipped_model(shipped_model):
             for key in ("id_map", "ids", "labels", "areas", "boxes"):
                 assert torch.equal(dense[key], fast[key]), (method, key)
             torch.testing.assert_close(dense["scores"], fast["scores"], rtol=1e-5, atol=1e-5)
-
-
-def test_bilinear_taps_reproduce_torch_interpolate():
-    from ciae_core.fusion import bilinear_taps
-
-    src = torch.randn(1, 3, 7, 9)
-    for size in ((29, 35), (28, 36)):  # an odd ratio and the exact stride 4
-        out = F.interpolate(src, size=size, mode="bilinear", align_corners=False)
-        (y0, y1, ly0, ly1), (x0, x1, lx0, lx1) = bilinear_taps(size[0], 7), bilinear_taps(size[1], 9)
-        cols = src[..., x0] * lx0 + src[..., x1] * lx1
-        mine = cols[..., y0, :] * ly0[:, None] + cols[..., y1, :] * ly1[:, None]
-        torch.testing.assert_close(mine, out, rtol=0, atol=1e-6)
 
 
 @pytest.mark.cuda

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ciae_core import fusion_kernels
-from ciae_core.fusion import bilinear_taps
+from ciae_core.fusion_coarse import bilinear_taps
 
 pytestmark = pytest.mark.skipif(not fusion_kernels.available(), reason="numba is not installed")
 

@@ -721,52 +721,6 @@ def test_processing_errors_set_the_model_diagnostics_to_error_only_while_they_ha
 # pieces of the node without DDS
 
 
-def test_mailbox_keeps_only_the_newest_frame_per_camera():
-    import threading
-
-    from ciae_ros.node import LatestFrameMailbox
-
-    box = LatestFrameMailbox(2)
-    assert box.put(0, "a0") is False
-    assert box.put(0, "a1") is True, "replacing an unprocessed frame is a drop"
-    assert box.put(1, "b0") is False
-    assert box.take(timeout=0.0) == [(0, "a1"), (1, "b0")], "all cameras' newest frames go into one batch"
-    assert box.take(timeout=0.05) == []
-    got = []
-    t = threading.Thread(target=lambda: got.append(box.take(timeout=5.0)))
-    t.start()
-    time.sleep(0.05)
-    box.put(1, "b1")
-    t.join(2)
-    assert got == [[(1, "b1")]], "take wakes up when a frame arrives"
-
-
-def test_parameter_validation_messages():
-    from ciae_ros.node import validate_value
-
-    assert validate_value("engine", "torch") is None
-    assert "one of" in validate_value("engine", "tf")
-    assert "cuda:<index>" in validate_value("device", "gpu0")
-    assert validate_value("device", "cuda:1") is None
-    assert "does not exist" in validate_value("weights", "/nonexistent.safetensors")
-    assert "-1" in validate_value("nms_threshold", -0.5)
-    assert validate_value("stuff_area_min", 5000) is None
-    assert "distinct" in validate_value("image_topics", ["/a", "/a"])
-    assert "both publish under /cam/panoptic/" in validate_value("image_topics", ["/cam/image_raw", "/cam/image_rect"])
-    assert validate_value("image_topics", ["/cam1/image_raw", "/cam2/image_raw"]) is None
-
-
-def test_unknown_parameter_warnings_skip_declared_and_explain_qos_overrides():
-    from ciae_ros.node import unknown_parameter_warnings
-
-    declared = {"input_size", "use_sim_time", "start_type_description_service"}
-    given = ["input_size", "use_sim_time", "scor_threshold", "qos_overrides./x.publisher.depth"]
-    lines = unknown_parameter_warnings(given, declared.__contains__)
-    assert lines[0].startswith("parameter 'qos_overrides./x.publisher.depth' ignored") and "output_depth" in lines[0]
-    assert lines[1] == "unknown parameter 'scor_threshold' (did you mean 'score_threshold'?) \u2014 ignored"
-    assert len(lines) == 2
-
-
 def test_autostart_without_lifecycle_is_a_usage_error(capsys):
     import subprocess
 
@@ -782,15 +736,6 @@ def test_autostart_without_lifecycle_is_a_usage_error(capsys):
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == ("ciae-panoptic-node: error: --autostart needs --lifecycle "
                                                    "(a plain node is active from the start anyway)")
-
-
-def test_output_prefix_is_the_camera_namespace():
-    from ciae_ros.node import _output_prefix
-
-    assert _output_prefix("/cam1/image_raw") == "/cam1/"
-    assert _output_prefix("cam1/image_raw") == "cam1/"
-    assert _output_prefix("/robot/front/image_raw") == "/robot/front/"
-    assert _output_prefix("left") == "left/"
 
 
 def _node_publishes(client, topic: str, expected: bool, timeout: float = 60.0) -> bool:
