@@ -1,0 +1,136 @@
+"""The process around the panoptic node (``ciae-panoptic-node``): command line, logging, signals,
+rclpy start-up, the spin loop and shutdown.
+
+Decisions: SIGINT and SIGTERM are handled before anything slow is imported, and a stop is a
+requested shutdown at any moment: while rclpy or torch load or the model loads it ends in one log
+line and exit status 0 (the ROS 2 convention: ``ros2 launch`` reports such a node as finished
+cleanly), while running the worker is stopped before the context goes away. Start-up errors are
+one ``cannot start:`` line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from .node_params import NodeStartupError
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="ciae-panoptic-node",
+        description="CIAE panoptic segmentation ROS 2 node. ROS arguments go after --ros-args, e.g. "
+                    "--ros-args --params-file config/panoptic.yaml -r image:=/my_camera/image_raw")
+    ap.add_argument("--lifecycle", action="store_true", help="run as a managed (lifecycle) node")
+    ap.add_argument("--autostart", action="store_true", help="with --lifecycle: configure and activate at start")
+    opts = ap.parse_args(argv)
+    if opts.autostart and not opts.lifecycle:
+        # an error, not a silent no-op: the user asked for something this combination cannot mean
+        ap.error("--autostart needs --lifecycle (a plain node is active from the start anyway)")
+    return opts
+
+
+_INTERRUPTED_WHILE_STARTING = "interrupted while starting (before the node was running); exiting"
+
+
+def _configure_logging(node_name: str) -> None:
+    """Python logging of the node process: our own loggers at INFO, everything else at WARNING
+    (torch's INFO lines, e.g. its FakeTensor cache statistics at exit, are not the node's news)."""
+    logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] [%(name)s]: %(message)s")
+    for name in (node_name, "ciae_core", "ciae_ros"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def run(argv: list[str] | None, make_node_classes, node_name: str, default_image_topic: str) -> int:
+    """Run the node until Ctrl-C / SIGTERM; returns the exit status (1 on a startup error).
+
+    ``make_node_classes()`` returns ``(PanopticNode, PanopticLifecycleNode)``; ``node_name`` names
+    the logger, ``default_image_topic`` is the remap target of ``image`` unless the user remaps it.
+    Ctrl-C or SIGTERM is a requested shutdown at any moment, also while the node is still starting
+    (importing rclpy or torch, loading the model): one log line, exit status 0, as ROS 2 nodes
+    do (``ros2 launch`` then reports the node as finished cleanly, not as died).
+    """
+    _configure_logging(node_name)
+    log = logging.getLogger(node_name)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    # We handle SIGINT/SIGTERM ourselves, before anything slow is imported: a stop requested while
+    # rclpy or torch load ends in one line, not a traceback. And so that the worker thread is
+    # stopped before the context goes away (rclpy's handler would invalidate publishers under the
+    # worker's feet). SIGINT is set explicitly too: a process started in the background by a
+    # non-interactive shell (`node &` in a script) inherits SIGINT as ignored, Python then installs
+    # no KeyboardInterrupt handler, and the node would not stop on Ctrl-C or on ros2 launch's first
+    # shutdown signal.
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    phase = ["starting"]
+    try:
+        return _run(argv, log, phase, make_node_classes, default_image_topic)
+    except KeyboardInterrupt:
+        if phase[0] == "starting":
+            log.info(_INTERRUPTED_WHILE_STARTING)
+        else:
+            log.info("interrupted again while shutting down; exiting")
+        return 0
+
+
+def _run(argv: list[str] | None, log: logging.Logger, phase: list[str], make_node_classes,
+         default_image_topic: str) -> int:
+    """:func:`run` after the signal handlers: parse, start, spin, shut down. ``phase[0]`` says
+    where a KeyboardInterrupt reaching :func:`run` came from (``starting`` | ``stopping``)."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+    from rclpy.utilities import remove_ros_args
+
+    from .resources import use_large_data_dds_profile
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    opts = _parse_args(remove_ros_args(["ciae-panoptic-node", *args])[1:])
+    use_large_data_dds_profile()
+    # Default remap, used only when the user has no rule for 'image' (the first matching rule wins).
+    ros_args = [*args, "--ros-args", "-r", f"image:={default_image_topic}"]
+    PanopticNode, PanopticLifecycleNode = make_node_classes()
+    try:
+        import ciae_ros.msg  # noqa: F401 - generated by rosidl, not by pip
+    except ImportError:
+        log.error("cannot start: the ciae_ros messages are not built (no module ciae_ros.msg); run `make setup` "
+                  "(or `colcon build` and source install/setup.bash on a ROS 2 install)")
+        return 1
+    with rclpy.init(args=["ciae-panoptic-node", *ros_args], signal_handler_options=SignalHandlerOptions.NO):
+        try:
+            node = PanopticLifecycleNode() if opts.lifecycle else PanopticNode()
+        except NodeStartupError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        except Exception as exc:  # noqa: BLE001 - e.g. a parameter file value outside its range
+            text = (str(exc).strip().splitlines() or [""])[0]
+            log.error("cannot start: %s: %s", type(exc).__name__, text)
+            return 1
+        try:
+            if opts.lifecycle and opts.autostart:
+                if node.trigger_configure() != _success() or node.trigger_activate() != _success():
+                    log.error("cannot start: lifecycle autostart failed (see the message above)")
+                    return 1
+            executor = SingleThreadedExecutor()
+            executor.add_node(node)
+            phase[0] = "running"
+            while True:  # wakes up regularly so that Python's SIGINT/SIGTERM handlers can run
+                executor.spin_once(timeout_sec=0.25)
+        except (KeyboardInterrupt, ExternalShutdownException):
+            if phase[0] == "starting":  # during the lifecycle autostart (model loading)
+                log.info(_INTERRUPTED_WHILE_STARTING)
+        finally:
+            phase[0] = "stopping"
+            node.destroy_node()
+    return 0
+
+
+def _success():
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    return TransitionCallbackReturn.SUCCESS
