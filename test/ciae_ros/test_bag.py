@@ -95,3 +95,22 @@ def test_ciae_bag_cli(input_bag, node_weights, tmp_path, capsys):
     assert not list(read_messages(out, "/panoptic/overlay"))
     assert main(["--in", str(input_bag), "--out", str(out), "--weights", node_weights]) == 1  # exists
     assert main(["--in", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--weights", node_weights]) == 1
+
+
+def test_ciae_bag_says_once_that_the_model_is_synthetic_only(input_bag, tmp_path):
+    """Through the console entry with its default model (the shipped one, domain synthetic-shapes)."""
+    import pathlib
+    import subprocess
+
+    from console_scripts import console_command, console_env
+
+    shipped = pathlib.Path(__file__).resolve().parents[2] / "models" / "ciae_synthetic_small.safetensors"
+    res = subprocess.run([*console_command("ciae-bag"), "--in", str(input_bag), "--out", str(tmp_path / "out"),
+                          "--input-size", "256", "--topics", "/camera/image_raw", "--no-overlay"],
+                         env=console_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    warned = [ln for ln in (res.stdout + res.stderr).splitlines() if "synthetic-only model" in ln]
+    if shipped.is_file():
+        assert len(warned) == 1 and "[WARNING]" in warned[0] and "it knows disc, box, triangle" in warned[0], warned
+    else:
+        assert not warned
