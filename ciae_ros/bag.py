@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     values.update(weights=args.weights, engine=args.engine, device=args.device, input_size=args.input_size,
                   instance_score_threshold=args.instance_score_threshold)
     try:
-        model = load_model(values)
+        from ciae_core.cli.hints import parser_options
+
+        model = load_model(values, hint_style="option", options=parser_options(ap))
         if model.domain_warning:
             _LOG.warning("%s", model.domain_warning)
         summary = process_bag(args.inp, args.out, model.predictor, topics=args.topics, overlay=not args.no_overlay,

@@ -409,7 +409,9 @@ class _PanopticLogic:
                 try:
                     pred.update(**predictor_settings(new, pred.config, pred.default_input_size))
                 except PredictorError as exc:
-                    return SetParametersResult(successful=False, reason=str(exc))
+                    from ciae_core.cli.hints import command_line_hint
+
+                    return SetParametersResult(successful=False, reason=command_line_hint(str(exc), SPECS, "ros"))
         if "publish_confidence" in changed:
             self._set_confidence_publishers(bool(new["publish_confidence"]))
         self._values = new

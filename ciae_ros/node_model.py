@@ -66,9 +66,18 @@ def predictor_settings(values: dict, model_config=None, model_input_size: int | 
     return out
 
 
-def load_model(values: dict) -> ModelHandle:
-    """Build the Predictor from node parameter values; ``NodeStartupError`` with one line on failure."""
+def load_model(values: dict, hint_style: str = "ros", options=None) -> ModelHandle:
+    """Build the Predictor from node parameter values; ``NodeStartupError`` with one line on failure.
+
+    The library's hints (``use device='cpu'``) are written for the caller
+    (:func:`ciae_core.cli.hints.command_line_hint`): ``hint_style="ros"`` (the node: ``device:=cpu``)
+    over the node's parameter names, or ``"option"`` (``--device cpu``) over ``options`` (a tool's
+    option names, e.g. ``ciae-bag``'s).
+    """
+    from ciae_core.cli.hints import command_line_hint
     from ciae_core.predictor import Predictor, PredictorError
+
+    from .node_params import SPECS
 
     from .resources import default_weights
 
@@ -87,7 +96,7 @@ def load_model(values: dict) -> ModelHandle:
                               max_size=int(values["max_size"]), precision=str(values["precision"]),
                               **predictor_settings(values))
     except PredictorError as exc:
-        raise NodeStartupError(str(exc)) from None
+        raise NodeStartupError(command_line_hint(str(exc), SPECS if options is None else options, hint_style)) from None
     except (OSError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise NodeStartupError(f"cannot load model {weights!r}: {first}") from None

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from ciae_core.cli.hints import command_line_hint, parser_options
 from ciae_core.evaluation import (CocoPanopticWriter, EvaluationError, PanopticEvaluator, format_pq_table,
                                   pq_compute)
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = pq_compute(args.gt_json, args.pred_json, args.gt_dir, args.pred_dir,
                                  num_workers=args.num_workers)
     except EvaluationError as e:
-        print(f"ciae-eval: error: {e}", file=sys.stderr)
+        print(f"ciae-eval: error: {command_line_hint(str(e), parser_options(p))}", file=sys.stderr)
         return 2
     print(format_pq_table(summary, per_class=args.per_class))
     if args.json_out:

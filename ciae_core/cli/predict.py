@@ -16,6 +16,7 @@ import sys
 import cv2
 import torch
 
+from ciae_core.cli.hints import command_line_hint, parser_options
 from ciae_core.evaluation import EvaluationError, write_coco_panoptic
 from ciae_core.model_domain import model_domain_warning
 from ciae_core.predictor import ENGINES, PRECISIONS, Predictor, PredictorError
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``ciae-predict``: segment ``--images`` with ``--weights`` and write COCO panoptic to ``--out``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.batch_size < 1:
         print("ciae-predict: error: --batch-size must be >= 1", file=sys.stderr)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         except EvaluationError as e:
             raise PredictorError(str(e)) from None
     except PredictorError as e:
-        print(f"ciae-predict: error: {e}", file=sys.stderr)
+        print(f"ciae-predict: error: {command_line_hint(str(e), parser_options(parser))}", file=sys.stderr)
         return 1
     print(f"ciae-predict: {len(results)} image(s), {total_ms / max(1, len(results)):.1f} ms/image "
           f"({predictor.engine} on {predictor.device}); wrote {json_path}")

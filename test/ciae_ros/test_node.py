@@ -501,7 +501,7 @@ def test_startup_errors_exit_non_zero_with_one_clear_line(node_weights, tmp_path
                      "are the same topic /err_resolved/cam/image_raw"),
     }
     if not torch.cuda.is_available():
-        cases["cuda"] = ({"device": "cuda"}, "CUDA")
+        cases["cuda"] = ({"device": "cuda"}, "no CUDA GPU is available; use device:=cpu")  # ROS words, not Python
     procs = {}
     for name, (params, _) in cases.items():
         p = dict(params)

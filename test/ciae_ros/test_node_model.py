@@ -65,3 +65,13 @@ def test_the_model_handle_carries_the_domain_and_its_warning(node_weights, tmp_p
     assert torch.equal(load_checkpoint(plain).memory, net.memory)
     handle = load_model(_values(weights=str(plain)))
     assert handle.domain is None and handle.domain_warning is None
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_startup_hints_speak_ros_parameters_or_the_tools_options(node_weights):
+    with pytest.raises(NodeStartupError) as exc:
+        load_model(_values(weights=node_weights, device="cuda"))
+    assert str(exc.value) == "device:=cuda requested but no CUDA GPU is available; use device:=cpu"
+    with pytest.raises(NodeStartupError) as exc:  # ciae-bag: its own options
+        load_model(_values(weights=node_weights, device="cuda"), hint_style="option", options={"device"})
+    assert str(exc.value) == "--device cuda requested but no CUDA GPU is available; use --device cpu"
