@@ -4,6 +4,9 @@
 holds the :class:`~ciae_core.model.CIAEConfig` as JSON) and a human-readable ``*.json`` next to it.
 ``load_model(path, device)`` rebuilds the model from the metadata and loads the weights; every
 failure is a :class:`CheckpointError` with a one-line message naming the file and the problem.
+The optional metadata key ``domain`` (:mod:`ciae_core.model_domain`: what images the weights
+know) is written from ``model.domain`` when the model has one and set on the loaded model, so
+load, export and save carry it along.
 
 Decision (tensor dtypes on load): every tensor must have the model's shape and the model's
 *kind* of dtype. Floating-point model tensors accept a float16, bfloat16, float32 or float64
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ciae_core.model_domain import DOMAIN_KEY
 from ciae_core.user_input import clip_path, file_problem, quote
 
 logger = logging.getLogger(__name__)
@@ -165,8 +169,9 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str
 def save_model(path: str | os.PathLike, model) -> Path:
     """Save ``model`` (a :class:`~ciae_core.model.CIAE`) to ``path`` and ``path.with_suffix('.json')``.
 
-    The safetensors metadata holds ``{"format": "ciae-model/1", "ciae_config": <json>}``; the
-    sidecar JSON holds the same config, the category table and the tensor count for humans.
+    The safetensors metadata holds ``{"format": "ciae-model/1", "ciae_config": <json>}`` and, when
+    ``model.domain`` is set, ``"domain"``; the sidecar JSON holds the same config (and domain), the
+    category table and the tensor count for humans.
     Returns the weights path.
     """
     path = Path(path)
@@ -175,9 +180,15 @@ def save_model(path: str | os.PathLike, model) -> Path:
     cfg = model.config.to_dict()
     cfg_json = json.dumps(cfg, sort_keys=True)
     state = model.state_dict()
-    save_tensors_atomic(path, state, {FORMAT_KEY: FORMAT, CONFIG_KEY: cfg_json})
+    meta = {FORMAT_KEY: FORMAT, CONFIG_KEY: cfg_json}
+    domain = getattr(model, "domain", None)
+    if domain:
+        meta[DOMAIN_KEY] = str(domain)
+    save_tensors_atomic(path, state, meta)
     sidecar = {"format": FORMAT, "weights": path.name, "num_tensors": len(state),
                "num_parameters": int(sum(p.numel() for p in model.parameters())), "ciae_config": cfg}
+    if domain:
+        sidecar[DOMAIN_KEY] = str(domain)
     atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     logger.info("saved model to %s", path)
     return path
@@ -221,13 +232,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
     Raises :class:`CheckpointError` (missing file, truncated/corrupt, not safetensors, config
     missing/invalid, missing/unexpected keys, shape mismatches, dtypes of the wrong kind: module
-    docstring; half-precision weights are accepted and cast to float32).
+    docstring; half-precision weights are accepted and cast to float32). ``model.domain`` is the
+    file's ``domain`` metadata (``None``: unknown).
     """
     from ciae_core.model import CIAE
 
     path = Path(path)
     cfg = config_from_checkpoint(path)
-    tensors, _ = load_tensors(path, "cpu")
+    tensors, meta = load_tensors(path, "cpu")
     model = CIAE.from_config(cfg)
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
@@ -250,4 +262,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if cast:
         logger.info("%s: %s weights cast to the model's dtype", path, "/".join(sorted(cast)))
     model.load_state_dict(tensors, strict=True)  # copies, casting to each parameter's dtype
+    model.domain = meta.get(DOMAIN_KEY) or None
     return model.to(device).eval()

@@ -48,12 +48,18 @@ class DistContext:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA if available else CPU; ``cuda`` without a GPU is a ``TrainError``."""
+    """``auto`` → CUDA if available else CPU; ``cuda``/``cuda:N`` without a GPU (or without GPU N)
+    is a ``TrainError``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("device 'cuda' requested but torch sees no CUDA GPU (use --device cpu)")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"device '{name}' requested but torch sees no CUDA GPU (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainError(f"device '{name}' requested but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 def init_distributed(device_name: str, timeout_s: float = 1800.0) -> DistContext:
@@ -64,6 +70,9 @@ def init_distributed(device_name: str, timeout_s: float = 1800.0) -> DistContext
     """
     device = resolve_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.index is not None and world_size > 1:
+        raise TrainError(f"device '{device_name}' names one GPU, but under torchrun each of the {world_size} "
+                         f"processes uses GPU LOCAL_RANK: use --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)")
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -77,7 +86,8 @@ def init_distributed(device_name: str, timeout_s: float = 1800.0) -> DistContext
     else:
         rank, local_rank = 0, 0
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        if device.index is None:  # one process per GPU: this one's is LOCAL_RANK (0 for a single process)
+            device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 

@@ -49,8 +49,10 @@ Graph signature (opset ``DEFAULT_OPSET`` = 17 by default, ``--opset`` 13..20):
   embedding size follow; ``--size WIDTHxHEIGHT`` (default 640x640) fixes them (what TensorRT likes best).
 * ``metadata_props``: ``ciae_config`` (the :class:`~ciae_core.model.CIAEConfig` JSON: categories,
   thresholds, embedding stride), ``ciae_format`` (``ciae-onnx/2``), ``ciae_version``,
-  ``ciae_outputs`` (output names in order), ``ciae_input_size`` (``WIDTHxHEIGHT`` or ``dynamic``) and
-  ``ciae_source_sha256`` (hash of the checkpoint it came from, used by the predictor's cache).
+  ``ciae_outputs`` (output names in order), ``ciae_input_size`` (``WIDTHxHEIGHT`` or ``dynamic``),
+  ``ciae_source_sha256`` (hash of the checkpoint it came from, used by the predictor's cache), and
+  ``ciae_domain`` when the model has a domain (:mod:`ciae_core.model_domain`, from the
+  checkpoint's ``domain`` metadata).
 
 Decision: we use the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): it
 exports this graph with dynamic batch/height/width in about a second and the result matches
@@ -74,6 +76,8 @@ import tempfile
 import warnings
 
 import torch
+
+from ciae_core.model_domain import ONNX_DOMAIN_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +180,8 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, size: tuple[in
         meta = {"ciae_config": json.dumps(model.config.to_dict(), sort_keys=True), "ciae_format": FORMAT,
                 "ciae_version": __version__, "ciae_outputs": ",".join(OUTPUT_NAMES),
                 "ciae_input_size": "dynamic" if dynamic else f"{w}x{h}"}
+        if getattr(model, "domain", None):  # what the weights know (ciae_core.model_domain)
+            meta[ONNX_DOMAIN_KEY] = str(model.domain)
         meta.update(extra_metadata or {})
         del proto.metadata_props[:]
         for k, v in meta.items():

@@ -36,8 +36,9 @@ import yaml
 from ciae_core.checkpoint import atomic_write_text, save_model
 from ciae_core.distributed import (DistContext, SeededDataset, TrainingSampler, barrier, check_replicas_agree,
                                    init_distributed, reduce_scalars, unwrap_model, wrap_ddp)
+from ciae_core.model_domain import training_domain
 from ciae_core.train_config import (DatasetConfig, InputConfig, SolverConfig, TrainConfig, TrainConfigError,
-                                    TrainError, config_to_dict)
+                                    TrainError, config_to_dict, config_warnings)
 from ciae_core.train_state import (clean_stale, find_last_checkpoint, load_checkpoint, point_link,
                                    prune_checkpoints, save_checkpoint)
 from ciae_core.user_input import quote
@@ -288,8 +289,9 @@ def _set_up(cfg: TrainConfig, out: Path, ctx: DistContext, resume: bool) -> _Run
         raise TrainConfigError(f"config key 'solver.ims_per_batch' ({s.ims_per_batch}) must be divisible by the "
                                f"number of processes ({ctx.world_size})")
     per_rank = s.ims_per_batch // ctx.world_size
-    if s.amp != "off" and device.type != "cuda":
-        logger.warning("solver.amp=%s ignored on %s (autocast is used on CUDA only)", s.amp, device.type)
+    if ctx.is_main:
+        for text in config_warnings(cfg, device.type):
+            logger.warning("%s", text)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         if device.type == "cuda":
@@ -310,6 +312,8 @@ def _set_up(cfg: TrainConfig, out: Path, ctx: DistContext, resume: bool) -> _Run
             raise TrainError("data.val has different categories than data.train")
 
     model = build_model(cfg.model, categories, cfg.seed, None if resume else cfg.backbone_weights).to(device)
+    # what the weights will know, written into every model file of the run (ciae_core.model_domain)
+    model.domain = training_domain(cfg.data.train.kind, categories)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     lr = scaled_learning_rate(s.base_lr, s.reference_batch, s.ims_per_batch)

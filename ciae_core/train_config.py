@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -158,7 +159,8 @@ class TrainConfig:
     """A complete training run. ``model`` holds ``CIAEConfig`` fields (its ``categories`` come from
     the training data). ``backbone_weights``: optional LOCAL file with ImageNet weights for the
     backbone (torchvision layout; nothing is downloaded), used when training starts (a resumed run
-    takes all weights from its checkpoint). ``device``: ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+    takes all weights from its checkpoint). ``device``: ``auto`` (CUDA if available), ``cpu``, ``cuda``
+    or ``cuda:N`` (GPU N; one process only: under torchrun each process uses GPU ``LOCAL_RANK``).
     ``deterministic`` asks torch for deterministic algorithms (slower on CUDA)."""
 
     model: dict[str, Any] = field(default_factory=dict)
@@ -168,7 +170,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"
     deterministic: bool = False
 
 
@@ -366,10 +368,27 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
                     raise TrainConfigError(f"config key 'data.{split}.{k}' is required for kind: coco")
         elif ds.num_images <= 0:
             raise TrainConfigError(f"config key 'data.{split}.num_images' must be > 0 for kind: synthetic")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise TrainConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N (a GPU index), got {cfg.device!r}")
     if cfg.output.checkpoint_period <= 0 or cfg.output.log_period <= 0:
         raise TrainConfigError("config keys 'output.checkpoint_period' and 'output.log_period' must be > 0")
     _validate_model_section(cfg.model)
     return cfg
+
+
+def config_warnings(cfg: TrainConfig, device_type: str) -> list[str]:
+    """One line per setting that is valid but will not do what it says on ``device_type``
+    (``cpu`` | ``cuda``); the trainer logs them at start."""
+    s = cfg.solver
+    out = []
+    if s.warmup_iters >= s.max_iter:
+        out.append(f"solver.warmup_iters ({s.warmup_iters}) >= solver.max_iter ({s.max_iter}): the whole run is "
+                   f"warm-up and the learning rate never reaches its full value; lower it, e.g. "
+                   f"--set solver.warmup_iters={max(1, s.max_iter // 10)}")
+    if s.amp != "off" and device_type != "cuda":
+        out.append(f"solver.amp={s.amp} is ignored on {device_type} (autocast runs on CUDA only): training runs in "
+                   f"fp32; drop --set solver.amp=... or train with --device cuda")
+    return out
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -116,9 +116,13 @@ def load_frames(source: str, size: tuple[int, int] | None, clip: int, seed: int 
             frames.append(bgr[:, :, ::-1])
         cap.release()
     else:
-        raise CameraSourceError(f"camera source {quote(source)} is neither 'synth', a folder nor a video file")
+        raise CameraSourceError(f"camera source {quote(source)} is neither 'synth', a folder nor a video file; give "
+                                f"one of those")
     if not frames:
-        raise CameraSourceError(f"camera source {quote(source)} holds no readable frames")
+        kind = (f"no image OpenCV can read ({', '.join(IMAGE_SUFFIXES)})" if path.is_dir()
+                else "no frame OpenCV can decode (not a video, or a codec this OpenCV build lacks)")
+        raise CameraSourceError(f"camera source {quote(source)} holds {kind}; give 'synth', a folder of images or "
+                                f"another video file")
     if size is not None:
         frames = [cv2.resize(np.ascontiguousarray(f), (size[1], size[0]), interpolation=cv2.INTER_AREA)
                   for f in frames]

@@ -25,6 +25,8 @@ A thin layer over :class:`ciae_core.predictor.Predictor`:
   segment, ``panoptic/markers``, ``panoptic/points``, ``panoptic/detections_3d`` (:mod:`ciae_ros.node_depth`).
 * **Bad frames** never stop the node: they are skipped, counted per reason in /diagnostics and
   reported by a throttled warning.
+* **Stopping**: Ctrl-C / SIGTERM stop the node at any moment, also while it is still starting
+  (importing torch, loading the model): one log line, exit status 0 (the ROS 2 convention).
 * **Lifecycle**: ``--lifecycle`` runs a managed node (model loaded in ``configure``, released in
   ``cleanup``); ``--autostart`` configures and activates it at once (without ``--lifecycle`` it is a
   usage error rather than silently ignored).
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import gc
-import logging
 import sys
 import threading
 import time
@@ -52,11 +53,11 @@ from .node_depth import NodeDepth
 from .node_diagnostics import CameraStats, DiagnosticsBuilder, StageTimes
 from .node_interfaces import Camera as _Camera
 from .node_interfaces import InterfacesMixin
+from .node_main import _parse_args  # noqa: F401 - importable from here, as before the move
 from .node_model import ModelHandle, load_model, predictor_settings
 from .node_params import (PARAMS, SPECS, THRESHOLD_PARAMS, NodeStartupError, ParamSpec,
                           camera_topics_error, declare_parameters, depth_values_error, read_parameters,
                           settings_error, unknown_parameter_warnings, validate_value, warn_unknown_overrides)
-from .node_startup import params_file_problem, parse_args, ros_args_problem
 from .node_tracking import NodeTracking
 from .pacing import RatePacer
 from .process_memory import HeapTrimmer, freeze_long_lived_objects, thaw
@@ -141,6 +142,8 @@ class _PanopticLogic(InterfacesMixin):
             f"{self._model.engine}/{self._model.device} {self._model.predictor.precision} "
             f"({self._model.predictor.engine_reason}), input_size {self._model.predictor.input_size}, "
             f"{len(self._model.predictor.categories)} categories, in {time.monotonic() - t0:.2f} s")
+        if self._model.domain_warning:
+            self.get_logger().warning(self._model.domain_warning)
 
     def _release_model(self) -> None:
         with self._model_lock:
@@ -338,6 +341,8 @@ class _PanopticLogic(InterfacesMixin):
             freeze_long_lived_objects()
             self.get_logger().info(f"model reloaded: {model.name} on {model.engine}/{model.device}, "
                                    f"input_size {model.predictor.input_size}")
+            if model.domain_warning:
+                self.get_logger().warning(model.domain_warning)
             if self._pub_categories is not None:  # the new model may know other categories
                 from std_msgs.msg import Header
 
@@ -351,7 +356,9 @@ class _PanopticLogic(InterfacesMixin):
                 try:
                     pred.update(**predictor_settings(new, pred.config, pred.default_input_size))
                 except PredictorError as exc:
-                    return SetParametersResult(successful=False, reason=str(exc))
+                    from ciae_core.cli.hints import command_line_hint
+
+                    return SetParametersResult(successful=False, reason=command_line_hint(str(exc), SPECS, "ros"))
         if "publish_confidence" in changed:
             self._set_confidence_publishers(bool(new["publish_confidence"]))
         self._tracking.configure(new)
@@ -452,102 +459,15 @@ def __getattr__(name):  # PanopticNode / PanopticLifecycleNode without importing
 
 
 # ----------------------------------------------------------------------------------------------
-# Entry point
+# Entry point (the process around the node: ciae_ros.node_main)
 # ----------------------------------------------------------------------------------------------
 
-_parse_args = parse_args  # (moved to node_startup; the name stays importable here)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run the node until Ctrl-C / SIGTERM; returns the exit status (1 on a startup error)."""
-    import signal
+    """Run the node until Ctrl-C / SIGTERM; returns the exit status (1 on a startup error; 0 after
+    Ctrl-C / SIGTERM, also during start-up). See :func:`ciae_ros.node_main.run`."""
+    from .node_main import run
 
-    import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-    from rclpy.impl.implementation_singleton import rclpy_implementation
-    from rclpy.signals import SignalHandlerOptions
-    from rclpy.utilities import remove_ros_args
-
-    from .resources import use_large_data_dds_profile
-
-    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] [%(name)s]: %(message)s")
-    log = logging.getLogger(NODE_NAME)
-    args = list(sys.argv[1:] if argv is None else argv)
-    problem = params_file_problem(args)
-    if problem:
-        log.error("cannot start: %s", problem)
-        return 1
-    try:
-        opts = parse_args(remove_ros_args(["ciae-panoptic-node", *args])[1:])
-    except rclpy_implementation.RCLInvalidROSArgsError as exc:  # a malformed rule or params file
-        status, text = ros_args_problem(exc)
-        if status == 2:
-            print(text, file=sys.stderr)
-        else:
-            log.error("cannot start: %s", text)
-        return status
-    use_large_data_dds_profile()
-    # Default remap, used only when the user has no rule for 'image' (the first matching rule wins).
-    ros_args = [*args, "--ros-args", "-r", f"image:={DEFAULT_IMAGE_TOPIC}"]
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    # We handle SIGINT/SIGTERM ourselves so that the worker thread is stopped before the context
-    # goes away (rclpy's handler would invalidate publishers under the worker's feet). SIGINT is set
-    # explicitly too: a process started in the background by a non-interactive shell (`node &` in a
-    # script) inherits SIGINT as ignored, Python then installs no KeyboardInterrupt handler, and
-    # the node would not stop on Ctrl-C or on ros2 launch's first shutdown signal.
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    PanopticNode, PanopticLifecycleNode = _make_node_classes()
-    try:
-        import ciae_ros.msg  # noqa: F401 - generated by rosidl, not by pip
-    except ImportError:
-        log.error("cannot start: the ciae_ros messages are not built (no module ciae_ros.msg); run `make setup` "
-                  "(or `colcon build` and source install/setup.bash on a ROS 2 install)")
-        return 1
-    try:
-        ros = rclpy.init(args=["ciae-panoptic-node", *ros_args], signal_handler_options=SignalHandlerOptions.NO)
-    except RuntimeError as exc:  # rcl cannot start (e.g. ROS_DOMAIN_ID out of range)
-        log.error("cannot start: %s", ros_args_problem(exc)[1].split(": error: ")[-1])
-        return 1
-    try:
-        with ros:
-            try:
-                node = (PanopticLifecycleNode(autostart=opts.autostart) if opts.lifecycle else PanopticNode())
-            except NodeStartupError as exc:
-                log.error("cannot start: %s", exc)
-                return 1
-            except Exception as exc:  # noqa: BLE001 - e.g. a parameter file value outside its range
-                text = (str(exc).strip().splitlines() or [""])[0]
-                log.error("cannot start: %s: %s", type(exc).__name__, text)
-                return 1
-            try:
-                if opts.lifecycle and opts.autostart:
-                    if node.trigger_configure() != _success():
-                        log.error("cannot start: %s", node.configure_error or "lifecycle configure failed")
-                        return 1
-                    if node.trigger_activate() != _success():
-                        log.error("cannot start: lifecycle activate failed")
-                        return 1
-                executor = SingleThreadedExecutor()
-                executor.add_node(node)
-                while True:  # wakes up regularly so that Python's SIGINT/SIGTERM handlers can run
-                    executor.spin_once(timeout_sec=0.25)
-            except (KeyboardInterrupt, ExternalShutdownException):
-                pass
-            finally:
-                node.destroy_node()
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def _success():
-    from rclpy.lifecycle import TransitionCallbackReturn
-
-    return TransitionCallbackReturn.SUCCESS
+    return run(argv, _make_node_classes, NODE_NAME, DEFAULT_IMAGE_TOPIC)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ per reason), :class:`StageTimes` keeps a rolling window of per-stage latencies, 
 :class:`DiagnosticsBuilder` turns both, with the processing errors and the loaded model, into one
 ``diagnostic_msgs/DiagnosticArray`` per period: one status per camera (rates, counters, input
 reliability; WARN on no input or bad frames in the last period; with depth, its 3-D counters and
-WARN when frames went without 3-D in the period) and one for the model (identity, latency p50/p99
-per stage, error totals; ERROR only while errors happen).
+WARN when frames went without 3-D in the period) and one for the model (identity, domain, latency
+p50/p99 per stage, error totals; ERROR only while errors happen).
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ class DiagnosticsBuilder:
         vals = [("model", model.name if model else ""), ("model_version", model.version if model else ""),
                 ("weights", model.weights if model else ""), ("engine", model.engine if model else ""),
                 ("device", model.device if model else ""),
+                # what images the weights know (ciae_core.model_domain); "unknown" when the file does not say
+                ("domain", (model.domain or "unknown") if model else ""),
                 ("input_size", str(model.predictor.input_size) if model else "")]
         vals += [(f"latency_{stage}_p50_ms", f"{p50:.2f}") for stage, (p50, _) in sorted(latencies.items())]
         vals += [(f"latency_{stage}_p99_ms", f"{p99:.2f}") for stage, (_, p99) in sorted(latencies.items())]

@@ -2,7 +2,8 @@
 
 :func:`load_model` turns the parameter values into a :class:`ciae_core.predictor.Predictor` (or
 one ``NodeStartupError`` line), :class:`ModelHandle` carries it with the name, content hash,
-engine and device that every output message and /diagnostics report, and
+engine, device and domain (:mod:`ciae_core.model_domain`: what images the weights know, and
+the warning to log for a synthetic-only model) that the messages and /diagnostics report, and
 :func:`predictor_settings` maps the run-time parameters (input size, thresholds; 0/-1 = the
 model's own default) to ``Predictor.update`` keywords. Used by the node and by ``ciae-bag``.
 """
@@ -28,6 +29,8 @@ class ModelHandle:
     weights: str
     engine: str
     device: str
+    domain: str | None = None            # None: the file does not say (unknown)
+    domain_warning: str | None = None    # the one-line warning for a synthetic-only model, else None
 
 
 def _file_version(path: pathlib.Path) -> str:
@@ -65,9 +68,18 @@ def predictor_settings(values: dict, model_config=None, model_input_size: int | 
     return out
 
 
-def load_model(values: dict) -> ModelHandle:
-    """Build the Predictor from node parameter values; ``NodeStartupError`` with one line on failure."""
+def load_model(values: dict, hint_style: str = "ros", options=None) -> ModelHandle:
+    """Build the Predictor from node parameter values; ``NodeStartupError`` with one line on failure.
+
+    The library's hints (``use device='cpu'``) are written for the caller
+    (:func:`ciae_core.cli.hints.command_line_hint`): ``hint_style="ros"`` (the node: ``device:=cpu``)
+    over the node's parameter names, or ``"option"`` (``--device cpu``) over ``options`` (a tool's
+    option names, e.g. ``ciae-bag``'s).
+    """
+    from ciae_core.cli.hints import command_line_hint
     from ciae_core.predictor import Predictor, PredictorError
+
+    from .node_params import SPECS
 
     from .resources import default_weights
 
@@ -87,9 +99,13 @@ def load_model(values: dict) -> ModelHandle:
                               max_size=int(values["max_size"]), precision=str(values["precision"]),
                               **predictor_settings(values))
     except PredictorError as exc:
-        raise NodeStartupError(str(exc)) from None
+        raise NodeStartupError(command_line_hint(str(exc), SPECS if options is None else options, hint_style)) from None
     except (OSError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise NodeStartupError(f"cannot load model {quote(weights)}: {first}") from None
+    from ciae_core.model_domain import domain_warning, read_model_domain
+
+    domain, names = read_model_domain(path)
     return ModelHandle(predictor=predictor, name=path.stem, version=_file_version(path), weights=str(path),
-                       engine=predictor.engine, device=str(values["device"]))
+                       engine=predictor.engine, device=str(values["device"]), domain=domain,
+                       domain_warning=domain_warning(domain, names, file_name=path.name))

@@ -19,6 +19,7 @@ import sys
 from typing import Any, Sequence
 
 from ciae_core.cli import eval_video
+from ciae_core.cli.hints import command_line_hint, parser_options
 from ciae_core.evaluation import (CocoPanopticWriter, EvaluationError, PanopticEvaluator, format_pq_table,
                                   pq_compute)
 from ciae_core.predictor_settings import ENGINES, PRECISIONS
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _evaluate_model(args) -> dict[str, Any]:
     """Run ``Predictor`` over a COCO-panoptic data set and evaluate in memory (optionally write)."""
     from ciae_core.data import CocoPanopticDataset, DatasetError  # lazy: these pull in torch and the model
+    from ciae_core.model_domain import model_domain_warning
     from ciae_core.predictor import Predictor, PredictorError
 
     gt_json = args.gt_json or os.path.join(args.data, "panoptic.json")
@@ -73,6 +75,9 @@ def _evaluate_model(args) -> dict[str, Any]:
                               precision=args.precision, intra_op_threads=args.threads)
     except (DatasetError, PredictorError) as e:
         raise EvaluationError(str(e)) from None
+    warning = model_domain_warning(predictor.weights)
+    if warning:
+        logger.warning("%s", warning)
     categories = list(predictor.categories)
     model_ids = {c.id for c in categories}
     missing = [c.id for c in dataset.categories if c.id not in model_ids]
@@ -123,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = pq_compute(args.gt_json, args.pred_json, args.gt_dir, args.pred_dir,
                                  num_workers=args.num_workers)
     except EvaluationError as e:
-        print(f"ciae-eval: error: {e}", file=sys.stderr)
+        print(f"ciae-eval: error: {command_line_hint(str(e), parser_options(p))}", file=sys.stderr)
         return 2
     print(format_pq_table(summary, per_class=args.per_class))
     if args.json_out:

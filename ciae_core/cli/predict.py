@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import cv2
 import torch
 
+from ciae_core.cli.hints import command_line_hint, parser_options
 from ciae_core.evaluation import EvaluationError, write_coco_panoptic
+from ciae_core.model_domain import model_domain_warning
 from ciae_core.predictor import ENGINES, PRECISIONS, Predictor, PredictorError
 from ciae_core.shipped_model import default_weights
 from ciae_core.visualize import render_overlay
@@ -117,9 +119,13 @@ def _make_predictor(args) -> Predictor:
     thr = {k: v for k, v in (("score_threshold", args.score_threshold), ("nms_threshold", args.nms_threshold),
                              ("instance_score_threshold", args.instance_score_threshold),
                              ("min_stuff_area", args.min_stuff_area)) if v is not None}
-    return Predictor(weights, engine=args.engine, device=args.device, input_size=args.input_size,
-                     max_size=args.max_size, precision=args.precision, intra_op_threads=args.threads,
-                     openvino_device=args.openvino_device, **thr)
+    predictor = Predictor(weights, engine=args.engine, device=args.device, input_size=args.input_size,
+                          max_size=args.max_size, precision=args.precision, intra_op_threads=args.threads,
+                          openvino_device=args.openvino_device, **thr)
+    warning = model_domain_warning(predictor.weights)
+    if warning:
+        _LOG.warning("%s", warning)
+    return predictor
 
 
 def _read(f: pathlib.Path, predictor: Predictor, run: _Run, strict: bool):
@@ -165,7 +171,8 @@ def _predict_all(files: list[pathlib.Path], predictor: Predictor, args) -> _Run:
 
 def main(argv: list[str] | None = None) -> int:
     """``ciae-predict``: segment ``--images`` with ``--weights`` and write COCO panoptic to ``--out``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.batch_size < 1:
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         except EvaluationError as e:
             raise PredictorError(str(e)) from None
     except PredictorError as e:
-        print(f"ciae-predict: error: {e}", file=sys.stderr)
+        print(f"ciae-predict: error: {command_line_hint(str(e), parser_options(parser))}", file=sys.stderr)
         return 1
     n = len(run.results)
     line = (f"ciae-predict: {n} image(s), {run.total_ms / max(1, n):.1f} ms/image "

@@ -355,3 +355,22 @@ def test_ciae_bag_without_tracking_and_with_bad_tracking_parameters(moving_bag, 
     with pytest.raises(BagError, match="unknown tracking parameter input_size"):
         process_bag(path, tmp_path / "bad", pred, tracking_params={"input_size": 256})
     assert not (tmp_path / "bad").exists()
+
+
+def test_ciae_bag_says_once_that_the_model_is_synthetic_only(input_bag, tmp_path):
+    """Through the console entry with its default model (the shipped one, domain synthetic-shapes)."""
+    import pathlib
+    import subprocess
+
+    from console_scripts import console_command, console_env
+
+    shipped = pathlib.Path(__file__).resolve().parents[2] / "models" / "ciae_synthetic_small.safetensors"
+    res = subprocess.run([*console_command("ciae-bag"), "--in", str(input_bag), "--out", str(tmp_path / "out"),
+                          "--input-size", "256", "--topics", "/camera/image_raw", "--no-overlay"],
+                         env=console_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    warned = [ln for ln in (res.stdout + res.stderr).splitlines() if "synthetic-only model" in ln]
+    if shipped.is_file():
+        assert len(warned) == 1 and "[WARNING]" in warned[0] and "it knows disc, box, triangle" in warned[0], warned
+    else:
+        assert not warned

@@ -32,7 +32,6 @@ def test_demo_short_run(node_weights, tmp_path, capsys):
     assert str(out.resolve()) in printed and (out / "report.md").read_text().startswith("# ciae-demo report")
     segs = list(read_messages(out / "bag", "/panoptic/segments"))
     assert len(segs) == report["frames_out"]
-    assert len(list(read_messages(out / "bag", "/camera/image_raw"))) > 0
     assert len(list(read_messages(out / "bag", "/panoptic/categories"))) == 1
     _, first = segs[0]
     assert (first.id_image.height, first.id_image.width) == (240, 320)
@@ -59,3 +58,78 @@ def test_demo_short_run(node_weights, tmp_path, capsys):
     assert points[0][1].width > 100 and points[0][1].header.frame_id == "camera_optical_frame"
     assert len(list(read_messages(out / "bag", "/camera/depth/image_raw"))) > 0
     assert len(list(read_messages(out / "bag", "/camera/camera_info"))) > 0
+    # recorded compressed by default: camera and overlay as JPEG copies with the original headers, no raw
+    # copies, the bag's chunks zstd-compressed (the id images cost almost nothing)
+    from ciae_ros.image_conversion import compressed_to_rgb
+
+    assert report["record"] == "compressed" and not list(read_messages(out / "bag", "/camera/image_raw"))
+    cams = list(read_messages(out / "bag", "/camera/image_raw/compressed"))
+    overlays = list(read_messages(out / "bag", "/panoptic/overlay/compressed"))
+    assert cams and overlays and not list(read_messages(out / "bag", "/panoptic/overlay"))
+    assert cams[0][1].format == "rgb8; jpeg compressed bgr8" and compressed_to_rgb(cams[0][1]).shape == (240, 320, 3)
+    assert overlays[0][1].format == "bgr8; jpeg compressed bgr8"
+    assert {(m.header.stamp.sec, m.header.stamp.nanosec) for _, m in overlays} <= \
+        {(m.header.stamp.sec, m.header.stamp.nanosec) for _, m in segs}
+    raw_bytes = len(cams) * 240 * 320 * 3 + len(segs) * 240 * 320 * 4 + len(overlays) * 240 * 320 * 3
+    assert report["bag_mb"] * 1e6 < raw_bytes / 5, (report["bag_mb"], raw_bytes)
+    # the shipped model is synthetic-only: the report says so (and the console did)
+    from ciae_core.model_domain import model_domain_warning
+
+    note = model_domain_warning(node_weights)
+    assert report["model_warning"] == note
+    assert (f"**Note:** {note}" in (out / "report.md").read_text()) == (note is not None)
+
+
+def test_demo_records_raw_images_on_request(node_weights, tmp_path):
+    from ciae_ros.bag import read_messages
+    from ciae_ros.demo import main
+
+    out = tmp_path / "demo_raw"
+    assert main(["--duration", "1", "--out", str(out), "--size", "320x240", "--weights", node_weights,
+                 "--input-size", "224", "--record", "raw"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["record"] == "raw"
+    [(_, cam), *_] = list(read_messages(out / "bag", "/camera/image_raw"))
+    assert (cam.height, cam.width, cam.encoding) == (240, 320, "rgb8")
+    assert not list(read_messages(out / "bag", "/camera/image_raw/compressed"))
+
+
+def test_bad_source_is_one_line_with_the_reason_and_the_next_step(node_weights, tmp_path):
+    """Through the console entry. A path that does not exist is refused before anything starts; an
+    empty folder gets as far as the camera process, whose error line the demo repeats (it used to
+    say only "the camera exited with status 1"); the node, stopped while loading, logs one line.
+    A ROS_DOMAIN_ID the user set is kept."""
+    import subprocess
+
+    from console_scripts import console_command, console_env
+
+    def demo(source, out):
+        res = subprocess.run([*console_command("ciae-demo"), str(source), "--out", str(out), "--duration", "2",
+                              "--weights", node_weights], env=console_env(ROS_DOMAIN_ID="57"),
+                             capture_output=True, text=True, timeout=300)
+        return res.returncode, [ln for ln in res.stderr.splitlines() if ln.startswith("[ERROR]")], res.stderr
+
+    rc, errors, log = demo(tmp_path / "nope", tmp_path / "o1")
+    assert rc == 1 and errors == [f"[ERROR] [ciae_demo]: camera source '{tmp_path / 'nope'}' does not exist; give "
+                                  f"'synth', a folder of images or a video file (e.g. ciae-demo synth)"], log
+    assert not (tmp_path / "o1").exists()
+    (tmp_path / "empty").mkdir()
+    rc, errors, log = demo(tmp_path / "empty", tmp_path / "o2")
+    assert rc == 1 and len(errors) == 1, log
+    assert errors[0].startswith(f"[ERROR] [ciae_demo]: the camera stopped (exit status 1): camera source "
+                                f"'{tmp_path / 'empty'}' holds no image OpenCV can read"), errors
+    assert "give 'synth', a folder of images or another video file" in errors[0]
+    assert f"(whole log: {tmp_path / 'o2' / 'camera.log'})" in errors[0]
+    assert "ROS_DOMAIN_ID=57 (from the environment), loopback only" in log
+    node_log = (tmp_path / "o2" / "node.log").read_text()
+    assert "Traceback" not in node_log and len(node_log.splitlines()) <= 3, node_log
+
+
+def test_demo_environment_keeps_a_domain_id_the_user_set():
+    from ciae_ros.demo import demo_environment
+
+    env = demo_environment(environ={"ROS_DOMAIN_ID": "42", "ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET"})
+    assert (env["ROS_DOMAIN_ID"], env["ROS_AUTOMATIC_DISCOVERY_RANGE"]) == ("42", "LOCALHOST")
+    assert demo_environment(7, environ={"ROS_DOMAIN_ID": "42"})["ROS_DOMAIN_ID"] == "7"
+    picked = demo_environment(environ={})["ROS_DOMAIN_ID"]
+    assert 1 <= int(picked) <= 100

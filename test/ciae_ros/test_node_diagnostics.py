@@ -98,3 +98,23 @@ def test_restart_starts_a_new_first_period():
     arr = diag.build("/n", Time(), [cam], [st], [collections.Counter()], collections.Counter(ValueError=3), {}, None)
     assert [(s.level, s.message) for s in arr.status] == [(DiagnosticStatus.OK, "ok")] * 2
     assert float(_status(arr, ": /c")[1]["input_rate_hz"]) == 0.0
+
+
+def test_the_model_status_carries_the_domain(node_weights):
+    """``domain``: the model file's (``unknown`` when it does not say); empty before a model is loaded."""
+    pytest.importorskip("diagnostic_msgs")
+    import dataclasses
+
+    from builtin_interfaces.msg import Time
+
+    from ciae_ros.node_model import load_model
+    from ciae_ros.node_params import SPECS
+
+    def model_values(model):
+        arr = DiagnosticsBuilder().build("/n", Time(), [], [], [], collections.Counter(), {}, model)
+        return _status(arr, ": model")[1]
+
+    handle = load_model({**{name: spec.default for name, spec in SPECS.items()}, "weights": node_weights})
+    assert model_values(dataclasses.replace(handle, domain="synthetic-shapes"))["domain"] == "synthetic-shapes"
+    assert model_values(dataclasses.replace(handle, domain=None))["domain"] == "unknown"
+    assert model_values(None)["domain"] == ""

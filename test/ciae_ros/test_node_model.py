@@ -49,3 +49,34 @@ def test_load_model_failures_are_one_line_startup_errors(tmp_path):
     with pytest.raises(NodeStartupError) as exc:
         load_model(_values(weights=str(corrupt)))
     assert "corrupt.safetensors" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_the_model_handle_carries_the_domain_and_its_warning(node_weights, tmp_path):
+    """The shipped model says synthetic-shapes (the node logs the warning and reports the domain);
+    a model file without the key is unknown and gets no warning."""
+    import torch
+
+    from ciae_core.checkpoint import load_model as load_checkpoint, save_model
+    from ciae_core.model_domain import read_model_domain
+
+    model = load_model(_values(weights=node_weights))
+    domain, _ = read_model_domain(node_weights)
+    assert model.domain == domain
+    if domain == "synthetic-shapes":
+        assert model.domain_warning.startswith(f"{pathlib.Path(node_weights).name}: synthetic-only model: it knows ")
+    net = load_checkpoint(node_weights)
+    net.domain = None
+    plain = save_model(tmp_path / "no_domain.safetensors", net)
+    assert torch.equal(load_checkpoint(plain).memory, net.memory)
+    handle = load_model(_values(weights=str(plain)))
+    assert handle.domain is None and handle.domain_warning is None
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_startup_hints_speak_ros_parameters_or_the_tools_options(node_weights):
+    with pytest.raises(NodeStartupError) as exc:
+        load_model(_values(weights=node_weights, device="cuda"))
+    assert str(exc.value) == "device:=cuda requested but no CUDA GPU is available; use device:=cpu"
+    with pytest.raises(NodeStartupError) as exc:  # ciae-bag: its own options
+        load_model(_values(weights=node_weights, device="cuda"), hint_style="option", options={"device"})
+    assert str(exc.value) == "--device cuda requested but no CUDA GPU is available; use --device cpu"

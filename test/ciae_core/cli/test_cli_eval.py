@@ -105,3 +105,22 @@ def test_cli_weights_with_the_openvino_engine(tmp_path, capsys):
     assert main(args + ["--engine", "openvino", "--precision", "int8"]) == 2
     err = capsys.readouterr().err
     assert "needs an int8 model" in err and err.count("\n") == 1
+
+
+def test_ciae_eval_of_a_synthetic_only_model_warns_once(tmp_path):
+    """Through the console entry, on one ciae-synth scene: the PQ table as ever, and one warning."""
+    import subprocess
+
+    from ciae_core.synth import write_dataset
+    from console_scripts import console_command, console_env
+
+    data = tmp_path / "synval"
+    write_dataset(str(data), 1, 192, 224, seed=1000)
+    shipped = pathlib.Path(__file__).resolve().parents[3] / "models" / "ciae_synthetic_small.safetensors"
+    res = subprocess.run([*console_command("ciae-eval"), "--weights", str(shipped), "--data", str(data),
+                          "--input-size", "192"], env=console_env(OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    warned = [ln for ln in res.stderr.splitlines() if "synthetic-only model: it knows disc, box" in ln]
+    assert len(warned) == 1 and warned[0].startswith("WARNING"), res.stderr[-2000:]
+    assert "PQ" in res.stdout

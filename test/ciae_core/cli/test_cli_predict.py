@@ -118,3 +118,31 @@ def test_help_explains_every_option():
     assert r.returncode == 0
     for action in build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help text"
+
+
+def test_ciae_predict_says_once_that_a_model_is_synthetic_only(tmp_path):
+    """Through the console entry: the shipped model (domain synthetic-shapes) gets one warning line
+    naming what it knows and where to go for real scenes; the same weights saved without a domain
+    (unknown) get none."""
+    import subprocess
+
+    from ciae_core.checkpoint import load_model, save_model
+    from console_scripts import console_command, console_env
+
+    shipped = pathlib.Path(__file__).resolve().parents[3] / "models" / "ciae_synthetic_small.safetensors"
+    net = load_model(shipped)
+    net.domain = None
+    unknown = save_model(tmp_path / "no_domain.safetensors", net)
+    runs = {}
+    for name, model in (("shipped", shipped), ("unknown", unknown)):
+        res = subprocess.run([*console_command("ciae-predict"), "--weights", str(model), "--images",
+                              str(sorted(SAMPLE_IMAGES.glob("*.jpg"))[0]), "--out", str(tmp_path / name),
+                              "--input-size", "256"], env=console_env(OMP_NUM_THREADS="1"), capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs[name] = [ln for ln in res.stderr.splitlines() if "synthetic-only model" in ln]
+    assert len(runs["shipped"]) == 1 and runs["shipped"][0].startswith("WARNING"), runs
+    assert ("ciae_synthetic_small.safetensors: synthetic-only model: it knows disc, box, triangle, ring, sky, wall, "
+            "ground in rendered scenes; on real images its segments are meaningless; train on COCO for real scenes: "
+            "see README 'Train a real-scene model'") in runs["shipped"][0]
+    assert runs["unknown"] == []

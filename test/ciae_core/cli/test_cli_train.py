@@ -213,3 +213,165 @@ def test_torchrun_cli_two_ranks(tmp_path):
     assert "s, 2 images): PQ" in proc.stdout + proc.stderr
     assert proc.stdout.count("finished at iteration 2") == 1  # rank 0 prints, rank 1 does not
     assert (out / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# a first run: --data, --stop-at, warnings, --device cuda:N, Ctrl-C (issue 16)
+
+
+@pytest.fixture(scope="module")
+def synth_folder(tmp_path_factory):
+    """A COCO-panoptic folder as `ciae-synth --out DIR` writes it (8 tiny scenes)."""
+    from ciae_core.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "synth_train"
+    write_dataset(str(out), 8, 64, 64, seed=3)
+    return out
+
+
+def _smoke(*extra):
+    return ["--config", str(CONFIGS / "synthetic_smoke.yaml"), "--set", "output.tensorboard=false", *extra]
+
+
+def test_data_option_trains_on_a_ciae_synth_folder_and_equals_its_set_form(synth_folder, tmp_path, capsys):
+    from ciae_core.checkpoint import load_model
+    from ciae_core.cli.train import data_overrides
+
+    set_form = ["data.train.kind=coco", f"data.train.image_dir={synth_folder / 'images'}",
+                f"data.train.panoptic_dir={synth_folder / 'panoptic'}",
+                f"data.train.panoptic_json={synth_folder / 'panoptic.json'}"]
+    assert data_overrides("train", str(synth_folder), "--data") == set_form  # what the README documents
+    out = tmp_path / "run"
+    assert main([*_smoke("--set", "solver.max_iter=2", "--set", "solver.steps=[]", "--set", "solver.warmup_iters=1"),
+                 "--data", str(synth_folder), "--out", str(out)]) == 0
+    recorded = yaml.safe_load((out / "config.yaml").read_text())["data"]["train"]
+    assert recorded["kind"] == "coco" and recorded["image_dir"] == str(synth_folder / "images")
+    model = load_model(out / "model.safetensors")
+    assert model.domain == "synthetic-shapes"  # ciae-synth's categories: the model is synthetic-only
+    assert f"model: {out / 'model.safetensors'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout,expected", [("missing", "no such folder"),
+                                             ("empty", "not a COCO-panoptic folder as ciae-synth writes it")])
+def test_data_option_errors_are_one_line(tmp_path, capsys, layout, expected):
+    folder = tmp_path / "data"
+    if layout == "empty":
+        folder.mkdir()
+    assert main([*_smoke(), "--data", str(folder), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ciae-train: error: --data") and expected in err and "\n" not in err
+
+
+def test_stop_at_names_a_checkpoint_that_exists(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*_smoke("--set", "eval.period=-1"), "--out", str(out), "--stop-at", "2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("stopped at iteration 2 of 4 (--stop-at); last checkpoint "), last
+    named = Path(last.split("last checkpoint ", 1)[1].split(" (iteration", 1)[0])
+    assert named.is_dir() and (named / "model.safetensors").is_file() and named == find_last_checkpoint(out)
+    assert "--resume" in last and "--stop-at" not in last.split("resume with:", 1)[1]
+    assert not (out / "model.safetensors").exists()
+
+
+def test_warmup_longer_than_the_run_and_amp_on_the_cpu_are_warned(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ciae_core.train"):
+        assert main([*_smoke("--set", "eval.period=-1", "--set", "solver.warmup_iters=4", "--set", "solver.amp=bf16"),
+                     "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("solver.warmup_iters (4) >= solver.max_iter (4)") for w in warnings), warnings
+    assert any(w.startswith("solver.amp=bf16 is ignored on cpu") for w in warnings), warnings
+
+
+def test_no_warning_for_a_sound_config(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ciae_core.train"):
+        assert main([*_smoke("--set", "eval.period=-1", "--set", "solver.max_iter=2"), "--device", "cpu",
+                     "--set", "solver.warmup_iters=1", "--set", "solver.steps=[]", "--out", str(tmp_path / "r")]) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "ciae_core.train"]
+
+
+def test_device_takes_cuda_index_and_hints_speak_command_line(tmp_path, capsys):
+    from ciae_core.train_config import TrainConfigError
+
+    assert load_config(CONFIGS / "synthetic_smoke.yaml", ["device=cuda:1"]).device == "cuda:1"
+    with pytest.raises(TrainConfigError, match="'device' must be auto, cpu, cuda or cuda:N"):
+        load_config(CONFIGS / "synthetic_smoke.yaml", ["device=gpu0"])
+    with pytest.raises(SystemExit):
+        main([*_smoke(), "--device", "cuda:x"])
+    assert "must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*_smoke(), "--device", "cuda:0", "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "ciae-train: error: device 'cuda:0' requested but torch sees no CUDA GPU (use --device cpu)"
+
+
+@pytest.mark.cuda
+def test_device_cuda_index_trains_on_that_gpu(tmp_path):
+    from ciae_core.train_config import load_config as load
+
+    index = torch.cuda.device_count() - 1
+    out = tmp_path / "run"
+    assert main([*_smoke("--set", "eval.period=-1", "--set", "solver.max_iter=2"), "--device", f"cuda:{index}",
+                 "--out", str(out)]) == 0
+    assert load(out / "config.yaml").device == f"cuda:{index}"
+
+
+def _start_training(out, *extra):
+    from console_scripts import Output, console_command, console_env
+
+    proc = subprocess.Popen([*console_command("ciae-train"), *_smoke("--set", "solver.max_iter=400", "--set",
+                                                                     "eval.period=-1", *extra), "--out", str(out)],
+                            cwd=REPO, env=console_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    return proc, Output(proc)
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from_and_resuming_works(tmp_path):
+    """Ctrl-C during training (it printed a traceback): exit 130 and one line naming the last
+    complete checkpoint and the command that continues; that command resumes from it."""
+    import shlex
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc, output = _start_training(out)
+    deadline = time.monotonic() + 300
+    while find_last_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert find_last_checkpoint(out) is not None, output.finish(30)[-20:]
+    proc.send_signal(signal.SIGINT)
+    lines = output.finish(120)
+    assert proc.returncode == 130, lines[-20:]
+    assert not any("Traceback" in ln for ln in lines), lines
+    last = lines[-1]
+    assert last.startswith("ciae-train: interrupted (SIGINT); last checkpoint "), lines[-5:]
+    named = Path(last.split("last checkpoint ", 1)[1].split(" (iteration", 1)[0])
+    assert named == find_last_checkpoint(out) and (named / "model.safetensors").is_file()
+    # the command it names continues from there (cut short with --stop-at one iteration later)
+    resume = shlex.split(last.split("resume with: ", 1)[1])
+    assert resume[0] == "ciae-train" and resume[-1] == "--resume"
+    done = int(named.name.split("_")[1])
+    from console_scripts import console_command, console_env
+
+    res = subprocess.run([*console_command("ciae-train"), *resume[1:], "--stop-at", str(done + 1)], cwd=REPO,
+                         env=console_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from {named} at iteration {done}" in res.stderr
+    assert res.stdout.strip().splitlines()[-1].startswith(f"stopped at iteration {done + 1} of 400")
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_none(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    proc, output = _start_training(out, "--set", "output.checkpoint_period=1000")
+    assert output.wait_for(r"ciae_core\.train: training on cpu", timeout=300), output.finish(30)[-20:]
+    proc.send_signal(signal.SIGINT)
+    lines = output.finish(120)
+    assert proc.returncode == 130, lines[-20:]
+    assert not any("Traceback" in ln for ln in lines), lines
+    assert lines[-1] == ("ciae-train: interrupted (SIGINT); no checkpoint was written yet, so there is nothing to "
+                         "resume: start the same command again")
