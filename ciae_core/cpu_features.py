@@ -123,10 +123,9 @@ def parse_cpuinfo(text: str) -> tuple[str, frozenset]:
 def openvino_cpu_capabilities() -> frozenset | None:
     """OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES``, or None without OpenVINO."""
     try:
-        from ciae_core.no_telemetry import import_openvino
+        from ciae_core.openvino_core import shared_core
 
-        ov = import_openvino()
-        return frozenset(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        return frozenset(str(c) for c in shared_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     except Exception as e:  # noqa: BLE001 - not installed or no CPU plugin: detection from the flags alone
         logger.debug("OpenVINO CPU capabilities unavailable: %s", e)
         return None

@@ -152,9 +152,12 @@ class OpenVINOEngine:
                  max_shapes: int = 4, features=None):
         from ciae_core.no_telemetry import import_openvino
 
+        from ciae_core.openvino_core import ensure_signal_stack, shared_core
+
         ov = import_openvino()
+        ensure_signal_stack()
         self.path = os.fspath(path)
-        self.core = ov.Core()
+        self.core = shared_core()  # never destroyed: see ciae_core.openvino_core
         self.device = torch.device("cpu")
         self.ov_device = self._checked_device(device)
         if not os.path.exists(self.path):
@@ -174,7 +177,7 @@ class OpenVINOEngine:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise PredictorError(f"cannot create the OpenVINO cache {self.cache_dir}: {e.strerror}; set cache_dir") from None
-        self.core.set_property({"CACHE_DIR": str(self.cache_dir)})
+        self._properties["CACHE_DIR"] = str(self.cache_dir)  # per compiled model: the Core is shared
         self._model = model
         in_shape = model.inputs[0].get_partial_shape()
         fixed = [d.is_static for d in in_shape]

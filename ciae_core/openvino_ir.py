@@ -113,7 +113,6 @@ def read_ir(path: str | os.PathLike, core=None):
     :class:`ExportError` (one line naming the file) when the ``.xml`` or its ``.bin`` is
     missing, empty, corrupt, not ours, or the ``.bin`` does not belong to the ``.xml``.
     """
-    ov = import_openvino()
     path = pathlib.Path(path)
     bin_path = path.with_suffix(".bin")
     for p, what in ((path, "OpenVINO IR file"), (bin_path, "OpenVINO IR weights file (an IR is .xml + .bin)")):
@@ -121,7 +120,9 @@ def read_ir(path: str | os.PathLike, core=None):
             raise ExportError(f"{what} not found: {p}")
         if p.stat().st_size == 0:
             raise ExportError(f"{p} is empty (truncated IR)")
-    core = core or ov.Core()
+    from ciae_core.openvino_core import shared_core
+
+    core = core or shared_core()
     try:
         model = core.read_model(str(path))
     except Exception as e:  # noqa: BLE001 - any reader failure means a bad file

@@ -32,6 +32,7 @@ Decisions (measured, README.md "CPU engines and precisions"):
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -42,6 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from ciae_core.export import ExportError
+from ciae_core.openvino_core import ensure_signal_stack, shared_core
 from ciae_core.user_input import quote
 
 logger = logging.getLogger(__name__)
@@ -173,12 +175,13 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, calibration: str
     if pathlib.Path(source).suffix.lower() not in (".onnx", ".safetensors"):
         raise QuantizeError(f"{source}: quantise a .safetensors checkpoint or a .onnx from ciae-export")
     images = calibration_images(calibration, num_images)
-    ov, nncf = import_openvino(), import_nncf()
+    import_openvino()  # telemetry off before NNCF loads it
+    nncf = import_nncf()
     with tempfile.TemporaryDirectory(prefix="ciae-quantize-") as tmp:
         onnx_path = _onnx_source(source, tmp)
         config, meta = read_onnx_config(onnx_path), read_onnx_metadata(onnx_path)
         try:
-            model = ov.Core().read_model(onnx_path)
+            model = shared_core().read_model(onnx_path)
         except Exception as e:  # noqa: BLE001 - a bad file, in one line
             raise QuantizeError(f"openvino cannot read {onnx_path}: {str(e).strip().splitlines()[0][:300]}") from None
     shape = model.inputs[0].get_partial_shape()
@@ -202,6 +205,9 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, calibration: str
     except Exception as e:  # noqa: BLE001 - any NNCF failure, in one line
         raise QuantizeError(f"NNCF could not quantise {source}: {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
+    finally:  # NNCF's own Cores are gone now; one destroyed out of order leaves a dangling signal stack
+        gc.collect()
+        ensure_signal_stack()
     calib_text = (f"synthetic: {len(images)} scenes {SYNTHETIC_SIZE[0]}x{SYNTHETIC_SIZE[1]} seed {CALIBRATION_SEED}"
                   if str(calibration) == "synthetic" else f"folder {pathlib.Path(calibration).name}: {len(images)} images")
     metadata = {k: v for k, v in meta.items() if k != "ciae_format"}

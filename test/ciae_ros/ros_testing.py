@@ -311,8 +311,9 @@ class Publisher:
         image (frames the test rendered itself, e.g. of a moving synthetic sequence)."""
         return self.request({"op": "rgb_file", "path": str(path), "stamp": list(stamp), "frame_id": frame_id})
 
-    def flood(self, h: int, w: int, rate: float, seconds: float) -> dict:
-        return self.request({"op": "flood", "h": h, "w": w, "rate": rate, "seconds": seconds},
+    def flood(self, h: int, w: int, rate: float, seconds: float, first: int = 0) -> dict:
+        """Publish at ``rate`` for ``seconds``; frame ids ``flood<first>``, ``flood<first + 1>``, ..."""
+        return self.request({"op": "flood", "h": h, "w": w, "rate": rate, "seconds": seconds, "first": first},
                             timeout=seconds * 3 + 30)
 
     def close(self) -> None:
@@ -596,7 +597,7 @@ def _publisher_main(topic: str, reliability: str, compressed: bool, depth: int) 
                     while time.monotonic() - t0 < cmd["seconds"]:
                         now = node.get_clock().now().to_msg()
                         base.header.stamp = now
-                        base.header.frame_id = f"flood{n}"
+                        base.header.frame_id = f"flood{cmd.get('first', 0) + n}"
                         pub.publish(base)
                         stamps.append([now.sec, now.nanosec])
                         n += 1
