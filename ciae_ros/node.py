@@ -55,7 +55,7 @@ from .node_interfaces import Camera as _Camera
 from .node_interfaces import InterfacesMixin
 from .node_main import _parse_args  # noqa: F401 - importable from here, as before the move
 from .node_model import ModelHandle, load_model, predictor_settings
-from .node_params import (PARAMS, SPECS, THRESHOLD_PARAMS, NodeStartupError, ParamSpec,
+from .node_params import (PARAMS, SPECS, THRESHOLD_PARAMS, NodeStartupError, ParamSpec, _output_prefix,  # noqa: F401
                           camera_topics_error, declare_parameters, depth_values_error, read_parameters,
                           settings_error, unknown_parameter_warnings, validate_value, warn_unknown_overrides)
 from .node_tracking import NodeTracking

@@ -122,13 +122,13 @@ PARAMS: tuple[ParamSpec, ...] = (
               int_range=(1, 1000, 1)),
     ParamSpec("tracking_max_age", 2.0, "Seconds a track may go unseen before it is deleted (> 0).",
               float_range=(0.0, 3600.0)),
-    ParamSpec("tracking_min_iou", 0.1, "Least box IoU with a track's predicted box for a match.",
+    ParamSpec("tracking_min_iou", 0.02, "Least box IoU with a track's predicted box for a match.",
               float_range=(0.0, 1.0)),
     ParamSpec("tracking_low_min_iou", 0.5, "Least box IoU for a match of a low-score segment.",
               float_range=(0.0, 1.0)),
     ParamSpec("tracking_iou_weight", 0.5, "Weight of 1 - IoU against the embedding distance in the matching "
               "cost.", float_range=(0.0, 1.0)),
-    ParamSpec("tracking_max_embedding_distance", 0.4, "Largest embedding distance (1 - cos) of a match.",
+    ParamSpec("tracking_max_embedding_distance", 0.6, "Largest embedding distance (1 - cos) of a match.",
               float_range=(0.0, 2.0)),
     ParamSpec("tracking_reid_distance", 0.15, "Largest embedding distance of a match by appearance alone "
               "(re-identification of a lost or unforeseen thing).", float_range=(0.0, 2.0)),
