@@ -266,6 +266,17 @@ def _order_statistics(key: np.ndarray, starts: np.ndarray, counts: np.ndarray, p
     return out
 
 
+
+def _wanted_ids(lab: np.ndarray | None, ids) -> np.ndarray:
+    """The segment ids to report, ascending: ``ids`` as given, or every id > 0 present in the
+    sampled labels ``lab`` (:class:`DepthError` for a negative id)."""
+    if ids is not None:
+        return np.asarray(ids, np.int64).reshape(-1)
+    if int(lab.min(initial=0)) < 0:
+        raise DepthError("bad_id_map", "segment ids must be >= 0")
+    want = np.flatnonzero(np.bincount(lab, minlength=1))
+    return want[want > 0]
+
 class SegmentDepth:
     """Per-segment 3-D from a registered depth image (see the module docstring for the maths).
 
@@ -353,13 +364,7 @@ class SegmentDepth:
     def _groups(self, lab: np.ndarray, ok: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
         """``(want, g)``: the segment ids reported and each sampled point's row in them (``len(want)``
         for points to ignore: invalid depth, eroded, void, or an id not asked for)."""
-        if ids is None:
-            if int(lab.min(initial=0)) < 0:
-                raise DepthError("bad_id_map", "segment ids must be >= 0")
-            want = np.flatnonzero(np.bincount(lab, minlength=1))
-            want = want[want > 0]
-        else:
-            want = np.asarray(ids, np.int64).reshape(-1)
+        want = _wanted_ids(lab, ids)
         n = want.size
         if n and want[0] > 0 and want[-1] - want[0] == n - 1 and np.all(np.diff(want) == 1):
             first = int(want[0])  # ids first..first+n-1 (the predictor's 1..N): no lookup table
@@ -431,14 +436,7 @@ class SegmentDepth:
         """The statistics with :func:`ciae_core.depth_kernels.point_keys` (one pass writing the four
         sort keys of the used points), then four numpy sorts (module docstring: same maths)."""
         s = self.sample_stride
-        if ids is None:
-            lab = ids_map[::s, ::s].ravel()
-            if int(lab.min(initial=0)) < 0:
-                raise DepthError("bad_id_map", "segment ids must be >= 0")
-            want = np.flatnonzero(np.bincount(lab, minlength=1))
-            want = want[want > 0]
-        else:
-            want = np.asarray(ids, np.int64).reshape(-1)
+        want = _wanted_ids(ids_map[::s, ::s].ravel() if ids is None else None, ids)
         n = want.size
         if n > 4096:  # uint32 keys: the numpy path takes more segments
             return self._numpy(ids_map, d, intr, want)

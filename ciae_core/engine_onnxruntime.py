@@ -100,6 +100,26 @@ def tensorrt_runtime_loadable() -> bool:
     return False
 
 
+#: Raw outputs with one entry per image (the others, e.g. ``memory``, are the same for every image).
+PER_IMAGE_OUTPUTS = ("cls_logits", "box_regression", "centerness", "embedding")
+
+
+def run_in_fixed_batches(run, images: torch.Tensor, fixed_batch: int | None) -> dict[str, torch.Tensor]:
+    """``run(images)`` for a graph exported with a fixed batch ``fixed_batch``: ``images``
+    ``(N, 3, H, W)`` in chunks of that size (the last padded with zeros), per-image outputs
+    concatenated and cut back to ``N``; with ``None`` or ``N == fixed_batch`` one call."""
+    n, fb = images.shape[0], fixed_batch
+    if fb is None or n == fb:
+        return run(images)
+    chunks = []
+    for start in range(0, n, fb):
+        part = images[start:start + fb]
+        if part.shape[0] < fb:
+            part = torch.cat([part, part.new_zeros((fb - part.shape[0], *part.shape[1:]))])
+        chunks.append(run(part))
+    return {k: torch.cat([c[k] for c in chunks])[:n] if k in PER_IMAGE_OUTPUTS else chunks[0][k] for k in chunks[0]}
+
+
 class _OrtEngine:
     """An onnxruntime session over an exported ``forward_raw`` graph; returns torch tensors.
 
@@ -207,17 +227,7 @@ class _OrtEngine:
         self.fixed_hw: tuple[int, int] | None = (int(in_shape[2]), int(in_shape[3])) if fixed[2] else None
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        n, fb = images.shape[0], self.fixed_batch
-        if fb is None or n == fb:
-            return self._run(images)
-        chunks = []
-        for start in range(0, n, fb):
-            part = images[start:start + fb]
-            if part.shape[0] < fb:
-                part = torch.cat([part, part.new_zeros((fb - part.shape[0], *part.shape[1:]))])
-            chunks.append(self._run(part))
-        per_image = ("cls_logits", "box_regression", "centerness", "embedding")
-        return {k: torch.cat([c[k] for c in chunks])[:n] if k in per_image else chunks[0][k] for k in chunks[0]}
+        return run_in_fixed_batches(self._run, images, self.fixed_batch)
 
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self._run_session(images)

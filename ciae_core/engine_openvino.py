@@ -55,7 +55,6 @@ RAW_OUTPUT_NAMES = ("cls_logits", "box_regression", "centerness", "points", "emb
 OPENVINO_DEVICES = ("CPU", "GPU")
 OPENVINO_PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
 _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "fp16": "f16"}
-_PER_IMAGE = ("cls_logits", "box_regression", "centerness", "embedding")
 
 
 def default_openvino_cache_dir() -> pathlib.Path:
@@ -294,16 +293,9 @@ class OpenVINOEngine:
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``images`` float ``(N, 3, H, W)`` → raw outputs (float32 CPU tensors)."""
-        n, fb = images.shape[0], self.fixed_batch
-        if fb is None or n == fb:
-            return self._run(images)
-        chunks = []
-        for start in range(0, n, fb):
-            part = images[start:start + fb]
-            if part.shape[0] < fb:
-                part = torch.cat([part, part.new_zeros((fb - part.shape[0], *part.shape[1:]))])
-            chunks.append(self._run(part))
-        return {k: torch.cat([c[k] for c in chunks])[:n] if k in _PER_IMAGE else chunks[0][k] for k in chunks[0]}
+        from ciae_core.engine_onnxruntime import run_in_fixed_batches
+
+        return run_in_fixed_batches(self._run, images, self.fixed_batch)
 
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())

@@ -5,44 +5,16 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ciae_core.distributed import SeededDataset, TrainingSampler
-from ciae_core.train import build_model, build_optimizer, train
+from ciae_core.train import train
 from ciae_core.train_config import load_config
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "config" / "train"
-
-
-def _weights(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _assert_same_tensors(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def _tiny_model_and_optimizer():
-    cfg = load_config(CONFIGS / "synthetic_smoke.yaml")
-    from ciae_core.synth import SYNTH_CATEGORIES
-
-    model = build_model(cfg.model, SYNTH_CATEGORIES, seed=0)
-    return model, build_optimizer(model, cfg.solver, 0.01)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from train_testing import CONFIGS, assert_same_tensors, free_port, tiny_model_and_optimizer, weights_of
 
 
 def _take(sampler, n):
@@ -102,11 +74,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
 def test_ddp_two_gloo_ranks_end_with_identical_weights(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    r0, r1 = _weights(tmp_path / "rank0.safetensors"), _weights(tmp_path / "rank1.safetensors")
-    _assert_same_tensors(r0, r1)
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = weights_of(tmp_path / "rank0.safetensors"), weights_of(tmp_path / "rank1.safetensors")
+    assert_same_tensors(r0, r1)
     assert (tmp_path / "out0" / "model.safetensors").is_file()
     assert not (tmp_path / "out1").exists()  # only rank 0 writes
     # the memory embeddings moved (batch means were all-reduced, not left at the initialisation)
-    model, _ = _tiny_model_and_optimizer()
+    model, _ = tiny_model_and_optimizer()
     assert not torch.equal(model.state_dict()["memory"], r0["memory"])

@@ -4,7 +4,6 @@ exact resume, killed runs, AMP on CUDA, torchrun with 2 ranks."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,38 +13,11 @@ import torch
 import yaml
 
 from ciae_core.cli.train import main
-from ciae_core.train import build_model, build_optimizer
+from ciae_core.train import build_model
 from ciae_core.train_config import load_config
 from ciae_core.train_state import find_last_checkpoint, load_checkpoint, read_checkpoint_state
 
-REPO = Path(__file__).resolve().parents[3]
-CONFIGS = REPO / "config" / "train"
-
-
-def _weights(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _assert_same_tensors(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def _tiny_model_and_optimizer():
-    cfg = load_config(CONFIGS / "synthetic_smoke.yaml")
-    from ciae_core.synth import SYNTH_CATEGORIES
-
-    model = build_model(cfg.model, SYNTH_CATEGORIES, seed=0)
-    return model, build_optimizer(model, cfg.solver, 0.01)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from train_testing import CONFIGS, REPO, assert_same_tensors, free_port, tiny_model_and_optimizer, weights_of
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
@@ -135,11 +107,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert not (split / "model.safetensors").exists()
     assert os.readlink(split / "checkpoints" / "last") == "iter_0000002"
     assert main([*common, "--out", str(split), "--resume"]) == 0
-    a, b = _weights(straight / "model.safetensors"), _weights(split / "model.safetensors")
-    _assert_same_tensors(a, b)
+    a, b = weights_of(straight / "model.safetensors"), weights_of(split / "model.safetensors")
+    assert_same_tensors(a, b)
     (sa, ta), (sb, tb) = (read_checkpoint_state(d / "checkpoints" / "last") for d in (straight, split))
     assert sa["iteration"] == sb["iteration"] == 4
-    _assert_same_tensors({k: v for k, v in ta.items() if k.startswith("optimizer")},
+    assert_same_tensors({k: v for k, v in ta.items() if k.startswith("optimizer")},
                          {k: v for k, v in tb.items() if k.startswith("optimizer")})
     # and the run is not trivially constant: weights moved away from the initialisation
     from ciae_core.synth import SYNTH_CATEGORIES
@@ -160,7 +132,7 @@ def test_killed_training_always_leaves_a_complete_checkpoint(tmp_path):
            str(out), "--set", "solver.max_iter=400", "--set", "output.checkpoint_period=1",
            "--set", "output.keep_last=3", "--set", "eval.period=-1", "--set", "output.tensorboard=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    model, _ = _tiny_model_and_optimizer()
+    model, _ = tiny_model_and_optimizer()
     for kill_after in (0.35, 0.8):
         proc = subprocess.Popen([*cmd, *(["--resume"] if (out / "checkpoints" / "last").exists() else [])],
                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -201,7 +173,7 @@ def test_torchrun_cli_two_ranks(tmp_path):
     """The documented command line: torchrun + `-m ciae_core.cli.train`, 2 gloo ranks on CPU. The run
     ends with the replica check (bit-identical weights on all ranks) and writes from rank 0 only."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            "-m", "ciae_core.cli.train", "--config", str(CONFIGS / "synthetic_smoke.yaml"), "--out", str(out),
            "--set", "solver.ims_per_batch=4", "--set", "solver.max_iter=2", "--set", "output.tensorboard=false"]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
