@@ -49,7 +49,6 @@ import numpy as np
 from .image_conversion import (ImageConversionError, compressed_to_rgb, decoder_pixel_limit, image_to_rgb,
                                set_decoder_pixel_limit)
 from .mailbox import LatestFrameMailbox
-from .node_depth import NodeDepth
 from .node_diagnostics import CameraStats, DiagnosticsBuilder, StageTimes
 from .node_interfaces import Camera as _Camera
 from .node_interfaces import InterfacesMixin
@@ -103,7 +102,7 @@ class _PanopticLogic(InterfacesMixin):
         self._pub_diag = None
         self._diag = DiagnosticsBuilder()
         self._vision_msgs = self._vision_msgs_available()
-        self._depth = NodeDepth(self, self._warn, self._times)
+        self._depth = None  # NodeDepth, once OpenCV's decoder limit is set (node_depth loads OpenCV)
         self._pacer = RatePacer()
         self._trimmer = HeapTrimmer()
         self._latched_qos = latched_qos()
@@ -113,6 +112,9 @@ class _PanopticLogic(InterfacesMixin):
         warn_unknown_overrides(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._set_decoder_limit()
+        from .node_depth import NodeDepth
+
+        self._depth = NodeDepth(self, self._warn, self._times)
 
     def _set_decoder_limit(self) -> None:
         """OpenCV's decoders refuse images above max_image_pixels (image_conversion's guarantee);
@@ -185,7 +187,8 @@ class _PanopticLogic(InterfacesMixin):
         if self._worker is not None:
             self._worker.join(timeout=30.0)
         self._worker = None
-        self._depth.stop()
+        if self._depth is not None:
+            self._depth.stop()
 
     # -- input ---------------------------------------------------------------------------------
     def _on_image(self, cam: int, msg, compressed: bool) -> None:

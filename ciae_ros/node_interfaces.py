@@ -76,7 +76,8 @@ class InterfacesMixin:
                 if pub is not None:
                     self.destroy_publisher(pub)
         self._cameras = []
-        self._depth.destroy()
+        if self._depth is not None:  # None when the node's construction stopped before it
+            self._depth.destroy()
         for pub in (self._pub_categories, self._pub_diag):
             if pub is not None:
                 self.destroy_publisher(pub)
