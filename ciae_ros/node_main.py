@@ -24,10 +24,13 @@ _INTERRUPTED_WHILE_STARTING = "interrupted while starting (before the node was r
 
 
 def _configure_logging(node_name: str) -> None:
-    """Python logging of the node process: our own loggers at INFO, everything else at WARNING
-    (torch's INFO lines, e.g. its FakeTensor cache statistics at exit, are not the node's news)."""
+    """Python logging of the node process: the node's own loggers at INFO, everything else at
+    WARNING. torch's INFO lines (e.g. its FakeTensor cache statistics at exit) are not the node's
+    news, and neither are ciae_core's: the node states the engine, precision, device and why in its
+    own "model ... loaded" line, and a start-up that fails must print only its one "cannot start"
+    line (ciae_core's INFO lines about the CPU's features or a first ONNX export came before it)."""
     logging.basicConfig(level=logging.WARNING, format="[%(levelname)s] [%(name)s]: %(message)s")
-    for name in (node_name, "ciae_core", "ciae_ros"):
+    for name in (node_name, "ciae_ros"):
         logging.getLogger(name).setLevel(logging.INFO)
 
 

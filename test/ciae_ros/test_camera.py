@@ -41,7 +41,7 @@ def test_video_file(tmp_path):
 def test_bad_sources(tmp_path):
     with pytest.raises(CameraSourceError, match="neither"):
         load_frames(str(tmp_path / "missing"), None, clip=1)
-    with pytest.raises(CameraSourceError, match="no readable frames"):
+    with pytest.raises(CameraSourceError, match="holds no image OpenCV can read"):
         load_frames(str(tmp_path), None, clip=1)
 
 
