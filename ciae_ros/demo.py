@@ -364,7 +364,7 @@ class _Recorder:
             client.create_subscription(DiagnosticArray, "/diagnostics",
                                        raw("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", self.on_diag),
                                        10, raw=True),
-        ] + self.depth.subscribe(client, raw)
+        ] + self.depth.subscribe(client, raw, compressed=self.record == "compressed")
 
 
 def _record_until_done(rclpy, client, rec: _Recorder, args, out: pathlib.Path, node, camera) -> str | None:

@@ -45,6 +45,31 @@ def camera_arguments(source: str, out: pathlib.Path) -> list[str]:
     return ["--truth", str(out / TRUTH_FILE)] if source == "synth" else []
 
 
+
+def compressed_depth_copy(data: bytes) -> bytes | None:
+    """A serialized ``16UC1`` depth ``sensor_msgs/Image`` as a serialized ``sensor_msgs/CompressedImage``
+    laid out as ``compressed_depth_image_transport`` writes it: ``format`` ``"16UC1; compressedDepth
+    png"``, ``data`` = a 12-byte header (int32 1 = PNG, two float32 quantisation parameters, unused
+    for 16UC1) and a lossless 16-bit PNG of the image; ``None`` for other encodings (kept raw)."""
+    import array
+    import struct
+
+    import cv2
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from .image_conversion import image_msg_to_array
+
+    msg = deserialize_message(data, Image)
+    if msg.encoding != "16UC1":
+        return None
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(image_msg_to_array(msg)), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError(f"PNG encoding of a {msg.width}x{msg.height} depth image failed")
+    out = CompressedImage(header=msg.header, format="16UC1; compressedDepth png",
+                          data=array.array("B", struct.pack("<iff", 1, 0.0, 0.0) + png.tobytes()))
+    return serialize_message(out)
+
 class DepthRecorder:
     """The client's 3-D subscriptions (recorded raw to the bag) and the segments it keeps for the report."""
 
@@ -55,11 +80,21 @@ class DepthRecorder:
         self.counts = {"frames_3d": 0, "frames_no_3d": 0, "markers": 0, "points": 0}
         self._last = -1e9
 
-    def subscribe(self, client, raw) -> list:
+    def subscribe(self, client, raw, compressed: bool = False) -> list:
         """Subscriptions of ``client`` whose callbacks are ``raw(topic, msgtype, handler)`` (the
-        demo's recorder): depth, camera info, markers, points."""
+        demo's recorder): depth, camera info, markers, points. ``compressed``: depth is recorded as
+        :func:`compressed_depth_copy` on ``<depth topic>/compressedDepth``."""
         if not self.enabled:
             return []
+        keep = raw(DEPTH_TOPIC, "sensor_msgs/msg/Image")
+        if compressed:
+            store = raw(DEPTH_TOPIC + "/compressedDepth", "sensor_msgs/msg/CompressedImage")
+
+            def depth_cb(data: bytes) -> None:
+                png = compressed_depth_copy(data)
+                store(png) if png is not None else keep(data)
+        else:
+            depth_cb = keep
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CameraInfo, Image, PointCloud2
         from visualization_msgs.msg import MarkerArray
@@ -69,7 +104,8 @@ class DepthRecorder:
                   (INFO_TOPIC, CameraInfo, "sensor_msgs/msg/CameraInfo", None),
                   ("/panoptic/markers", MarkerArray, "visualization_msgs/msg/MarkerArray", "markers"),
                   ("/panoptic/points", PointCloud2, "sensor_msgs/msg/PointCloud2", "points"))
-        return [client.create_subscription(mtype, topic, raw(topic, name, self._counter(key)), reliable, raw=True)
+        return [client.create_subscription(mtype, topic, depth_cb if topic == DEPTH_TOPIC else
+                                           raw(topic, name, self._counter(key)), reliable, raw=True)
                 for topic, mtype, name, key in topics]
 
     def _counter(self, key: str | None):

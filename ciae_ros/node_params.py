@@ -128,7 +128,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               float_range=(0.0, 1.0)),
     ParamSpec("tracking_iou_weight", 0.5, "Weight of 1 - IoU against the embedding distance in the matching "
               "cost.", float_range=(0.0, 1.0)),
-    ParamSpec("tracking_max_embedding_distance", 0.6, "Largest embedding distance (1 - cos) of a match.",
+    ParamSpec("tracking_max_embedding_distance", 0.4, "Largest embedding distance (1 - cos) of a match.",
               float_range=(0.0, 2.0)),
     ParamSpec("tracking_reid_distance", 0.15, "Largest embedding distance of a match by appearance alone "
               "(re-identification of a lost or unforeseen thing).", float_range=(0.0, 2.0)),
