@@ -45,6 +45,6 @@ setup(
         ],
         # ciae-bench --node: the ROS layer registers its node benchmark with ciae_core's bench, which
         # never imports ciae_ros itself (ciae_core/cli/bench.py looks the group up by name)
-        "ciae_core.bench_plugins": ["node = ciae_ros.bench_node:main"],
+        "ciae_core.bench_plugins": ["node = ciae_ros.bench_node:main", "spatial = ciae_ros.point_cloud:bench_rows"],
     },
 )

@@ -41,7 +41,7 @@ fi
 
 # 3. Our messages (msg/*.msg) with rosidl, installed into the venv (cmake route; the same
 #    CMakeLists.txt builds with colcon on a ROS 2 install).
-src_hash=$(hash_of CMakeLists.txt package.xml msg/*.msg $(git ls-files -co --exclude-standard ciae_ros ciae_core scripts | grep -v __pycache__ | sort))
+src_hash=$(hash_of CMakeLists.txt package.xml setup.py msg/*.msg $(git ls-files -co --exclude-standard ciae_ros ciae_core scripts | grep -v __pycache__ | sort))
 if ! stamp_ok msgs "$src_hash"; then
   log "building msg/ with rosidl into the venv"
   # The ROS wheels' exported CMake files name the wheel build container's Python and numpy

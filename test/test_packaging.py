@@ -58,6 +58,21 @@ def test_setup_py_declares_every_console_script():
     assert EXPECTED_SCRIPTS <= set(_entry_points())
 
 
+def test_the_ros_layer_registers_its_bench_rows_with_ciae_bench():
+    """`ciae-bench --node` and `--spatial` find the ROS layer's rows through the installed entry
+    points (ciae_core never imports ciae_ros): both declared in setup.py and present in the venv's
+    metadata (make setup reinstalls when setup.py changes)."""
+    import importlib.metadata
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    setup_call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    declared = ast.literal_eval({k.arg: k.value for k in setup_call.keywords}["entry_points"])
+    wanted = {"node": "ciae_ros.bench_node:main", "spatial": "ciae_ros.point_cloud:bench_rows"}
+    assert dict(s.replace(" ", "").split("=") for s in declared["ciae_core.bench_plugins"]) == wanted
+    installed = {e.name: e.value for e in importlib.metadata.entry_points(group="ciae_core.bench_plugins")}
+    assert installed == wanted, "the venv's metadata is stale: run make setup"
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_SCRIPTS))
 def test_entry_point_resolves_to_a_callable(name):
     target = _entry_points()[name]
