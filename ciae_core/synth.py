@@ -499,6 +499,18 @@ def _write_item(job) -> tuple[int, list[dict]]:
     return i, [{k: v for k, v in s.items() if k != "isthing"} for s in infos]
 
 
+
+def make_output_dirs(out_dir: str) -> tuple[str, str]:
+    """``out_dir/images`` and ``out_dir/panoptic``, created if needed (:class:`SynthError` if not)."""
+    img_dir, pan_dir = os.path.join(out_dir, "images"), os.path.join(out_dir, "panoptic")
+    try:
+        os.makedirs(img_dir, exist_ok=True)
+        os.makedirs(pan_dir, exist_ok=True)
+    except OSError as e:
+        raise SynthError(f"cannot create output directory {out_dir}: {e.strerror}") from None
+    return img_dir, pan_dir
+
+
 def write_dataset(out_dir: str, num: int, height: int, width: int, seed: int = 0, sequence: bool = False,
                   image_format: str = "png", num_workers: int = 0, **render_kwargs) -> str:
     """Write ``num`` scenes (or ``num`` frames of one :class:`SceneSequence`) as COCO panoptic.
@@ -514,12 +526,7 @@ def write_dataset(out_dir: str, num: int, height: int, width: int, seed: int = 0
     if image_format not in ("png", "jpg"):
         raise SynthError(f"image format must be png or jpg, got {quote(image_format)}")
     height, width = _check_size(height, width)
-    img_dir, pan_dir = os.path.join(out_dir, "images"), os.path.join(out_dir, "panoptic")
-    try:
-        os.makedirs(img_dir, exist_ok=True)
-        os.makedirs(pan_dir, exist_ok=True)
-    except OSError as e:
-        raise SynthError(f"cannot create output directory {out_dir}: {e.strerror}") from None
+    make_output_dirs(out_dir)
     jobs = [(i, out_dir, height, width, seed, sequence, image_format, render_kwargs) for i in range(num)]
     if num_workers > 1:
         import multiprocessing

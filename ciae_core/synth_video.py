@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from .synth import (SHAPES, SYNTH_CATEGORIES, Instance, SynthError, _check_size, _compose, _imwrite,
-                    _sample_layout, categories_json, id_map_to_rgb)
+                    _sample_layout, categories_json, id_map_to_rgb, make_output_dirs)
 
 _THING_BASE = {"disc": (205, 45, 40), "box": (30, 165, 170), "triangle": (225, 205, 45), "ring": (185, 45, 185)}
 _NO_CHANGE_NEAR_CROSSING = 12  # frames around a scripted crossing without speed changes
@@ -232,12 +232,7 @@ def write_tracking_sequence(out_dir: str, num_frames: int, height: int, width: i
     if not (fps > 0 and math.isfinite(fps)):
         raise SynthError(f"fps must be > 0, got {fps!r}")
     seq = TrackingSequence(seed, height, width, num_frames, **kwargs)
-    img_dir, pan_dir = os.path.join(out_dir, "images"), os.path.join(out_dir, "panoptic")
-    try:
-        os.makedirs(img_dir, exist_ok=True)
-        os.makedirs(pan_dir, exist_ok=True)
-    except OSError as e:
-        raise SynthError(f"cannot create output directory {out_dir}: {e.strerror}") from None
+    img_dir, pan_dir = make_output_dirs(out_dir)
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
     images, annotations = [], []
     for i in range(num_frames):

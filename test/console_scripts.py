@@ -20,13 +20,18 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def entry_points() -> dict[str, str]:
-    """``{script name: "module:function"}`` from setup.py's ``console_scripts``."""
+def setup_entry_points(group: str = "console_scripts") -> dict[str, str]:
+    """``{name: "module:function"}`` of one entry-point group as setup.py declares it."""
     tree = ast.parse((REPO / "setup.py").read_text())
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
     kw = {k.arg: k.value for k in call.keywords}
-    scripts = ast.literal_eval(kw["entry_points"])["console_scripts"]
-    return dict(tuple(part.strip() for part in s.split("=", 1)) for s in scripts)
+    declared = ast.literal_eval(kw["entry_points"])[group]
+    return dict(tuple(part.strip() for part in s.split("=", 1)) for s in declared)
+
+
+def entry_points() -> dict[str, str]:
+    """``{script name: "module:function"}`` from setup.py's ``console_scripts``."""
+    return setup_entry_points("console_scripts")
 
 
 def console_command(name: str) -> list[str]:

@@ -9,7 +9,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 
@@ -43,11 +42,9 @@ def test_package_version_agrees_with_setup_py_and_ciae_core():
 
 
 def _entry_points() -> dict[str, str]:
-    tree = ast.parse((REPO / "setup.py").read_text())
-    setup_call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
-    kw = {k.arg: k.value for k in setup_call.keywords}
-    scripts = ast.literal_eval(kw["entry_points"])["console_scripts"]
-    return dict(tuple(part.strip() for part in s.split("=", 1)) for s in scripts)
+    from console_scripts import entry_points
+
+    return entry_points()
 
 
 EXPECTED_SCRIPTS = {"ciae-train", "ciae-eval", "ciae-predict", "ciae-export", "ciae-bench", "ciae-synth",
@@ -64,11 +61,10 @@ def test_the_ros_layer_registers_its_bench_rows_with_ciae_bench():
     metadata (make setup reinstalls when setup.py changes)."""
     import importlib.metadata
 
-    tree = ast.parse((REPO / "setup.py").read_text())
-    setup_call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
-    declared = ast.literal_eval({k.arg: k.value for k in setup_call.keywords}["entry_points"])
+    from console_scripts import setup_entry_points
+
     wanted = {"node": "ciae_ros.bench_node:main", "spatial": "ciae_ros.point_cloud:bench_rows"}
-    assert dict(s.replace(" ", "").split("=") for s in declared["ciae_core.bench_plugins"]) == wanted
+    assert setup_entry_points("ciae_core.bench_plugins") == wanted
     installed = {e.name: e.value for e in importlib.metadata.entry_points(group="ciae_core.bench_plugins")}
     assert installed == wanted, "the venv's metadata is stale: run make setup"
 
