@@ -321,7 +321,8 @@ class Publisher:
             try:
                 self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 self.proc.stdin.flush()
-                self.proc.wait(10)
+                # a clean exit removes its DDS endpoints at once; a killed one lingers in discovery
+                self.proc.wait(60)
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()

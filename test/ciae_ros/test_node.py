@@ -81,8 +81,9 @@ def node(node_weights, outputs, tmp_path_factory):
 class Cameras:
     """Camera publisher processes by kind, started on first use."""
 
-    def __init__(self):
+    def __init__(self, outputs=None):
         self.pubs: dict[str, Publisher] = {}
+        self.outputs = outputs
 
     def get(self, kind: str) -> Publisher:
         if kind not in self.pubs:
@@ -92,6 +93,12 @@ class Cameras:
                 Publisher(TOPIC, reliability="best_effort", large_data_profile=True)
             assert pub.wait_subscribers(1, timeout=30) >= 1, "the node did not subscribe to the camera"
             self.pubs[kind] = pub
+            if self.outputs is not None:
+                # input_reliability auto: the node re-subscribes once the graph shows only this camera's
+                # offer; a stopped camera's endpoint may linger in discovery for a while (longer when its
+                # process had to be killed), and until then large frames to a best-effort reader are lost
+                diag = wait_diag(self.outputs, lambda v: v.get("input_reliability") == kind, timeout=300)
+                assert diag is not None, f"the node did not re-subscribe {kind} within 300 s"
         return self.pubs[kind]
 
     def stop(self, kind: str) -> None:
@@ -105,8 +112,8 @@ class Cameras:
 
 
 @pytest.fixture(scope="module")
-def cameras(node):
-    c = Cameras()
+def cameras(node, outputs):
+    c = Cameras(outputs)
     yield c
     c.close()
 
