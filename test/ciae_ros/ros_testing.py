@@ -430,6 +430,11 @@ class Client:
         self._thread.join(5)
 
 
+def stamp_of(msg) -> tuple[int, int]:
+    """``(sec, nanosec)`` of a message's header stamp."""
+    return msg.header.stamp.sec, msg.header.stamp.nanosec
+
+
 def diagnostics_values(diag_msg, suffix: str) -> dict | None:
     """``{key: value}`` of the status whose name ends with ``suffix`` (None if absent)."""
     for st in diag_msg.status:

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.ros
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("ciae_ros.msg")
 
-from ros_testing import Client, NodeProcess, Publisher, diagnostics_values, peak_rss_mb, rss_mb  # noqa: E402
+from ros_testing import (Client, NodeProcess, Publisher, diagnostics_values, peak_rss_mb, rss_mb,  # noqa: E402
+                         stamp_of)
 
 from ciae_ros.image_conversion import image_msg_to_array  # noqa: E402
 
@@ -35,10 +36,6 @@ _stamps = itertools.count(1)
 def next_stamp() -> tuple[int, int]:
     k = next(_stamps)
     return 1000 + k, 1000 * k + 7
-
-
-def stamp_of(msg) -> tuple[int, int]:
-    return msg.header.stamp.sec, msg.header.stamp.nanosec
 
 
 @pytest.fixture(scope="module")

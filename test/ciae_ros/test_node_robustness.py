@@ -23,7 +23,7 @@ pytest.importorskip("ciae_ros.msg")
 
 import image_bombs  # noqa: E402
 from image_bombs import BombCamera, reset_peak_rss, rss_bound_mb, rss_mib  # noqa: E402
-from ros_testing import REPO, Client, NodeProcess, child_env, diagnostics_values  # noqa: E402
+from ros_testing import REPO, Client, NodeProcess, child_env, diagnostics_values, stamp_of  # noqa: E402
 
 _stamps = itertools.count(1)
 
@@ -31,10 +31,6 @@ _stamps = itertools.count(1)
 def next_stamp() -> tuple[int, int]:
     k = next(_stamps)
     return 2000 + k, 1000 * k + 17
-
-
-def stamp_of(msg) -> tuple[int, int]:
-    return msg.header.stamp.sec, msg.header.stamp.nanosec
 
 
 @pytest.fixture(scope="module")

@@ -55,9 +55,9 @@ def test_writer_roundtrip_and_cli(tmp_path, capsys):
     assert "no prediction for the image with id 439180" in capsys.readouterr().err
 
 
-def test_cli_weights_path_agrees_with_file_evaluation(tmp_path, capsys):
-    """ciae-eval --weights runs the Predictor in memory; its written predictions evaluated from
-    files must give the same per-class numbers."""
+def _tiny_model_and_data(tmp_path, num_scenes: int) -> list[str]:
+    """A tiny random-weight model (m.safetensors) and ``num_scenes`` synthetic scenes (val/): the
+    ``ciae-eval`` arguments that evaluate one on the other at input size 192."""
     from ciae_core.checkpoint import save_model
     from ciae_core.model import CIAE
     from ciae_core.synth import SYNTH_CATEGORIES, write_dataset
@@ -66,8 +66,14 @@ def test_cli_weights_path_agrees_with_file_evaluation(tmp_path, capsys):
     model = CIAE(categories=SYNTH_CATEGORIES, backbone="resnet18", backbone_norm="gn", fpn_channels=16,
                  head_channels=16, tower_depth=1, embed_dim=8, embed_branch_channels=16, embedding_stride=4)
     save_model(str(tmp_path / "m.safetensors"), model)
-    write_dataset(str(tmp_path / "val"), 1, 192, 192, seed=9)
-    args = ["--weights", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "val"), "--input-size", "192"]
+    write_dataset(str(tmp_path / "val"), num_scenes, 192, 192, seed=9)
+    return ["--weights", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "val"), "--input-size", "192"]
+
+
+def test_cli_weights_path_agrees_with_file_evaluation(tmp_path, capsys):
+    """ciae-eval --weights runs the Predictor in memory; its written predictions evaluated from
+    files must give the same per-class numbers."""
+    args = _tiny_model_and_data(tmp_path, 1)
     assert main(args + ["--pred-out", str(tmp_path / "pred"), "--json-out", str(tmp_path / "mem.json")]) == 0
     val, pred = tmp_path / "val", tmp_path / "pred"
     assert main(["--gt-json", str(val / "panoptic.json"), "--gt-dir", str(val / "panoptic"),
@@ -87,16 +93,7 @@ def test_cli_weights_with_the_openvino_engine(tmp_path, capsys):
     """ciae-eval --engine openvino scores the same model as the torch engine (fp32: the same PQ
     up to a pixel flip) and refuses a precision this CPU or engine cannot run in one line."""
     pytest.importorskip("openvino")
-    from ciae_core.checkpoint import save_model
-    from ciae_core.model import CIAE
-    from ciae_core.synth import SYNTH_CATEGORIES, write_dataset
-
-    torch.manual_seed(0)
-    model = CIAE(categories=SYNTH_CATEGORIES, backbone="resnet18", backbone_norm="gn", fpn_channels=16,
-                 head_channels=16, tower_depth=1, embed_dim=8, embed_branch_channels=16, embedding_stride=4)
-    save_model(str(tmp_path / "m.safetensors"), model)
-    write_dataset(str(tmp_path / "val"), 2, 192, 192, seed=9)
-    args = ["--weights", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "val"), "--input-size", "192"]
+    args = _tiny_model_and_data(tmp_path, 2)
     assert main(args + ["--json-out", str(tmp_path / "torch.json")]) == 0
     assert main(args + ["--engine", "openvino", "--threads", "1", "--json-out", str(tmp_path / "ov.json")]) == 0
     a, b = json.load(open(tmp_path / "torch.json")), json.load(open(tmp_path / "ov.json"))
